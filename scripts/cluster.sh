@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL cluster for demos and client-side tests.
+#   scripts/cluster.sh start [DIR] [extra postgresql.conf lines...]  -> prints "export PGHOST=... PGPORT=..."
+#   scripts/cluster.sh stop [DIR]
+# PostgreSQL refuses to run as root, so the cluster belongs to the postgres user.
+set -euo pipefail
+BIN=/usr/lib/postgresql/15/bin
+cmd=${1:?start|stop}; dir=${2:-/tmp/chat_backfill_pg}; shift 2 2>/dev/null || shift $#
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+free_port() {
+  python3 - <<'PY'
+import socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()
+PY
+}
+
+case "$cmd" in
+start)
+  if [ -f "$dir/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
+    port=$(sed -n 4p "$dir/postmaster.pid")
+  else
+    rm -rf "$dir"; mkdir -p "$dir"; chown postgres: "$dir" 2>/dev/null || true
+    as_pg "$BIN/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$dir.initdb.log" 2>&1
+    port=$(free_port)
+    {
+      echo "listen_addresses = '127.0.0.1'"
+      echo "port = $port"
+      echo "unix_socket_directories = '$dir'"
+      echo "fsync = off"
+      echo "max_wal_size = '4GB'"
+      for line in "$@"; do echo "$line"; done
+    } >>"$dir/postgresql.conf"
+    as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null
+  fi
+  echo "export PGHOST=$dir PGPORT=$port PGUSER=postgres PGDATABASE=postgres"
+  ;;
+stop)
+  [ -d "$dir" ] && as_pg "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
+  ;;
+*) echo "usage: $0 start|stop [DIR]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,436 @@
+//! One chat document in, its `chat_message` rows out: Open WebUI 0.12.4's migration
+//! 8452d01d26d7, rule for rule, on the raw JSON text.
+//!
+//! The document is parsed once. Only the three levels the rules look at (the chat, its
+//! `history`, each message) are split into entries; every other value stays a slice of
+//! the input, so JSON columns keep their original text (big numbers, escapes, key order)
+//! and nesting depth costs nothing.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use crate::scalar::{self, Decoded, Kind, Unstorable};
+
+/// One row of `chat_message`, minus the chat's own id and user id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message<'a> {
+    /// The key in `history.messages` (not the message's own `id` field).
+    pub key: Cow<'a, str>,
+    pub role: Cow<'a, str>,
+    pub parent_id: Option<Cow<'a, str>>,
+    pub model_id: Option<Cow<'a, str>>,
+    pub content: &'a str,
+    pub output: &'a str,
+    pub files: &'a str,
+    pub sources: &'a str,
+    pub embeds: &'a str,
+    pub done: Option<bool>,
+    pub status_history: &'a str,
+    pub error: &'a str,
+    pub usage: &'a str,
+    pub timestamp: i64,
+}
+
+impl Message<'_> {
+    /// The row's primary key, as the reference builds it.
+    pub fn id(&self, chat_id: &str) -> String {
+        let mut id = String::with_capacity(chat_id.len() + 1 + self.key.len());
+        id.push_str(chat_id);
+        id.push('-');
+        id.push_str(&self.key);
+        id
+    }
+}
+
+/// Which column of a message could not be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    Key,
+    Role,
+    ParentId,
+    ModelId,
+    Done,
+}
+
+impl Column {
+    pub fn name(self) -> &'static str {
+        match self {
+            Column::Key => "the message key",
+            Column::Role => "role",
+            Column::ParentId => "parentId",
+            Column::ModelId => "model",
+            Column::Done => "done",
+        }
+    }
+}
+
+/// What became of one entry of `history.messages`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Entry<'a> {
+    Row(Message<'a>),
+    /// Left out by the reference's rules (not an object, no role): not an error.
+    Skipped { key: String, reason: SkipReason },
+    /// A message the reference tries to write and fails on: the rows it would become
+    /// cannot be stored. `raw` is the message's JSON.
+    Rejected { key: String, column: Column, problem: Unstorable, raw: &'a str },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    NotAnObject,
+    NoRole,
+}
+
+impl SkipReason {
+    pub fn describe(self) -> &'static str {
+        match self {
+            SkipReason::NotAnObject => "skipped: the message is not a JSON object",
+            SkipReason::NoRole => "skipped: the message has no role (missing, null or empty)",
+        }
+    }
+}
+
+impl Entry<'_> {
+    /// `(message_key, reason)` for anything that is not a row.
+    pub fn problem(&self) -> Option<(String, String)> {
+        match self {
+            Entry::Row(_) => None,
+            Entry::Skipped { key, reason } => Some((key.clone(), reason.describe().to_owned())),
+            Entry::Rejected { key, column, problem, .. } => Some((key.clone(), reject_reason(*column, *problem))),
+        }
+    }
+}
+
+pub fn reject_reason(column: Column, problem: Unstorable) -> String {
+    format!("cannot be stored: {} {}", column.name(), problem.describe())
+}
+
+/// Why a whole chat gives no messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatSkip {
+    /// SQL NULL, JSON null, `{}`, `[]`, `""`, `0`, `false`: nothing to migrate.
+    Empty,
+    /// A JSON string that does not hold JSON (the reference skips it).
+    NotJson,
+    /// Not an object, even after decoding a string (the reference crashes here).
+    NotObject,
+    HistoryNotObject,
+    MessagesNotObject,
+}
+
+impl ChatSkip {
+    /// Whether an operator should hear about it: everything but an empty chat.
+    pub fn is_problem(self) -> bool {
+        self != ChatSkip::Empty
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            ChatSkip::Empty => "the chat is empty",
+            ChatSkip::NotJson => "chat skipped: it is a JSON string that does not hold a JSON document",
+            ChatSkip::NotObject => "chat skipped: the chat is not a JSON object",
+            ChatSkip::HistoryNotObject => "chat skipped: chat.history is not a JSON object",
+            ChatSkip::MessagesNotObject => "chat skipped: chat.history.messages is not a JSON object",
+        }
+    }
+}
+
+/// A chat document ready to expand: the column's text, or the decoded inner document
+/// of a double-encoded chat.
+pub struct Document<'a>(Cow<'a, str>);
+
+/// JSON's insignificant whitespace.
+const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
+
+impl<'a> Document<'a> {
+    /// Applies rule 2: what counts as empty, and the second decode of a JSON string.
+    /// `text` is the column's value as JSON text; `None` is SQL NULL. An object is
+    /// not scanned here: `entries` validates it in its single pass.
+    pub fn open(text: Option<&'a str>) -> Result<Document<'a>, ChatSkip> {
+        let Some(text) = text else { return Err(ChatSkip::Empty) };
+        let text = text.trim_matches(JSON_WS);
+        if scalar::kind(text) == Kind::Object {
+            return Ok(Document(Cow::Borrowed(text)));
+        }
+        let raw: &RawValue = serde_json::from_str(text).map_err(|_| ChatSkip::NotJson)?;
+        let raw = raw.get();
+        if !scalar::is_truthy(raw) {
+            return Err(ChatSkip::Empty);
+        }
+        if scalar::kind(raw) != Kind::String {
+            return Err(ChatSkip::NotObject);
+        }
+        let inner = scalar::wtf8_to_json_text(scalar::decode_string(raw));
+        let trimmed = inner.trim_matches(JSON_WS);
+        if scalar::kind(trimmed) != Kind::Object {
+            return Err(match serde_json::from_str::<&RawValue>(trimmed) {
+                Ok(_) => ChatSkip::NotObject,
+                Err(_) => ChatSkip::NotJson,
+            });
+        }
+        Ok(Document(Cow::Owned(trimmed.to_owned())))
+    }
+
+    /// Applies rules 3 to 7 and returns every entry of `history.messages`, in the
+    /// reference's order.
+    pub fn entries(&self, now: i64) -> Result<Vec<Entry<'_>>, ChatSkip> {
+        let mut de = serde_json::Deserializer::from_str(&self.0);
+        let found = de.deserialize_map(ChatVisitor).map_err(|_| ChatSkip::NotJson)?;
+        de.end().map_err(|_| ChatSkip::NotJson)?;
+        let messages = match found {
+            None | Some(Level::Object(None)) => return Ok(Vec::new()),
+            Some(Level::NotObject) => return Err(ChatSkip::HistoryNotObject),
+            Some(Level::Object(Some(Level::NotObject))) => return Err(ChatSkip::MessagesNotObject),
+            Some(Level::Object(Some(Level::Object(messages)))) => messages,
+        };
+        Ok(dedupe_keys(messages).into_iter().map(|(key, raw)| expand_message(key, raw, now)).collect())
+    }
+}
+
+/// Convenience for callers that want the whole expansion of one column value.
+pub fn expand_chat(text: Option<&str>, now: i64, mut each: impl FnMut(Entry<'_>)) -> Result<(), ChatSkip> {
+    let doc = Document::open(text)?;
+    for entry in doc.entries(now)? {
+        each(entry);
+    }
+    Ok(())
+}
+
+type RawEntries<'a> = Vec<(Decoded<'a>, &'a str)>;
+
+/// What one level of `chat.history.messages` held (`None` around it: missing). The levels are walked in a single
+/// pass over the document: only each message's own text is read twice.
+enum Level<T> {
+    NotObject,
+    Object(T),
+}
+
+/// Reads one object level, handing the value of `wanted` (last duplicate wins) to
+/// `inner` and skipping everything else without building it.
+fn walk_level<'de, A, T>(
+    mut map: A,
+    wanted: &'static str,
+    mut inner: impl FnMut(&mut A) -> Result<T, A::Error>,
+) -> Result<Option<T>, A::Error>
+where
+    A: MapAccess<'de>,
+{
+    let mut found = None;
+    while let Some(key) = map.next_key::<&'de RawValue>()? {
+        if scalar::decode_string(key.get()).as_bytes() == wanted.as_bytes() {
+            found = Some(inner(&mut map)?);
+        } else {
+            map.next_value::<IgnoredAny>()?;
+        }
+    }
+    Ok(found)
+}
+
+struct ChatVisitor;
+
+impl<'de> Visitor<'de> for ChatVisitor {
+    type Value = Option<Level<Option<Level<RawEntries<'de>>>>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a chat object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        walk_level(map, "history", |m| m.next_value_seed(LevelSeed(HistoryVisitor)))
+    }
+}
+
+struct HistoryVisitor;
+
+impl<'de> Visitor<'de> for HistoryVisitor {
+    type Value = Option<Level<RawEntries<'de>>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a history object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        walk_level(map, "messages", |m| m.next_value_seed(LevelSeed(MessagesVisitor)))
+    }
+}
+
+struct MessagesVisitor;
+
+impl<'de> Visitor<'de> for MessagesVisitor {
+    type Value = RawEntries<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a messages object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        while let Some(key) = map.next_key::<&'de RawValue>()? {
+            let value = map.next_value::<&'de RawValue>()?;
+            entries.push((scalar::decode_string(key.get()), value.get()));
+        }
+        Ok(entries)
+    }
+}
+
+/// Deserializes any value: an object through the wrapped visitor, anything else to
+/// `Level::NotObject` (consumed without being built).
+struct LevelSeed<V>(V);
+
+impl<'de, V> DeserializeSeed<'de> for LevelSeed<V>
+where
+    V: Visitor<'de>,
+{
+    type Value = Level<V::Value>;
+    fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+        de.deserialize_any(LevelVisitor(self.0))
+    }
+}
+
+struct LevelVisitor<V>(V);
+
+macro_rules! not_object {
+    ($($method:ident($ty:ty)),*) => {
+        $(fn $method<E: serde::de::Error>(self, _: $ty) -> Result<Self::Value, E> {
+            Ok(Level::NotObject)
+        })*
+    };
+}
+
+impl<'de, V> Visitor<'de> for LevelVisitor<V>
+where
+    V: Visitor<'de>,
+{
+    type Value = Level<V::Value>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_map(map).map(Level::Object)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Level::NotObject)
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(Level::NotObject)
+    }
+    not_object!(visit_bool(bool), visit_i64(i64), visit_u64(u64), visit_f64(f64), visit_str(&str));
+}
+
+/// Splits a raw JSON object into (decoded key, raw value) pairs, duplicates included.
+fn object_entries(raw: &str) -> Result<RawEntries<'_>, serde_json::Error> {
+    serde_json::Deserializer::from_str(raw).deserialize_map(MessagesVisitor)
+}
+
+/// Python's dict built from pairs: a repeated key keeps its first position and takes
+/// its last value.
+fn dedupe_keys(entries: RawEntries<'_>) -> RawEntries<'_> {
+    let mut seen: HashMap<&[u8], ()> = HashMap::with_capacity(entries.len());
+    if entries.iter().all(|(k, _)| seen.insert(k.as_bytes(), ()).is_none()) {
+        return entries;
+    }
+    let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::with_capacity(entries.len());
+    let mut out: RawEntries<'_> = Vec::with_capacity(entries.len());
+    for (k, v) in entries {
+        match slot_of.get(k.as_bytes()) {
+            Some(&slot) => out[slot].1 = v,
+            None => {
+                slot_of.insert(k.as_bytes().to_vec(), out.len());
+                out.push((k, v));
+            }
+        }
+    }
+    out
+}
+
+/// The message fields the reference reads, as raw JSON (last duplicate wins).
+#[derive(Default)]
+struct Fields<'a> {
+    role: Option<&'a str>,
+    parent_id: Option<&'a str>,
+    content: Option<&'a str>,
+    output: Option<&'a str>,
+    model: Option<&'a str>,
+    files: Option<&'a str>,
+    sources: Option<&'a str>,
+    embeds: Option<&'a str>,
+    done: Option<&'a str>,
+    status_history: Option<&'a str>,
+    error: Option<&'a str>,
+    usage: Option<&'a str>,
+    timestamp: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn read(entries: RawEntries<'a>) -> Self {
+        let mut f = Fields::default();
+        for (key, value) in entries {
+            let slot = match key.as_bytes() {
+                b"role" => &mut f.role,
+                b"parentId" => &mut f.parent_id,
+                b"content" => &mut f.content,
+                b"output" => &mut f.output,
+                b"model" => &mut f.model,
+                b"files" => &mut f.files,
+                b"sources" => &mut f.sources,
+                b"embeds" => &mut f.embeds,
+                b"done" => &mut f.done,
+                b"statusHistory" => &mut f.status_history,
+                b"error" => &mut f.error,
+                b"usage" => &mut f.usage,
+                b"timestamp" => &mut f.timestamp,
+                _ => continue,
+            };
+            *slot = Some(value);
+        }
+        f
+    }
+}
+
+fn expand_message<'a>(key: Decoded<'a>, raw: &'a str, now: i64) -> Entry<'a> {
+    let shown_key = || key.display();
+    if scalar::kind(raw) != Kind::Object {
+        return Entry::Skipped { key: shown_key(), reason: SkipReason::NotAnObject };
+    }
+    let fields = Fields::read(object_entries(raw).expect("object"));
+    let role = match fields.role {
+        Some(role) if scalar::is_truthy(role) => role,
+        _ => return Entry::Skipped { key: shown_key(), reason: SkipReason::NoRole },
+    };
+    let reject = |column, problem| Entry::Rejected { key: key.display(), column, problem, raw };
+    if let Err(problem) = key.storable() {
+        return reject(Column::Key, problem);
+    }
+    let text = |column, value: Option<&'a str>| match value {
+        None => Ok(None),
+        Some(v) => scalar::text_column(v).map_err(|p| (column, p)),
+    };
+    let columns = (|| {
+        let role = text(Column::Role, Some(role))?.expect("truthy role is not null");
+        let parent_id = text(Column::ParentId, fields.parent_id)?;
+        let model_id = text(Column::ModelId, fields.model)?;
+        let done = scalar::done_column(fields.done).map_err(|p| (Column::Done, p))?;
+        Ok((role, parent_id, model_id, done))
+    })();
+    let (role, parent_id, model_id, done) = match columns {
+        Ok(c) => c,
+        Err((column, problem)) => return reject(column, problem),
+    };
+    let json = |v: Option<&'a str>| v.unwrap_or("null");
+    let timestamp = scalar::timestamp_column(fields.timestamp, now);
+    Entry::Row(Message {
+        key: key.clone().into_utf8().expect("storable key"),
+        role,
+        parent_id,
+        model_id,
+        content: json(fields.content),
+        output: json(fields.output),
+        files: json(fields.files),
+        sources: json(fields.sources),
+        embeds: json(fields.embeds),
+        done,
+        status_history: json(fields.status_history),
+        error: json(fields.error),
+        usage: json(fields.usage),
+        timestamp,
+    })
+}
