@@ -1,0 +1,77 @@
+"""Client-side tests run against a real throwaway PostgreSQL cluster started by
+scripts/cluster.sh (or the one PGHOST/PGPORT already point to)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Open WebUI's chat table, reduced to what the migration reads (plus title, to look real).
+CHAT_DDL = "CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)"
+
+
+class Cluster:
+    def __init__(self, env: dict[str, str]):
+        self.host, self.port = env["PGHOST"], env["PGPORT"]
+
+    def dsn(self, db="postgres") -> str:
+        return f"host={self.host} port={self.port} user=postgres dbname={db}"
+
+    def url(self, db: str) -> str:
+        return f"postgresql://postgres@/{db}?host={self.host}&port={self.port}"
+
+    @contextlib.contextmanager
+    def connect(self, db="postgres", autocommit=True):
+        """A connection closed on exit (psycopg2's own `with` only ends a transaction)."""
+        conn = psycopg2.connect(self.dsn(db))
+        conn.autocommit = autocommit
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def create_db(self, prefix="t", extension=True) -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        with self.connect() as c, c.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+        if extension:
+            with self.connect(name) as c, c.cursor() as cur:
+                cur.execute("CREATE EXTENSION chat_backfill")
+        return name
+
+
+def _start_cluster(datadir: str, *conf: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts/cluster.sh"), "start", datadir, *conf],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    env = dict(kv.split("=", 1) for kv in out.replace("export ", "").split())
+    return env
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    if os.environ.get("PGHOST") and os.environ.get("PGPORT"):
+        yield Cluster(dict(os.environ))
+        return
+    datadir = "/tmp/chat_backfill_pytest"
+    env = _start_cluster(datadir)
+    yield Cluster(env)
+    subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", datadir], check=False)
+
+
+def load_chats(conn, chats) -> None:
+    with conn.cursor() as cur:
+        cur.execute(CHAT_DDL)
+        cur.executemany(
+            "INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
+            [(c.id, c.user_id, c.chat) for c in chats],
+        )

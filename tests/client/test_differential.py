@@ -1,0 +1,128 @@
+"""chat_messages() against Open WebUI's real migration 8452d01d26d7 (from the PyPI wheel,
+run through Alembic) on the same generated chats: the rows must be identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import chatgen
+from compare import compare, failed_ids, fetch_rows
+from conftest import load_chats
+from reference import run_reference
+
+ONE_STATEMENT = """
+INSERT INTO chat_message
+SELECT m.* FROM chat c, chat_messages(c.id, c.user_id, c.chat, %(now)s) m
+WHERE c.user_id NOT LIKE 'shared-%%'
+ON CONFLICT (id) DO NOTHING
+"""
+
+PROBLEMS = """
+SELECT c.id, p.message_key, p.reason FROM chat c, chat_message_problems(c.id, c.chat) p
+WHERE c.user_id NOT LIKE 'shared-%%'
+"""
+
+
+def display(text: str) -> str:
+    """How chat_message_problems shows a key: NUL and lone surrogates as JSON escapes."""
+    return "".join(
+        f"\\u{ord(ch):04x}" if ch == "\x00" or 0xD800 <= ord(ch) < 0xE000 else ch for ch in text
+    )
+
+
+def source_message_ids(chats) -> set[str]:
+    """Every key of history.messages, read with Python's json (the reference's parser)."""
+    ids = set()
+    for c in chats:
+        if c.chat is None or c.user_id is None or c.user_id.startswith("shared-"):
+            continue
+        doc = json.loads(c.chat)
+        if isinstance(doc, str):
+            try:
+                doc = json.loads(doc)
+            except ValueError:
+                continue
+        if not isinstance(doc, dict):
+            continue
+        messages = (doc.get("history") or {}) if isinstance(doc.get("history", {}), dict) else {}
+        if isinstance(messages, dict) and isinstance(messages.get("messages", {}), dict):
+            ids.update(f"{c.id}-{k}" for k in messages.get("messages", {}))
+    return ids
+
+
+def run_ours(cluster, chats, parse_json=True) -> tuple[str, dict, set[str], set[str]]:
+    """A database with the reference's own DDL (created by running the migration on an
+    empty chat table), loaded with `chats`, then filled by the one-statement form."""
+    db = cluster.create_db("ours")
+    with cluster.connect(db) as conn:
+        load_chats(conn, [])
+    run_reference(cluster.url(db), chatgen.NOW)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
+            [(c.id, c.user_id, c.chat) for c in chats],
+        )
+        cur.execute(ONE_STATEMENT, {"now": chatgen.NOW})
+        cur.execute(PROBLEMS)
+        problems = cur.fetchall()
+        rows = fetch_rows(conn, parse_json)
+    rejected = {f"{cid}-{key}" for cid, key, reason in problems if key is not None and reason.startswith("cannot")}
+    skipped = {f"{cid}-{key}" for cid, key, reason in problems if key is not None and reason.startswith("skipped")}
+    return db, rows, rejected, skipped
+
+
+def run_ref(cluster, chats) -> tuple[dict, list[str]]:
+    db = cluster.create_db("ref", extension=False)
+    with cluster.connect(db) as conn:
+        load_chats(conn, chats)
+    failures = run_reference(cluster.url(db), chatgen.NOW)
+    with cluster.connect(db) as conn:
+        return fetch_rows(conn), failures
+
+
+def test_identical_rows_on_realistic_and_hostile_chats(cluster):
+    chats = chatgen.realistic_chats(seed=7, count=150) + [
+        c for c in chatgen.hostile_chats() if not c.crashes_reference
+    ]
+    ref_rows, failures = run_ref(cluster, chats)
+    _, our_rows, rejected, skipped = run_ours(cluster, chats)
+
+    every_id = source_message_ids(chats)
+    ref_failed = {display(i) for i in failed_ids(failures, every_id)}
+    problems = compare(our_rows, ref_rows, ref_failed, rejected)
+    assert not problems, f"{len(problems)} differing rows:\n" + "\n".join(problems[:60])
+
+    # The hostile set really exercises the reference's failure path, and all of it is ours.
+    assert len(ref_failed) >= 10, failures
+    assert ref_failed - rejected == {i for i in ref_failed if i in our_rows}
+    # Nothing lost: every message of the source is a row, a recorded rejection, or a
+    # rule skip the reference makes too.
+    accounted = set(our_rows) | rejected | skipped
+    lost = {display(i) for i in every_id} - accounted
+    assert not lost, sorted(lost)[:20]
+    assert len(ref_rows) > 1000
+    print(f"reference rows {len(ref_rows)}, ours {len(our_rows)}, reference failures {len(ref_failed)}, "
+          f"ours rejected {len(rejected)}, stored by us where the reference failed {len(ref_failed & set(our_rows))}")
+
+
+@pytest.mark.parametrize("chat", [c for c in chatgen.hostile_chats() if c.crashes_reference], ids=lambda c: c.tag)
+def test_chats_that_crash_the_reference_are_skipped_and_reported(cluster, chat):
+    # The reference aborts the whole migration on this chat ...
+    with pytest.raises(Exception):
+        run_ref(cluster, [chat])
+    # ... ours keeps going, and says what it did with it.
+    _, rows, rejected, skipped = run_ours(cluster, [chat], parse_json=False)
+    db = cluster.create_db("crash")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        load_chats(conn, [chat])
+        cur.execute(PROBLEMS)
+        problems = cur.fetchall()
+    if chat.tag == "deep nesting":
+        assert list(rows) == [f"{chat.id}-deep"]
+        assert rows[f"{chat.id}-deep"]["content"] == "[" * 5000 + "]" * 5000
+        assert problems == []
+    else:
+        assert rows == {}
+        assert [(p[1], p[2].split(":")[0]) for p in problems] == [(None, "chat skipped")]
