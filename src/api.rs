@@ -1,7 +1,8 @@
 //! The SQL surface: thin `#[pg_extern]` wrappers over the plain-Rust core.
 
 use pgrx::prelude::*;
-use crate::raw_json::RawJson as JsonString;
+use pgrx::PgRelation;
+use crate::datums::RawJson as JsonString;
 
 use crate::expand::{self, Entry};
 
@@ -167,4 +168,106 @@ AS $$ SELECT * FROM @extschema@.chat_message_problems($1, $2::text) $$;
 "#,
     name = "json_overloads",
     requires = [chat_messages_text, chat_message_problems_text],
+);
+
+/// Open WebUI's whole chat_message backfill in one call: one row per batch as it
+/// completes, a NOTICE with totals and rate as it goes. Never aborts on bad data: bad
+/// messages and chats go to `chat_backfill.rejected_messages`. Runs with the caller's
+/// privileges.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile)]
+fn backfill_chat_messages(
+    source: default!(Option<PgRelation>, "NULL"),
+    target: default!(Option<PgRelation>, "NULL"),
+    batch_size: default!(i32, 5000),
+    now: default!(Option<i64>, "NULL"),
+    source_filter: default!(Option<&str>, "$$user_id NOT LIKE 'shared-%'$$"),
+    id_column: default!(&str, "'id'"),
+    user_id_column: default!(&str, "'user_id'"),
+    chat_column: default!(&str, "'chat'"),
+    dry_run: default!(bool, false),
+) -> TableIterator<
+    'static,
+    (
+        name!(batch, i32),
+        name!(chats_read, i64),
+        name!(messages_inserted, i64),
+        name!(messages_rejected, i64),
+        name!(messages_existing, i64),
+        name!(last_chat_id, Option<String>),
+        name!(elapsed_ms, f64),
+        name!(messages_skipped, i64),
+        name!(chats_skipped, i64),
+    ),
+> {
+    let settings = crate::engine_settings::build(
+        source.map(|r| r.oid()),
+        target.map(|r| r.oid()),
+        batch_size,
+        now,
+        source_filter,
+        id_column,
+        user_id_column,
+        chat_column,
+        dry_run,
+    );
+    let run = crate::backfill::Backfill::start(settings);
+    TableIterator::new(run.map(|b| {
+        (
+            b.batch,
+            b.chats_read,
+            b.messages_inserted,
+            b.messages_rejected,
+            b.messages_existing,
+            b.last_chat_id,
+            b.elapsed_ms,
+            b.messages_skipped,
+            b.chats_skipped,
+        )
+    }))
+}
+
+extension_sql!(
+    r#"
+-- The extension's own state lives in its own schema, whatever schema the functions went to.
+CREATE SCHEMA chat_backfill;
+GRANT USAGE ON SCHEMA chat_backfill TO PUBLIC;
+
+-- Messages and chats a backfill could not write, and why. It holds users' chat content:
+-- not readable by PUBLIC; grant SELECT to whoever runs the migration if they need it.
+CREATE TABLE chat_backfill.rejected_messages (
+    id          bigserial PRIMARY KEY,
+    run_id      bigint NOT NULL,
+    source      text NOT NULL,
+    target      text NOT NULL,
+    chat_id     text NOT NULL,
+    message_key text,           -- NULL: the whole chat was unusable
+    message_id  text,
+    sqlstate    text NOT NULL,
+    error       text NOT NULL,
+    detail      text,
+    message     json,
+    rejected_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX ON chat_backfill.rejected_messages (run_id);
+REVOKE ALL ON chat_backfill.rejected_messages FROM PUBLIC;
+SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages', '');
+SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_seq', '');
+
+-- Callers write rejections through this, so running a backfill needs no access to the
+-- table itself (and gives none).
+CREATE FUNCTION chat_backfill.record_rejections(
+    run_id bigint, source text, target text, chat_ids text[], message_keys text[],
+    message_ids text[], sqlstates text[], errors text[], details text[], messages json[])
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO chat_backfill.rejected_messages
+        (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, detail, message)
+    SELECT $1, $2, $3, u.* FROM unnest($4, $5, $6, $7, $8, $9, $10) AS u
+$$;
+"#,
+    name = "state_schema",
+    bootstrap,
 );

@@ -2,13 +2,19 @@
 //! PostgreSQL.
 //!
 //! Where things are: `expand` and `scalar` are the Open WebUI rules in plain Rust;
-//! `api` is the SQL surface.
+//! `api` is the SQL surface; `backfill` the engine that streams, batches and writes;
+//! `relations` checks the tables; `subxact` isolates failures; `datums` moves values.
 
 pub mod expand;
 pub mod scalar;
 
 mod api;
-mod raw_json;
+mod backfill;
+mod datums;
+mod engine_settings;
+mod error;
+mod relations;
+mod subxact;
 
 ::pgrx::pg_module_magic!();
 

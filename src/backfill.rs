@@ -1,0 +1,465 @@
+//! The backfill engine: read chats through an SPI portal a batch at a time, expand them
+//! with the core rules, write each batch with one prepared multi-row INSERT in its own
+//! subtransaction, and isolate bad rows by halving the failed batch.
+//!
+//! Memory stays bounded by one batch: each batch is read in its own SPI session (tuple
+//! tables are only freed when a session ends), chats are copied out as owned strings and
+//! dropped as soon as their messages are in the batch buffers.
+
+use std::ops::Range;
+use std::time::Instant;
+
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::datum::DatumWithOid;
+
+use crate::datums::{bool_array, int8_array, varlena_array, OwnedText};
+use crate::expand::{self, ChatSkip, Column, Entry, Message};
+use crate::relations::{Relation, TARGET_COLUMNS};
+use crate::scalar::Unstorable;
+use crate::subxact::{in_subtransaction, Failure};
+
+/// A batch also ends when this much chat text has been read, so a run of huge chats
+/// cannot hold more than this (plus one chat) in memory.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+
+pub struct Settings {
+    pub source: Relation,
+    pub target: Relation,
+    pub batch_size: usize,
+    pub now: i64,
+    /// A SQL boolean expression over the source's columns (caller's own privileges).
+    pub source_filter: Option<String>,
+    pub id_column: String,
+    pub user_id_column: String,
+    pub chat_column: String,
+    pub dry_run: bool,
+    pub run_id: i64,
+}
+
+/// What one batch did; `sum()` over batches gives the run's totals.
+#[derive(Default, Clone, Debug)]
+pub struct BatchReport {
+    pub batch: i32,
+    pub chats_read: i64,
+    pub messages_inserted: i64,
+    pub messages_rejected: i64,
+    pub messages_existing: i64,
+    pub last_chat_id: Option<String>,
+    pub elapsed_ms: f64,
+    pub messages_skipped: i64,
+    pub chats_skipped: i64,
+}
+
+/// One batch of rows, column by column, in the target's column order.
+#[derive(Default)]
+struct Rows {
+    /// id, chat_id, user_id, role, parent_id, model_id
+    text: [Vec<Option<String>>; 6],
+    /// content, output, files, sources, embeds, status_history, error, usage
+    json: [Vec<String>; 8],
+    done: Vec<Option<bool>>,
+    timestamp: Vec<i64>,
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        self.timestamp.len()
+    }
+
+    fn push(&mut self, chat_id: &str, user_id: Option<&str>, m: Message<'_>) {
+        let [id, chat, user, role, parent, model] = &mut self.text;
+        id.push(Some(m.id(chat_id)));
+        chat.push(Some(chat_id.to_owned()));
+        user.push(user_id.map(str::to_owned));
+        role.push(Some(m.role.into_owned()));
+        parent.push(m.parent_id.map(|s| s.into_owned()));
+        model.push(m.model_id.map(|s| s.into_owned()));
+        let values = [m.content, m.output, m.files, m.sources, m.embeds, m.status_history, m.error, m.usage];
+        for (column, value) in self.json.iter_mut().zip(values) {
+            column.push(value.to_owned());
+        }
+        self.done.push(m.done);
+        self.timestamp.push(m.timestamp);
+    }
+
+    /// The INSERT's array parameters for rows `r`, in `$1..$16` order.
+    fn arguments(&self, r: Range<usize>) -> Vec<DatumWithOid<'static>> {
+        let text = |i: usize| varlena_array(self.text[i][r.clone()].iter().map(|v| v.as_deref()), pg_sys::TEXTOID);
+        let json = |i: usize| varlena_array(self.json[i][r.clone()].iter().map(|v| Some(v.as_str())), pg_sys::JSONOID);
+        let datums = [
+            (text(0), pg_sys::TEXTARRAYOID),
+            (text(1), pg_sys::TEXTARRAYOID),
+            (text(2), pg_sys::TEXTARRAYOID),
+            (text(3), pg_sys::TEXTARRAYOID),
+            (text(4), pg_sys::TEXTARRAYOID),
+            (json(0), json_array_oid()),
+            (json(1), json_array_oid()),
+            (text(5), pg_sys::TEXTARRAYOID),
+            (json(2), json_array_oid()),
+            (json(3), json_array_oid()),
+            (json(4), json_array_oid()),
+            (bool_array(&self.done[r.clone()]), pg_sys::BOOLARRAYOID),
+            (json(5), json_array_oid()),
+            (json(6), json_array_oid()),
+            (json(7), json_array_oid()),
+            (int8_array(&self.timestamp[r.clone()]), pg_sys::INT8ARRAYOID),
+        ];
+        datums.into_iter().map(|(d, oid)| unsafe { DatumWithOid::new(d, oid) }).collect()
+    }
+
+    /// The row as a JSON object, for the rejected-rows table.
+    fn as_json(&self, i: usize) -> String {
+        let mut out = String::from("{");
+        let texts = [("id", 0), ("chat_id", 1), ("user_id", 2), ("role", 3), ("parent_id", 4), ("model_id", 5)];
+        for (name, col) in texts {
+            let value = self.text[col][i].as_deref().map_or("null".to_owned(), |s| serde_json::to_string(s).unwrap());
+            out.push_str(&format!("\"{name}\":{value},"));
+        }
+        let jsons = ["content", "output", "files", "sources", "embeds", "status_history", "error", "usage"];
+        for (name, col) in jsons.iter().zip(&self.json) {
+            out.push_str(&format!("\"{name}\":{},", col[i]));
+        }
+        let done = self.done[i].map_or("null".to_owned(), |b| b.to_string());
+        out.push_str(&format!("\"done\":{done},\"created_at\":{}}}", self.timestamp[i]));
+        out
+    }
+}
+
+fn json_array_oid() -> pg_sys::Oid {
+    unsafe { pg_sys::get_array_type(pg_sys::JSONOID) }
+}
+
+/// A message or chat that did not make it into the target, and why.
+struct Rejection {
+    chat_id: String,
+    message_key: Option<String>,
+    message_id: Option<String>,
+    /// PostgreSQL's own SQLSTATE for a failed insert; ours for what the rules reject.
+    sqlstate: String,
+    error: String,
+    detail: Option<String>,
+    message: Option<String>,
+}
+
+fn rule_sqlstate(problem: Unstorable) -> &'static str {
+    match problem {
+        Unstorable::ContainsNul => "22P05",
+        Unstorable::UnpairedSurrogate => "22021",
+        Unstorable::ObjectInTextColumn | Unstorable::ListNotArrayLiteral => "42804",
+        Unstorable::NotBoolean => "22P02",
+    }
+}
+
+fn chat_sqlstate(skip: ChatSkip) -> &'static str {
+    match skip {
+        ChatSkip::NotJson => "22P02",
+        _ => "22023",
+    }
+}
+
+pub struct Backfill {
+    settings: Settings,
+    cursor: Option<String>,
+    insert: OwnedPreparedStatement,
+    record: OwnedPreparedStatement,
+    batch: i32,
+    totals: BatchReport,
+    started: Instant,
+    last_notice: Instant,
+}
+
+impl Backfill {
+    /// Opens the portal over the source and prepares the INSERT once.
+    pub fn start(settings: Settings) -> Backfill {
+        let q = pgrx::spi::quote_identifier;
+        let filter = settings.source_filter.as_deref().map_or(String::new(), |f| format!(" WHERE ({f})"));
+        let read = format!(
+            "SELECT {}::text, {}::text, {}::text FROM {}{filter}",
+            q(&settings.id_column),
+            q(&settings.user_id_column),
+            q(&settings.chat_column),
+            settings.source.name
+        );
+        let (cursor, insert, record) = Spi::connect(|client| {
+            let cursor = client.try_open_cursor(read.as_str(), &[]).unwrap_or_else(|e| {
+                crate::error::UsageError::new(
+                    pgrx::PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+                    format!("cannot read source table {}: {e}", settings.source.name),
+                    "Check source_filter: it must be a boolean SQL expression over the source's columns.",
+                )
+                .raise()
+            });
+            let insert = client
+                .prepare_mut(insert_sql(&settings.target).as_str(), &insert_arg_types())
+                .expect("preparing the batch INSERT")
+                .keep();
+            let record = client.prepare_mut(RECORD_SQL, &record_arg_types()).expect("preparing the rejection INSERT").keep();
+            (cursor.detach_into_name(), insert, record)
+        });
+        let now = Instant::now();
+        Backfill {
+            settings,
+            cursor: Some(cursor),
+            insert,
+            record,
+            batch: 0,
+            totals: BatchReport::default(),
+            started: now,
+            last_notice: now,
+        }
+    }
+
+    /// Reads, expands and writes the next batch; `None` once the source is exhausted.
+    pub fn next_batch(&mut self) -> Option<BatchReport> {
+        let cursor = self.cursor.clone()?;
+        let began = Instant::now();
+        let mut report = BatchReport { batch: self.batch + 1, ..Default::default() };
+        let mut rows = Rows::default();
+        let mut rejections = Vec::new();
+        let exhausted = self.read_batch(&cursor, &mut rows, &mut rejections, &mut report);
+        if exhausted {
+            Spi::connect(|client| drop(client.find_cursor(&cursor)));
+            self.cursor = None;
+            if report.chats_read == 0 {
+                self.finish_notice();
+                return None;
+            }
+        }
+        if self.settings.dry_run {
+            report.messages_inserted = rows.len() as i64;
+        } else if rows.len() > 0 {
+            self.write(&rows, 0..rows.len(), &mut report, &mut rejections);
+        }
+        report.messages_rejected += rejections.iter().filter(|r| r.message_key.is_some()).count() as i64;
+        if !self.settings.dry_run && !rejections.is_empty() {
+            self.record(&rejections);
+        }
+        report.elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
+        self.batch += 1;
+        self.add_to_totals(&report);
+        if self.cursor.is_none() {
+            self.finish_notice();
+        } else if self.last_notice.elapsed().as_secs_f64() >= 2.0 || self.batch == 1 {
+            self.progress_notice();
+        }
+        Some(report)
+    }
+
+    /// Fetches chats one at a time (so a batch never holds more than it needs) until the
+    /// batch is full. Returns true when the source is exhausted.
+    fn read_batch(&self, cursor: &str, rows: &mut Rows, rejections: &mut Vec<Rejection>, report: &mut BatchReport) -> bool {
+        Spi::connect(|client| {
+            let mut portal = client.find_cursor(cursor).expect("the backfill's portal is open");
+            let mut bytes = 0;
+            let mut exhausted = false;
+            while rows.len() < self.settings.batch_size && bytes < MAX_BATCH_BYTES {
+                pgrx::check_for_interrupts!();
+                let table = portal.fetch(1).expect("fetching from the source");
+                let Some(row) = table.into_iter().next() else {
+                    exhausted = true;
+                    break;
+                };
+                let chat_id = row.get::<OwnedText>(1).ok().flatten().map(|t| t.0);
+                let user_id = row.get::<OwnedText>(2).ok().flatten().map(|t| t.0);
+                let chat = row.get::<OwnedText>(3).ok().flatten().map(|t| t.0);
+                report.chats_read += 1;
+                bytes += chat.as_ref().map_or(0, String::len);
+                let Some(chat_id) = chat_id else {
+                    report.chats_skipped += 1;
+                    continue;
+                };
+                self.expand_into(&chat_id, user_id.as_deref(), chat.as_deref(), rows, rejections, report);
+                report.last_chat_id = Some(chat_id);
+            }
+            // Keep the portal open for the next batch (dropping it would close it).
+            portal.detach_into_name();
+            exhausted
+        })
+    }
+
+    fn expand_into(
+        &self,
+        chat_id: &str,
+        user_id: Option<&str>,
+        chat: Option<&str>,
+        rows: &mut Rows,
+        rejections: &mut Vec<Rejection>,
+        report: &mut BatchReport,
+    ) {
+        let result = expand::expand_chat(chat, self.settings.now, |entry| match entry {
+            Entry::Row(m) => rows.push(chat_id, user_id, m),
+            Entry::Skipped { .. } => report.messages_skipped += 1,
+            Entry::Rejected { key, column, problem, raw } => rejections.push(Rejection {
+                chat_id: chat_id.to_owned(),
+                message_id: Some(format!("{chat_id}-{key}")),
+                message_key: Some(key),
+                sqlstate: rule_sqlstate(problem).to_owned(),
+                error: expand::reject_reason(column, problem),
+                detail: Some(match column {
+                    Column::Key => "Open WebUI's migration fails on this message too.".to_owned(),
+                    _ => format!("Open WebUI's migration fails on this message too (column {}).", column.name()),
+                }),
+                message: Some(raw.to_owned()),
+            }),
+        });
+        if let Err(skip) = result {
+            if skip.is_problem() {
+                report.chats_skipped += 1;
+                rejections.push(Rejection {
+                    chat_id: chat_id.to_owned(),
+                    message_key: None,
+                    message_id: None,
+                    sqlstate: chat_sqlstate(skip).to_owned(),
+                    error: skip.describe().to_owned(),
+                    detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
+                    message: None,
+                });
+            }
+        }
+    }
+
+    /// Inserts rows `r` in one subtransaction; on failure, halves the range until each
+    /// failing row is alone, so k bad rows cost about k·log2(n) small subtransactions.
+    fn write(&self, rows: &Rows, r: Range<usize>, report: &mut BatchReport, rejections: &mut Vec<Rejection>) {
+        pgrx::check_for_interrupts!();
+        let outcome = in_subtransaction(|| {
+            Spi::connect_mut(|client| {
+                client.update(&self.insert, None, &rows.arguments(r.clone())).map(|t| t.len()).expect("batch INSERT status")
+            })
+        });
+        match outcome {
+            Ok(inserted) => {
+                report.messages_inserted += inserted as i64;
+                report.messages_existing += (r.len() - inserted) as i64;
+            }
+            Err(failure) if r.len() == 1 => rejections.push(self.insert_rejection(rows, r.start, failure)),
+            Err(_) => {
+                let middle = r.start + r.len() / 2;
+                self.write(rows, r.start..middle, report, rejections);
+                self.write(rows, middle..r.end, report, rejections);
+            }
+        }
+    }
+
+    fn insert_rejection(&self, rows: &Rows, i: usize, failure: Failure) -> Rejection {
+        let id = rows.text[0][i].clone().unwrap_or_default();
+        let chat_id = rows.text[1][i].clone().unwrap_or_default();
+        Rejection {
+            message_key: id.strip_prefix(&format!("{chat_id}-")).map(str::to_owned),
+            message_id: Some(id),
+            chat_id,
+            sqlstate: failure.sqlstate,
+            error: failure.message,
+            detail: failure.detail,
+            message: Some(rows.as_json(i)),
+        }
+    }
+
+    fn record(&self, rejections: &[Rejection]) {
+        let text = |f: &dyn Fn(&Rejection) -> Option<&str>| {
+            varlena_array(rejections.iter().map(|r| f(r)).collect::<Vec<_>>().into_iter(), pg_sys::TEXTOID)
+        };
+        let s = &self.settings;
+        let args = unsafe {
+            vec![
+                DatumWithOid::from(s.run_id),
+                DatumWithOid::from(s.source.name.as_str()),
+                DatumWithOid::from(s.target.name.as_str()),
+                DatumWithOid::new(text(&|r| Some(r.chat_id.as_str())), pg_sys::TEXTARRAYOID),
+                DatumWithOid::new(text(&|r| r.message_key.as_deref()), pg_sys::TEXTARRAYOID),
+                DatumWithOid::new(text(&|r| r.message_id.as_deref()), pg_sys::TEXTARRAYOID),
+                DatumWithOid::new(text(&|r| Some(r.sqlstate.as_str())), pg_sys::TEXTARRAYOID),
+                DatumWithOid::new(text(&|r| Some(r.error.as_str())), pg_sys::TEXTARRAYOID),
+                DatumWithOid::new(text(&|r| r.detail.as_deref()), pg_sys::TEXTARRAYOID),
+                DatumWithOid::new(
+                    varlena_array(rejections.iter().map(|r| r.message.as_deref()), pg_sys::JSONOID),
+                    json_array_oid(),
+                ),
+            ]
+        };
+        Spi::connect_mut(|client| {
+            client.update(&self.record, None, &args).expect("recording rejected messages");
+        });
+    }
+
+    fn add_to_totals(&mut self, b: &BatchReport) {
+        let t = &mut self.totals;
+        t.chats_read += b.chats_read;
+        t.messages_inserted += b.messages_inserted;
+        t.messages_rejected += b.messages_rejected;
+        t.messages_existing += b.messages_existing;
+        t.messages_skipped += b.messages_skipped;
+        t.chats_skipped += b.chats_skipped;
+    }
+
+    fn progress_notice(&mut self) {
+        self.last_notice = Instant::now();
+        notice!("chat_backfill: {}", self.summary("so far"));
+    }
+
+    fn finish_notice(&mut self) {
+        notice!("chat_backfill: {}", self.summary("done"));
+    }
+
+    fn summary(&self, state: &str) -> String {
+        let t = &self.totals;
+        let secs = self.started.elapsed().as_secs_f64();
+        let verb = if self.settings.dry_run { "would insert" } else { "inserted" };
+        format!(
+            "{state} after {} batches, {:.1} s: {} chats read, {} messages {verb}, {} rejected, {} already present, \
+             {} skipped by rule, {} chats unusable ({:.0} messages/s); rejected rows: \
+             SELECT * FROM chat_backfill.rejected_messages WHERE run_id = {}",
+            self.batch,
+            secs,
+            t.chats_read,
+            t.messages_inserted,
+            t.messages_rejected,
+            t.messages_existing,
+            t.messages_skipped,
+            t.chats_skipped,
+            (t.messages_inserted as f64) / secs.max(1e-9),
+            self.settings.run_id,
+        )
+    }
+}
+
+impl Iterator for Backfill {
+    type Item = BatchReport;
+    fn next(&mut self) -> Option<BatchReport> {
+        self.next_batch()
+    }
+}
+
+fn insert_sql(target: &Relation) -> String {
+    let columns: Vec<&str> = TARGET_COLUMNS.iter().map(|(n, _)| *n).collect();
+    format!(
+        "INSERT INTO {} ({}) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+         $6::json[], $7::json[], $8::text[], $9::json[], $10::json[], $11::json[], $12::bool[], $13::json[], \
+         $14::json[], $15::json[], $16::int8[], $16::int8[]) ON CONFLICT (id) DO NOTHING",
+        target.name,
+        columns.join(", ")
+    )
+}
+
+fn insert_arg_types() -> Vec<PgOid> {
+    let text = PgOid::from(pg_sys::TEXTARRAYOID);
+    let json = PgOid::from(json_array_oid());
+    vec![
+        text, text, text, text, text, json, json, text, json, json, json,
+        PgOid::from(pg_sys::BOOLARRAYOID), json, json, json, PgOid::from(pg_sys::INT8ARRAYOID),
+    ]
+}
+
+const RECORD_SQL: &str = "SELECT chat_backfill.record_rejections($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+
+fn record_arg_types() -> Vec<PgOid> {
+    let text = PgOid::from(pg_sys::TEXTARRAYOID);
+    vec![
+        PgOid::from(pg_sys::INT8OID),
+        PgOid::from(pg_sys::TEXTOID),
+        PgOid::from(pg_sys::TEXTOID),
+        text, text, text, text, text, text,
+        PgOid::from(json_array_oid()),
+    ]
+}
