@@ -14,9 +14,17 @@ pub struct Failure {
     pub detail: Option<String>,
 }
 
+enum Outcome<R> {
+    Done(R),
+    RowError(Failure),
+    Fatal(CaughtError),
+}
+
 /// Runs `work` in a subtransaction: committed if it returns, rolled back if it raises an
-/// ERROR, which comes back as `Err`. Query cancel, statement timeout, shutdown and Rust
-/// panics are re-thrown: they must stop the run, never be recorded as a bad row.
+/// ERROR, which comes back as `Err` when it is about the data. Anything else (query
+/// cancel, statement timeout, shutdown, permissions, Rust panics) is re-thrown once the
+/// subtransaction is rolled back: it must stop the run, never be recorded as a bad row,
+/// and must leave the session usable for the next statement.
 pub fn in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Failure> {
     unsafe {
         let caller_context = pg_sys::CurrentMemoryContext;
@@ -24,40 +32,39 @@ pub fn in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         // Keep results in the caller's memory, not the subtransaction's.
         pg_sys::MemoryContextSwitchTo(caller_context);
-        let outcome = PgTryBuilder::new(|| Ok(work()))
+        let outcome = PgTryBuilder::new(|| Outcome::Done(work()))
             .catch_others(|caught| match caught {
                 CaughtError::PostgresError(ref report) | CaughtError::ErrorReport(ref report)
                     if !must_propagate(report.sql_error_code()) =>
                 {
-                    Err(Failure {
+                    Outcome::RowError(Failure {
                         sqlstate: crate::error::sqlstate_text(report.sql_error_code()),
                         message: report.message().to_owned(),
                         detail: report.detail().map(str::to_owned),
                     })
                 }
-                other => other.rethrow(),
+                other => Outcome::Fatal(other),
             })
             .execute();
         match outcome {
-            Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),
-            Err(_) => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+            Outcome::Done(_) => pg_sys::ReleaseCurrentSubTransaction(),
+            _ => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
         }
         pg_sys::MemoryContextSwitchTo(caller_context);
         pg_sys::CurrentResourceOwner = caller_owner;
-        outcome
+        match outcome {
+            Outcome::Done(result) => Ok(result),
+            Outcome::RowError(failure) => Err(failure),
+            Outcome::Fatal(caught) => caught.rethrow(),
+        }
     }
 }
 
+/// Only data errors belong to a row: invalid values (class 22), constraint violations
+/// (23), a trigger's RAISE (P0) and WITH CHECK OPTION (44). Everything else (cancel,
+/// timeout, shutdown, permissions, lock timeouts, deadlocks, disk full, ...) is about the
+/// run, not the row: it must stop the run, not be recorded against every row.
 fn must_propagate(code: PgSqlErrorCode) -> bool {
-    matches!(
-        code,
-        PgSqlErrorCode::ERRCODE_QUERY_CANCELED
-            | PgSqlErrorCode::ERRCODE_ADMIN_SHUTDOWN
-            | PgSqlErrorCode::ERRCODE_CRASH_SHUTDOWN
-            | PgSqlErrorCode::ERRCODE_CANNOT_CONNECT_NOW
-            | PgSqlErrorCode::ERRCODE_OUT_OF_MEMORY
-            | PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
-            | PgSqlErrorCode::ERRCODE_T_R_DEADLOCK_DETECTED
-            | PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE
-    )
+    let class = &crate::error::sqlstate_text(code)[..2];
+    !matches!(class, "22" | "23" | "P0" | "44")
 }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian bookworm machine (as root),
+# then builds and installs the extension. Idempotent: a second run only rebuilds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+for pkg in postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev clang sudo python3-venv; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_pkgs+=("$pkg")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "== apt-get install ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+# The cargo-pgrx that matches the pgrx pinned in Cargo.lock.
+pgrx_version=$(awk '/^name = "pgrx"$/{getline; gsub(/"/,"",$3); print $3; exit}' Cargo.lock)
+if [ "$(cargo pgrx --version 2>/dev/null | awk '{print $2}')" != "$pgrx_version" ]; then
+  echo "== cargo install cargo-pgrx $pgrx_version (several minutes, once)"
+  cargo install cargo-pgrx --version "$pgrx_version" --locked --quiet
+fi
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+[ -f "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ] && grep -q pg15 "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ||
+  cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+
+# Python for the client-side suite, pinned to what Open WebUI 0.12.4 migrates with.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import alembic, sqlalchemy, psycopg2, pytest" 2>/dev/null; then
+  echo "== python venv (.venv)"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet -r tests/client/requirements.txt
+fi
+
+echo "== cargo pgrx install --release"
+cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 | grep -E "^error|warning: unused|Finished installing" || true
+test -f /usr/share/postgresql/15/extension/chat_backfill.control
