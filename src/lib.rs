@@ -20,7 +20,80 @@ mod subxact;
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
-mod tests {}
+mod tests {
+    use pgrx::prelude::*;
+
+    const CHAT: &str = r#"{"history":{"messages":{
+        "a":{"role":"user","content":{"x":[1,2]},"timestamp":1700000000},
+        "b":{"role":"assistant","parentId":"a","model":"m","done":false},
+        "c":{"role":{"bad":1}}, "d":"not a message"}}}"#;
+
+    fn setup_tables() {
+        Spi::run("CREATE TABLE chat (id text PRIMARY KEY, user_id text, chat json)").unwrap();
+        Spi::run(
+            "CREATE TABLE chat_message (id text PRIMARY KEY, chat_id text NOT NULL REFERENCES chat(id), user_id text, \
+             role text NOT NULL, parent_id text, content json, output json, model_id text, files json, sources json, \
+             embeds json, done boolean, status_history json, error json, usage json, created_at bigint, updated_at bigint)",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn chat_messages_gives_the_storable_rows() {
+        let n = Spi::get_one_with_args::<i64>("SELECT count(*) FROM chat_messages('c', 'u', $1::json, 1760000000)", &[CHAT.into()]);
+        assert_eq!(n, Ok(Some(2)));
+        let content = Spi::get_one_with_args::<String>(
+            "SELECT content::text FROM chat_messages('c', 'u', $1::json, 1760000000) WHERE id = 'c-a'",
+            &[CHAT.into()],
+        );
+        assert_eq!(content, Ok(Some(r#"{"x":[1,2]}"#.to_owned())));
+        let problems = Spi::get_one_with_args::<i64>("SELECT count(*) FROM chat_message_problems('c', $1::json)", &[CHAT.into()]);
+        assert_eq!(problems, Ok(Some(2)));
+    }
+
+    #[pg_test]
+    fn now_defaults_to_the_transaction_start() {
+        let ts = Spi::get_one::<bool>(
+            "SELECT created_at = extract(epoch FROM now())::bigint - (extract(epoch FROM now()) < extract(epoch FROM now())::bigint)::int \
+             FROM chat_messages('c', 'u', '{\"history\":{\"messages\":{\"a\":{\"role\":\"user\"}}}}'::json)",
+        );
+        assert_eq!(ts, Ok(Some(true)));
+    }
+
+    #[pg_test]
+    fn bad_rows_are_isolated_by_halving_and_the_rest_is_written() {
+        setup_tables();
+        // 200 chats of 5 messages; 3 of the 1000 messages break a CHECK constraint.
+        Spi::run(
+            "INSERT INTO chat SELECT 'c' || i, 'u', json_build_object('history', json_build_object('messages', \
+             (SELECT json_object_agg('m' || j, json_build_object('role', CASE WHEN (i, j) IN ((7, 2), (100, 5), (150, 1)) \
+             THEN 'evil' ELSE 'user' END, 'timestamp', 1700000000)) FROM generate_series(1, 5) j))) \
+             FROM generate_series(1, 200) i",
+        )
+        .unwrap();
+        Spi::run("ALTER TABLE chat_message ADD CONSTRAINT no_evil CHECK (role <> 'evil')").unwrap();
+        let totals = Spi::get_two::<i64, i64>(
+            "SELECT sum(messages_inserted)::int8, sum(messages_rejected)::int8 FROM backfill_chat_messages(batch_size => 1000)",
+        );
+        assert_eq!(totals, Ok((Some(997), Some(3))));
+        let rejected = Spi::get_one::<String>(
+            "SELECT string_agg(message_id || ':' || sqlstate, ',' ORDER BY message_id) FROM chat_backfill.rejected_messages",
+        );
+        assert_eq!(rejected, Ok(Some("c100-m5:23514,c150-m1:23514,c7-m2:23514".to_owned())));
+    }
+
+    #[pg_test]
+    fn a_rerun_inserts_only_what_is_missing() {
+        setup_tables();
+        Spi::run_with_args("INSERT INTO chat VALUES ('c', 'u', $1::json)", &[CHAT.into()]).unwrap();
+        Spi::run("SELECT * FROM backfill_chat_messages()").unwrap();
+        Spi::run("DELETE FROM chat_message WHERE id = 'c-b'").unwrap();
+        let again = Spi::get_two::<i64, i64>(
+            "SELECT sum(messages_inserted)::int8, sum(messages_existing)::int8 FROM backfill_chat_messages()",
+        );
+        assert_eq!(again, Ok((Some(1), Some(1))));
+    }
+}
 
 /// Required by `cargo pgrx test`.
 #[cfg(test)]

@@ -126,3 +126,68 @@ def test_chats_that_crash_the_reference_are_skipped_and_reported(cluster, chat):
     else:
         assert rows == {}
         assert [(p[1], p[2].split(":")[0]) for p in problems] == [(None, "chat skipped")]
+
+
+def test_backfill_function_matches_the_reference_and_accounts_for_every_message(cluster):
+    """backfill_chat_messages(): same rows as the reference, every failure of the
+    reference either stored or in chat_backfill.rejected_messages, and the per-batch
+    counts add up to the source."""
+    chats = chatgen.realistic_chats(seed=11, count=120) + [c for c in chatgen.hostile_chats()]
+    safe = [c for c in chats if not c.crashes_reference]
+    ref_rows, failures = run_ref(cluster, safe)
+
+    db = cluster.create_db("engine")
+    with cluster.connect(db) as conn:
+        load_chats(conn, [])
+    run_reference(cluster.url(db), chatgen.NOW)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
+            [(c.id, c.user_id, c.chat) for c in chats],
+        )
+        cur.execute(
+            "SELECT sum(chats_read), sum(messages_inserted), sum(messages_rejected), sum(messages_existing),"
+            " sum(messages_skipped), sum(chats_skipped), count(*)"
+            " FROM backfill_chat_messages(batch_size => 200, now => %s)",
+            (chatgen.NOW,),
+        )
+        chats_read, inserted, rejected_n, existing, skipped_n, chats_skipped, batches = cur.fetchone()
+        cur.execute("SELECT chat_id, message_key FROM chat_backfill.rejected_messages WHERE message_key IS NOT NULL")
+        rejected = {f"{cid}-{key}" for cid, key in cur.fetchall()}
+        cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages WHERE message_key IS NULL")
+        (chats_recorded,) = cur.fetchone()
+        cur.execute("SELECT count(*) FROM chat_message")
+        (stored,) = cur.fetchone()
+        our_rows = fetch_rows(conn, parse_json=False)
+
+    # Rows of the chats the reference survives compare exactly; the deep chat is ours alone.
+    deep_ids = {i for i in our_rows if i.startswith(next(c.id for c in chats if c.tag == "deep nesting"))}
+    with cluster.connect(db) as conn:
+        parsed = {k: v for k, v in fetch_rows_except(conn, deep_ids).items()}
+    every_id = source_message_ids(safe)
+    ref_failed = {display(i) for i in failed_ids(failures, every_id)}
+    problems = compare(parsed, ref_rows, ref_failed, rejected)
+    assert not problems, "\n".join(problems[:60])
+
+    eligible = [c for c in chats if c.user_id is not None and not c.user_id.startswith("shared-")]
+    assert chats_read == len(eligible)
+    assert inserted == stored == len(our_rows) and existing == 0 and batches > 3
+    assert rejected_n == len(rejected) and chats_recorded == chats_skipped > 0
+    # Nothing lost: every entry of every eligible chat is inserted, rejected or rule-skipped.
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM chat c, chat_message_problems(c.id, c.chat) p"
+            " WHERE c.user_id NOT LIKE 'shared-%' AND p.message_key IS NOT NULL"
+        )
+        (left_out,) = cur.fetchone()
+    assert left_out == rejected_n + skipped_n
+    print(f"batches {batches}, chats {chats_read}, inserted {inserted}, rejected {rejected_n}, "
+          f"rule-skipped {skipped_n}, unusable chats {chats_skipped}")
+
+
+def fetch_rows_except(conn, ids):
+    with conn.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE skip_ids (id text)")
+        cur.executemany("INSERT INTO skip_ids VALUES (%s)", [(i,) for i in ids])
+        cur.execute("CREATE TEMP VIEW chat_message AS SELECT * FROM public.chat_message WHERE id NOT IN (SELECT id FROM skip_ids)")
+    return fetch_rows(conn)
