@@ -167,7 +167,6 @@ def run(env, template, method, mode, chats_mb, expanded_file):
 
         finder = threading.Thread(target=find_backend, daemon=True)
         finder.start()
-        rss_client0 = _self_rss()
         run_reference(env["url"](db), NOW)
         done.set()
         sampler = pids.get("s")
@@ -199,13 +198,6 @@ def run(env, template, method, mode, chats_mb, expanded_file):
         "msgs_per_s": rows / elapsed, "mb_per_s": chats_mb / elapsed,
         "rss_mb": (sampler.peak_kb / 1024) if sampler else None, "wal_mb": int(wal) / 1e6,
     }
-
-
-def _self_rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def main():
