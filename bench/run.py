@@ -266,6 +266,11 @@ def render(results, n_chats, chats_mb, args) -> str:
         f"- ours vs the COPY floor: {ours_ref['seconds'] / by[('copy', 'reference')]['seconds']:.2f}x (reference DDL), "
         f"{ours_bulk['seconds'] / by[('copy', 'bulk')]['seconds']:.2f}x (bulk)",
     ]
+    width = max(r["seconds"] for r in results)
+    chart = ["```", "seconds (shorter is better)"] + [
+        f"{r['mode']:9} {r['method']:10} {'#' * max(1, round(40 * r['seconds'] / width)):40} {r['seconds']:.2f}"
+        for r in results
+    ] + ["```"]
     return "\n".join([
         "# Benchmarks",
         "",
@@ -277,6 +282,8 @@ def render(results, n_chats, chats_mb, args) -> str:
         "33% of 10-100 KB, 12% of 150 KB to 4 MB; random base64 text. Machine: 2 cores, PostgreSQL 15 (Debian).",
         "",
         *lines,
+        "",
+        *chart,
         "",
         *ratios,
         "",
