@@ -52,10 +52,10 @@ def source_message_ids(chats) -> set[str]:
     return ids
 
 
-def run_ours(cluster, chats, parse_json=True) -> tuple[str, dict, set[str], set[str]]:
-    """A database with the reference's own DDL (created by running the migration on an
-    empty chat table), loaded with `chats`, then filled by the one-statement form."""
-    db = cluster.create_db("ours")
+def database_with_reference_ddl(cluster, prefix, chats) -> str:
+    """A database whose chat_message comes from the reference itself (its migration run
+    on an empty chat table), then loaded with `chats`."""
+    db = cluster.create_db(prefix)
     with cluster.connect(db) as conn:
         load_chats(conn, [])
     run_reference(cluster.url(db), chatgen.NOW)
@@ -64,6 +64,13 @@ def run_ours(cluster, chats, parse_json=True) -> tuple[str, dict, set[str], set[
             "INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
             [(c.id, c.user_id, c.chat) for c in chats],
         )
+    return db
+
+
+def run_ours(cluster, chats, parse_json=True) -> tuple[str, dict, set[str], set[str]]:
+    """The one-statement form on a database with the reference's own DDL."""
+    db = database_with_reference_ddl(cluster, "ours", chats)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
         cur.execute(ONE_STATEMENT, {"now": chatgen.NOW})
         cur.execute(PROBLEMS)
         problems = cur.fetchall()
@@ -136,15 +143,8 @@ def test_backfill_function_matches_the_reference_and_accounts_for_every_message(
     safe = [c for c in chats if not c.crashes_reference]
     ref_rows, failures = run_ref(cluster, safe)
 
-    db = cluster.create_db("engine")
-    with cluster.connect(db) as conn:
-        load_chats(conn, [])
-    run_reference(cluster.url(db), chatgen.NOW)
+    db = database_with_reference_ddl(cluster, "engine", chats)
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
-            [(c.id, c.user_id, c.chat) for c in chats],
-        )
         cur.execute(
             "SELECT sum(chats_read), sum(messages_inserted), sum(messages_rejected), sum(messages_existing),"
             " sum(messages_skipped), sum(chats_skipped), count(*)"
