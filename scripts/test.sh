@@ -6,12 +6,19 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 unset RUST_BACKTRACE
 
-echo "== core: cargo test --lib"
-cargo test --lib --quiet 2>&1 | grep -E "test result|FAILED|panicked" ; test "${PIPESTATUS[0]}" -eq 0
+# Runs a step quietly; on failure shows its last lines.
+step() {
+  local log; log=$(mktemp)
+  if "$@" >"$log" 2>&1; then grep -E "^test result|passed|failed" "$log" | tail -3; rm -f "$log"
+  else tail -60 "$log"; rm -f "$log"; return 1; fi
+}
+
+echo "== core: cargo test --lib (plain and property tests; the #[pg_test]s run next)"
+step cargo test --lib -- --skip tests::pg_
 
 echo "== #[pg_test]s"
 rm -rf /tmp/chat_backfill_pgtest
-cargo pgrx test pg15 --runas postgres --pgdata /tmp/chat_backfill_pgtest 2>&1 | grep -E "^test |test result|FAILED|panicked|error" ; test "${PIPESTATUS[0]}" -eq 0
+step cargo pgrx test pg15 --runas postgres --pgdata /tmp/chat_backfill_pgtest
 # `cargo pgrx test` installs its debug build; put the release build back.
 cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null 2>&1
 

@@ -35,6 +35,8 @@ pub struct Settings {
     pub chat_column: String,
     pub dry_run: bool,
     pub run_id: i64,
+    /// The SQL type of the id column, for keyset reading.
+    pub id_type: String,
 }
 
 /// What one batch did; `sum()` over batches gives the run's totals.
@@ -158,9 +160,21 @@ fn chat_sqlstate(skip: ChatSkip) -> &'static str {
     }
 }
 
+/// How the source is read.
+enum Reading {
+    /// One portal for the whole run, which is one transaction.
+    Portal(String),
+    /// A fresh portal per batch over `key > last key ORDER BY key`, up to the high-water
+    /// mark captured when the run started: a portal does not survive COMMIT.
+    Keyset { query: String, high_water: String },
+    Done,
+}
+
 pub struct Backfill {
     settings: Settings,
-    cursor: Option<String>,
+    reading: Reading,
+    /// The id of the last chat read (keyset reading resumes after it).
+    last_key: Option<String>,
     insert: OwnedPreparedStatement,
     record: OwnedPreparedStatement,
     batch: i32,
@@ -170,37 +184,48 @@ pub struct Backfill {
 }
 
 impl Backfill {
-    /// Opens the portal over the source and prepares the INSERT once.
+    /// Opens one portal over the whole source and prepares the INSERT once.
     pub fn start(settings: Settings) -> Backfill {
-        let q = pgrx::spi::quote_identifier;
-        let filter = settings.source_filter.as_deref().map_or(String::new(), |f| format!(" WHERE ({f})"));
-        let read = format!(
-            "SELECT {}::text, {}::text, {}::text FROM {}{filter}",
-            q(&settings.id_column),
-            q(&settings.user_id_column),
-            q(&settings.chat_column),
-            settings.source.name
+        let read = select_sql(&settings, "");
+        let cursor = open_portal(&settings, &read, None, None);
+        Backfill::new(settings, Reading::Portal(cursor), None)
+    }
+
+    /// Reads the source in key order after `last_key` (all of it when `None`) up to
+    /// `high_water`, one portal per batch, so the caller may COMMIT between batches.
+    pub fn keyset(settings: Settings, last_key: Option<String>, high_water: String) -> Backfill {
+        let key = pgrx::spi::quote_identifier(&settings.id_column);
+        let query = select_sql(
+            &settings,
+            &format!(
+                "($1::text IS NULL OR {key} > CAST($1 AS {t})) AND {key} <= CAST($2 AS {t}) ORDER BY {key} LIMIT {n}",
+                t = settings.id_type,
+                // A batch never needs more chats than messages; the LIMIT keeps the plan an index scan.
+                n = settings.batch_size
+            ),
         );
-        let (cursor, insert, record) = Spi::connect(|client| {
-            let cursor = client.try_open_cursor(read.as_str(), &[]).unwrap_or_else(|e| {
-                crate::error::UsageError::new(
-                    pgrx::PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-                    format!("cannot read source table {}: {e}", settings.source.name),
-                    "Check source_filter: it must be a boolean SQL expression over the source's columns.",
-                )
-                .raise()
-            });
+        Backfill::new(settings, Reading::Keyset { query, high_water }, last_key)
+    }
+
+    /// The key of the last chat of the last batch read.
+    pub fn last_key(&self) -> Option<&str> {
+        self.last_key.as_deref()
+    }
+
+    fn new(settings: Settings, reading: Reading, last_key: Option<String>) -> Backfill {
+        let (insert, record) = Spi::connect(|client| {
             let insert = client
                 .prepare_mut(insert_sql(&settings.target).as_str(), &insert_arg_types())
                 .expect("preparing the batch INSERT")
                 .keep();
             let record = client.prepare_mut(RECORD_SQL, &record_arg_types()).expect("preparing the rejection INSERT").keep();
-            (cursor.detach_into_name(), insert, record)
+            (insert, record)
         });
         let now = Instant::now();
         Backfill {
             settings,
-            cursor: Some(cursor),
+            reading,
+            last_key,
             insert,
             record,
             batch: 0,
@@ -212,15 +237,30 @@ impl Backfill {
 
     /// Reads, expands and writes the next batch; `None` once the source is exhausted.
     pub fn next_batch(&mut self) -> Option<BatchReport> {
-        let cursor = self.cursor.clone()?;
         let began = Instant::now();
+        let cursor = match &self.reading {
+            Reading::Done => return None,
+            Reading::Portal(cursor) => cursor.clone(),
+            Reading::Keyset { query, high_water } => {
+                open_portal(&self.settings, query, self.last_key.as_deref(), Some(high_water))
+            }
+        };
         let mut report = BatchReport { batch: self.batch + 1, ..Default::default() };
         let mut rows = Rows::default();
         let mut rejections = Vec::new();
-        let exhausted = self.read_batch(&cursor, &mut rows, &mut rejections, &mut report);
-        if exhausted {
+        let mut exhausted = self.read_batch(&cursor, &mut rows, &mut rejections, &mut report);
+        if let Reading::Keyset { .. } = self.reading {
+            // The portal ended at its LIMIT: more may follow.
+            exhausted &= (report.chats_read as usize) < self.settings.batch_size;
+        }
+        if exhausted || matches!(self.reading, Reading::Keyset { .. }) {
             Spi::connect(|client| drop(client.find_cursor(&cursor)));
-            self.cursor = None;
+        }
+        if report.last_chat_id.is_some() {
+            self.last_key.clone_from(&report.last_chat_id);
+        }
+        if exhausted {
+            self.reading = Reading::Done;
             if report.chats_read == 0 {
                 self.finish_notice();
                 return None;
@@ -238,7 +278,7 @@ impl Backfill {
         report.elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
         self.batch += 1;
         self.add_to_totals(&report);
-        if self.cursor.is_none() {
+        if matches!(self.reading, Reading::Done) {
             self.finish_notice();
         } else if self.last_notice.elapsed().as_secs_f64() >= 2.0 || self.batch == 1 {
             self.progress_notice();
@@ -429,6 +469,49 @@ impl Iterator for Backfill {
     fn next(&mut self) -> Option<BatchReport> {
         self.next_batch()
     }
+}
+
+/// The three source columns as text; `condition` (possibly with ORDER BY) after WHERE.
+fn select_sql(settings: &Settings, condition: &str) -> String {
+    let q = pgrx::spi::quote_identifier;
+    let mut conditions: Vec<String> = settings.source_filter.iter().map(|f| format!("({f})")).collect();
+    let (condition, order) = match condition.split_once(" ORDER BY ") {
+        Some((c, o)) => (c, format!(" ORDER BY {o}")),
+        None => (condition, String::new()),
+    };
+    if !condition.is_empty() {
+        conditions.push(condition.to_owned());
+    }
+    let filter = if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) };
+    format!(
+        "SELECT {}::text, {}::text, {}::text FROM {}{filter}{order}",
+        q(&settings.id_column),
+        q(&settings.user_id_column),
+        q(&settings.chat_column),
+        settings.source.name
+    )
+}
+
+/// Opens a portal that outlives the SPI session (until it is closed or the transaction ends).
+fn open_portal(settings: &Settings, query: &str, after: Option<&str>, high_water: Option<&String>) -> String {
+    Spi::connect(|client| {
+        let args: Vec<DatumWithOid> = match high_water {
+            None => Vec::new(),
+            Some(hw) => vec![
+                after.map_or(DatumWithOid::null_oid(pg_sys::TEXTOID), DatumWithOid::from),
+                DatumWithOid::from(hw.as_str()),
+            ],
+        };
+        let cursor = client.try_open_cursor(query, &args).unwrap_or_else(|e| {
+            crate::error::UsageError::new(
+                pgrx::PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
+                format!("cannot read source table {}: {e}", settings.source.name),
+                "Check source_filter: it must be a boolean SQL expression over the source's columns.",
+            )
+            .raise()
+        });
+        cursor.detach_into_name()
+    })
 }
 
 fn insert_sql(target: &Relation) -> String {

@@ -6,7 +6,7 @@ use pgrx::PgSqlErrorCode::*;
 
 use crate::backfill::Settings;
 use crate::error::UsageError;
-use crate::relations::{check_source, check_target, resolve};
+use crate::relations::{check_source, check_target, column_type_name, resolve};
 
 pub const MAX_BATCH_SIZE: i32 = 1_000_000;
 
@@ -41,6 +41,7 @@ pub fn build(
     let source = resolve(source, "chat", "source");
     let target = resolve(target, "chat_message", "target");
     check_source(&source, id_column, user_id_column, chat_column);
+    let id_type = column_type_name(&source, id_column);
     check_target(&target);
     let run_id = Spi::get_one::<i64>("SELECT txid_current()").ok().flatten().expect("txid_current()");
     Settings {
@@ -54,5 +55,6 @@ pub fn build(
         chat_column: chat_column.to_owned(),
         dry_run,
         run_id,
+        id_type,
     }
 }

@@ -434,3 +434,128 @@ fn expand_message<'a>(key: Decoded<'a>, raw: &'a str, now: i64) -> Entry<'a> {
         timestamp,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: i64 = 1_760_000_000;
+
+    fn expand(text: &str) -> (Vec<String>, Vec<(String, String)>, Result<(), ChatSkip>) {
+        let mut rows = Vec::new();
+        let mut problems = Vec::new();
+        let result = expand_chat(Some(text), NOW, |e| match &e {
+            Entry::Row(m) => rows.push(m.id("c")),
+            _ => problems.push(e.problem().unwrap()),
+        });
+        (rows, problems, result)
+    }
+
+    #[test]
+    fn duplicate_keys_keep_first_position_and_last_value() {
+        let doc = r#"{"history":{"messages":{"a":{"role":"x"},"b":{"role":"y"},"a":{"role":"z"}}}}"#;
+        let d = Document::open(Some(doc)).unwrap();
+        let roles: Vec<_> = d
+            .entries(NOW)
+            .unwrap()
+            .into_iter()
+            .map(|e| match e {
+                Entry::Row(m) => format!("{}={}", m.key, m.role),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(roles, ["a=z", "b=y"]);
+    }
+
+    #[test]
+    fn chat_level_verdicts() {
+        for (text, want) in [
+            ("null", ChatSkip::Empty),
+            ("[]", ChatSkip::Empty),
+            ("\"\"", ChatSkip::Empty),
+            ("0", ChatSkip::Empty),
+            ("false", ChatSkip::Empty),
+            ("[1]", ChatSkip::NotObject),
+            ("true", ChatSkip::NotObject),
+            ("\"[1]\"", ChatSkip::NotObject),
+            ("\"nope\"", ChatSkip::NotJson),
+            ("{not json", ChatSkip::NotJson),
+            (r#"{"history":null}"#, ChatSkip::HistoryNotObject),
+            (r#"{"history":{"messages":[]}}"#, ChatSkip::MessagesNotObject),
+        ] {
+            assert_eq!(expand(text).2, Err(want), "{text}");
+        }
+        // An object without history (`{}` included) is fine and empty.
+        assert_eq!(expand("{}"), (vec![], vec![], Ok(())));
+        assert_eq!(expand(r#"{"messages":[{"role":"user"}]}"#), (vec![], vec![], Ok(())));
+    }
+
+    #[test]
+    fn deep_nesting_and_huge_numbers_are_carried_verbatim() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let big = "9".repeat(10_000);
+        let doc = format!(r#"{{"history":{{"messages":{{"m":{{"role":"user","content":{deep},"usage":{big}}}}}}}}}"#);
+        let d = Document::open(Some(&doc)).unwrap();
+        let entries = d.entries(NOW).unwrap();
+        let Entry::Row(m) = &entries[0] else { panic!("expected a row") };
+        assert_eq!(m.content, deep);
+        assert_eq!(m.usage, big);
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|n| serde_json::json!(n)),
+            (-1e300f64..1e300).prop_map(|f| serde_json::json!(f)),
+            "\\PC{0,12}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                prop::collection::vec(("[a-z]{0,6}", inner), 0..6)
+                    .prop_map(|kv| serde_json::Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Every entry of history.messages becomes exactly one row or one problem.
+        #[test]
+        fn every_message_is_accounted_for(messages in prop::collection::vec(("\\PC{0,8}", arb_json()), 0..12)) {
+            let map: serde_json::Map<String, serde_json::Value> = messages.into_iter().collect();
+            let n = map.len();
+            let doc = serde_json::json!({"history": {"messages": map}}).to_string();
+            let (rows, problems, result) = expand(&doc);
+            prop_assert_eq!(result, Ok(()));
+            prop_assert_eq!(rows.len() + problems.len(), n);
+        }
+
+        /// JSON columns hold exactly the text of the value, whatever it is.
+        #[test]
+        fn json_columns_are_verbatim(content in arb_json(), pretty in any::<bool>()) {
+            let text = if pretty { serde_json::to_string_pretty(&content).unwrap() } else { content.to_string() };
+            let doc = format!(r#"{{"history":{{"messages":{{"m":{{"role":"user","content":{text}}}}}}}}}"#);
+            let d = Document::open(Some(&doc)).unwrap();
+            let entries = d.entries(NOW).unwrap();
+            let Entry::Row(m) = &entries[0] else { panic!("expected a row") };
+            prop_assert_eq!(m.content, text.as_str());
+        }
+
+        /// Arbitrary text never panics: it is a chat, empty, or a reported skip.
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC{0,64}") {
+            let _ = expand(&text);
+        }
+
+        /// A double-encoded chat expands exactly like the document it holds.
+        #[test]
+        fn double_encoding_is_transparent(messages in prop::collection::vec(("[a-z]{1,4}", arb_json()), 0..6)) {
+            let map: serde_json::Map<String, serde_json::Value> = messages.into_iter().collect();
+            let doc = serde_json::json!({"history": {"messages": map}}).to_string();
+            let encoded = serde_json::Value::String(doc.clone()).to_string();
+            prop_assert_eq!(expand(&doc), expand(&encoded));
+        }
+    }
+}

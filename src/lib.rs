@@ -14,6 +14,7 @@ mod datums;
 mod engine_settings;
 mod error;
 mod relations;
+mod resumable;
 mod subxact;
 
 ::pgrx::pg_module_magic!();

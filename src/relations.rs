@@ -186,6 +186,11 @@ pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) {
     }
 }
 
+/// The SQL spelling of a column's type (checked to exist by `check_source`).
+pub fn column_type_name(relation: &Relation, column: &str) -> String {
+    type_name(column_types(relation, &[column])[0].expect("checked column"))
+}
+
 fn type_name(oid: pg_sys::Oid) -> String {
     Spi::get_one_with_args::<String>("SELECT format_type($1, NULL)", &[oid.into()])
         .ok()

@@ -4,7 +4,6 @@
 
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use pgrx::PgSqlErrorCode;
 
 /// What a failed subtransaction reported.
 #[derive(Debug, Clone)]
@@ -26,6 +25,14 @@ enum Outcome<R> {
 /// subtransaction is rolled back: it must stop the run, never be recorded as a bad row,
 /// and must leave the session usable for the next statement.
 pub fn in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Failure> {
+    in_subtransaction_catching(work, is_data_error)
+}
+
+/// The same, returning as `Err` the errors whose SQLSTATE `is_caught` accepts.
+pub fn in_subtransaction_catching<R>(
+    work: impl FnOnce() -> R + std::panic::UnwindSafe,
+    is_caught: fn(&str) -> bool,
+) -> Result<R, Failure> {
     unsafe {
         let caller_context = pg_sys::CurrentMemoryContext;
         let caller_owner = pg_sys::CurrentResourceOwner;
@@ -35,7 +42,7 @@ pub fn in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -
         let outcome = PgTryBuilder::new(|| Outcome::Done(work()))
             .catch_others(|caught| match caught {
                 CaughtError::PostgresError(ref report) | CaughtError::ErrorReport(ref report)
-                    if !must_propagate(report.sql_error_code()) =>
+                    if is_caught(&crate::error::sqlstate_text(report.sql_error_code())) =>
                 {
                     Outcome::RowError(Failure {
                         sqlstate: crate::error::sqlstate_text(report.sql_error_code()),
@@ -64,7 +71,6 @@ pub fn in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -
 /// (23), a trigger's RAISE (P0) and WITH CHECK OPTION (44). Everything else (cancel,
 /// timeout, shutdown, permissions, lock timeouts, deadlocks, disk full, ...) is about the
 /// run, not the row: it must stop the run, not be recorded against every row.
-fn must_propagate(code: PgSqlErrorCode) -> bool {
-    let class = &crate::error::sqlstate_text(code)[..2];
-    !matches!(class, "22" | "23" | "P0" | "44")
+fn is_data_error(sqlstate: &str) -> bool {
+    matches!(&sqlstate[..2], "22" | "23" | "P0" | "44")
 }
