@@ -142,12 +142,6 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) {
     let mut backfill = Backfill::keyset(settings, last_key, high_water);
     loop {
         pgrx::check_for_interrupts!();
-        if limits.max_runtime.is_some_and(|max| began.elapsed() >= max) {
-            set_status(run_id, "stopped", Some("max_runtime reached; the next CALL resumes here"));
-            commit();
-            notice!("chat_backfill: max_runtime reached; run {run_id} stopped after a committed batch, CALL again to resume");
-            return;
-        }
         if let Some(timeout) = &limits.lock_timeout {
             Spi::run_with_args("SELECT set_config('lock_timeout', $1, true)", &[timeout.as_str().into()])
                 .expect("setting lock_timeout");
@@ -180,6 +174,13 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) {
                 );
                 return;
             }
+        }
+        // Checked after a batch, so every CALL makes progress however small max_runtime is.
+        if limits.max_runtime.is_some_and(|max| began.elapsed() >= max) {
+            set_status(run_id, "stopped", Some("max_runtime reached; the next CALL resumes here"));
+            commit();
+            notice!("chat_backfill: max_runtime reached; run {run_id} stopped after a committed batch, CALL again to resume");
+            return;
         }
         if !limits.pause.is_zero() {
             sleep_interruptibly(limits.pause);

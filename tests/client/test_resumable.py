@@ -1,0 +1,337 @@
+"""The committing procedure against real servers: CALL, checkpoints and resume, one
+runner at a time, refusal where it cannot commit, crashes, concurrent application writes,
+the real pg_cron, and the real Alembic with the shipped examples."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+import chatgen
+from compare import fetch_rows
+from conftest import ROOT, Cluster, _start_cluster
+from load_sample import TARGET_DDL, copy_chats
+
+CALL = "CALL backfill_chat_messages_resumable(now => %(now)s, {extra})"
+
+
+def chats_for_test(count=120, hostile=True):
+    chats = chatgen.realistic_chats(seed=5, count=count, content_bytes=(200, 1500), messages=(2, 10))
+    return chats + (chatgen.hostile_chats() if hostile else [])
+
+
+def make_db(cluster: Cluster, chats, ddl=TARGET_DDL, prefix="res") -> str:
+    db = cluster.create_db(prefix)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+        cur.execute(ddl)
+    return db
+
+
+def one_shot_rows(cluster: Cluster, chats, ddl=TARGET_DDL) -> dict:
+    """The reference for every test here: the same data through the one-transaction form."""
+    db = make_db(cluster, chats, ddl, prefix="oneshot")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (chatgen.NOW,))
+        return fetch_rows(conn, parse_json=False)
+
+
+def call(cluster: Cluster, db: str, extra="batch_size => 40", notices=None):
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CALL.format(extra=extra), {"now": chatgen.NOW})
+        if notices is not None:
+            notices.extend(conn.notices)
+
+
+def status(cluster: Cluster, db: str) -> list[tuple]:
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT run_id, state, chats_done, total_chats, percent_done, messages_inserted,"
+                    " estimated_time_left, runner_pid FROM chat_backfill.status ORDER BY run_id")
+        return cur.fetchall()
+
+
+def rows_of(cluster: Cluster, db: str) -> dict:
+    with cluster.connect(db) as conn:
+        return fetch_rows(conn, parse_json=False)
+
+
+@pytest.fixture(scope="module")
+def expected(cluster):
+    chats = chats_for_test()
+    return chats, one_shot_rows(cluster, chats)
+
+
+def test_call_gives_the_one_shot_result(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    call(cluster, db)
+    assert rows_of(cluster, db) == want
+    [(run_id, state, done, total, percent, inserted, eta, pid)] = status(cluster, db)
+    assert (state, done, total, percent, inserted, pid) == ("finished", total, total, 100, len(want), None)
+
+
+def test_max_runtime_stops_after_a_batch_and_the_next_call_resumes(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    calls = 0
+    while calls < 200:
+        calls += 1
+        call(cluster, db, "batch_size => 40, max_runtime => '1 millisecond'")
+        states = status(cluster, db)
+        assert len(states) == 1, "every CALL resumes the same run"
+        if states[0][1] == "finished":
+            break
+        assert states[0][1] == "stopped" and 0 < states[0][4] <= 100
+        assert states[0][6] is not None, "an estimate of the time left while unfinished"
+    assert calls > 5
+    assert rows_of(cluster, db) == want
+
+
+def test_a_finished_backfill_is_a_fast_noop_and_restart_runs_again(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    call(cluster, db)
+    notices = []
+    started = time.monotonic()
+    call(cluster, db, notices=notices)
+    assert time.monotonic() - started < 5
+    assert any("already complete" in n for n in notices), notices
+    assert len(status(cluster, db)) == 1
+    call(cluster, db, "restart => true")
+    runs = status(cluster, db)
+    assert [r[1] for r in runs] == ["finished", "finished"] and runs[1][5] == 0  # all existing
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT messages_existing FROM chat_backfill.runs ORDER BY run_id DESC LIMIT 1")
+        assert cur.fetchone() == (len(want),)
+    assert rows_of(cluster, db) == want
+
+
+def test_one_runner_at_a_time(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    first = threading.Thread(target=call, args=(cluster, db, "batch_size => 40, pause => '150 milliseconds'"))
+    first.start()
+    deadline = time.monotonic() + 20
+    while not any(r[1] == "running" for r in status(cluster, db)):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    notices = []
+    started = time.monotonic()
+    call(cluster, db, notices=notices)
+    assert time.monotonic() - started < 3, "the second CALL returns at once"
+    assert any("another backfill" in n for n in notices), notices
+    assert status(cluster, db)[0][7] is not None, "the status view names the runner"
+    first.join()
+    assert rows_of(cluster, db) == want
+
+
+@pytest.mark.parametrize("where", ["transaction block", "function"])
+def test_refused_where_it_cannot_commit(cluster, where):
+    db = make_db(cluster, chats_for_test(count=3, hostile=False))
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        if where == "transaction block":
+            conn.autocommit = False
+            stmt = "CALL backfill_chat_messages_resumable()"
+        else:
+            cur.execute("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
+                        " $$ BEGIN CALL backfill_chat_messages_resumable(); END $$")
+            stmt = "SELECT f()"
+        with pytest.raises(psycopg2.Error) as err:
+            cur.execute(stmt)
+        assert err.value.pgcode == "2D000"
+        assert "autocommit_block" in err.value.diag.message_hint
+        assert "backfill_chat_messages()" in err.value.diag.message_hint
+
+
+def run_in_background(cluster, db, extra):
+    """A CALL in its own thread; returns (thread, backend pid)."""
+    pid_box = {}
+
+    def target():
+        try:
+            with cluster.connect(db) as conn, conn.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                pid_box["pid"] = cur.fetchone()[0]
+                cur.execute(CALL.format(extra=extra), {"now": chatgen.NOW})
+        except psycopg2.Error as e:  # the fault we inject
+            pid_box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    while "pid" not in pid_box:
+        time.sleep(0.01)
+    return t, pid_box
+
+
+def wait_for_progress(cluster, db, at_least=2):
+    deadline = time.monotonic() + 30
+    while True:
+        rows = status(cluster, db)
+        if rows and rows[0][5] and len(rows_of(cluster, db)) > 0 and rows[0][2] >= at_least:
+            return
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.05)
+
+
+def test_terminated_backend_resumes_without_loss_or_duplicates(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    t, box = run_in_background(cluster, db, "batch_size => 30, pause => '100 milliseconds'")
+    wait_for_progress(cluster, db, at_least=20)
+    with cluster.connect() as admin, admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", (box["pid"],))
+    t.join()
+    assert "error" in box
+    assert status(cluster, db)[0][1] == "interrupted"
+    call(cluster, db)
+    assert rows_of(cluster, db) == want
+    runs = status(cluster, db)
+    assert len(runs) == 1 and runs[0][1] == "finished"
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT messages_inserted FROM chat_backfill.runs")
+        assert cur.fetchone() == (len(want),), "committed batches are counted exactly once"
+
+
+def test_immediate_shutdown_mid_run_resumes_after_restart(expected):
+    chats, want = expected
+    datadir = "/tmp/chat_backfill_crash"
+    env = _start_cluster(datadir)
+    crash = Cluster(env)
+    try:
+        db = make_db(crash, chats)
+        t, box = run_in_background(crash, db, "batch_size => 30, pause => '100 milliseconds'")
+        wait_for_progress(crash, db, at_least=20)
+        subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", datadir,
+                        "-m", "immediate", "-w", "stop"], check=True, capture_output=True)
+        t.join()
+        subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", datadir,
+                        "-l", f"{datadir}/server.log", "-w", "start"], check=True, capture_output=True)
+        assert status(crash, db)[0][1] == "interrupted"
+        call(crash, db)
+        assert rows_of(crash, db) == want
+        assert status(crash, db)[0][1] == "finished"
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", datadir], check=False)
+
+
+def test_concurrent_application_writes(cluster):
+    """Inserts, updates and deletes of chats while the backfill runs: no error, no
+    deadlock, and no message of a deleted chat survives the foreign key."""
+    chats = chats_for_test(count=150, hostile=False)
+    db = make_db(cluster, chats)
+    t, box = run_in_background(cluster, db, "batch_size => 20, pause => '20 milliseconds'")
+    stop = threading.Event()
+    errors = []
+
+    def application():
+        i = 0
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            while not stop.is_set():
+                i += 1
+                victim = chats[(i * 7) % len(chats)].id
+                try:
+                    cur.execute("INSERT INTO chat VALUES (%s, 'u-new', 't', %s)",
+                                (f"zz-new-{i}", '{"history":{"messages":{"m":{"role":"user"}}}}'))
+                    cur.execute("UPDATE chat SET title = 'renamed' WHERE id = %s", (chats[(i * 3) % len(chats)].id,))
+                    cur.execute("DELETE FROM chat WHERE id = %s", (victim,))
+                except psycopg2.Error as e:
+                    errors.append(e)
+                time.sleep(0.01)
+
+    app = threading.Thread(target=application)
+    app.start()
+    t.join(timeout=120)
+    stop.set()
+    app.join()
+    assert not t.is_alive() and "error" not in box, box
+    assert not errors, errors[:3]
+    call(cluster, db)  # finishes if the first CALL stopped early (it does not: no max_runtime)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chat_message m WHERE NOT EXISTS (SELECT 1 FROM chat c WHERE c.id = m.chat_id)")
+        assert cur.fetchone() == (0,)
+        cur.execute("ALTER TABLE chat_message VALIDATE CONSTRAINT chat_message_chat_id_fkey")
+        cur.execute("SELECT DISTINCT sqlstate FROM chat_backfill.rejected_messages")
+        assert set(r[0] for r in cur.fetchall()) <= {"23503"}
+        cur.execute("SELECT state FROM chat_backfill.status")
+        assert cur.fetchone() == ("finished",)
+
+
+def test_pg_cron_advances_it_a_slice_at_a_time():
+    """Debian's pg_cron 1.4.2 schedules by the minute: the data is small, and each tick
+    stops after about a second, so the backfill takes a couple of ticks."""
+    chats = chats_for_test(count=40, hostile=True)
+    datadir = "/tmp/chat_backfill_cron"
+    env = _start_cluster(datadir, "shared_preload_libraries = 'pg_cron'", "cron.database_name = 'crondb'",
+                         "cron.use_background_workers = on", "max_worker_processes = 16")
+    cron = Cluster(env)
+    try:
+        want = one_shot_rows(cron, chats)
+        with cron.connect() as conn, conn.cursor() as cur:
+            cur.execute("CREATE DATABASE crondb")
+        with cron.connect("crondb") as conn, conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION pg_cron")
+            cur.execute("CREATE EXTENSION chat_backfill")
+            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            copy_chats(conn, chats)
+            cur.execute(TARGET_DDL)
+            cur.execute(
+                "SELECT cron.schedule('chat-backfill', '* * * * *', $$CALL backfill_chat_messages_resumable("
+                "batch_size => 10, now => %s, max_runtime => '1 second', pause => '300 milliseconds')$$)"
+                % chatgen.NOW
+            )
+        deadline = time.monotonic() + 330
+        while True:
+            rows = status(cron, "crondb")
+            if rows and rows[-1][1] == "finished":
+                break
+            assert time.monotonic() < deadline, rows
+            time.sleep(2)
+        with cron.connect("crondb") as conn, conn.cursor() as cur:
+            cur.execute("SELECT status, count(*) FROM cron.job_run_details GROUP BY 1")
+            runs = dict(cur.fetchall())
+            cur.execute("SELECT cron.unschedule('chat-backfill')")
+        assert runs.get("succeeded", 0) >= 2 and set(runs) <= {"succeeded", "running"}, runs
+        assert rows_of(cron, "crondb") == want
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", datadir], check=False)
+
+
+@pytest.mark.parametrize("style", ["committing", "transactional"])
+def test_alembic_examples(cluster, style):
+    chats = chats_for_test(count=60, hostile=False)
+    want = one_shot_rows(cluster, chats)
+    db = cluster.create_db(f"alembic_{style}", extension=False)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+    _alembic_upgrade(ROOT / "examples/alembic", style, cluster.url(db))
+    got = rows_of(cluster, db)
+    assert got == want
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'chat_message'")
+        assert cur.fetchone() == (8,)
+        cur.execute("SELECT convalidated FROM pg_constraint WHERE conname = 'chat_message_chat_id_fkey'")
+        assert cur.fetchone() == (True,)
+
+
+def _alembic_upgrade(examples: Path, style: str, url: str):
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config(str(examples / "alembic.ini"))
+    cfg.set_main_option("script_location", str(examples))
+    cfg.set_main_option("version_locations", str(examples / style))
+    cfg.set_main_option("sqlalchemy.url", url)
+    old = os.environ.pop("DATABASE_URL", None)
+    try:
+        command.upgrade(cfg, "head")
+    finally:
+        if old is not None:
+            os.environ["DATABASE_URL"] = old
