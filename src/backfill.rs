@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 use pgrx::datum::DatumWithOid;
 
-use crate::datums::{bool_array, int8_array, varlena_array, OwnedText};
+use crate::datums::{bool_array, datum_array, int8_array, text_datum, text_str, varlena_array, BorrowedText, OwnedText};
 use crate::expand::{self, ChatSkip, Column, Entry, Message};
 use crate::relations::{Relation, TARGET_COLUMNS};
 use crate::scalar::Unstorable;
@@ -53,33 +53,53 @@ pub struct BatchReport {
     pub chats_skipped: i64,
 }
 
-/// One batch of rows, column by column, in the target's column order.
-#[derive(Default)]
+/// One batch of rows, column by column, in the target's column order. Values are
+/// PostgreSQL `text` datums, written once into a memory context of the batch's own: the
+/// array parameters of the INSERT (of the whole batch or of any half being retried) are
+/// built from them without another copy, and the context goes when the batch does.
 struct Rows {
-    /// id, chat_id, user_id, role, parent_id, model_id
-    text: [Vec<Option<String>>; 6],
+    context: pg_sys::MemoryContext,
+    /// id, chat_id, user_id, role, parent_id, model_id (NULL: `None`)
+    text: [Vec<Option<pg_sys::Datum>>; 6],
     /// content, output, files, sources, embeds, status_history, error, usage
-    json: [Vec<String>; 8],
+    json: [Vec<pg_sys::Datum>; 8],
     done: Vec<Option<bool>>,
     timestamp: Vec<i64>,
 }
 
 impl Rows {
+    fn new() -> Rows {
+        let context = unsafe {
+            pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopTransactionContext,
+                c"chat_backfill batch".as_ptr(),
+                pg_sys::ALLOCSET_DEFAULT_MINSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
+        Rows { context, text: Default::default(), json: Default::default(), done: Vec::new(), timestamp: Vec::new() }
+    }
+
     fn len(&self) -> usize {
         self.timestamp.len()
     }
 
     fn push(&mut self, chat_id: &str, user_id: Option<&str>, m: Message<'_>) {
-        let [id, chat, user, role, parent, model] = &mut self.text;
-        id.push(Some(m.id(chat_id)));
-        chat.push(Some(chat_id.to_owned()));
-        user.push(user_id.map(str::to_owned));
-        role.push(Some(m.role.into_owned()));
-        parent.push(m.parent_id.map(|s| s.into_owned()));
-        model.push(m.model_id.map(|s| s.into_owned()));
-        let values = [m.content, m.output, m.files, m.sources, m.embeds, m.status_history, m.error, m.usage];
-        for (column, value) in self.json.iter_mut().zip(values) {
-            column.push(value.to_owned());
+        unsafe {
+            let caller = pg_sys::MemoryContextSwitchTo(self.context);
+            let [id, chat, user, role, parent, model] = &mut self.text;
+            id.push(Some(text_datum(&m.id(chat_id))));
+            chat.push(Some(text_datum(chat_id)));
+            user.push(user_id.map(|u| text_datum(u)));
+            role.push(Some(text_datum(&m.role)));
+            parent.push(m.parent_id.as_deref().map(|p| text_datum(p)));
+            model.push(m.model_id.as_deref().map(|p| text_datum(p)));
+            let values = [m.content, m.output, m.files, m.sources, m.embeds, m.status_history, m.error, m.usage];
+            for (column, value) in self.json.iter_mut().zip(values) {
+                column.push(text_datum(value));
+            }
+            pg_sys::MemoryContextSwitchTo(caller);
         }
         self.done.push(m.done);
         self.timestamp.push(m.timestamp);
@@ -87,8 +107,11 @@ impl Rows {
 
     /// The INSERT's array parameters for rows `r`, in `$1..$16` order.
     fn arguments(&self, r: Range<usize>) -> Vec<DatumWithOid<'static>> {
-        let text = |i: usize| varlena_array(self.text[i][r.clone()].iter().map(|v| v.as_deref()), pg_sys::TEXTOID);
-        let json = |i: usize| varlena_array(self.json[i][r.clone()].iter().map(|v| Some(v.as_str())), pg_sys::JSONOID);
+        let text = |i: usize| datum_array(&self.text[i][r.clone()], pg_sys::TEXTOID);
+        let json = |i: usize| {
+            let values: Vec<Option<pg_sys::Datum>> = self.json[i][r.clone()].iter().copied().map(Some).collect();
+            datum_array(&values, pg_sys::JSONOID)
+        };
         let datums = [
             (text(0), pg_sys::TEXTARRAYOID),
             (text(1), pg_sys::TEXTARRAYOID),
@@ -110,21 +133,31 @@ impl Rows {
         datums.into_iter().map(|(d, oid)| unsafe { DatumWithOid::new(d, oid) }).collect()
     }
 
+    fn text(&self, column: usize, i: usize) -> Option<&str> {
+        self.text[column][i].map(|d| unsafe { text_str(d) })
+    }
+
     /// The row as a JSON object, for the rejected-rows table.
     fn as_json(&self, i: usize) -> String {
         let mut out = String::from("{");
-        let texts = [("id", 0), ("chat_id", 1), ("user_id", 2), ("role", 3), ("parent_id", 4), ("model_id", 5)];
-        for (name, col) in texts {
-            let value = self.text[col][i].as_deref().map_or("null".to_owned(), |s| serde_json::to_string(s).unwrap());
+        let texts = ["id", "chat_id", "user_id", "role", "parent_id", "model_id"];
+        for (col, name) in texts.iter().enumerate() {
+            let value = self.text(col, i).map_or("null".to_owned(), |s| serde_json::to_string(s).unwrap());
             out.push_str(&format!("\"{name}\":{value},"));
         }
         let jsons = ["content", "output", "files", "sources", "embeds", "status_history", "error", "usage"];
         for (name, col) in jsons.iter().zip(&self.json) {
-            out.push_str(&format!("\"{name}\":{},", col[i]));
+            out.push_str(&format!("\"{name}\":{},", unsafe { text_str(col[i]) }));
         }
         let done = self.done[i].map_or("null".to_owned(), |b| b.to_string());
         out.push_str(&format!("\"done\":{done},\"created_at\":{}}}", self.timestamp[i]));
         out
+    }
+}
+
+impl Drop for Rows {
+    fn drop(&mut self) {
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
     }
 }
 
@@ -246,7 +279,7 @@ impl Backfill {
             }
         };
         let mut report = BatchReport { batch: self.batch + 1, ..Default::default() };
-        let mut rows = Rows::default();
+        let mut rows = Rows::new();
         let mut rejections = Vec::new();
         let mut exhausted = self.read_batch(&cursor, &mut rows, &mut rejections, &mut report);
         if let Reading::Keyset { .. } = self.reading {
@@ -302,14 +335,16 @@ impl Backfill {
                 };
                 let chat_id = row.get::<OwnedText>(1).ok().flatten().map(|t| t.0);
                 let user_id = row.get::<OwnedText>(2).ok().flatten().map(|t| t.0);
-                let chat = row.get::<OwnedText>(3).ok().flatten().map(|t| t.0);
+                // The document is read where it lies (detoasted once), never copied whole.
+                let chat = row.get::<BorrowedText>(3).ok().flatten();
+                let chat = chat.as_ref().map(BorrowedText::as_str);
                 report.chats_read += 1;
-                bytes += chat.as_ref().map_or(0, String::len);
+                bytes += chat.map_or(0, str::len);
                 let Some(chat_id) = chat_id else {
                     report.chats_skipped += 1;
                     continue;
                 };
-                self.expand_into(&chat_id, user_id.as_deref(), chat.as_deref(), rows, rejections, report);
+                self.expand_into(&chat_id, user_id.as_deref(), chat, rows, rejections, report);
                 report.last_chat_id = Some(chat_id);
             }
             // Keep the portal open for the next batch (dropping it would close it).
@@ -383,8 +418,8 @@ impl Backfill {
     }
 
     fn insert_rejection(&self, rows: &Rows, i: usize, failure: Failure) -> Rejection {
-        let id = rows.text[0][i].clone().unwrap_or_default();
-        let chat_id = rows.text[1][i].clone().unwrap_or_default();
+        let id = rows.text(0, i).unwrap_or_default().to_owned();
+        let chat_id = rows.text(1, i).unwrap_or_default().to_owned();
         Rejection {
             message_key: id.strip_prefix(&format!("{chat_id}-")).map(str::to_owned),
             message_id: Some(id),

@@ -57,8 +57,9 @@ impl FromDatum for OwnedText {
             let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
             let len = pgrx::varlena::varsize_any_exhdr(detoasted);
             let data = pgrx::varlena::vardata_any(detoasted) as *const u8;
-            // The server encoding is UTF-8 (checked when the backfill starts).
-            let text = String::from_utf8_lossy(std::slice::from_raw_parts(data, len)).into_owned();
+            // The server encoding is UTF-8 (checked when the backfill starts), and PostgreSQL
+            // validated the text on input.
+            let text = std::str::from_utf8_unchecked(std::slice::from_raw_parts(data, len)).to_owned();
             if detoasted != varlena {
                 pg_sys::pfree(detoasted.cast());
             }
@@ -75,6 +76,82 @@ impl IntoDatum for OwnedText {
     fn type_oid() -> pg_sys::Oid {
         pg_sys::TEXTOID
     }
+}
+
+/// A `text` value read where it lies: detoasted once if it must be, borrowed as `&str`,
+/// and the detoasted copy freed on drop. Valid while the tuple it came from is (the SPI
+/// session that fetched it).
+pub struct BorrowedText {
+    data: *const u8,
+    len: usize,
+    detoasted_copy: *mut pg_sys::varlena,
+}
+
+impl BorrowedText {
+    pub fn as_str(&self) -> &str {
+        // UTF-8: see OwnedText.
+        unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.data, self.len)) }
+    }
+}
+
+impl Drop for BorrowedText {
+    fn drop(&mut self) {
+        if !self.detoasted_copy.is_null() {
+            unsafe { pg_sys::pfree(self.detoasted_copy.cast()) };
+        }
+    }
+}
+
+impl FromDatum for BorrowedText {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        unsafe {
+            let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
+            let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
+            Some(BorrowedText {
+                data: pgrx::varlena::vardata_any(detoasted) as *const u8,
+                len: pgrx::varlena::varsize_any_exhdr(detoasted),
+                detoasted_copy: if detoasted != varlena { detoasted } else { std::ptr::null_mut() },
+            })
+        }
+    }
+}
+
+impl IntoDatum for BorrowedText {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(text_datum(self.as_str()))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::TEXTOID
+    }
+}
+
+/// A new `text` datum holding `s`, in the current memory context.
+pub fn text_datum(s: &str) -> pg_sys::Datum {
+    pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(s.as_ptr() as *const c_char, s.len() as i32) })
+}
+
+/// The contents of a `text` datum made by `text_datum` (never toasted).
+///
+/// # Safety
+/// `d` must be a valid, untoasted text datum that outlives the returned `&str`.
+pub unsafe fn text_str<'a>(d: pg_sys::Datum) -> &'a str {
+    unsafe {
+        let v = d.cast_mut_ptr::<pg_sys::varlena>();
+        let bytes = std::slice::from_raw_parts(pgrx::varlena::vardata_any(v) as *const u8, pgrx::varlena::varsize_any_exhdr(v));
+        std::str::from_utf8_unchecked(bytes)
+    }
+}
+
+/// A one-dimensional array of existing varlena datums (`None` is NULL); elements are
+/// copied into the array once.
+pub fn datum_array(values: &[Option<pg_sys::Datum>], element: pg_sys::Oid) -> pg_sys::Datum {
+    let datums = values.iter().map(|v| v.unwrap_or(pg_sys::Datum::from(0))).collect();
+    let nulls = values.iter().map(Option::is_none).collect();
+    unsafe { build_array(datums, nulls, element, -1, false, pg_sys::TYPALIGN_INT as c_char) }
 }
 
 /// A one-dimensional array of a varlena type whose binary form is its text (`text`,

@@ -132,17 +132,21 @@ def test_one_runner_at_a_time(cluster, expected):
     assert rows_of(cluster, db) == want
 
 
-@pytest.mark.parametrize("where", ["transaction block", "function"])
+@pytest.mark.parametrize("where", ["transaction block", "function", "procedure with SET"])
 def test_refused_where_it_cannot_commit(cluster, where):
     db = make_db(cluster, chats_for_test(count=3, hostile=False))
     with cluster.connect(db) as conn, conn.cursor() as cur:
         if where == "transaction block":
             conn.autocommit = False
             stmt = "CALL backfill_chat_messages_resumable()"
-        else:
+        elif where == "function":
             cur.execute("CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS"
                         " $$ BEGIN CALL backfill_chat_messages_resumable(); END $$")
             stmt = "SELECT f()"
+        else:
+            cur.execute("CREATE PROCEDURE p() LANGUAGE plpgsql SET work_mem = '64MB' AS"
+                        " $$ BEGIN CALL backfill_chat_messages_resumable(); END $$")
+            stmt = "CALL p()"
         with pytest.raises(psycopg2.Error) as err:
             cur.execute(stmt)
         assert err.value.pgcode == "2D000"
@@ -265,8 +269,8 @@ def test_concurrent_application_writes(cluster):
 
 def test_pg_cron_advances_it_a_slice_at_a_time():
     """Debian's pg_cron 1.4.2 schedules by the minute: the data is small, and each tick
-    stops after about a second, so the backfill takes a couple of ticks."""
-    chats = chats_for_test(count=40, hostile=True)
+    does one batch (max_runtime 0 stops after the first), so it takes two or three ticks."""
+    chats = chats_for_test(count=20, hostile=True)
     datadir = "/tmp/chat_backfill_cron"
     env = _start_cluster(datadir, "shared_preload_libraries = 'pg_cron'", "cron.database_name = 'crondb'",
                          "cron.use_background_workers = on", "max_worker_processes = 16")
@@ -283,7 +287,7 @@ def test_pg_cron_advances_it_a_slice_at_a_time():
             cur.execute(TARGET_DDL)
             cur.execute(
                 "SELECT cron.schedule('chat-backfill', '* * * * *', $$CALL backfill_chat_messages_resumable("
-                "batch_size => 10, now => %s, max_runtime => '1 second', pause => '300 milliseconds')$$)"
+                "batch_size => 120, now => %s, max_runtime => '0')$$)"
                 % chatgen.NOW
             )
         deadline = time.monotonic() + 330
