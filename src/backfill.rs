@@ -7,6 +7,7 @@
 //! dropped as soon as their messages are in the batch buffers.
 
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use pgrx::prelude::*;
@@ -15,6 +16,7 @@ use pgrx::datum::DatumWithOid;
 
 use crate::datums::{bool_array, datum_array, int8_array, text_datum, text_str, varlena_array, BorrowedText, OwnedText};
 use crate::expand::{self, ChatSkip, Column, Entry, Message};
+use crate::copy_writer::{copy_allowed, copy_rows, push_escaped, CopySource};
 use crate::relations::{Relation, TARGET_COLUMNS};
 use crate::scalar::Unstorable;
 use crate::subxact::{in_subtransaction, Failure};
@@ -155,6 +157,53 @@ impl Rows {
     }
 }
 
+impl CopySource for Rows {
+    fn rows(&self) -> usize {
+        self.len()
+    }
+
+    fn write_line(&self, i: usize, out: &mut Vec<u8>) {
+        // TARGET_COLUMNS order: id, chat_id, user_id, role, parent_id, content, output,
+        // model_id, files, sources, embeds, done, status_history, error, usage, created_at,
+        // updated_at.
+        let text = |out: &mut Vec<u8>, col: usize| match self.text(col, i) {
+            Some(s) => push_escaped(out, s),
+            None => out.extend_from_slice(b"\\N"),
+        };
+        let json = |out: &mut Vec<u8>, col: usize| push_escaped(out, unsafe { text_str(self.json[col][i]) });
+        for (n, field) in [
+            Field::Text(0), Field::Text(1), Field::Text(2), Field::Text(3), Field::Text(4), Field::Json(0),
+            Field::Json(1), Field::Text(5), Field::Json(2), Field::Json(3), Field::Json(4), Field::Done,
+            Field::Json(5), Field::Json(6), Field::Json(7), Field::Timestamp, Field::Timestamp,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if n > 0 {
+                out.push(b'\t');
+            }
+            match field {
+                Field::Text(c) => text(out, c),
+                Field::Json(c) => json(out, c),
+                Field::Done => match self.done[i] {
+                    Some(true) => out.push(b't'),
+                    Some(false) => out.push(b'f'),
+                    None => out.extend_from_slice(b"\\N"),
+                },
+                Field::Timestamp => out.extend_from_slice(self.timestamp[i].to_string().as_bytes()),
+            }
+        }
+        out.push(b'\n');
+    }
+}
+
+enum Field {
+    Text(usize),
+    Json(usize),
+    Done,
+    Timestamp,
+}
+
 impl Drop for Rows {
     fn drop(&mut self) {
         unsafe { pg_sys::MemoryContextDelete(self.context) };
@@ -210,6 +259,10 @@ pub struct Backfill {
     last_key: Option<String>,
     insert: OwnedPreparedStatement,
     record: OwnedPreparedStatement,
+    /// Whether to try COPY first for each batch; given up after a few batches in a row
+    /// that it could not write (e.g. a re-run, where ids are already present).
+    copy_first: bool,
+    copy_misses: u32,
     batch: i32,
     totals: BatchReport,
     started: Instant,
@@ -246,6 +299,7 @@ impl Backfill {
     }
 
     fn new(settings: Settings, reading: Reading, last_key: Option<String>) -> Backfill {
+        let (settings_dry_run, target_oid) = (settings.dry_run, settings.target.oid);
         let (insert, record) = Spi::connect(|client| {
             let insert = client
                 .prepare_mut(insert_sql(&settings.target).as_str(), &insert_arg_types())
@@ -261,6 +315,8 @@ impl Backfill {
             last_key,
             insert,
             record,
+            copy_first: !settings_dry_run && copy_allowed(target_oid),
+            copy_misses: 0,
             batch: 0,
             totals: BatchReport::default(),
             started: now,
@@ -301,7 +357,7 @@ impl Backfill {
         }
         if self.settings.dry_run {
             report.messages_inserted = rows.len() as i64;
-        } else if rows.len() > 0 {
+        } else if rows.len() > 0 && !self.copy_batch(&rows, &mut report) {
             self.write(&rows, 0..rows.len(), &mut report, &mut rejections);
         }
         report.messages_rejected += rejections.iter().filter(|r| r.message_key.is_some()).count() as i64;
@@ -390,6 +446,27 @@ impl Backfill {
                     detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
                     message: None,
                 });
+            }
+        }
+    }
+
+    /// The fast path: the whole batch through COPY in one subtransaction. False when COPY
+    /// could not write it (nothing was written then; the INSERT path takes over).
+    fn copy_batch(&mut self, rows: &Rows, report: &mut BatchReport) -> bool {
+        if !self.copy_first {
+            return false;
+        }
+        let target = self.settings.target.oid;
+        match in_subtransaction(AssertUnwindSafe(|| copy_rows(target, rows))) {
+            Ok(written) => {
+                report.messages_inserted += written as i64;
+                self.copy_misses = 0;
+                true
+            }
+            Err(_) => {
+                self.copy_misses += 1;
+                self.copy_first = self.copy_misses < 3;
+                false
             }
         }
     }

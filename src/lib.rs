@@ -10,6 +10,7 @@ pub mod scalar;
 
 mod api;
 mod backfill;
+mod copy_writer;
 mod datums;
 mod engine_settings;
 mod error;
