@@ -137,37 +137,10 @@ fn chat_message_problems_text(
     TableIterator::new(problem_rows(chat_id, chat))
 }
 
-extension_sql!(
-    r#"
--- json and jsonb input: their text carries the same document (jsonb's with duplicate
--- keys already merged). json to text costs nothing; these SQL wrappers are inlined.
-CREATE FUNCTION chat_messages(chat_id text, user_id text, chat json, now bigint DEFAULT NULL)
-RETURNS TABLE (id text, chat_id text, user_id text, role text, parent_id text, content json,
-               output json, model_id text, files json, sources json, embeds json, done boolean,
-               status_history json, error json, usage json, created_at bigint, updated_at bigint)
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_messages($1, $2, $3::text, $4) $$;
-
-CREATE FUNCTION chat_message_problems(chat_id text, chat json)
-RETURNS TABLE (message_key text, reason text)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_message_problems($1, $2::text) $$;
-
--- jsonb input: its text form carries the same document (duplicate keys already merged).
-CREATE FUNCTION chat_messages(chat_id text, user_id text, chat jsonb, now bigint DEFAULT NULL)
-RETURNS TABLE (id text, chat_id text, user_id text, role text, parent_id text, content json,
-               output json, model_id text, files json, sources json, embeds json, done boolean,
-               status_history json, error json, usage json, created_at bigint, updated_at bigint)
-LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_messages($1, $2, $3::text, $4) $$;
-
-CREATE FUNCTION chat_message_problems(chat_id text, chat jsonb)
-RETURNS TABLE (message_key text, reason text)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_message_problems($1, $2::text) $$;
-"#,
+extension_sql_file!(
+    "../sql/json_overloads.sql",
     name = "json_overloads",
-    requires = [chat_messages_text, chat_message_problems_text],
+    requires = [chat_messages_text, chat_message_problems_text]
 );
 
 /// Open WebUI's whole chat_message backfill in one call: one row per batch as it
@@ -227,47 +200,4 @@ fn backfill_chat_messages(
     }))
 }
 
-extension_sql!(
-    r#"
--- The extension's own state lives in its own schema, whatever schema the functions went to.
-CREATE SCHEMA chat_backfill;
-GRANT USAGE ON SCHEMA chat_backfill TO PUBLIC;
-
--- Messages and chats a backfill could not write, and why. It holds users' chat content:
--- not readable by PUBLIC; grant SELECT to whoever runs the migration if they need it.
-CREATE TABLE chat_backfill.rejected_messages (
-    id          bigserial PRIMARY KEY,
-    run_id      bigint NOT NULL,
-    source      text NOT NULL,
-    target      text NOT NULL,
-    chat_id     text NOT NULL,
-    message_key text,           -- NULL: the whole chat was unusable
-    message_id  text,
-    sqlstate    text NOT NULL,
-    error       text NOT NULL,
-    detail      text,
-    message     json,
-    rejected_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-CREATE INDEX ON chat_backfill.rejected_messages (run_id);
-REVOKE ALL ON chat_backfill.rejected_messages FROM PUBLIC;
-SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages', '');
-SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_seq', '');
-
--- Callers write rejections through this, so running a backfill needs no access to the
--- table itself (and gives none).
-CREATE FUNCTION chat_backfill.record_rejections(
-    run_id bigint, source text, target text, chat_ids text[], message_keys text[],
-    message_ids text[], sqlstates text[], errors text[], details text[], messages json[])
-RETURNS void
-LANGUAGE sql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-    INSERT INTO chat_backfill.rejected_messages
-        (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, detail, message)
-    SELECT $1, $2, $3, u.* FROM unnest($4, $5, $6, $7, $8, $9, $10) AS u
-$$;
-"#,
-    name = "state_schema",
-    bootstrap,
-);
+extension_sql_file!("../sql/state.sql", name = "state_schema", bootstrap);
