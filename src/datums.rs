@@ -48,23 +48,9 @@ unsafe impl BoxRet for RawJson {
 pub struct OwnedText(pub String);
 
 impl FromDatum for OwnedText {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
-        if is_null {
-            return None;
-        }
-        unsafe {
-            let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
-            let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
-            let len = pgrx::varlena::varsize_any_exhdr(detoasted);
-            let data = pgrx::varlena::vardata_any(detoasted) as *const u8;
-            // The server encoding is UTF-8 (checked when the backfill starts), and PostgreSQL
-            // validated the text on input.
-            let text = std::str::from_utf8_unchecked(std::slice::from_raw_parts(data, len)).to_owned();
-            if detoasted != varlena {
-                pg_sys::pfree(detoasted.cast());
-            }
-            Some(OwnedText(text))
-        }
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, oid: pg_sys::Oid) -> Option<Self> {
+        // Borrow (detoasting once), copy, and let the borrow free the detoasted copy.
+        unsafe { BorrowedText::from_polymorphic_datum(datum, is_null, oid) }.map(|b| OwnedText(b.as_str().to_owned()))
     }
 }
 
@@ -89,7 +75,8 @@ pub struct BorrowedText {
 
 impl BorrowedText {
     pub fn as_str(&self) -> &str {
-        // UTF-8: see OwnedText.
+        // The server encoding is UTF-8 (checked when the backfill starts), and PostgreSQL
+        // validated the text on input.
         unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.data, self.len)) }
     }
 }
