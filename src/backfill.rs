@@ -93,10 +93,10 @@ impl Rows {
             let [id, chat, user, role, parent, model] = &mut self.text;
             id.push(Some(text_datum(&m.id(chat_id))));
             chat.push(Some(text_datum(chat_id)));
-            user.push(user_id.map(|u| text_datum(u)));
+            user.push(user_id.map(text_datum));
             role.push(Some(text_datum(&m.role)));
-            parent.push(m.parent_id.as_deref().map(|p| text_datum(p)));
-            model.push(m.model_id.as_deref().map(|p| text_datum(p)));
+            parent.push(m.parent_id.as_deref().map(text_datum));
+            model.push(m.model_id.as_deref().map(text_datum));
             let values = [m.content, m.output, m.files, m.sources, m.embeds, m.status_history, m.error, m.usage];
             for (column, value) in self.json.iter_mut().zip(values) {
                 column.push(text_datum(value));
@@ -510,7 +510,7 @@ impl Backfill {
 
     fn record(&self, rejections: &[Rejection]) {
         let text = |f: &dyn Fn(&Rejection) -> Option<&str>| {
-            varlena_array(rejections.iter().map(|r| f(r)).collect::<Vec<_>>().into_iter(), pg_sys::TEXTOID)
+            varlena_array(rejections.iter().map(f), pg_sys::TEXTOID)
         };
         let s = &self.settings;
         let args = unsafe {

@@ -171,7 +171,7 @@ pub fn decode_string(raw: &str) -> Decoded<'_> {
 }
 
 fn hex4(b: &[u8]) -> u32 {
-    b.iter().fold(0, |acc, &d| acc * 16 + (d as char).to_digit(16).expect("hex digit") as u32)
+    b.iter().fold(0, |acc, &d| acc * 16 + (d as char).to_digit(16).expect("hex digit"))
 }
 
 /// Re-encodes decoded text as JSON text for a second parse: lone surrogates go back to
