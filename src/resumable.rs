@@ -139,13 +139,12 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) {
     Spi::run_with_args("SELECT chat_backfill.run_resumed($1)", &[run_id.into()]).expect("marking the run as running");
     commit();
     let began = Instant::now();
+    // Preparing the INSERT locks the target: do not queue there without a limit either.
+    set_lock_timeout(limits);
     let mut backfill = Backfill::keyset(settings, last_key, high_water);
     loop {
         pgrx::check_for_interrupts!();
-        if let Some(timeout) = &limits.lock_timeout {
-            Spi::run_with_args("SELECT set_config('lock_timeout', $1, true)", &[timeout.as_str().into()])
-                .expect("setting lock_timeout");
-        }
+        set_lock_timeout(limits);
         // The batch and its checkpoint commit together; a lock timeout rolls both back.
         let outcome = in_subtransaction_catching(
             AssertUnwindSafe(|| {
@@ -185,6 +184,14 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) {
         if !limits.pause.is_zero() {
             sleep_interruptibly(limits.pause);
         }
+    }
+}
+
+/// `SET LOCAL lock_timeout` for the current transaction, when the caller asked for one.
+fn set_lock_timeout(limits: &Limits) {
+    if let Some(timeout) = &limits.lock_timeout {
+        Spi::run_with_args("SELECT set_config('lock_timeout', $1, true)", &[timeout.as_str().into()])
+            .expect("setting lock_timeout");
     }
 }
 

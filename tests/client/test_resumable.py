@@ -339,3 +339,28 @@ def _alembic_upgrade(examples: Path, style: str, url: str):
     finally:
         if old is not None:
             os.environ["DATABASE_URL"] = old
+
+
+def test_lock_timeout_yields_to_the_application(cluster, expected):
+    """The application holds a chat row FOR UPDATE; the batch that must reference it (the
+    foreign key takes KEY SHARE) waits past lock_timeout, rolls back and the CALL ends
+    normally with the run marked yielded. The next CALL, after the application is done,
+    finishes with the one-shot result."""
+    chats, want = expected
+    db = make_db(cluster, chats)
+    victim = next(c.id for c in chats if not c.user_id.startswith("shared-") and c.tag == "realistic")
+    with cluster.connect(db, autocommit=False) as app, app.cursor() as cur:
+        cur.execute("SELECT 1 FROM chat WHERE id = %s FOR UPDATE", (victim,))
+        notices = []
+        started = time.monotonic()
+        call(cluster, db, "batch_size => 40, lock_timeout => '200 milliseconds'", notices=notices)
+        assert time.monotonic() - started < 20
+        assert any("lock_timeout" in n for n in notices), notices
+        with cluster.connect(db) as conn, conn.cursor() as c2:
+            c2.execute("SELECT state, last_error FROM chat_backfill.status")
+            state, last_error = c2.fetchone()
+        assert state == "yielded" and "lock timeout" in last_error
+        app.rollback()
+    call(cluster, db)
+    assert rows_of(cluster, db) == want
+    assert status(cluster, db)[0][1] == "finished"
