@@ -107,32 +107,23 @@ impl Rows {
         self.timestamp.push(m.timestamp);
     }
 
-    /// The INSERT's array parameters for rows `r`, in `$1..$16` order.
+    /// The INSERT's array parameters for rows `r`, one per target column, in order.
     fn arguments(&self, r: Range<usize>) -> Vec<DatumWithOid<'static>> {
-        let text = |i: usize| datum_array(&self.text[i][r.clone()], pg_sys::TEXTOID);
-        let json = |i: usize| {
-            let values: Vec<Option<pg_sys::Datum>> = self.json[i][r.clone()].iter().copied().map(Some).collect();
-            datum_array(&values, pg_sys::JSONOID)
-        };
-        let datums = [
-            (text(0), pg_sys::TEXTARRAYOID),
-            (text(1), pg_sys::TEXTARRAYOID),
-            (text(2), pg_sys::TEXTARRAYOID),
-            (text(3), pg_sys::TEXTARRAYOID),
-            (text(4), pg_sys::TEXTARRAYOID),
-            (json(0), json_array_oid()),
-            (json(1), json_array_oid()),
-            (text(5), pg_sys::TEXTARRAYOID),
-            (json(2), json_array_oid()),
-            (json(3), json_array_oid()),
-            (json(4), json_array_oid()),
-            (bool_array(&self.done[r.clone()]), pg_sys::BOOLARRAYOID),
-            (json(5), json_array_oid()),
-            (json(6), json_array_oid()),
-            (json(7), json_array_oid()),
-            (int8_array(&self.timestamp[r.clone()]), pg_sys::INT8ARRAYOID),
-        ];
-        datums.into_iter().map(|(d, oid)| unsafe { DatumWithOid::new(d, oid) }).collect()
+        FIELDS
+            .iter()
+            .map(|field| {
+                let array = match *field {
+                    Field::Text(c) => datum_array(&self.text[c][r.clone()], pg_sys::TEXTOID),
+                    Field::Json(c) => {
+                        let values: Vec<Option<pg_sys::Datum>> = self.json[c][r.clone()].iter().copied().map(Some).collect();
+                        datum_array(&values, pg_sys::JSONOID)
+                    }
+                    Field::Done => bool_array(&self.done[r.clone()]),
+                    Field::Timestamp => int8_array(&self.timestamp[r.clone()]),
+                };
+                unsafe { DatumWithOid::new(array, field.array_type()) }
+            })
+            .collect()
     }
 
     fn text(&self, column: usize, i: usize) -> Option<&str> {
@@ -163,21 +154,12 @@ impl CopySource for Rows {
     }
 
     fn write_line(&self, i: usize, out: &mut Vec<u8>) {
-        // TARGET_COLUMNS order: id, chat_id, user_id, role, parent_id, content, output,
-        // model_id, files, sources, embeds, done, status_history, error, usage, created_at,
-        // updated_at.
         let text = |out: &mut Vec<u8>, col: usize| match self.text(col, i) {
             Some(s) => push_escaped(out, s),
             None => out.extend_from_slice(b"\\N"),
         };
         let json = |out: &mut Vec<u8>, col: usize| push_escaped(out, unsafe { text_str(self.json[col][i]) });
-        for (n, field) in [
-            Field::Text(0), Field::Text(1), Field::Text(2), Field::Text(3), Field::Text(4), Field::Json(0),
-            Field::Json(1), Field::Text(5), Field::Json(2), Field::Json(3), Field::Json(4), Field::Done,
-            Field::Json(5), Field::Json(6), Field::Json(7), Field::Timestamp, Field::Timestamp,
-        ]
-        .into_iter()
-        .enumerate()
+        for (n, field) in FIELDS.into_iter().enumerate()
         {
             if n > 0 {
                 out.push(b'\t');
@@ -197,11 +179,57 @@ impl CopySource for Rows {
     }
 }
 
+/// Where each target column's value lives in `Rows`.
+#[derive(Clone, Copy)]
 enum Field {
+    /// `Rows::text[i]`
     Text(usize),
+    /// `Rows::json[i]`
     Json(usize),
     Done,
     Timestamp,
+}
+
+/// The target's columns (`TARGET_COLUMNS`, same order) as stored in `Rows`: the one
+/// layout that the INSERT, its parameters and the COPY lines all follow.
+const FIELDS: [Field; 17] = [
+    Field::Text(0),   // id
+    Field::Text(1),   // chat_id
+    Field::Text(2),   // user_id
+    Field::Text(3),   // role
+    Field::Text(4),   // parent_id
+    Field::Json(0),   // content
+    Field::Json(1),   // output
+    Field::Text(5),   // model_id
+    Field::Json(2),   // files
+    Field::Json(3),   // sources
+    Field::Json(4),   // embeds
+    Field::Done,      // done
+    Field::Json(5),   // status_history
+    Field::Json(6),   // error
+    Field::Json(7),   // usage
+    Field::Timestamp, // created_at
+    Field::Timestamp, // updated_at
+];
+
+impl Field {
+    fn sql_type(self) -> &'static str {
+        match self {
+            Field::Text(_) => "text",
+            Field::Json(_) => "json",
+            Field::Done => "bool",
+            Field::Timestamp => "int8",
+        }
+    }
+
+    fn array_type(self) -> pg_sys::Oid {
+        match self {
+            Field::Text(_) => pg_sys::TEXTARRAYOID,
+            Field::Json(_) => json_array_oid(),
+            Field::Done => pg_sys::BOOLARRAYOID,
+            Field::Timestamp => pg_sys::INT8ARRAYOID,
+        }
+    }
 }
 
 impl Drop for Rows {
@@ -272,7 +300,7 @@ pub struct Backfill {
 impl Backfill {
     /// Opens one portal over the whole source and prepares the INSERT once.
     pub fn start(settings: Settings) -> Backfill {
-        let read = select_sql(&settings, "");
+        let read = select_sql(&settings, None, "");
         let cursor = open_portal(&settings, &read, None, None);
         Backfill::new(settings, Reading::Portal(cursor), None)
     }
@@ -281,15 +309,11 @@ impl Backfill {
     /// `high_water`, one portal per batch, so the caller may COMMIT between batches.
     pub fn keyset(settings: Settings, last_key: Option<String>, high_water: String) -> Backfill {
         let key = pgrx::spi::quote_identifier(&settings.id_column);
-        let query = select_sql(
-            &settings,
-            &format!(
-                "($1::text IS NULL OR {key} > CAST($1 AS {t})) AND {key} <= CAST($2 AS {t}) ORDER BY {key} LIMIT {n}",
-                t = settings.id_type,
-                // A batch never needs more chats than messages; the LIMIT keeps the plan an index scan.
-                n = settings.batch_size
-            ),
-        );
+        let t = &settings.id_type;
+        let condition = format!("($1::text IS NULL OR {key} > CAST($1 AS {t})) AND {key} <= CAST($2 AS {t})");
+        // A batch never needs more chats than messages; the LIMIT keeps the plan an index scan.
+        let tail = format!(" ORDER BY {key} LIMIT {}", settings.batch_size);
+        let query = select_sql(&settings, Some(&condition), &tail);
         Backfill::new(settings, Reading::Keyset { query, high_water }, last_key)
     }
 
@@ -583,24 +607,27 @@ impl Iterator for Backfill {
     }
 }
 
-/// The three source columns as text; `condition` (possibly with ORDER BY) after WHERE.
-fn select_sql(settings: &Settings, condition: &str) -> String {
-    let q = pgrx::spi::quote_identifier;
-    let mut conditions: Vec<String> = settings.source_filter.iter().map(|f| format!("({f})")).collect();
-    let (condition, order) = match condition.split_once(" ORDER BY ") {
-        Some((c, o)) => (c, format!(" ORDER BY {o}")),
-        None => (condition, String::new()),
-    };
-    if !condition.is_empty() {
-        conditions.push(condition.to_owned());
+/// ` WHERE ...` combining the caller's source_filter with `condition` (empty: none).
+pub fn source_where(settings: &Settings, condition: Option<&str>) -> String {
+    let conditions: Vec<String> =
+        settings.source_filter.iter().map(|f| format!("({f})")).chain(condition.map(str::to_owned)).collect();
+    if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
     }
-    let filter = if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) };
+}
+
+/// The three source columns as text, filtered, then `tail` (ORDER BY / LIMIT, or empty).
+fn select_sql(settings: &Settings, condition: Option<&str>, tail: &str) -> String {
+    let q = pgrx::spi::quote_identifier;
     format!(
-        "SELECT {}::text, {}::text, {}::text FROM {}{filter}{order}",
+        "SELECT {}::text, {}::text, {}::text FROM {}{}{tail}",
         q(&settings.id_column),
         q(&settings.user_id_column),
         q(&settings.chat_column),
-        settings.source.name
+        settings.source.name,
+        source_where(settings, condition)
     )
 }
 
@@ -628,22 +655,18 @@ fn open_portal(settings: &Settings, query: &str, after: Option<&str>, high_water
 
 fn insert_sql(target: &Relation) -> String {
     let columns: Vec<&str> = TARGET_COLUMNS.iter().map(|(n, _)| *n).collect();
+    let arrays: Vec<String> =
+        FIELDS.iter().enumerate().map(|(n, f)| format!("${}::{}[]", n + 1, f.sql_type())).collect();
     format!(
-        "INSERT INTO {} ({}) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-         $6::json[], $7::json[], $8::text[], $9::json[], $10::json[], $11::json[], $12::bool[], $13::json[], \
-         $14::json[], $15::json[], $16::int8[], $16::int8[]) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT (id) DO NOTHING",
         target.name,
-        columns.join(", ")
+        columns.join(", "),
+        arrays.join(", ")
     )
 }
 
 fn insert_arg_types() -> Vec<PgOid> {
-    let text = PgOid::from(pg_sys::TEXTARRAYOID);
-    let json = PgOid::from(json_array_oid());
-    vec![
-        text, text, text, text, text, json, json, text, json, json, json,
-        PgOid::from(pg_sys::BOOLARRAYOID), json, json, json, PgOid::from(pg_sys::INT8ARRAYOID),
-    ]
+    FIELDS.iter().map(|f| PgOid::from(f.array_type())).collect()
 }
 
 const RECORD_SQL: &str = "SELECT chat_backfill.record_rejections($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";

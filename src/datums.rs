@@ -144,22 +144,8 @@ pub fn datum_array(values: &[Option<pg_sys::Datum>], element: pg_sys::Oid) -> pg
 /// A one-dimensional array of a varlena type whose binary form is its text (`text`,
 /// `json`): elements are copied once, never parsed.
 pub fn varlena_array<'a>(values: impl ExactSizeIterator<Item = Option<&'a str>>, element: pg_sys::Oid) -> pg_sys::Datum {
-    let mut datums = Vec::with_capacity(values.len());
-    let mut nulls = Vec::with_capacity(values.len());
-    for value in values {
-        match value {
-            Some(s) => {
-                let text = unsafe { pg_sys::cstring_to_text_with_len(s.as_ptr() as *const c_char, s.len() as i32) };
-                datums.push(pg_sys::Datum::from(text));
-                nulls.push(false);
-            }
-            None => {
-                datums.push(pg_sys::Datum::from(0));
-                nulls.push(true);
-            }
-        }
-    }
-    unsafe { build_array(datums, nulls, element, -1, false, pg_sys::TYPALIGN_INT as c_char) }
+    let datums: Vec<Option<pg_sys::Datum>> = values.map(|v| v.map(text_datum)).collect();
+    datum_array(&datums, element)
 }
 
 pub fn bool_array(values: &[Option<bool>]) -> pg_sys::Datum {

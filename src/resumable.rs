@@ -11,7 +11,7 @@ use pgrx::prelude::*;
 use pgrx::IntoDatum;
 use pgrx::PgSqlErrorCode::*;
 
-use crate::backfill::{Backfill, BatchReport, Settings};
+use crate::backfill::{source_where, Backfill, BatchReport, Settings};
 use crate::engine_settings;
 use crate::error::UsageError;
 use crate::subxact::in_subtransaction_catching;
@@ -240,7 +240,7 @@ fn start_point(settings: &Settings, restart: bool) -> Start {
 /// Captures the high-water mark and the size of the job; `None` when there is nothing.
 fn new_run(settings: &Settings) -> Option<(i64, Option<String>, String)> {
     let key = pgrx::spi::quote_identifier(&settings.id_column);
-    let filter = settings.source_filter.as_deref().map_or(String::new(), |f| format!(" WHERE ({f})"));
+    let filter = source_where(settings, None);
     let (high_water, total) = Spi::get_two::<String, i64>(&format!(
         "SELECT max({key})::text, count(*) FROM {}{filter}",
         settings.source.name
