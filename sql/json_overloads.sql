@@ -1,26 +1,28 @@
 -- json and jsonb input: their text carries the same document (jsonb's with duplicate
--- keys already merged). json to text costs nothing; these SQL wrappers are inlined.
-CREATE FUNCTION chat_messages(chat_id text, user_id text, chat json, now bigint DEFAULT NULL)
-RETURNS TABLE (id text, chat_id text, user_id text, role text, parent_id text, content json,
-               output json, model_id text, files json, sources json, embeds json, done boolean,
-               status_history json, error json, usage json, created_at bigint, updated_at bigint)
+-- keys already merged). json to text costs nothing; these SQL wrappers are inlined, so
+-- their bodies are parsed with the caller's search_path: every name is qualified.
+CREATE FUNCTION @extschema@.chat_messages(chat_id pg_catalog.text, user_id pg_catalog.text, chat pg_catalog.json,
+                                          now pg_catalog.int8 DEFAULT NULL)
+RETURNS TABLE (id pg_catalog.text, chat_id pg_catalog.text, user_id pg_catalog.text, role pg_catalog.text, parent_id pg_catalog.text, content pg_catalog.json,
+               output pg_catalog.json, model_id pg_catalog.text, files pg_catalog.json, sources pg_catalog.json, embeds pg_catalog.json, done pg_catalog.bool,
+               status_history pg_catalog.json, error pg_catalog.json, usage pg_catalog.json, created_at pg_catalog.int8, updated_at pg_catalog.int8)
 LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_messages($1, $2, $3::text, $4) $$;
+AS $$ SELECT * FROM @extschema@.chat_messages($1, $2, $3::pg_catalog.text, $4) $$;
 
-CREATE FUNCTION chat_message_problems(chat_id text, chat json)
-RETURNS TABLE (message_key text, reason text)
+CREATE FUNCTION @extschema@.chat_message_problems(chat_id pg_catalog.text, chat pg_catalog.json)
+RETURNS TABLE (message_key pg_catalog.text, reason pg_catalog.text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_message_problems($1, $2::text) $$;
+AS $$ SELECT * FROM @extschema@.chat_message_problems($1, $2::pg_catalog.text) $$;
 
--- jsonb input: its text form carries the same document (duplicate keys already merged).
-CREATE FUNCTION chat_messages(chat_id text, user_id text, chat jsonb, now bigint DEFAULT NULL)
-RETURNS TABLE (id text, chat_id text, user_id text, role text, parent_id text, content json,
-               output json, model_id text, files json, sources json, embeds json, done boolean,
-               status_history json, error json, usage json, created_at bigint, updated_at bigint)
+CREATE FUNCTION @extschema@.chat_messages(chat_id pg_catalog.text, user_id pg_catalog.text, chat pg_catalog.jsonb,
+                                          now pg_catalog.int8 DEFAULT NULL)
+RETURNS TABLE (id pg_catalog.text, chat_id pg_catalog.text, user_id pg_catalog.text, role pg_catalog.text, parent_id pg_catalog.text, content pg_catalog.json,
+               output pg_catalog.json, model_id pg_catalog.text, files pg_catalog.json, sources pg_catalog.json, embeds pg_catalog.json, done pg_catalog.bool,
+               status_history pg_catalog.json, error pg_catalog.json, usage pg_catalog.json, created_at pg_catalog.int8, updated_at pg_catalog.int8)
 LANGUAGE sql STABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_messages($1, $2, $3::text, $4) $$;
+AS $$ SELECT * FROM @extschema@.chat_messages($1, $2, $3::pg_catalog.text, $4) $$;
 
-CREATE FUNCTION chat_message_problems(chat_id text, chat jsonb)
-RETURNS TABLE (message_key text, reason text)
+CREATE FUNCTION @extschema@.chat_message_problems(chat_id pg_catalog.text, chat pg_catalog.jsonb)
+RETURNS TABLE (message_key pg_catalog.text, reason pg_catalog.text)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT * FROM @extschema@.chat_message_problems($1, $2::text) $$;
+AS $$ SELECT * FROM @extschema@.chat_message_problems($1, $2::pg_catalog.text) $$;

@@ -1,54 +1,53 @@
-//! The SQL surface: thin `#[pg_extern]` wrappers over the plain-Rust core.
+//! The SQL surface: thin `#[pg_extern]` wrappers over the plain-Rust core and the engine.
+//! Errors travel as values up to here and are raised once.
 
 use pgrx::prelude::*;
 use pgrx::PgRelation;
-use crate::datums::RawJson as JsonString;
 
-use crate::expand::{self, Entry};
+use crate::backfill::settings::{next_run_id, transaction_start_epoch, Request};
+use crate::backfill::Backfill;
+use crate::datums::RawJson;
+use crate::error::OrRaise;
+use crate::expand::{self, Document, Entry, Span};
 
-
-/// `now` as the reference computes it, but fixed for the transaction: its start time in
-/// whole epoch seconds.
-pub fn transaction_start_epoch() -> i64 {
-    // TimestampTz counts microseconds from 2000-01-01; 946684800 is that day in epoch seconds.
-    let ts = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
-    ts.div_euclid(1_000_000) + 946_684_800
+/// One chat's entries, expanded one at a time as rows are asked for: a chat of a million
+/// messages costs its text and its index, not a million rows at once, and a cancel lands
+/// between any two messages.
+struct ChatEntries<T> {
+    chat_id: String,
+    user_id: Option<String>,
+    /// The document's text and where its messages are; `None`: no messages.
+    doc: Option<(String, Vec<Span>)>,
+    next: usize,
+    now: i64,
+    /// Turns an entry into an output row, or `None` to leave it out.
+    pick: fn(&str, Option<&str>, Entry<'_>) -> Option<T>,
+    /// A last row for the chat as a whole (why it gives no messages).
+    tail: Option<T>,
 }
 
-fn message_rows(
-    chat_id: Option<&str>,
-    user_id: Option<&str>,
-    chat: Option<&str>,
-    now: Option<i64>,
-) -> Vec<MessageRow> {
-    let Some(chat_id) = chat_id else { return Vec::new() };
-    let now = now.unwrap_or_else(transaction_start_epoch);
-    let mut rows = Vec::new();
-    let _ = expand::expand_chat(chat, now, |entry| {
-        if let Entry::Row(m) = entry {
-            let json = |s: &str| JsonString(s.to_owned());
-            rows.push((
-                m.id(chat_id),
-                chat_id.to_owned(),
-                user_id.map(str::to_owned),
-                m.role.into_owned(),
-                m.parent_id.map(|s| s.into_owned()),
-                json(m.content),
-                json(m.output),
-                m.model_id.map(|s| s.into_owned()),
-                json(m.files),
-                json(m.sources),
-                json(m.embeds),
-                m.done,
-                json(m.status_history),
-                json(m.error),
-                json(m.usage),
-                m.timestamp,
-                m.timestamp,
-            ));
+impl<T> Iterator for ChatEntries<T> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        if let Some((text, spans)) = &self.doc {
+            while self.next < spans.len() {
+                pgrx::check_for_interrupts!();
+                let entry = expand::entry_at(text, spans[self.next], self.now);
+                self.next += 1;
+                if let Some(row) = (self.pick)(&self.chat_id, self.user_id.as_deref(), entry) {
+                    return Some(row);
+                }
+            }
         }
-    });
-    rows
+        self.tail.take()
+    }
+}
+
+/// Opens and indexes one chat; the `Err` is why it has no messages.
+fn open_chat(chat: Option<&str>) -> Result<(String, Vec<Span>), expand::ChatSkip> {
+    let doc = Document::open(chat)?;
+    let spans = doc.index()?;
+    Ok((doc.text().to_owned(), spans))
 }
 
 /// Every message of one chat as `chat_message` rows, following Open WebUI's migration
@@ -69,21 +68,33 @@ fn chat_messages_text(
         name!(user_id, Option<String>),
         name!(role, String),
         name!(parent_id, Option<String>),
-        name!(content, JsonString),
-        name!(output, JsonString),
+        name!(content, RawJson),
+        name!(output, RawJson),
         name!(model_id, Option<String>),
-        name!(files, JsonString),
-        name!(sources, JsonString),
-        name!(embeds, JsonString),
+        name!(files, RawJson),
+        name!(sources, RawJson),
+        name!(embeds, RawJson),
         name!(done, Option<bool>),
-        name!(status_history, JsonString),
-        name!(error, JsonString),
-        name!(usage, JsonString),
+        name!(status_history, RawJson),
+        name!(error, RawJson),
+        name!(usage, RawJson),
         name!(created_at, i64),
         name!(updated_at, i64),
     ),
 > {
-    TableIterator::new(message_rows(chat_id, user_id, chat, now))
+    let doc = match chat_id {
+        Some(_) => open_chat(chat).ok(),
+        None => None,
+    };
+    TableIterator::new(ChatEntries {
+        chat_id: chat_id.unwrap_or_default().to_owned(),
+        user_id: user_id.map(str::to_owned),
+        doc,
+        next: 0,
+        now: now.unwrap_or_else(transaction_start_epoch),
+        pick: message_row,
+        tail: None,
+    })
 }
 
 /// One `chat_message` row, in the table's column order.
@@ -93,37 +104,46 @@ type MessageRow = (
     Option<String>,
     String,
     Option<String>,
-    JsonString,
-    JsonString,
+    RawJson,
+    RawJson,
     Option<String>,
-    JsonString,
-    JsonString,
-    JsonString,
+    RawJson,
+    RawJson,
+    RawJson,
     Option<bool>,
-    JsonString,
-    JsonString,
-    JsonString,
+    RawJson,
+    RawJson,
+    RawJson,
     i64,
     i64,
 );
 
-fn problem_rows(chat_id: Option<&str>, chat: Option<&str>) -> Vec<(Option<String>, String)> {
-    if chat_id.is_none() {
-        return vec![(None, "chat skipped: chat_id is NULL, so no message id can be formed".to_owned())];
-    }
-    let mut rows = Vec::new();
-    // `now` does not change which messages are left out.
-    let result = expand::expand_chat(chat, 0, |entry| {
-        if let Some((key, reason)) = entry.problem() {
-            rows.push((Some(key), reason));
-        }
-    });
-    if let Err(skip) = result {
-        if skip.is_problem() {
-            rows.push((None, skip.describe().to_owned()));
-        }
-    }
-    rows
+fn message_row(chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) -> Option<MessageRow> {
+    let Entry::Row(m) = entry else { return None };
+    let json = |s: &str| RawJson(s.to_owned());
+    Some((
+        m.id(chat_id),
+        chat_id.to_owned(),
+        user_id.map(str::to_owned),
+        m.role.into_owned(),
+        m.parent_id.map(|s| s.into_owned()),
+        json(m.content),
+        json(m.output),
+        m.model_id.map(|s| s.into_owned()),
+        json(m.files),
+        json(m.sources),
+        json(m.embeds),
+        m.done,
+        json(m.status_history),
+        json(m.error),
+        json(m.usage),
+        m.timestamp,
+        m.timestamp,
+    ))
+}
+
+fn problem_row(_: &str, _: Option<&str>, entry: Entry<'_>) -> Option<(Option<String>, String)> {
+    entry.problem().map(|(key, reason)| (Some(key), reason))
 }
 
 /// Why messages of one chat are left out by `chat_messages`: one row per message
@@ -134,7 +154,15 @@ fn chat_message_problems_text(
     chat_id: Option<&str>,
     chat: Option<&str>,
 ) -> TableIterator<'static, (name!(message_key, Option<String>), name!(reason, String))> {
-    TableIterator::new(problem_rows(chat_id, chat))
+    let (doc, tail) = match chat_id {
+        None => (None, Some((None, "chat skipped: chat_id is NULL, so no message id can be formed".to_owned()))),
+        Some(_) => match open_chat(chat) {
+            Ok(doc) => (Some(doc), None),
+            Err(skip) => (None, skip.is_problem().then(|| (None, skip.describe().to_owned()))),
+        },
+    };
+    // `now` does not change which messages are left out.
+    TableIterator::new(ChatEntries { chat_id: String::new(), user_id: None, doc, next: 0, now: 0, pick: problem_row, tail })
 }
 
 extension_sql_file!(
@@ -154,7 +182,7 @@ fn backfill_chat_messages(
     target: default!(Option<PgRelation>, "NULL"),
     batch_size: default!(i32, 5000),
     now: default!(Option<i64>, "NULL"),
-    source_filter: default!(Option<&str>, "$$user_id NOT LIKE 'shared-%'$$"),
+    source_filter: default!(Option<&str>, "$$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$"),
     id_column: default!(&str, "'id'"),
     user_id_column: default!(&str, "'user_id'"),
     chat_column: default!(&str, "'chat'"),
@@ -171,11 +199,12 @@ fn backfill_chat_messages(
         name!(elapsed_ms, f64),
         name!(messages_skipped, i64),
         name!(chats_skipped, i64),
+        name!(chats_vanished, i64),
     ),
 > {
-    let settings = crate::engine_settings::build(
-        source.map(|r| r.oid()),
-        target.map(|r| r.oid()),
+    let mut settings = Request {
+        source: source.map(|r| r.oid()),
+        target: target.map(|r| r.oid()),
         batch_size,
         now,
         source_filter,
@@ -183,9 +212,12 @@ fn backfill_chat_messages(
         user_id_column,
         chat_column,
         dry_run,
-    );
-    let run = crate::backfill::Backfill::start(settings);
-    TableIterator::new(run.map(|b| {
+    }
+    .check()
+    .or_raise();
+    settings.run_id = next_run_id().or_raise();
+    let mut run = Backfill::start(settings).or_raise();
+    TableIterator::new(std::iter::from_fn(move || run.next_batch().or_raise()).map(|b| {
         (
             b.batch,
             b.chats_read,
@@ -196,6 +228,7 @@ fn backfill_chat_messages(
             b.elapsed_ms,
             b.messages_skipped,
             b.chats_skipped,
+            b.chats_vanished,
         )
     }))
 }

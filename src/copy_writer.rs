@@ -35,6 +35,8 @@ unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxr
     FEED.with(|feed| {
         let mut feed = feed.borrow_mut();
         let Some(feed) = feed.as_mut() else { return 0 };
+        // SAFETY: `copy_rows` set the pointer from a reference that outlives the CopyFrom
+        // call this callback runs in, and clears it before returning.
         let source = unsafe { &*feed.source };
         let mut written = 0usize;
         let want = maxread as usize;
@@ -52,12 +54,9 @@ unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxr
                 }
             }
             let n = (feed.pending.len() - feed.offset).min(want - written);
+            // SAFETY: COPY hands a buffer of `maxread` bytes; `written + n <= maxread`.
             unsafe {
-                std::ptr::copy_nonoverlapping(
-                    feed.pending.as_ptr().add(feed.offset),
-                    (outbuf as *mut u8).add(written),
-                    n,
-                );
+                std::ptr::copy_nonoverlapping(feed.pending.as_ptr().add(feed.offset), (outbuf as *mut u8).add(written), n);
             }
             feed.offset += n;
             written += n;
@@ -66,10 +65,13 @@ unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxr
     })
 }
 
-/// Whether COPY may write to `target` for this caller: a plain table, INSERT granted on
-/// the whole table, no row-level security, a read-write transaction. Otherwise only the
-/// INSERT path runs, so PostgreSQL applies its exact rules (column grants, policies).
+/// Whether COPY may write to `target` for this caller and do exactly what INSERT would:
+/// a plain table, INSERT granted on the whole table, no row-level security (COPY refuses
+/// it), no rules (COPY ignores them), a read-write transaction. Otherwise only the INSERT
+/// path runs, so PostgreSQL applies its exact rules (column grants, policies, rules).
 pub fn copy_allowed(target: pg_sys::Oid) -> bool {
+    // SAFETY: catalog lookups on an existing relation; the relcache entry is opened and
+    // closed here, and `rd_rel` is read while it is open.
     unsafe {
         if pg_sys::XactReadOnly {
             return false;
@@ -81,7 +83,7 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
             return false;
         }
         let form = &*(*rel).rd_rel;
-        let plain = form.relkind == pg_sys::RELKIND_RELATION as c_char && !form.relrowsecurity;
+        let plain = form.relkind == pg_sys::RELKIND_RELATION as c_char && !form.relrowsecurity && !form.relhasrules;
         pg_sys::RelationClose(rel);
         granted && plain
     }
@@ -90,8 +92,9 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
 /// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written.
 /// Raises on any failure (the caller runs it in a subtransaction).
 pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource) -> u64 {
-    // The raw pointer only lives while this call does; FEED is cleared on every way out.
     let source: *const (dyn CopySource + '_) = source;
+    // SAFETY: only erases the lifetime; the pointer is used only while this call runs,
+    // and FEED is cleared on every way out (ClearFeed).
     let source: *const dyn CopySource = unsafe { std::mem::transmute(source) };
     FEED.with(|f| *f.borrow_mut() = Some(Feed { source, next_row: 0, pending: Vec::new(), offset: 0 }));
     struct ClearFeed;
@@ -101,17 +104,15 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource) -> u64 {
         }
     }
     let _clear = ClearFeed;
+    let columns = column_list();
+    // SAFETY: the relation is opened and locked as COPY FROM does; the options and column
+    // list are built in the current memory context; COPY reads only through `read_feed`.
     unsafe {
         let lockmode = pg_sys::RowExclusiveLock as c_int;
         let rel = pg_sys::table_open(target, lockmode);
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         let item = pg_sys::addRangeTableEntryForRelation(pstate, rel, lockmode, std::ptr::null_mut(), false, false);
-        (*(*item).p_rte).requiredPerms = pg_sys::ACL_INSERT as pg_sys::AclMode;
-        let mut columns: *mut pg_sys::List = std::ptr::null_mut();
-        for (name, _) in TARGET_COLUMNS {
-            let name = CString::new(name).expect("column name");
-            columns = pg_sys::lappend(columns, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast());
-        }
+        crate::version::require_insert(pstate, item);
         let cstate = pg_sys::BeginCopyFrom(
             pstate,
             rel,
@@ -120,7 +121,7 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource) -> u64 {
             false,
             Some(read_feed),
             columns,
-            std::ptr::null_mut(),
+            utf8_option(),
         );
         let written = pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
@@ -128,6 +129,29 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource) -> u64 {
         pg_sys::table_close(rel, pg_sys::NoLock as c_int);
         pg_sys::CommandCounterIncrement();
         written
+    }
+}
+
+/// The target's chat_message columns as COPY's column list.
+fn column_list() -> *mut pg_sys::List {
+    let mut columns: *mut pg_sys::List = std::ptr::null_mut();
+    for (name, _) in TARGET_COLUMNS {
+        let name = CString::new(name).unwrap_or_default();
+        // SAFETY: pstrdup copies the name into the current memory context, which the
+        // List and its String nodes also live in.
+        columns = unsafe { pg_sys::lappend(columns, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast()) };
+    }
+    columns
+}
+
+/// `(ENCODING 'UTF8')`: our lines are UTF-8 whatever the session's client_encoding, which
+/// COPY would otherwise convert them from.
+fn utf8_option() -> *mut pg_sys::List {
+    // SAFETY: builds a one-element List of a DefElem in the current memory context.
+    unsafe {
+        let value = pg_sys::makeString(pg_sys::pstrdup(c"UTF8".as_ptr()));
+        let option = pg_sys::makeDefElem(pg_sys::pstrdup(c"encoding".as_ptr()), value.cast(), -1);
+        pg_sys::lappend(std::ptr::null_mut(), option.cast())
     }
 }
 

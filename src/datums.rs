@@ -1,8 +1,8 @@
 //! Moving text between PostgreSQL and Rust without extra parsing or leaks.
 //!
 //! `RawJson` hands PostgreSQL `json` exactly as we read it (pgrx 0.18's `JsonString` has
-//! no SQL mapping). `OwnedText` reads a text value into a Rust `String` and frees the
-//! detoasted copy at once, so a 20 MB chat is not left behind in the caller's context.
+//! no SQL mapping). `ChatText` holds one chat document, detoasted once, for as long as the
+//! engine needs it and no longer.
 //! `varlena_array` and friends build the array parameters of the batch INSERT straight
 //! from slices of the batch, so a retried half-batch needs no copy of its rows.
 
@@ -44,71 +44,81 @@ unsafe impl BoxRet for RawJson {
     }
 }
 
-/// A `text` value copied into Rust; the detoasted copy is freed immediately.
-pub struct OwnedText(pub String);
-
-impl FromDatum for OwnedText {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, oid: pg_sys::Oid) -> Option<Self> {
-        // Borrow (detoasting once), copy, and let the borrow free the detoasted copy.
-        unsafe { BorrowedText::from_polymorphic_datum(datum, is_null, oid) }.map(|b| OwnedText(b.as_str().to_owned()))
-    }
-}
-
-impl IntoDatum for OwnedText {
-    fn into_datum(self) -> Option<pg_sys::Datum> {
-        self.0.into_datum()
-    }
-
-    fn type_oid() -> pg_sys::Oid {
-        pg_sys::TEXTOID
-    }
-}
-
-/// A `text` value read where it lies: detoasted once if it must be, borrowed as `&str`,
-/// and the detoasted copy freed on drop. Valid while the tuple it came from is (the SPI
-/// session that fetched it).
-pub struct BorrowedText {
+/// A chat document held in a memory context of its own: detoasted there once (or, when
+/// it was stored inline, copied there), so it outlives the SPI session that fetched it and,
+/// in the committing form, the transaction: a chat too big for one batch is expanded over
+/// several without being read again. The context goes when this does, on every way out
+/// (pgrx unwinds Rust frames on ERROR, and drops an SRF's state with its memory context).
+pub struct ChatText {
+    context: pg_sys::MemoryContext,
     data: *const u8,
     len: usize,
-    detoasted_copy: *mut pg_sys::varlena,
+    /// Checked once, so `as_str` costs nothing however often a big chat is resumed.
+    utf8: bool,
 }
 
-impl BorrowedText {
-    pub fn as_str(&self) -> &str {
-        // The server encoding is UTF-8 (checked when the backfill starts), and PostgreSQL
-        // validated the text on input.
-        unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.data, self.len)) }
-    }
-}
-
-impl Drop for BorrowedText {
-    fn drop(&mut self) {
-        if !self.detoasted_copy.is_null() {
-            unsafe { pg_sys::pfree(self.detoasted_copy.cast()) };
+impl ChatText {
+    /// The document, or `None` if it is not UTF-8 (impossible in the UTF8 databases the
+    /// backfill insists on; never trusted blindly).
+    pub fn as_str(&self) -> Option<&str> {
+        if !self.utf8 {
+            return None;
         }
+        // SAFETY: `data[..len]` lives in `self.context` until drop, and was checked to be
+        // UTF-8 when this was made.
+        Some(unsafe { std::str::from_utf8_unchecked(std::slice::from_raw_parts(self.data, self.len)) })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
     }
 }
 
-impl FromDatum for BorrowedText {
+impl Drop for ChatText {
+    fn drop(&mut self) {
+        // SAFETY: the context was created for this value alone and nothing else points into it.
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
+    }
+}
+
+impl FromDatum for ChatText {
     unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
         if is_null {
             return None;
         }
+        // SAFETY: the caller passes a non-null datum of a varlena type (the source query
+        // casts the chat to text); detoasting allocates in the new context, which this
+        // value owns from here on.
         unsafe {
-            let varlena = datum.cast_mut_ptr::<pg_sys::varlena>();
-            let detoasted = pg_sys::pg_detoast_datum_packed(varlena);
-            Some(BorrowedText {
-                data: pgrx::varlena::vardata_any(detoasted) as *const u8,
-                len: pgrx::varlena::varsize_any_exhdr(detoasted),
-                detoasted_copy: if detoasted != varlena { detoasted } else { std::ptr::null_mut() },
-            })
+            let context = pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopMemoryContext,
+                c"chat_backfill chat".as_ptr(),
+                0,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            );
+            let caller = pg_sys::MemoryContextSwitchTo(context);
+            let stored = datum.cast_mut_ptr::<pg_sys::varlena>();
+            let mut own = pg_sys::pg_detoast_datum_packed(stored);
+            if own == stored {
+                // Stored inline in the fetched tuple, which goes with the SPI session.
+                let size = pgrx::varlena::varsize_any(stored);
+                own = pg_sys::palloc(size).cast();
+                std::ptr::copy_nonoverlapping(stored.cast::<u8>(), own.cast::<u8>(), size);
+            }
+            pg_sys::MemoryContextSwitchTo(caller);
+            let data = pgrx::varlena::vardata_any(own) as *const u8;
+            let len = pgrx::varlena::varsize_any_exhdr(own);
+            let utf8 = std::str::from_utf8(std::slice::from_raw_parts(data, len)).is_ok();
+            Some(ChatText { context, data, len, utf8 })
         }
     }
 }
 
-impl IntoDatum for BorrowedText {
+/// `SpiHeapTupleData::get` wants the type it reads as: chats are read as `text`.
+impl IntoDatum for ChatText {
     fn into_datum(self) -> Option<pg_sys::Datum> {
-        Some(text_datum(self.as_str()))
+        self.as_str().map(text_datum)
     }
 
     fn type_oid() -> pg_sys::Oid {
@@ -118,6 +128,8 @@ impl IntoDatum for BorrowedText {
 
 /// A new `text` datum holding `s`, in the current memory context.
 pub fn text_datum(s: &str) -> pg_sys::Datum {
+    // SAFETY: copies `s.len()` bytes of a live `&str` into a new palloc'd text; values
+    // handed here are slices of one document, which PostgreSQL already bounds to 1 GB.
     pg_sys::Datum::from(unsafe { pg_sys::cstring_to_text_with_len(s.as_ptr() as *const c_char, s.len() as i32) })
 }
 
@@ -138,6 +150,7 @@ pub unsafe fn text_str<'a>(d: pg_sys::Datum) -> &'a str {
 pub fn datum_array(values: &[Option<pg_sys::Datum>], element: pg_sys::Oid) -> pg_sys::Datum {
     let datums = values.iter().map(|v| v.unwrap_or(pg_sys::Datum::from(0))).collect();
     let nulls = values.iter().map(Option::is_none).collect();
+    // SAFETY: every non-null element is a valid varlena datum of `element`'s type.
     unsafe { build_array(datums, nulls, element, -1, false, pg_sys::TYPALIGN_INT as c_char) }
 }
 
@@ -151,15 +164,20 @@ pub fn varlena_array<'a>(values: impl ExactSizeIterator<Item = Option<&'a str>>,
 pub fn bool_array(values: &[Option<bool>]) -> pg_sys::Datum {
     let datums = values.iter().map(|v| pg_sys::Datum::from(v.unwrap_or(false))).collect();
     let nulls = values.iter().map(Option::is_none).collect();
+    // SAFETY: by-value booleans, with bool's length and alignment.
     unsafe { build_array(datums, nulls, pg_sys::BOOLOID, 1, true, pg_sys::TYPALIGN_CHAR as c_char) }
 }
 
 pub fn int8_array(values: &[i64]) -> pg_sys::Datum {
     let datums = values.iter().map(|&v| pg_sys::Datum::from(v)).collect();
     let nulls = vec![false; values.len()];
+    // SAFETY: by-value int8s, with int8's length and alignment.
     unsafe { build_array(datums, nulls, pg_sys::INT8OID, 8, true, pg_sys::TYPALIGN_DOUBLE as c_char) }
 }
 
+/// # Safety
+/// `datums` must hold valid values of `element` (described by `typlen`, `byval`, `align`)
+/// wherever `nulls` is false.
 unsafe fn build_array(
     mut datums: Vec<pg_sys::Datum>,
     mut nulls: Vec<bool>,
@@ -169,10 +187,12 @@ unsafe fn build_array(
     align: c_char,
 ) -> pg_sys::Datum {
     if datums.is_empty() {
+        // SAFETY: allocates an empty array of a built-in element type.
         return pg_sys::Datum::from(unsafe { pg_sys::construct_empty_array(element) });
     }
     let mut dims = [datums.len() as i32];
     let mut lower_bounds = [1];
+    // SAFETY: one dimension of `datums.len()` elements; the caller vouches for the values.
     let array = unsafe {
         pg_sys::construct_md_array(
             datums.as_mut_ptr(),

@@ -1,20 +1,23 @@
 //! The one error type users see: a stable SQLSTATE, a message naming the object, and a
 //! hint saying what to do. Migration scripts branch on the SQLSTATE, not the text.
+//! Helpers return it as a value; the SQL entry points raise it, once.
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 #[derive(Debug)]
-pub struct UsageError {
+pub struct Error {
     pub code: PgSqlErrorCode,
     pub message: String,
     pub detail: Option<String>,
     pub hint: String,
 }
 
-impl UsageError {
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
     pub fn new(code: PgSqlErrorCode, message: impl Into<String>, hint: impl Into<String>) -> Self {
-        UsageError { code, message: message.into(), detail: None, hint: hint.into() }
+        Error { code, message: message.into(), detail: None, hint: hint.into() }
     }
 
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
@@ -30,6 +33,29 @@ impl UsageError {
         }
         report.report(PgLogLevel::ERROR);
         unreachable!("ereport(ERROR) returned")
+    }
+}
+
+/// An internal query that PostgreSQL answered in a way pgrx could not hand back (wrong
+/// shape, no row): a broken invariant, not the user's doing.
+impl From<pgrx::spi::Error> for Error {
+    fn from(e: pgrx::spi::Error) -> Self {
+        Error::new(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("chat_backfill: an internal query failed: {e}"),
+            "This is a bug in chat_backfill; please report it with the server log.",
+        )
+    }
+}
+
+/// Raises `Err` at the SQL boundary; passes `Ok` through.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| e.raise())
     }
 }
 

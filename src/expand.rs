@@ -7,7 +7,8 @@
 //! and nesting depth costs nothing.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::fmt;
 
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -143,13 +144,31 @@ impl ChatSkip {
 /// of a double-encoded chat.
 pub struct Document<'a>(Cow<'a, str>);
 
+/// Where the document to expand lies: within the column's text, or (double-encoded
+/// chats) in a decoded copy. Lets a caller keep a huge chat across batches without a
+/// second copy of it.
+pub enum Body {
+    Within(Range<usize>),
+    Decoded(String),
+}
+
+impl Body {
+    /// The document's text, given the column's text it was opened from.
+    pub fn text<'a>(&'a self, column: &'a str) -> &'a str {
+        match self {
+            Body::Within(range) => &column[range.clone()],
+            Body::Decoded(text) => text,
+        }
+    }
+}
+
 /// JSON's insignificant whitespace.
 const JSON_WS: [char; 4] = [' ', '\t', '\n', '\r'];
 
 impl<'a> Document<'a> {
     /// Applies rule 2: what counts as empty, and the second decode of a JSON string.
     /// `text` is the column's value as JSON text; `None` is SQL NULL. An object is
-    /// not scanned here: `entries` validates it in its single pass.
+    /// not scanned here: `index` validates it in its single pass.
     pub fn open(text: Option<&'a str>) -> Result<Document<'a>, ChatSkip> {
         let Some(text) = text else { return Err(ChatSkip::Empty) };
         let text = text.trim_matches(JSON_WS);
@@ -175,32 +194,95 @@ impl<'a> Document<'a> {
         Ok(Document(Cow::Owned(trimmed.to_owned())))
     }
 
-    /// Applies rules 3 to 7 and returns every entry of `history.messages`, in the
-    /// reference's order.
-    pub fn entries(&self, now: i64) -> Result<Vec<Entry<'_>>, ChatSkip> {
-        let mut de = serde_json::Deserializer::from_str(&self.0);
-        let found = de.deserialize_map(ChatVisitor).map_err(|_| ChatSkip::NotJson)?;
-        de.end().map_err(|_| ChatSkip::NotJson)?;
-        let messages = match found {
-            None | Some(Level::Object(None)) => return Ok(Vec::new()),
-            Some(Level::NotObject) => return Err(ChatSkip::HistoryNotObject),
-            Some(Level::Object(Some(Level::NotObject))) => return Err(ChatSkip::MessagesNotObject),
-            Some(Level::Object(Some(Level::Object(messages)))) => messages,
-        };
-        Ok(dedupe_keys(messages).into_iter().map(|(key, raw)| expand_message(key, raw, now)).collect())
+    pub fn text(&self) -> &str {
+        &self.0
     }
+
+    /// Where this document lies, relative to `column`, the text it was opened from.
+    pub fn into_body(self, column: &str) -> Body {
+        match self.0 {
+            Cow::Borrowed(text) => {
+                let start = text.as_ptr() as usize - column.as_ptr() as usize;
+                Body::Within(start..start + text.len())
+            }
+            Cow::Owned(text) => Body::Decoded(text),
+        }
+    }
+
+    /// Applies rules 3 and 4: validates the whole document in one pass and returns where
+    /// each entry of `history.messages` lies, in the reference's order, duplicates
+    /// resolved. Cost and memory are linear in the document; nothing is built per value.
+    pub fn index(&self) -> Result<Vec<Span>, ChatSkip> {
+        index(&self.0)
+    }
+
+    /// Every entry, expanded (rules 5 to 7). For small chats and tests; the engine
+    /// expands from the index a batch at a time instead.
+    pub fn entries(&self, now: i64) -> Result<Vec<Entry<'_>>, ChatSkip> {
+        Ok(self.index()?.into_iter().map(|span| entry_at(&self.0, span, now)).collect())
+    }
+}
+
+/// Where one entry of `history.messages` lies in its document: byte offsets of the
+/// key's JSON string token and of the value. 16 bytes, so a chat of a million
+/// messages indexes in 16 MB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    key: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Span {
+    fn of(base: &str, key: &str, value: &str) -> Span {
+        let at = |s: &str| {
+            let start = s.as_ptr() as usize - base.as_ptr() as usize;
+            (start as u32, (start + s.len()) as u32)
+        };
+        Span { key: at(key), value: at(value) }
+    }
+
+    fn key<'a>(&self, doc: &'a str) -> &'a str {
+        &doc[self.key.0 as usize..self.key.1 as usize]
+    }
+
+    fn value<'a>(&self, doc: &'a str) -> &'a str {
+        &doc[self.value.0 as usize..self.value.1 as usize]
+    }
+}
+
+/// PostgreSQL values are at most 1 GB, so offsets fit in `u32`; refuse anything larger
+/// rather than wrap.
+const MAX_DOCUMENT_BYTES: usize = u32::MAX as usize;
+
+fn index(doc: &str) -> Result<Vec<Span>, ChatSkip> {
+    if doc.len() > MAX_DOCUMENT_BYTES {
+        return Err(ChatSkip::NotJson);
+    }
+    let mut de = serde_json::Deserializer::from_str(doc);
+    let found = de.deserialize_map(ChatVisitor { base: doc }).map_err(|_| ChatSkip::NotJson)?;
+    de.end().map_err(|_| ChatSkip::NotJson)?;
+    let spans = match found {
+        None | Some(Level::Object(None)) => return Ok(Vec::new()),
+        Some(Level::NotObject) => return Err(ChatSkip::HistoryNotObject),
+        Some(Level::Object(Some(Level::NotObject))) => return Err(ChatSkip::MessagesNotObject),
+        Some(Level::Object(Some(Level::Object(spans)))) => spans,
+    };
+    Ok(dedupe_keys(doc, spans))
+}
+
+/// Expands the entry at `span` of `doc` (a document's text, as given to `index`).
+pub fn entry_at(doc: &str, span: Span, now: i64) -> Entry<'_> {
+    expand_message(scalar::decode_string(span.key(doc)), span.value(doc), now)
 }
 
 /// Convenience for callers that want the whole expansion of one column value.
 pub fn expand_chat(text: Option<&str>, now: i64, mut each: impl FnMut(Entry<'_>)) -> Result<(), ChatSkip> {
     let doc = Document::open(text)?;
-    for entry in doc.entries(now)? {
-        each(entry);
+    for span in doc.index()? {
+        each(entry_at(doc.text(), span, now));
     }
     Ok(())
 }
-
-type RawEntries<'a> = Vec<(Decoded<'a>, &'a str)>;
 
 /// What one level of `chat.history.messages` held (`None` around it: missing). The levels are walked in a single
 /// pass over the document: only each message's own text is read twice.
@@ -230,44 +312,54 @@ where
     Ok(found)
 }
 
-struct ChatVisitor;
+/// The visitors of the three levels carry the document's text, to turn the slices
+/// serde_json hands out into offsets.
+struct ChatVisitor<'d> {
+    base: &'d str,
+}
 
-impl<'de> Visitor<'de> for ChatVisitor {
-    type Value = Option<Level<Option<Level<RawEntries<'de>>>>>;
+impl<'de> Visitor<'de> for ChatVisitor<'de> {
+    type Value = Option<Level<Option<Level<Vec<Span>>>>>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a chat object")
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        walk_level(map, "history", |m| m.next_value_seed(LevelSeed(HistoryVisitor)))
+        let base = self.base;
+        walk_level(map, "history", |m| m.next_value_seed(LevelSeed(HistoryVisitor { base })))
     }
 }
 
-struct HistoryVisitor;
+struct HistoryVisitor<'d> {
+    base: &'d str,
+}
 
-impl<'de> Visitor<'de> for HistoryVisitor {
-    type Value = Option<Level<RawEntries<'de>>>;
+impl<'de> Visitor<'de> for HistoryVisitor<'de> {
+    type Value = Option<Level<Vec<Span>>>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a history object")
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        walk_level(map, "messages", |m| m.next_value_seed(LevelSeed(MessagesVisitor)))
+        let base = self.base;
+        walk_level(map, "messages", |m| m.next_value_seed(LevelSeed(MessagesVisitor { base })))
     }
 }
 
-struct MessagesVisitor;
+struct MessagesVisitor<'d> {
+    base: &'d str,
+}
 
-impl<'de> Visitor<'de> for MessagesVisitor {
-    type Value = RawEntries<'de>;
+impl<'de> Visitor<'de> for MessagesVisitor<'de> {
+    type Value = Vec<Span>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a messages object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(16));
+        let mut spans = Vec::new();
         while let Some(key) = map.next_key::<&'de RawValue>()? {
             let value = map.next_value::<&'de RawValue>()?;
-            entries.push((scalar::decode_string(key.get()), value.get()));
+            spans.push(Span::of(self.base, key.get(), value.get()));
         }
-        Ok(entries)
+        Ok(spans)
     }
 }
 
@@ -316,33 +408,31 @@ where
     not_object!(visit_bool(bool), visit_i64(i64), visit_u64(u64), visit_f64(f64), visit_str(&str));
 }
 
-/// Splits a raw JSON object into (decoded key, raw value) pairs, duplicates included.
-fn object_entries(raw: &str) -> Result<RawEntries<'_>, serde_json::Error> {
-    serde_json::Deserializer::from_str(raw).deserialize_map(MessagesVisitor)
-}
-
 /// Python's dict built from pairs: a repeated key keeps its first position and takes
-/// its last value.
-fn dedupe_keys(entries: RawEntries<'_>) -> RawEntries<'_> {
-    let mut seen: HashMap<&[u8], ()> = HashMap::with_capacity(entries.len());
-    if entries.iter().all(|(k, _)| seen.insert(k.as_bytes(), ()).is_none()) {
-        return entries;
+/// its last value. Keys are compared decoded (`"\u0061"` is `"a"`).
+fn dedupe_keys(doc: &str, spans: Vec<Span>) -> Vec<Span> {
+    let key = |span: &Span| scalar::decode_string(span.key(doc)).into_bytes();
+    let mut seen: HashSet<Cow<'_, [u8]>> = HashSet::with_capacity(spans.len());
+    if spans.iter().all(|span| seen.insert(key(span))) {
+        return spans;
     }
-    let mut slot_of: HashMap<Vec<u8>, usize> = HashMap::with_capacity(entries.len());
-    let mut out: RawEntries<'_> = Vec::with_capacity(entries.len());
-    for (k, v) in entries {
-        match slot_of.get(k.as_bytes()) {
-            Some(&slot) => out[slot].1 = v,
+    drop(seen);
+    let mut slot_of: HashMap<Cow<'_, [u8]>, usize> = HashMap::with_capacity(spans.len());
+    let mut out: Vec<Span> = Vec::with_capacity(spans.len());
+    for span in spans {
+        match slot_of.get(&key(&span)) {
+            Some(&slot) => out[slot].value = span.value,
             None => {
-                slot_of.insert(k.as_bytes().to_vec(), out.len());
-                out.push((k, v));
+                slot_of.insert(key(&span), out.len());
+                out.push(span);
             }
         }
     }
     out
 }
 
-/// The message fields the reference reads, as raw JSON (last duplicate wins).
+/// The message fields the reference reads, as raw JSON (last duplicate wins), taken in
+/// one pass over the message without building anything for the other keys.
 #[derive(Default)]
 struct Fields<'a> {
     role: Option<&'a str>,
@@ -361,64 +451,87 @@ struct Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
-    fn read(entries: RawEntries<'a>) -> Self {
-        let mut f = Fields::default();
-        for (key, value) in entries {
-            let slot = match key.as_bytes() {
-                b"role" => &mut f.role,
-                b"parentId" => &mut f.parent_id,
-                b"content" => &mut f.content,
-                b"output" => &mut f.output,
-                b"model" => &mut f.model,
-                b"files" => &mut f.files,
-                b"sources" => &mut f.sources,
-                b"embeds" => &mut f.embeds,
-                b"done" => &mut f.done,
-                b"statusHistory" => &mut f.status_history,
-                b"error" => &mut f.error,
-                b"usage" => &mut f.usage,
-                b"timestamp" => &mut f.timestamp,
-                _ => continue,
-            };
-            *slot = Some(value);
+    /// `None` if `raw` is not a JSON object (it was validated as JSON already).
+    fn read(raw: &'a str) -> Option<Self> {
+        serde_json::Deserializer::from_str(raw).deserialize_map(FieldsVisitor).ok()
+    }
+
+    fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>> {
+        Some(match key {
+            b"role" => &mut self.role,
+            b"parentId" => &mut self.parent_id,
+            b"content" => &mut self.content,
+            b"output" => &mut self.output,
+            b"model" => &mut self.model,
+            b"files" => &mut self.files,
+            b"sources" => &mut self.sources,
+            b"embeds" => &mut self.embeds,
+            b"done" => &mut self.done,
+            b"statusHistory" => &mut self.status_history,
+            b"error" => &mut self.error,
+            b"usage" => &mut self.usage,
+            b"timestamp" => &mut self.timestamp,
+            _ => return None,
+        })
+    }
+}
+
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a message object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut fields = Fields::default();
+        while let Some(key) = map.next_key::<&'de RawValue>()? {
+            match fields.slot(scalar::decode_string(key.get()).as_bytes()) {
+                Some(slot) => *slot = Some(map.next_value::<&'de RawValue>()?.get()),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
         }
-        f
+        Ok(fields)
     }
 }
 
 fn expand_message<'a>(key: Decoded<'a>, raw: &'a str, now: i64) -> Entry<'a> {
     let shown_key = || key.display();
-    if scalar::kind(raw) != Kind::Object {
+    let fields = match scalar::kind(raw) {
+        Kind::Object => Fields::read(raw),
+        _ => None,
+    };
+    let Some(fields) = fields else {
         return Entry::Skipped { key: shown_key(), reason: SkipReason::NotAnObject };
-    }
-    let fields = Fields::read(object_entries(raw).expect("object"));
+    };
     let role = match fields.role {
         Some(role) if scalar::is_truthy(role) => role,
         _ => return Entry::Skipped { key: shown_key(), reason: SkipReason::NoRole },
     };
     let reject = |column, problem| Entry::Rejected { key: key.display(), column, problem, raw };
-    if let Err(problem) = key.storable() {
-        return reject(Column::Key, problem);
-    }
     let text = |column, value: Option<&'a str>| match value {
         None => Ok(None),
         Some(v) => scalar::text_column(v).map_err(|p| (column, p)),
     };
     let columns = (|| {
-        let role = text(Column::Role, Some(role))?.expect("truthy role is not null");
+        let key = key.clone().into_storable().map_err(|p| (Column::Key, p))?;
+        // A truthy role is never JSON null, so it always has a text.
+        let role = text(Column::Role, Some(role))?.unwrap_or_default();
         let parent_id = text(Column::ParentId, fields.parent_id)?;
         let model_id = text(Column::ModelId, fields.model)?;
         let done = scalar::done_column(fields.done).map_err(|p| (Column::Done, p))?;
-        Ok((role, parent_id, model_id, done))
+        Ok((key, role, parent_id, model_id, done))
     })();
-    let (role, parent_id, model_id, done) = match columns {
+    let (key, role, parent_id, model_id, done) = match columns {
         Ok(c) => c,
         Err((column, problem)) => return reject(column, problem),
     };
     let json = |v: Option<&'a str>| v.unwrap_or("null");
     let timestamp = scalar::timestamp_column(fields.timestamp, now);
     Entry::Row(Message {
-        key: key.clone().into_utf8().expect("storable key"),
+        key,
         role,
         parent_id,
         model_id,
@@ -466,6 +579,30 @@ mod tests {
             })
             .collect();
         assert_eq!(roles, ["a=z", "b=y"]);
+    }
+
+    #[test]
+    fn the_index_locates_every_message_and_expands_each_alone() {
+        let doc = r#"{"x":[1,{"history":2}],"history":{"messages":{"a":{"role":"u"},"b":7,"\u0061":{"role":"v"}}}}"#;
+        let d = Document::open(Some(doc)).unwrap();
+        let spans = d.index().unwrap();
+        // "\u0061" is "a" again: first position, last value.
+        assert_eq!(spans.len(), 2);
+        let roles: Vec<String> = spans
+            .iter()
+            .map(|&s| match entry_at(d.text(), s, NOW) {
+                Entry::Row(m) => format!("{}={}", m.key, m.role),
+                other => format!("{:?}", other.problem()),
+            })
+            .collect();
+        assert_eq!(roles[0], "a=v");
+        assert!(roles[1].contains("not a JSON object"));
+        // A million messages index in 16 bytes each.
+        let many: Vec<String> = (0..1_000_000).map(|i| format!("\"{i}\":{{\"role\":\"u\"}}")).collect();
+        let doc = format!(r#"{{"history":{{"messages":{{{}}}}}}}"#, many.join(","));
+        let spans = Document::open(Some(&doc)).unwrap().index().unwrap();
+        assert_eq!(spans.len(), 1_000_000);
+        assert_eq!(std::mem::size_of::<Span>(), 16);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! PostgreSQL.
 //!
 //! Where things are: `expand` and `scalar` are the Open WebUI rules in plain Rust;
-//! `api` is the SQL surface; `backfill` the engine that streams, batches and writes;
-//! `relations` checks the tables; `subxact` isolates failures; `datums` moves values.
+//! `api` is the SQL surface; `backfill/` the engine that reads, batches and writes;
+//! `resumable` the committing procedure and `run_state` its checkpoints; `relations`
+//! checks the tables; `subxact` isolates failures; `datums` moves values; `version`
+//! holds what differs between PostgreSQL majors.
 
 pub mod expand;
 pub mod scalar;
@@ -12,11 +14,12 @@ mod api;
 mod backfill;
 mod copy_writer;
 mod datums;
-mod engine_settings;
 mod error;
 mod relations;
 mod resumable;
+mod run_state;
 mod subxact;
+mod version;
 
 ::pgrx::pg_module_magic!();
 
@@ -82,6 +85,25 @@ mod tests {
             "SELECT string_agg(message_id || ':' || sqlstate, ',' ORDER BY message_id) FROM chat_backfill.rejected_messages",
         );
         assert_eq!(rejected, Ok(Some("c100-m5:23514,c150-m1:23514,c7-m2:23514".to_owned())));
+    }
+
+    #[pg_test]
+    fn a_chat_bigger_than_a_batch_spans_batches() {
+        setup_tables();
+        Spi::run(
+            "INSERT INTO chat SELECT 'c' || i, 'u', json_build_object('history', json_build_object('messages', \
+             (SELECT json_object_agg('m' || j, json_build_object('role', 'user')) FROM generate_series(1, 10) j))) \
+             FROM generate_series(1, 2) i",
+        )
+        .unwrap();
+        // 20 messages in batches of 3: a chat bigger than a batch is split, the next chat
+        // starts a batch of its own; each chat counts once, in the batch of its last message.
+        let runs = Spi::get_three::<i64, i64, String>(
+            "SELECT count(*), sum(messages_inserted)::int8, string_agg(chats_read::text, ',' ORDER BY batch) \
+             FROM backfill_chat_messages(batch_size => 3)",
+        );
+        assert_eq!(runs, Ok((Some(8), Some(20), Some("0,0,0,1,0,0,0,1".to_owned()))));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM chat_message"), Ok(Some(20)));
     }
 
     #[pg_test]

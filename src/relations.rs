@@ -4,7 +4,7 @@
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 
-use crate::error::UsageError;
+use crate::error::{Error, Result};
 
 /// The `chat_message` columns, in order, with the types the rows need.
 pub const TARGET_COLUMNS: [(&str, ColumnKind); 17] = [
@@ -62,7 +62,8 @@ user_id text, role text NOT NULL, parent_id text, content json, output json, mod
 sources json, embeds json, done boolean DEFAULT true, status_history json, error json, usage json, \
 created_at bigint, updated_at bigint); see the README for its indexes.";
 
-/// A table resolved to its oid and its quoted, schema-qualified-if-needed name.
+/// A table resolved to its oid and its quoted, always schema-qualified name (so the SQL
+/// we build names the same table whatever the search_path).
 pub struct Relation {
     pub oid: pg_sys::Oid,
     pub name: String,
@@ -70,78 +71,98 @@ pub struct Relation {
 
 /// `given` when the caller named a table (PostgreSQL already resolved it), else the
 /// Open WebUI default looked up on the search_path, with a hint when it is missing.
-pub fn resolve(given: Option<pg_sys::Oid>, default_name: &str, role: &str) -> Relation {
+pub fn resolve(given: Option<pg_sys::Oid>, default_name: &str, role: &str) -> Result<Relation> {
     let oid = match given {
-        Some(oid) => oid,
-        None => Spi::get_one_with_args::<pg_sys::Oid>("SELECT to_regclass($1)::oid", &[default_name.into()])
-            .unwrap_or(None)
-            .unwrap_or_else(|| {
-                let hint = if role == "target" {
-                    TARGET_DDL_HINT.to_owned()
-                } else {
-                    format!("Name the {role} table explicitly, e.g. {role} => 'myschema.{default_name}', or check search_path.")
-                };
-                UsageError::new(ERRCODE_UNDEFINED_TABLE, format!("{role} table \"{default_name}\" does not exist"), hint)
-                    .raise()
-            }),
+        Some(oid) => Some(oid),
+        None => optional(Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT pg_catalog.to_regclass($1::pg_catalog.text)::pg_catalog.oid",
+            &[default_name.into()],
+        ))?,
     };
-    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[oid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| {
-            UsageError::new(ERRCODE_UNDEFINED_TABLE, format!("{role} table with oid {oid:?} does not exist"), "Pass an existing table.")
-                .raise()
-        });
-    Relation { oid, name }
+    let Some(oid) = oid else {
+        let hint = if role == "target" {
+            TARGET_DDL_HINT.to_owned()
+        } else {
+            format!("Name the {role} table explicitly, e.g. {role} => 'myschema.{default_name}', or check search_path.")
+        };
+        return Err(Error::new(ERRCODE_UNDEFINED_TABLE, format!("{role} table \"{default_name}\" does not exist"), hint));
+    };
+    let names = Spi::get_two_with_args::<String, String>(
+        "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text \
+         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+         WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[oid.into()],
+    );
+    match names {
+        Ok((Some(schema), Some(table))) => Ok(Relation { oid, name: qualified(&schema, &table) }),
+        _ => Err(Error::new(ERRCODE_UNDEFINED_TABLE, format!("{role} table with oid {oid:?} does not exist"), "Pass an existing table.")),
+    }
+}
+
+/// A lookup that may find nothing: no row is `None`, not an error.
+fn optional<T>(found: std::result::Result<Option<T>, pgrx::spi::Error>) -> Result<Option<T>> {
+    match found {
+        Ok(value) => Ok(value),
+        Err(pgrx::spi::Error::InvalidPosition) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", pgrx::spi::quote_identifier(schema), pgrx::spi::quote_identifier(name))
 }
 
 /// The type of each named column, or `None` where the table has no such column.
-fn column_types(relation: &Relation, columns: &[&str]) -> Vec<Option<pg_sys::Oid>> {
+fn column_types(relation: &Relation, columns: &[&str]) -> Result<Vec<Option<pg_sys::Oid>>> {
     columns
         .iter()
         .map(|column| {
-            Spi::get_one_with_args::<pg_sys::Oid>(
-                "SELECT atttypid FROM pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+            optional(Spi::get_one_with_args::<pg_sys::Oid>(
+                "SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) $1 \
+                 AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 \
+                 AND NOT a.attisdropped",
                 &[relation.oid.into(), (*column).into()],
-            )
-            .unwrap_or(None)
+            ))
         })
         .collect()
 }
 
 /// The target must have every `chat_message` column with a usable type, and a unique,
 /// non-partial index on `id` alone, which `ON CONFLICT (id)` needs.
-pub fn check_target(target: &Relation) {
+pub fn check_target(target: &Relation) -> Result<()> {
     let names: Vec<&str> = TARGET_COLUMNS.iter().map(|(n, _)| *n).collect();
-    for ((name, kind), type_oid) in TARGET_COLUMNS.iter().zip(column_types(target, &names)) {
+    for ((name, kind), type_oid) in TARGET_COLUMNS.iter().zip(column_types(target, &names)?) {
         match type_oid {
-            None => UsageError::new(
-                ERRCODE_UNDEFINED_COLUMN,
-                format!("target table {} has no column \"{name}\"", target.name),
-                "The target needs all of Open WebUI's chat_message columns: id, chat_id, user_id, role, parent_id, \
-                 content, output, model_id, files, sources, embeds, done, status_history, error, usage, created_at, updated_at.",
-            )
-            .raise(),
-            Some(oid) if !kind.accepts(oid) => UsageError::new(
-                ERRCODE_DATATYPE_MISMATCH,
-                format!("column \"{name}\" of target table {} has the wrong type", target.name),
-                format!("Make \"{name}\" {}, as in Open WebUI's chat_message.", kind.expected()),
-            )
-            .with_detail(format!("It is {}.", type_name(oid)))
-            .raise(),
+            None => {
+                return Err(Error::new(
+                    ERRCODE_UNDEFINED_COLUMN,
+                    format!("target table {} has no column \"{name}\"", target.name),
+                    "The target needs all of Open WebUI's chat_message columns: id, chat_id, user_id, role, parent_id, \
+                     content, output, model_id, files, sources, embeds, done, status_history, error, usage, created_at, updated_at.",
+                ))
+            }
+            Some(oid) if !kind.accepts(oid) => {
+                return Err(Error::new(
+                    ERRCODE_DATATYPE_MISMATCH,
+                    format!("column \"{name}\" of target table {} has the wrong type", target.name),
+                    format!("Make \"{name}\" {}, as in Open WebUI's chat_message.", kind.expected()),
+                )
+                .with_detail(format!("It is {}.", type_name(oid)?)))
+            }
             Some(_) => {}
         }
     }
     let has_unique_id = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
-         WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL \
-         AND i.indnkeyatts = 1 AND a.attname = 'id')",
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a \
+           ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0] \
+         WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL \
+         AND i.indexprs IS NULL AND i.indnkeyatts OPERATOR(pg_catalog.=) 1::pg_catalog.int2 \
+         AND a.attname OPERATOR(pg_catalog.=) 'id'::pg_catalog.name)",
         &[target.oid.into()],
-    )
-    .unwrap_or(Some(false))
+    )?
     .unwrap_or(false);
     if !has_unique_id {
-        UsageError::new(
+        return Err(Error::new(
             ERRCODE_INVALID_COLUMN_REFERENCE,
             format!("target table {} has no unique index on \"id\"", target.name),
             format!(
@@ -149,51 +170,80 @@ pub fn check_target(target: &Relation) {
                  ALTER TABLE {} ADD PRIMARY KEY (id);",
                 target.name
             ),
-        )
-        .raise();
+        ));
     }
+    Ok(())
 }
 
 /// The source must have the three columns the backfill reads, the document in json,
-/// jsonb or text.
-pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) {
-    for ((column, type_oid), role) in [id, user_id, chat]
-        .iter()
-        .zip(column_types(source, &[id, user_id, chat]))
-        .zip(["id_column", "user_id_column", "chat_column"])
-    {
-        match type_oid {
-            None => UsageError::new(
-                ERRCODE_UNDEFINED_COLUMN,
-                format!("source table {} has no column \"{column}\"", source.name),
-                format!("Name the right column with {role} => '...'."),
-            )
-            .raise(),
+/// jsonb or text. Returns the id column's type.
+pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) -> Result<pg_sys::Oid> {
+    let types = column_types(source, &[id, user_id, chat])?;
+    for ((column, type_oid), role) in [id, user_id, chat].iter().zip(&types).zip(["id_column", "user_id_column", "chat_column"]) {
+        match *type_oid {
+            None => {
+                return Err(Error::new(
+                    ERRCODE_UNDEFINED_COLUMN,
+                    format!("source table {} has no column \"{column}\"", source.name),
+                    format!("Name the right column with {role} => '...'."),
+                ))
+            }
             Some(oid)
                 if role == "chat_column"
                     && ![pg_sys::JSONOID, pg_sys::JSONBOID, pg_sys::TEXTOID, pg_sys::VARCHAROID].contains(&oid) =>
             {
-                UsageError::new(
+                return Err(Error::new(
                     ERRCODE_DATATYPE_MISMATCH,
                     format!("column \"{column}\" of source table {} is not json, jsonb or text", source.name),
                     "The chat document must be stored as json, jsonb or text.",
                 )
-                .with_detail(format!("It is {}.", type_name(oid)))
-                .raise()
+                .with_detail(format!("It is {}.", type_name(oid)?)))
             }
             Some(_) => {}
         }
     }
+    Ok(types[0].unwrap_or(pg_sys::TEXTOID))
 }
 
-/// The SQL spelling of a column's type (checked to exist by `check_source`).
-pub fn column_type_name(relation: &Relation, column: &str) -> String {
-    type_name(column_types(relation, &[column])[0].expect("checked column"))
+/// A type's name as SQL can spell it whatever the search_path: `pg_catalog."varchar"`.
+pub fn qualified_type_name(oid: pg_sys::Oid) -> Result<String> {
+    let names = Spi::get_two_with_args::<String, String>(
+        "SELECT n.nspname::pg_catalog.text, t.typname::pg_catalog.text \
+         FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.typnamespace \
+         WHERE t.oid OPERATOR(pg_catalog.=) $1",
+        &[oid.into()],
+    );
+    match names {
+        Ok((Some(schema), Some(name))) => Ok(qualified(&schema, &name)),
+        _ => Ok("pg_catalog.text".to_owned()),
+    }
 }
 
-fn type_name(oid: pg_sys::Oid) -> String {
-    Spi::get_one_with_args::<String>("SELECT format_type($1, NULL)", &[oid.into()])
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| format!("type {oid:?}"))
+/// The type's name for messages: `character varying`.
+fn type_name(oid: pg_sys::Oid) -> Result<String> {
+    Ok(optional(Spi::get_one_with_args::<String>("SELECT pg_catalog.format_type($1, NULL::pg_catalog.int4)", &[oid.into()]))?
+        .unwrap_or_else(|| format!("type {oid:?}")))
+}
+
+/// The caller must be able to read the source and write the target, checked before
+/// anything is read or any run state changes (PostgreSQL would refuse later anyway, after
+/// work was done).
+pub fn check_privileges(source: &Relation, target: Option<&Relation>) -> Result<()> {
+    let wanted = [(Some(source), pg_sys::ACL_SELECT, "SELECT"), (target, pg_sys::ACL_INSERT, "INSERT")];
+    for (relation, mode, privilege) in wanted {
+        let Some(relation) = relation else { continue };
+        // SAFETY: pure catalog lookups on an existing relation oid for the current user.
+        let granted = unsafe {
+            pg_sys::pg_class_aclcheck(relation.oid, pg_sys::GetUserId(), mode as pg_sys::AclMode)
+                == pg_sys::AclResult::ACLCHECK_OK
+        };
+        if !granted {
+            return Err(Error::new(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("permission denied: the backfill needs {privilege} on table {}", relation.name),
+                format!("Run it as the tables' owner, or GRANT {privilege} ON {} TO the role that runs it.", relation.name),
+            ));
+        }
+    }
+    Ok(())
 }

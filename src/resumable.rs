@@ -6,22 +6,16 @@
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use pgrx::datum::{DatumWithOid, Interval};
+use pgrx::datum::Interval;
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
 use pgrx::PgSqlErrorCode::*;
 
-use crate::backfill::{source_where, Backfill, BatchReport, Settings};
-use crate::engine_settings;
-use crate::error::UsageError;
+use crate::backfill::settings::Request;
+use crate::backfill::{Backfill, Settings};
+use crate::error::{Error, OrRaise, Result};
+use crate::run_state::{self, Start};
 use crate::subxact::in_subtransaction_catching;
-
-/// Where a CALL starts from.
-enum Start {
-    New,
-    Resume { run_id: i64, last_key: Option<String>, high_water: String, now: i64 },
-    Finished { run_id: i64, finished_at: String },
-}
 
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(
@@ -33,12 +27,13 @@ CREATE PROCEDURE backfill_chat_messages_resumable(
     now bigint DEFAULT NULL,
     max_runtime interval DEFAULT NULL,
     pause interval DEFAULT '0',
-    source_filter text DEFAULT $$user_id NOT LIKE 'shared-%'$$,
+    source_filter text DEFAULT $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$,
     id_column text DEFAULT 'id',
     user_id_column text DEFAULT 'user_id',
     chat_column text DEFAULT 'chat',
     lock_timeout interval DEFAULT NULL,
-    restart boolean DEFAULT false)
+    restart boolean DEFAULT false,
+    if_busy text DEFAULT 'skip')
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#,
     requires = ["state_schema", "runs_state"]
@@ -56,37 +51,32 @@ fn backfill_chat_messages_resumable(
     chat_column: Option<&str>,
     lock_timeout: Option<Interval>,
     restart: Option<bool>,
+    if_busy: Option<&str>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
-    refuse_atomic_call(fcinfo);
+    refuse_atomic_call(fcinfo).or_raise();
+    let if_busy = IfBusy::parse(if_busy.unwrap_or("skip")).or_raise();
+    // SAFETY: a non-atomic CALL may connect to SPI non-atomically; it starts without an
+    // active snapshot, and each of our transactions holds one while it runs SQL.
     unsafe {
         pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32);
-        // A non-atomic CALL starts without an active snapshot; each of our transactions
-        // holds one while it runs SQL.
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let settings = engine_settings::build(
+    let settings = Request {
         source,
         target,
-        batch_size.unwrap_or(5000),
+        batch_size: batch_size.unwrap_or(5000),
         now,
         source_filter,
-        id_column.unwrap_or("id"),
-        user_id_column.unwrap_or("user_id"),
-        chat_column.unwrap_or("chat"),
-        false,
-    );
+        id_column: id_column.unwrap_or("id"),
+        user_id_column: user_id_column.unwrap_or("user_id"),
+        chat_column: chat_column.unwrap_or("chat"),
+        dry_run: false,
+    }
+    .check()
+    .or_raise();
     let lock_key = advisory_key(&settings);
-    let locked = Spi::get_one_with_args::<bool>("SELECT pg_try_advisory_lock($1)", &[lock_key.into()])
-        .ok()
-        .flatten()
-        .unwrap_or(false);
-    if !locked {
-        notice!(
-            "chat_backfill: another backfill of {} into {} is running; this call does nothing (see chat_backfill.status)",
-            settings.source.name,
-            settings.target.name
-        );
+    if !take_lock(lock_key, if_busy, &settings).or_raise() {
         finish_call();
         return;
     }
@@ -95,10 +85,62 @@ fn backfill_chat_messages_resumable(
         pause: pause.map(duration_of).unwrap_or_default(),
         lock_timeout: lock_timeout.map(|i| format!("{}ms", (i.as_micros() / 1000).max(1))),
     };
-    PgTryBuilder::new(AssertUnwindSafe(|| run(settings, &limits, restart.unwrap_or(false))))
+    PgTryBuilder::new(AssertUnwindSafe(|| run(settings, &limits, restart.unwrap_or(false)).or_raise()))
         .finally(|| unlock(lock_key))
         .execute();
     finish_call();
+}
+
+/// What to do when another session holds the runner lock.
+#[derive(Clone, Copy)]
+enum IfBusy {
+    Skip,
+    Wait,
+    Error,
+}
+
+impl IfBusy {
+    fn parse(value: &str) -> Result<IfBusy> {
+        match value {
+            "skip" => Ok(IfBusy::Skip),
+            "wait" => Ok(IfBusy::Wait),
+            "error" => Ok(IfBusy::Error),
+            other => Err(Error::new(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("if_busy must be 'skip', 'wait' or 'error', not '{other}'"),
+                "'skip' returns at once (for pg_cron ticks), 'wait' waits for the other runner, 'error' fails with 55P03.",
+            )),
+        }
+    }
+}
+
+/// Takes the runner lock as `if_busy` says; false when the call should do nothing.
+fn take_lock(key: i64, if_busy: IfBusy, settings: &Settings) -> Result<bool> {
+    if let IfBusy::Wait = if_busy {
+        // An ordinary lock wait: cancel, statement_timeout and lock_timeout end it.
+        Spi::run_with_args("SELECT pg_catalog.pg_advisory_lock($1::pg_catalog.int8)", &[key.into()])?;
+        return Ok(true);
+    }
+    let locked = Spi::get_one_with_args::<bool>("SELECT pg_catalog.pg_try_advisory_lock($1::pg_catalog.int8)", &[key.into()])?
+        .unwrap_or(false);
+    match (locked, if_busy) {
+        (true, _) => Ok(true),
+        (false, IfBusy::Error) => Err(Error::new(
+            ERRCODE_LOCK_NOT_AVAILABLE,
+            format!("another backfill of {} into {} is running", settings.source.name, settings.target.name),
+            "See chat_backfill.status for its progress; CALL again with if_busy => 'wait' to wait for it.",
+        )
+        .with_detail(format!("The runner lock is the session advisory lock {key}."))),
+        _ => {
+            notice!(
+                "chat_backfill: another backfill of {} into {} is running; this call does nothing (see chat_backfill.status; \
+                 if_busy => 'wait' waits for it)",
+                settings.source.name,
+                settings.target.name
+            );
+            Ok(false)
+        }
+    }
 }
 
 struct Limits {
@@ -107,8 +149,8 @@ struct Limits {
     lock_timeout: Option<String>,
 }
 
-fn run(mut settings: Settings, limits: &Limits, restart: bool) {
-    let (run_id, last_key, high_water) = match start_point(&settings, restart) {
+fn run(mut settings: Settings, limits: &Limits, restart: bool) -> Result<()> {
+    let (run_id, last_key, high_water) = match run_state::start_point(&settings, restart)? {
         Start::Finished { run_id, finished_at } => {
             notice!(
                 "chat_backfill: the backfill of {} into {} is already complete (run {run_id}, finished {finished_at}); \
@@ -116,70 +158,66 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) {
                 settings.source.name,
                 settings.target.name
             );
-            return;
+            return Ok(());
         }
         Start::Resume { run_id, last_key, high_water, now } => {
-            notice!(
-                "chat_backfill: resuming run {run_id} after key {}",
-                last_key.as_deref().unwrap_or("(start)")
-            );
+            notice!("chat_backfill: resuming run {run_id} after key {}", last_key.as_deref().unwrap_or("(start)"));
             settings.now = now;
             (run_id, last_key, high_water)
         }
-        Start::New => match new_run(&settings) {
-            Some(started) => started,
+        Start::New => match run_state::new_run(&settings)? {
+            Some((run_id, high_water)) => (run_id, None, high_water),
             None => {
                 notice!("chat_backfill: {} has no chats to backfill", settings.source.name);
                 commit();
-                return;
+                return Ok(());
             }
         },
     };
     settings.run_id = run_id;
-    Spi::run_with_args("SELECT chat_backfill.run_resumed($1)", &[run_id.into()]).expect("marking the run as running");
+    run_state::resumed(run_id)?;
     commit();
     let began = Instant::now();
     // Preparing the INSERT locks the target: do not queue there without a limit either.
-    set_lock_timeout(limits);
-    let mut backfill = Backfill::keyset(settings, last_key, high_water);
+    set_lock_timeout(limits)?;
+    let mut backfill = Backfill::keyset(settings, last_key, high_water)?;
     loop {
         pgrx::check_for_interrupts!();
-        set_lock_timeout(limits);
+        set_lock_timeout(limits)?;
         // The batch and its checkpoint commit together; a lock timeout rolls both back.
         let outcome = in_subtransaction_catching(
-            AssertUnwindSafe(|| {
-                let report = backfill.next_batch();
-                if let Some(r) = &report {
-                    checkpoint(run_id, backfill.last_key(), r);
-                }
-                report
+            AssertUnwindSafe(|| -> Result<Option<BatchDone>> {
+                let Some(report) = backfill.next_batch()? else { return Ok(None) };
+                run_state::checkpoint(run_id, report.last_chat_id.as_deref(), &report)?;
+                Ok(Some(BatchDone))
             }),
             |sqlstate| sqlstate == "55P03",
         );
         match outcome {
-            Ok(Some(_)) => commit(),
-            Ok(None) => {
-                Spi::run_with_args("SELECT chat_backfill.run_finished($1)", &[run_id.into()]).expect("finishing the run");
+            Ok(Ok(Some(BatchDone))) => commit(),
+            Ok(Ok(None)) => {
+                run_state::set_status(run_id, "finished", None)?;
                 commit();
-                return;
+                return Ok(());
             }
+            Ok(Err(e)) => return Err(e),
             Err(failure) => {
-                set_status(run_id, "yielded", Some(&format!("lock_timeout: {}", failure.message)));
+                run_state::set_status(run_id, "yielded", Some(&format!("lock_timeout: {}", failure.message)))?;
                 commit();
                 notice!(
                     "chat_backfill: a batch waited longer than lock_timeout ({}); run {run_id} yields to the \
                      application and resumes at the next CALL",
                     failure.message
                 );
-                return;
+                return Ok(());
             }
         }
         // Checked after a batch, so every CALL makes progress however small max_runtime is.
         if limits.max_runtime.is_some_and(|max| began.elapsed() >= max) {
-            set_status(run_id, "stopped", Some("max_runtime reached; the next CALL resumes here"));
+            run_state::set_status(run_id, "stopped", Some("max_runtime reached; the next CALL resumes here"))?;
             commit();
             notice!("chat_backfill: max_runtime reached; run {run_id} stopped after a committed batch, CALL again to resume");
-            return;
+            return Ok(());
         }
         if !limits.pause.is_zero() {
             sleep_interruptibly(limits.pause);
@@ -187,17 +225,25 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) {
     }
 }
 
+/// A batch was written and checkpointed.
+struct BatchDone;
+
 /// `SET LOCAL lock_timeout` for the current transaction, when the caller asked for one.
-fn set_lock_timeout(limits: &Limits) {
+fn set_lock_timeout(limits: &Limits) -> Result<()> {
     if let Some(timeout) = &limits.lock_timeout {
-        Spi::run_with_args("SELECT set_config('lock_timeout', $1, true)", &[timeout.as_str().into()])
-            .expect("setting lock_timeout");
+        Spi::run_with_args(
+            "SELECT pg_catalog.set_config('lock_timeout'::pg_catalog.text, $1::pg_catalog.text, true)",
+            &[timeout.as_str().into()],
+        )?;
     }
+    Ok(())
 }
 
 /// A CALL inside a transaction block, a function or a procedure with SET is atomic:
 /// its COMMIT would fail halfway. Refuse before doing anything.
-fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo) {
+fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
+    // SAFETY: fcinfo is this call's own; `context` is either null or a Node whose tag
+    // says what it is, and only a CallContext is read as one.
     let atomic = unsafe {
         let context = (*fcinfo).context;
         context.is_null()
@@ -205,94 +251,21 @@ fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo) {
             || (*(context as *mut pg_sys::CallContext)).atomic
     };
     if atomic {
-        UsageError::new(
+        return Err(Error::new(
             ERRCODE_INVALID_TRANSACTION_TERMINATION,
             "backfill_chat_messages_resumable() cannot commit here",
             "CALL it outside a transaction block (no BEGIN, not from a function). From Alembic, run it inside \
              `with op.get_context().autocommit_block():`. To backfill in one transaction instead, use \
              SELECT * FROM backfill_chat_messages().",
-        )
-        .raise();
+        ));
     }
-}
-
-fn start_point(settings: &Settings, restart: bool) -> Start {
-    let latest = Spi::get_three_with_args::<i64, String, String>(
-        "SELECT run_id, status, coalesce(finished_at::text, '') FROM chat_backfill.runs \
-         WHERE source_oid = $1 AND target_oid = $2 ORDER BY run_id DESC LIMIT 1",
-        &[settings.source.oid.into(), settings.target.oid.into()],
-    );
-    let Ok((Some(run_id), Some(status), Some(finished_at))) = latest else { return Start::New };
-    if restart {
-        return Start::New;
-    }
-    if status == "finished" {
-        return Start::Finished { run_id, finished_at };
-    }
-    let (last_key, high_water, now) = Spi::get_three_with_args::<String, String, i64>(
-        "SELECT last_key, high_water, now FROM chat_backfill.runs WHERE run_id = $1",
-        &[run_id.into()],
-    )
-    .expect("reading the run to resume");
-    Start::Resume { run_id, last_key, high_water: high_water.expect("high_water"), now: now.expect("now") }
-}
-
-/// Captures the high-water mark and the size of the job; `None` when there is nothing.
-fn new_run(settings: &Settings) -> Option<(i64, Option<String>, String)> {
-    let key = pgrx::spi::quote_identifier(&settings.id_column);
-    let filter = source_where(settings, None);
-    let (high_water, total) = Spi::get_two::<String, i64>(&format!(
-        "SELECT max({key})::text, count(*) FROM {}{filter}",
-        settings.source.name
-    ))
-    .expect("measuring the source");
-    let high_water = high_water?;
-    let run_id = Spi::get_one_with_args::<i64>(
-        "SELECT chat_backfill.run_started($1, $2, $3, $4, $5, $6, $7, $8)",
-        &[
-            settings.source.oid.into(),
-            settings.target.oid.into(),
-            settings.source.name.as_str().into(),
-            settings.target.name.as_str().into(),
-            high_water.as_str().into(),
-            total.unwrap_or(0).into(),
-            settings.now.into(),
-            settings.source_filter.as_deref().map_or(DatumWithOid::null_oid(pg_sys::TEXTOID), DatumWithOid::from),
-        ],
-    )
-    .expect("recording the run")
-    .expect("run id");
-    Some((run_id, None, high_water))
-}
-
-fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) {
-    Spi::run_with_args(
-        "SELECT chat_backfill.run_checkpoint($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        &[
-            run_id.into(),
-            last_key.map_or(DatumWithOid::null_oid(pg_sys::TEXTOID), DatumWithOid::from),
-            r.chats_read.into(),
-            r.messages_inserted.into(),
-            r.messages_rejected.into(),
-            r.messages_existing.into(),
-            r.messages_skipped.into(),
-            r.chats_skipped.into(),
-            r.elapsed_ms.into(),
-        ],
-    )
-    .expect("checkpointing the run");
-}
-
-fn set_status(run_id: i64, status: &str, error: Option<&str>) {
-    Spi::run_with_args(
-        "SELECT chat_backfill.run_status($1, $2, $3)",
-        &[run_id.into(), status.into(), error.map_or(DatumWithOid::null_oid(pg_sys::TEXTOID), DatumWithOid::from)],
-    )
-    .expect("recording the run's status");
+    Ok(())
 }
 
 /// COMMIT and start the next transaction, with a fresh snapshot for its SQL.
 fn commit() {
+    // SAFETY: called between batches, outside any subtransaction, with the snapshot this
+    // module pushed as the active one.
     unsafe {
         pg_sys::PopActiveSnapshot();
         pg_sys::SPI_commit();
@@ -301,6 +274,7 @@ fn commit() {
 }
 
 fn finish_call() {
+    // SAFETY: pops only a snapshot that is set, and ends the SPI connection made at the start.
     unsafe {
         if pg_sys::ActiveSnapshotSet() {
             pg_sys::PopActiveSnapshot();
@@ -318,6 +292,7 @@ fn advisory_key(settings: &Settings) -> i64 {
 /// Session advisory locks outlive errors: release it on every way out. The lock manager
 /// needs no transaction, so this works in an aborted one too.
 fn unlock(key: i64) {
+    // SAFETY: calls the built-in with one int8 argument, as SQL would.
     unsafe {
         pgrx::direct_function_call::<bool>(pg_sys::pg_advisory_unlock_int8, &[key.into_datum()]);
     }

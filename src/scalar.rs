@@ -27,7 +27,7 @@ impl<'a> Decoded<'a> {
         if self.bytes.contains(&0) {
             return Err(Unstorable::ContainsNul);
         }
-        Ok(std::str::from_utf8(&self.bytes).expect("decoded JSON without surrogates is UTF-8"))
+        std::str::from_utf8(&self.bytes).map_err(|_| Unstorable::UnpairedSurrogate)
     }
 
     /// The text for a human to read: NUL and lone surrogates shown as JSON escapes.
@@ -64,14 +64,18 @@ impl<'a> Decoded<'a> {
         &self.bytes
     }
 
-    /// Consumes the value; `None` when it holds a lone surrogate.
-    pub fn into_utf8(self) -> Option<Cow<'a, str>> {
-        if self.has_surrogate {
-            return None;
-        }
-        Some(match self.bytes {
-            Cow::Borrowed(b) => Cow::Borrowed(std::str::from_utf8(b).ok()?),
-            Cow::Owned(v) => Cow::Owned(String::from_utf8(v).ok()?),
+    /// The decoded bytes (generalized UTF-8), for comparing keys as Python does.
+    pub fn into_bytes(self) -> Cow<'a, [u8]> {
+        self.bytes
+    }
+
+    /// Consumes the value: the text, if PostgreSQL's `text` can hold it.
+    pub fn into_storable(self) -> Result<Cow<'a, str>, Unstorable> {
+        self.storable()?;
+        // `storable` checked: no surrogate, so the bytes are UTF-8.
+        Ok(match self.bytes {
+            Cow::Borrowed(b) => Cow::Borrowed(std::str::from_utf8(b).map_err(|_| Unstorable::UnpairedSurrogate)?),
+            Cow::Owned(v) => Cow::Owned(String::from_utf8(v).map_err(|_| Unstorable::UnpairedSurrogate)?),
         })
     }
 }
@@ -93,6 +97,8 @@ pub enum Unstorable {
     UnpairedSurrogate,
     ObjectInTextColumn,
     ListNotArrayLiteral,
+    /// Nested deeper than PostgreSQL's 6 array dimensions (the reference gets 54000).
+    TooManyDimensions,
     NotBoolean,
 }
 
@@ -104,6 +110,9 @@ impl Unstorable {
             Unstorable::ObjectInTextColumn => "is a JSON object, which a text column cannot hold",
             Unstorable::ListNotArrayLiteral => {
                 "is a list that is not a PostgreSQL array (mixed element types, nested objects, ragged or non-finite)"
+            }
+            Unstorable::TooManyDimensions => {
+                "is a list nested deeper than the 6 dimensions a PostgreSQL array can have"
             }
             Unstorable::NotBoolean => "is not one of true, false, null, 0, 1, 0.0, 1.0",
         }
@@ -178,7 +187,9 @@ fn hex4(b: &[u8]) -> u32 {
 /// `\uXXXX` escapes, which is how Python's `json.loads` sees them in a string literal.
 pub fn wtf8_to_json_text(decoded: Decoded<'_>) -> String {
     if !decoded.has_surrogate {
-        return decoded.into_utf8().expect("no surrogate").into_owned();
+        if let Ok(text) = std::str::from_utf8(&decoded.bytes) {
+            return text.to_owned();
+        }
     }
     let mut out = String::with_capacity(decoded.bytes.len());
     let mut rest: &[u8] = &decoded.bytes;
@@ -286,11 +297,7 @@ pub fn text_column(raw: &str) -> Result<Option<Cow<'_, str>>, Unstorable> {
         Kind::True => Cow::Borrowed("true"),
         Kind::False => Cow::Borrowed("false"),
         Kind::Number => Cow::Owned(number_text(raw)),
-        Kind::String => {
-            let decoded = decode_string(raw);
-            decoded.storable()?;
-            decoded.into_utf8().expect("storable")
-        }
+        Kind::String => decode_string(raw).into_storable()?,
         Kind::Object => return Err(Unstorable::ObjectInTextColumn),
         Kind::Array => Cow::Owned(array_literal(raw)?),
     }))
@@ -305,16 +312,29 @@ enum ElemType {
     Bool,
 }
 
+/// PostgreSQL's MAXDIM: an array has at most this many dimensions.
+pub const MAX_ARRAY_DIMENSIONS: usize = 6;
+
 fn array_literal(raw: &str) -> Result<String, Unstorable> {
     let mut elem_type = None;
     let mut out = String::with_capacity(raw.len());
-    write_array(raw, &mut elem_type, &mut out)?;
+    write_array(raw, 1, &mut elem_type, &mut out)?;
     Ok(out)
 }
 
 /// Writes one (possibly nested) list as array_out would print it. Returns its shape,
-/// to check that nested lists are rectangular.
-fn write_array(raw: &str, elem_type: &mut Option<ElemType>, out: &mut String) -> Result<Vec<usize>, Unstorable> {
+/// to check that nested lists are rectangular. `depth` is this list's dimension: the
+/// recursion stops at PostgreSQL's limit, so neither the stack nor the cost (each level
+/// re-reads its own text) grows with how deep a hostile document nests.
+fn write_array(
+    raw: &str,
+    depth: usize,
+    elem_type: &mut Option<ElemType>,
+    out: &mut String,
+) -> Result<Vec<usize>, Unstorable> {
+    if depth > MAX_ARRAY_DIMENSIONS {
+        return Err(Unstorable::TooManyDimensions);
+    }
     let items: Vec<&serde_json::value::RawValue> =
         serde_json::from_str(raw).map_err(|_| Unstorable::ListNotArrayLiteral)?;
     out.push('{');
@@ -326,7 +346,7 @@ fn write_array(raw: &str, elem_type: &mut Option<ElemType>, out: &mut String) ->
         let item = item.get();
         let this_shape = match kind(item) {
             Kind::Array => {
-                let inner = write_array(item, elem_type, out)?;
+                let inner = write_array(item, depth + 1, elem_type, out)?;
                 if inner.first() == Some(&0) {
                     return Err(Unstorable::ListNotArrayLiteral);
                 }
@@ -552,16 +572,23 @@ mod tests {
     }
 
     #[test]
+    fn lists_deeper_than_six_dimensions_are_refused_without_recursing_into_them() {
+        let t = |raw: &str| text_column(raw).map(|v| v.unwrap().into_owned());
+        let nested = |n: usize| format!("{}\"x\"{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(t(&nested(6)).unwrap(), format!("{}x{}", "{".repeat(6), "}".repeat(6)));
+        assert_eq!(t(&nested(7)), Err(Unstorable::TooManyDimensions));
+        // Deep enough to overflow any stack if each level recursed (the 0.1.0 crash).
+        assert_eq!(t(&nested(1_000_000)), Err(Unstorable::TooManyDimensions));
+    }
+
+    #[test]
     fn done_accepts_only_boolean_equivalents() {
         assert_eq!(done_column(None), Ok(Some(true)));
         assert_eq!(done_column(Some("null")), Ok(None));
         for (raw, want) in [("0", false), ("1", true), ("0.0", false), ("1.0", true), ("1e0", true), ("-0", false)] {
             assert_eq!(done_column(Some(raw)), Ok(Some(want)), "{raw}");
         }
-        for raw in ["2", "-1", "\"true\"", "[]", "{}", "0.5", "01"] {
-            if raw == "01" {
-                continue; // not valid JSON; never reaches here
-            }
+        for raw in ["2", "-1", "\"true\"", "[]", "{}", "0.5", "-1.0"] {
             assert_eq!(done_column(Some(raw)), Err(Unstorable::NotBoolean), "{raw}");
         }
     }

@@ -33,6 +33,9 @@ pub fn in_subtransaction_catching<R>(
     work: impl FnOnce() -> R + std::panic::UnwindSafe,
     is_caught: fn(&str) -> bool,
 ) -> Result<R, Failure> {
+    // SAFETY: the subtransaction is begun and ended here on every path (released if the
+    // work returned, rolled back if it raised), and the caller's memory context and
+    // resource owner are restored either way, as PostgreSQL's PL handlers do.
     unsafe {
         let caller_context = pg_sys::CurrentMemoryContext;
         let caller_owner = pg_sys::CurrentResourceOwner;
@@ -67,10 +70,12 @@ pub fn in_subtransaction_catching<R>(
     }
 }
 
-/// Only data errors belong to a row: invalid values (class 22), constraint violations
-/// (23), a trigger's RAISE (P0) and WITH CHECK OPTION (44). Everything else (cancel,
-/// timeout, shutdown, permissions, lock timeouts, deadlocks, disk full, ...) is about the
-/// run, not the row: it must stop the run, not be recorded against every row.
+/// Only errors about the data belong to a row: invalid values (class 22), constraint
+/// violations (23), a trigger's RAISE (P0), WITH CHECK OPTION (44), and a value too big
+/// or too deep for PostgreSQL (54: an index row too large, stack depth), which one row can
+/// cause and which would otherwise stop every run at the same batch forever. Everything
+/// else (cancel, timeout, shutdown, permissions, lock timeouts, deadlocks, disk full and
+/// out of memory, class 53) is about the run, not the row: it must stop the run.
 fn is_data_error(sqlstate: &str) -> bool {
-    matches!(&sqlstate[..2], "22" | "23" | "P0" | "44")
+    matches!(sqlstate.get(..2), Some("22" | "23" | "P0" | "44" | "54"))
 }

@@ -40,7 +40,20 @@ def upgrade() -> None:
         """
     )
     with op.get_context().autocommit_block():
-        op.execute("CALL backfill_chat_messages_resumable()")
+        # 'wait': if a pg_cron job or another session is running this backfill, wait for
+        # it instead of returning at once with nothing done.
+        op.execute("CALL backfill_chat_messages_resumable(if_busy => 'wait')")
+    # Never build indexes and the foreign key over a half-filled table and record the
+    # migration as done: the CALL must have finished the backfill.
+    state = op.get_bind().exec_driver_sql(
+        "SELECT state FROM chat_backfill.status WHERE target = 'public.chat_message' "
+        "ORDER BY run_id DESC LIMIT 1"
+    ).scalar()
+    if state not in (None, "finished"):
+        raise RuntimeError(
+            f"chat_message backfill is {state}, not finished: see chat_backfill.status and "
+            "run the migration again to resume it"
+        )
     for name, columns in INDEXES:
         op.execute(f"CREATE INDEX IF NOT EXISTS {name} ON chat_message ({columns})")
     # Messages of chats deleted while the backfill ran would fail validation.

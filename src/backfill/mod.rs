@@ -1,0 +1,331 @@
+//! The backfill engine: read chats (`read`), expand them with the core rules into a batch
+//! of rows (`batch`), write each batch (`write`), and record what could not be written
+//! (`rejections`). `settings` checks the arguments before any of it runs.
+//!
+//! Memory is bounded by the batch, not by the largest chat: a batch ends once it holds
+//! `batch_size` messages or `MAX_BATCH_ROW_BYTES` of them, even in the middle of a chat,
+//! and the next batch goes on with that chat's next message. Only the chat being expanded
+//! is held (once, detoasted), with a 16-byte index entry per message.
+
+mod batch;
+mod read;
+mod rejections;
+pub mod settings;
+mod write;
+
+use std::time::Instant;
+
+use pgrx::prelude::*;
+
+use crate::datums::ChatText;
+use crate::error::Result;
+use crate::expand::{self, Body, Column, Document, Entry, Span};
+use batch::Rows;
+use read::{Fetched, Reader};
+use rejections::{chat_sqlstate, rule_sqlstate, Recorder, Rejection};
+pub use read::source_where;
+pub use settings::Settings;
+use write::{Outcome, Writer};
+
+/// A batch stops taking new chats once this much chat text has been read.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+/// A batch ends once its rows hold this much text, so the INSERT path's arrays (a second
+/// copy) and its halves stay small whatever the messages weigh.
+const MAX_BATCH_ROW_BYTES: usize = 16 << 20;
+
+/// What one batch did; `sum()` over batches gives the run's totals.
+#[derive(Default, Clone, Debug)]
+pub struct BatchReport {
+    pub batch: i32,
+    /// Chats finished in this batch (a chat spanning batches counts in its last one).
+    pub chats_read: i64,
+    pub messages_inserted: i64,
+    pub messages_rejected: i64,
+    pub messages_existing: i64,
+    /// The last chat finished: resuming after it loses nothing.
+    pub last_chat_id: Option<String>,
+    pub elapsed_ms: f64,
+    pub messages_skipped: i64,
+    pub chats_skipped: i64,
+    pub chats_vanished: i64,
+}
+
+/// A chat whose messages are being expanded, possibly over several batches.
+struct OpenChat {
+    chat_id: String,
+    user_id: Option<String>,
+    text: Option<ChatText>,
+    body: Body,
+    spans: Vec<Span>,
+    next: usize,
+}
+
+/// A batch being filled.
+struct Batch {
+    rows: Rows,
+    rejections: Vec<Rejection>,
+    report: BatchReport,
+    chat_bytes: usize,
+}
+
+impl Batch {
+    fn room_for_rows(&self, settings: &Settings) -> bool {
+        self.rows.len() < settings.batch_size && self.rows.bytes() < MAX_BATCH_ROW_BYTES
+    }
+
+    fn room_for_chats(&self, settings: &Settings) -> bool {
+        self.room_for_rows(settings) && self.chat_bytes < MAX_BATCH_BYTES
+    }
+
+    /// Whether `chat` fits whole in what is left of the batch. A chat that does not is
+    /// left for the next batch, so batches end at chat boundaries and a resume re-reads no
+    /// partly written chat; only a chat bigger than a whole batch is split.
+    fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
+        let text = chat.text.as_ref().map_or(0, ChatText::len);
+        self.rows.len() == 0
+            || (self.rows.len() + chat.spans.len() <= settings.batch_size && self.rows.bytes() + text <= MAX_BATCH_ROW_BYTES)
+    }
+
+    /// Takes a fetched chat: `Some` when it has messages to expand.
+    fn open(&mut self, fetched: Fetched) -> Option<OpenChat> {
+        let Fetched { chat_id, user_id, chat } = fetched;
+        let Some(chat_id) = chat_id else {
+            self.report.chats_read += 1;
+            self.report.chats_skipped += 1;
+            return None;
+        };
+        self.chat_bytes += chat.as_ref().map_or(0, ChatText::len);
+        let column = chat.as_ref().and_then(ChatText::as_str);
+        let opened = match (&chat, column) {
+            (Some(_), None) => Err(expand::ChatSkip::NotJson),
+            _ => Document::open(column).and_then(|doc| Ok((doc.index()?, doc.into_body(column.unwrap_or_default())))),
+        };
+        match opened {
+            // Counted as read when its last message is in a batch.
+            Ok((spans, body)) if !spans.is_empty() => {
+                Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0 })
+            }
+            Ok(_) => {
+                self.report.chats_read += 1;
+                self.report.last_chat_id = Some(chat_id);
+                None
+            }
+            Err(skip) => {
+                if skip.is_problem() {
+                    self.report.chats_skipped += 1;
+                    self.rejections.push(Rejection {
+                        chat_id: chat_id.clone(),
+                        message_key: None,
+                        message_id: None,
+                        sqlstate: chat_sqlstate(skip).to_owned(),
+                        error: skip.describe().to_owned(),
+                        detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
+                        message: None,
+                    });
+                }
+                self.report.chats_read += 1;
+                self.report.last_chat_id = Some(chat_id);
+                None
+            }
+        }
+    }
+
+    /// Expands the chat's next messages while the batch has room; `Some` if some are left.
+    fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Option<OpenChat> {
+        let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+        let doc = chat.body.text(column);
+        while chat.next < chat.spans.len() {
+            if !self.room_for_rows(settings) {
+                return Some(chat);
+            }
+            pgrx::check_for_interrupts!();
+            let entry = expand::entry_at(doc, chat.spans[chat.next], settings.now);
+            self.add(&chat.chat_id, chat.user_id.as_deref(), entry);
+            chat.next += 1;
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat.chat_id);
+        None
+    }
+
+    fn add(&mut self, chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) {
+        match entry {
+            Entry::Row(m) => self.rows.push(chat_id, user_id, m),
+            Entry::Skipped { .. } => self.report.messages_skipped += 1,
+            Entry::Rejected { key, column, problem, raw } => self.rejections.push(Rejection {
+                chat_id: chat_id.to_owned(),
+                message_id: Some(format!("{chat_id}-{key}")),
+                message_key: Some(key),
+                sqlstate: rule_sqlstate(problem).to_owned(),
+                error: expand::reject_reason(column, problem),
+                detail: Some(match column {
+                    Column::Key => "Open WebUI's migration fails on this message too.".to_owned(),
+                    _ => format!("Open WebUI's migration fails on this message too (column {}).", column.name()),
+                }),
+                message: Some(raw.to_owned()),
+            }),
+        }
+    }
+}
+
+pub struct Backfill {
+    settings: Settings,
+    reader: Reader,
+    writer: Writer,
+    recorder: Recorder,
+    /// The chat a full batch left unfinished.
+    open_chat: Option<OpenChat>,
+    exhausted: bool,
+    /// The chat last counted as vanished, so a chat spanning batches counts once.
+    last_vanished: Option<String>,
+    batch: i32,
+    totals: BatchReport,
+    started: Instant,
+    last_notice: Instant,
+}
+
+impl Backfill {
+    /// The one-transaction form: one portal over the whole source.
+    pub fn start(settings: Settings) -> Result<Backfill> {
+        let reader = Reader::whole(&settings)?;
+        Backfill::new(settings, reader)
+    }
+
+    /// The committing form: reads after `last_key` (all when `None`) up to `high_water`,
+    /// a portal per batch, so the caller may COMMIT between batches.
+    pub fn keyset(settings: Settings, last_key: Option<String>, high_water: String) -> Result<Backfill> {
+        let reader = Reader::keyset(&settings, last_key, high_water);
+        Backfill::new(settings, reader)
+    }
+
+    fn new(settings: Settings, reader: Reader) -> Result<Backfill> {
+        let writer = Writer::prepare(&settings)?;
+        let recorder = Recorder::prepare()?;
+        let now = Instant::now();
+        Ok(Backfill {
+            settings,
+            reader,
+            writer,
+            recorder,
+            open_chat: None,
+            exhausted: false,
+            last_vanished: None,
+            batch: 0,
+            totals: BatchReport::default(),
+            started: now,
+            last_notice: now,
+        })
+    }
+
+    /// Reads, expands and writes the next batch; `None` once the source is exhausted.
+    pub fn next_batch(&mut self) -> Result<Option<BatchReport>> {
+        if self.exhausted && self.open_chat.is_none() {
+            return Ok(None);
+        }
+        let began = Instant::now();
+        let mut batch = Batch {
+            rows: Rows::new(),
+            rejections: Vec::new(),
+            report: BatchReport { batch: self.batch + 1, ..Default::default() },
+            chat_bytes: 0,
+        };
+        if let Some(chat) = self.open_chat.take() {
+            self.open_chat = batch.expand(chat, &self.settings);
+        }
+        if self.open_chat.is_none() && !self.exhausted {
+            let (settings, reader) = (&self.settings, &mut self.reader);
+            let (open_chat, exhausted) = Spi::connect(|client| -> Result<(Option<OpenChat>, bool)> {
+                while batch.room_for_chats(settings) {
+                    let Some(fetched) = reader.next(client, settings)? else { return Ok((None, true)) };
+                    if let Some(chat) = batch.open(fetched) {
+                        if !batch.fits(&chat, settings) {
+                            return Ok((Some(chat), false));
+                        }
+                        if let Some(unfinished) = batch.expand(chat, settings) {
+                            return Ok((Some(unfinished), false));
+                        }
+                    }
+                }
+                Ok((None, false))
+            })?;
+            self.reader.end_batch();
+            self.open_chat = open_chat;
+            self.exhausted = exhausted;
+        }
+        let finished = self.exhausted && self.open_chat.is_none();
+        let Batch { rows, mut rejections, mut report, .. } = batch;
+        if report.chats_read == 0 && rows.len() == 0 && rejections.is_empty() && report.messages_skipped == 0 && finished {
+            self.finish();
+            return Ok(None);
+        }
+        if self.settings.dry_run {
+            report.messages_inserted = rows.len() as i64;
+        } else {
+            let mut outcome = Outcome::default();
+            self.writer.write(&rows, &mut report, &mut outcome)?;
+            if let Some(last) = &self.last_vanished {
+                outcome.vanished.remove(last);
+            }
+            report.chats_vanished = outcome.vanished.len() as i64;
+            if let Some(chat) = &self.open_chat {
+                if outcome.vanished.contains(&chat.chat_id) {
+                    self.last_vanished = Some(chat.chat_id.clone());
+                }
+            }
+            rejections.append(&mut outcome.rejections);
+        }
+        drop(rows);
+        report.messages_rejected += rejections.iter().filter(|r| r.message_key.is_some()).count() as i64;
+        if !self.settings.dry_run {
+            self.recorder.record(&self.settings, &rejections)?;
+        }
+        report.elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
+        self.batch += 1;
+        self.add_to_totals(&report);
+        if finished {
+            self.finish();
+        } else if self.last_notice.elapsed().as_secs_f64() >= 2.0 || self.batch == 1 {
+            self.last_notice = Instant::now();
+            notice!("chat_backfill: {}", self.summary("so far"));
+        }
+        Ok(Some(report))
+    }
+
+    fn finish(&mut self) {
+        self.reader.close();
+        notice!("chat_backfill: {}", self.summary("done"));
+    }
+
+    fn add_to_totals(&mut self, b: &BatchReport) {
+        let t = &mut self.totals;
+        t.chats_read += b.chats_read;
+        t.messages_inserted += b.messages_inserted;
+        t.messages_rejected += b.messages_rejected;
+        t.messages_existing += b.messages_existing;
+        t.messages_skipped += b.messages_skipped;
+        t.chats_skipped += b.chats_skipped;
+        t.chats_vanished += b.chats_vanished;
+    }
+
+    fn summary(&self, state: &str) -> String {
+        let t = &self.totals;
+        let secs = self.started.elapsed().as_secs_f64();
+        let verb = if self.settings.dry_run { "would insert" } else { "inserted" };
+        format!(
+            "{state} after {} batches, {:.1} s: {} chats read, {} messages {verb}, {} rejected, {} already present, \
+             {} skipped by rule, {} chats unusable, {} chats deleted meanwhile ({:.0} messages/s); rejected rows: \
+             SELECT * FROM chat_backfill.rejected_messages WHERE run_id = {}",
+            self.batch,
+            secs,
+            t.chats_read,
+            t.messages_inserted,
+            t.messages_rejected,
+            t.messages_existing,
+            t.messages_skipped,
+            t.chats_skipped,
+            t.chats_vanished,
+            (t.messages_inserted as f64) / secs.max(1e-9),
+            self.settings.run_id,
+        )
+    }
+}

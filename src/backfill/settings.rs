@@ -1,0 +1,149 @@
+//! Turning the SQL arguments of a backfill into checked `Settings`: bounds, table
+//! resolution, shape and privilege checks, and the source filter's shape all happen
+//! before the first chat is read or any run state is written.
+
+use std::ffi::CString;
+
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+
+use crate::error::{Error, Result};
+use crate::relations::{check_privileges, check_source, check_target, qualified_type_name, resolve, Relation};
+
+pub const MAX_BATCH_SIZE: i32 = 1_000_000;
+
+pub struct Settings {
+    pub source: Relation,
+    pub target: Relation,
+    pub batch_size: usize,
+    pub now: i64,
+    /// A SQL boolean expression over the source's columns (caller's own privileges).
+    pub source_filter: Option<String>,
+    pub id_column: String,
+    pub user_id_column: String,
+    pub chat_column: String,
+    pub dry_run: bool,
+    /// Set by the form that runs: a value of `chat_backfill.runs_run_id_seq`.
+    pub run_id: i64,
+    /// The id column's type, schema-qualified, for keyset reading.
+    pub id_type: String,
+}
+
+/// The SQL arguments, as given.
+pub struct Request<'a> {
+    pub source: Option<pg_sys::Oid>,
+    pub target: Option<pg_sys::Oid>,
+    pub batch_size: i32,
+    pub now: Option<i64>,
+    pub source_filter: Option<&'a str>,
+    pub id_column: &'a str,
+    pub user_id_column: &'a str,
+    pub chat_column: &'a str,
+    pub dry_run: bool,
+}
+
+impl Request<'_> {
+    pub fn check(self) -> Result<Settings> {
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return Err(Error::new(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("batch_size {} is out of range", self.batch_size),
+                format!("Use a batch_size between 1 and {MAX_BATCH_SIZE}; 5000 is a good default."),
+            ));
+        }
+        // SAFETY: reads a backend global that is fixed for the session.
+        if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
+            return Err(Error::new(
+                ERRCODE_FEATURE_NOT_SUPPORTED,
+                "chat_backfill needs a UTF8 database",
+                "Open WebUI's databases are UTF8; run the backfill in one.",
+            ));
+        }
+        let source = resolve(self.source, "chat", "source")?;
+        let target = resolve(self.target, "chat_message", "target")?;
+        let id_type = check_source(&source, self.id_column, self.user_id_column, self.chat_column)?;
+        check_target(&target)?;
+        check_privileges(&source, (!self.dry_run).then_some(&target))?;
+        let source_filter = self.source_filter.filter(|f| !f.trim().is_empty()).map(str::to_owned);
+        if let Some(filter) = &source_filter {
+            check_filter(&source, filter)?;
+        }
+        Ok(Settings {
+            source,
+            target,
+            batch_size: self.batch_size as usize,
+            now: self.now.unwrap_or_else(transaction_start_epoch),
+            source_filter,
+            id_column: self.id_column.to_owned(),
+            user_id_column: self.user_id_column.to_owned(),
+            chat_column: self.chat_column.to_owned(),
+            dry_run: self.dry_run,
+            run_id: 0,
+            id_type: qualified_type_name(id_type)?,
+        })
+    }
+}
+
+/// A new run id, shared by both forms so rejections of different runs never mix.
+pub fn next_run_id() -> Result<i64> {
+    Spi::get_one::<i64>("SELECT pg_catalog.nextval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass)")?
+        .ok_or_else(|| Error::from(pgrx::spi::Error::InvalidPosition))
+}
+
+/// `now` as the reference computes it, but fixed for the transaction: its start time in
+/// whole epoch seconds.
+pub fn transaction_start_epoch() -> i64 {
+    // SAFETY: reads the current transaction's start time; no arguments, no allocation.
+    let ts = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    // TimestampTz counts microseconds from 2000-01-01; 946684800 is that day in epoch seconds.
+    ts.div_euclid(1_000_000) + 946_684_800
+}
+
+/// The filter is spliced into our SELECT as `WHERE (filter)`, so it must stay one boolean
+/// expression: PostgreSQL's own parser must see exactly one plain SELECT with our FROM and
+/// nothing but a WHERE added (no second statement, UNION, ORDER BY, LIMIT or locking).
+fn check_filter(source: &Relation, filter: &str) -> Result<()> {
+    let refuse = |why: &str| {
+        Error::new(
+            ERRCODE_SYNTAX_ERROR,
+            "source_filter must be one SQL boolean expression",
+            "Pass a condition over the source's columns, like user_id NOT LIKE 'shared-%', without ';' or \
+             clauses of its own; NULL or '' reads every row.",
+        )
+        .with_detail(why.to_owned())
+    };
+    let sql = format!("SELECT FROM {} WHERE ({filter})", source.name);
+    let sql = CString::new(sql).map_err(|_| refuse("It contains a NUL character."))?;
+    // SAFETY: raw_parser only reads the string and returns a List of RawStmt in the
+    // current memory context; a syntax error is raised as an ordinary ERROR (42601).
+    let plain_select = unsafe {
+        let list = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
+        if list.is_null() || (*list).length != 1 {
+            return Err(refuse("It makes the query hold more than one statement."));
+        }
+        let raw = (*(*list).elements).ptr_value as *mut pg_sys::RawStmt;
+        let stmt = (*raw).stmt;
+        if (*stmt).type_ != pg_sys::NodeTag::T_SelectStmt {
+            false
+        } else {
+            let select = &*(stmt as *mut pg_sys::SelectStmt);
+            select.op == pg_sys::SetOperation::SETOP_NONE
+                && select.sortClause.is_null()
+                && select.limitCount.is_null()
+                && select.limitOffset.is_null()
+                && select.lockingClause.is_null()
+                && select.withClause.is_null()
+                && select.groupClause.is_null()
+                && select.havingClause.is_null()
+                && select.windowClause.is_null()
+                && select.distinctClause.is_null()
+                && !select.fromClause.is_null()
+                && (*select.fromClause).length == 1
+        }
+    };
+    if plain_select {
+        Ok(())
+    } else {
+        Err(refuse("It adds clauses of its own to the query."))
+    }
+}

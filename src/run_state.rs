@@ -1,0 +1,132 @@
+//! The committing form's run state in `chat_backfill.runs`, written with the caller's own
+//! rights: row-level security admits a role only to runs whose source it can read and
+//! whose target it can write. Every statement names its catalog objects explicitly.
+
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+
+use crate::backfill::{source_where, BatchReport, Settings};
+use crate::error::Result;
+
+/// Where a CALL starts from.
+pub enum Start {
+    New,
+    Resume { run_id: i64, last_key: Option<String>, high_water: String, now: i64 },
+    Finished { run_id: i64, finished_at: String },
+}
+
+fn text_or_null(value: Option<&str>) -> DatumWithOid<'_> {
+    value.map_or(DatumWithOid::null_oid(pg_sys::TEXTOID), DatumWithOid::from)
+}
+
+/// The latest run of this source and target.
+pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
+    let latest = Spi::connect(|client| {
+        let table = client.select(
+            "SELECT r.run_id, r.status, coalesce(r.finished_at::pg_catalog.text, ''::pg_catalog.text), \
+                    r.last_key, r.high_water, r.now \
+             FROM chat_backfill.runs r \
+             WHERE r.source_oid OPERATOR(pg_catalog.=) $1 AND r.target_oid OPERATOR(pg_catalog.=) $2 \
+             ORDER BY r.run_id DESC LIMIT 1",
+            None,
+            &[settings.source.oid.into(), settings.target.oid.into()],
+        )?;
+        let Some(row) = table.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(None) };
+        Ok(Some((
+            row.get::<i64>(1)?.unwrap_or_default(),
+            row.get::<String>(2)?.unwrap_or_default(),
+            row.get::<String>(3)?.unwrap_or_default(),
+            row.get::<String>(4)?,
+            row.get::<String>(5)?.unwrap_or_default(),
+            row.get::<i64>(6)?.unwrap_or_default(),
+        )))
+    })?;
+    Ok(match latest {
+        None => Start::New,
+        Some(_) if restart => Start::New,
+        Some((run_id, status, finished_at, ..)) if status == "finished" => Start::Finished { run_id, finished_at },
+        Some((run_id, _, _, last_key, high_water, now)) => Start::Resume { run_id, last_key, high_water, now },
+    })
+}
+
+/// Captures the high-water mark and the size of the job and records the run; `None` when
+/// there is nothing to do. Runs through a portal, which holds exactly one statement.
+pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
+    let key = pgrx::spi::quote_identifier(&settings.id_column);
+    let measure = format!(
+        "SELECT pg_catalog.max({key})::pg_catalog.text, pg_catalog.count(*) FROM {}{}",
+        settings.source.name,
+        source_where(settings, None)
+    );
+    let (high_water, total) = Spi::connect(|client| {
+        let mut cursor = client.try_open_cursor(measure.as_str(), &[])?;
+        let table = cursor.fetch(1)?;
+        let row = table.into_iter().next();
+        Ok::<_, pgrx::spi::Error>(match row {
+            Some(row) => (row.get::<String>(1)?, row.get::<i64>(2)?.unwrap_or(0)),
+            None => (None, 0),
+        })
+    })?;
+    let Some(high_water) = high_water else { return Ok(None) };
+    let run_id = Spi::get_one_with_args::<i64>(
+        "INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, total_chats, now, \
+                                         source_filter, status) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running'::pg_catalog.text) RETURNING run_id",
+        &[
+            settings.source.oid.into(),
+            settings.target.oid.into(),
+            settings.source.name.as_str().into(),
+            settings.target.name.as_str().into(),
+            high_water.as_str().into(),
+            total.into(),
+            settings.now.into(),
+            text_or_null(settings.source_filter.as_deref()),
+        ],
+    )?
+    .unwrap_or_default();
+    Ok(Some((run_id, high_water)))
+}
+
+pub fn resumed(run_id: i64) -> Result<()> {
+    set_status(run_id, "running", None)
+}
+
+pub fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) -> Result<()> {
+    Spi::run_with_args(
+        "UPDATE chat_backfill.runs SET last_key = coalesce($2, last_key), \
+             chats_read = chats_read OPERATOR(pg_catalog.+) $3, \
+             messages_inserted = messages_inserted OPERATOR(pg_catalog.+) $4, \
+             messages_rejected = messages_rejected OPERATOR(pg_catalog.+) $5, \
+             messages_existing = messages_existing OPERATOR(pg_catalog.+) $6, \
+             messages_skipped = messages_skipped OPERATOR(pg_catalog.+) $7, \
+             chats_skipped = chats_skipped OPERATOR(pg_catalog.+) $8, \
+             chats_vanished = chats_vanished OPERATOR(pg_catalog.+) $9, \
+             batches = batches OPERATOR(pg_catalog.+) 1::pg_catalog.int4, \
+             active_ms = active_ms OPERATOR(pg_catalog.+) $10, updated_at = pg_catalog.clock_timestamp() \
+         WHERE run_id OPERATOR(pg_catalog.=) $1",
+        &[
+            run_id.into(),
+            text_or_null(last_key),
+            r.chats_read.into(),
+            r.messages_inserted.into(),
+            r.messages_rejected.into(),
+            r.messages_existing.into(),
+            r.messages_skipped.into(),
+            r.chats_skipped.into(),
+            r.chats_vanished.into(),
+            r.elapsed_ms.into(),
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn set_status(run_id: i64, status: &str, error: Option<&str>) -> Result<()> {
+    Spi::run_with_args(
+        "UPDATE chat_backfill.runs SET status = $2, last_error = $3, updated_at = pg_catalog.clock_timestamp(), \
+             finished_at = CASE WHEN $2 OPERATOR(pg_catalog.=) 'finished'::pg_catalog.text \
+                                THEN pg_catalog.clock_timestamp() END \
+         WHERE run_id OPERATOR(pg_catalog.=) $1",
+        &[run_id.into(), status.into(), text_or_null(error)],
+    )?;
+    Ok(())
+}
