@@ -1,9 +1,18 @@
-"""Row-by-row comparison of a chat_message table against the reference's."""
+"""Row-by-row comparison of a chat_message table against the reference's, and of our JSON
+columns against the source documents' own text.
+
+What `compare` can and cannot say: text, boolean and bigint columns are compared as
+values; JSON columns are compared as *parsed values* (`strict_equal`), never as text,
+because the reference re-serialises every JSON value (`json.dumps`: its own spacing,
+escapes and number spelling). That our JSON columns keep the document's exact text is a
+separate check, against the source documents: `source_json_texts` and `json_text_problems`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 COLUMNS = [
     "id", "chat_id", "user_id", "role", "parent_id", "content", "output", "model_id", "files",
@@ -87,4 +96,136 @@ def compare(ours: dict, ref: dict, ref_failed: set[str], our_rejected: set[str])
     for rid in ref_failed:
         if rid not in ours and rid not in our_rejected:
             problems.append(f"{rid!r}: the reference failed on it; ours neither stored nor reported it")
+    return problems
+
+
+# ---------------------------------------------------------------------------
+# The source documents' own JSON text, sliced without re-serialising anything.
+
+JSON_SOURCE_FIELDS = {
+    "content": "content", "output": "output", "files": "files", "sources": "sources",
+    "embeds": "embeds", "status_history": "statusHistory", "error": "error", "usage": "usage",
+}
+_WS = " \t\n\r"
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_SCALAR_END = re.compile(r"[,\]} \t\n\r]")
+
+
+def _skip_ws(s: str, i: int) -> int:
+    while i < len(s) and s[i] in _WS:
+        i += 1
+    return i
+
+
+def _string_end(s: str, i: int) -> int:
+    m = _STRING.match(s, i)
+    if not m:
+        raise ValueError(f"no string at {i}")
+    return m.end()
+
+
+def _value_end(s: str, i: int) -> int:
+    """End of the JSON value starting at s[i]; iterative, so any depth."""
+    depth = 0
+    while True:
+        c = s[i]
+        if c == '"':
+            i = _string_end(s, i)
+        elif c in "[{":
+            depth += 1
+            i += 1
+        elif c in "]}":
+            depth -= 1
+            i += 1
+        elif depth > 0 and (c in _WS or c in ",:"):
+            i += 1
+        else:
+            m = _SCALAR_END.search(s, i)
+            i = m.start() if m else len(s)
+        if depth == 0:
+            return i
+
+
+def _members(s: str, i: int) -> list[tuple[str, int, int]]:
+    """The members of the object at s[i] as (decoded key, value start, value end), in
+    document order, duplicates included."""
+    if s[i] != "{":
+        raise ValueError("not an object")
+    out = []
+    i = _skip_ws(s, i + 1)
+    if s[i] == "}":
+        return out
+    while True:
+        key_end = _string_end(s, i)
+        key = json.loads(s[i:key_end])
+        i = _skip_ws(s, key_end)
+        if s[i] != ":":
+            raise ValueError("no colon")
+        start = _skip_ws(s, i + 1)
+        end = _value_end(s, start)
+        out.append((key, start, end))
+        i = _skip_ws(s, end)
+        if s[i] == "}":
+            return out
+        if s[i] != ",":
+            raise ValueError("no comma")
+        i = _skip_ws(s, i + 1)
+
+
+def _last(members, key):
+    found = [m for m in members if m[0] == key]
+    return found[-1] if found else None
+
+
+def source_json_texts(chat_id: str, text: str | None) -> dict[str, dict[str, str]]:
+    """For every message of one chat document (rules 2 to 5: double encoding, history,
+    messages, duplicate keys): the exact source text of each JSON column's value, the
+    literal `null` where the key is missing. Keyed by row id (`chat_id-key`)."""
+    if text is None:
+        return {}
+    doc = text.strip(_WS)
+    try:
+        if doc.startswith('"'):
+            inner = json.loads(doc)
+            if not isinstance(inner, str):
+                return {}
+            # The extension keeps unpaired surrogates of the decoded text as \uXXXX escapes.
+            doc = "".join(f"\\u{ord(ch):04x}" if 0xD800 <= ord(ch) < 0xE000 else ch for ch in inner).strip(_WS)
+        if not doc.startswith("{"):
+            return {}
+        history = _last(_members(doc, 0), "history")
+        if history is None or doc[history[1]] != "{":
+            return {}
+        messages = _last(_members(doc, history[1]), "messages")
+        if messages is None or doc[messages[1]] != "{":
+            return {}
+        entries: dict[str, tuple[int, int]] = {}
+        for key, start, end in _members(doc, messages[1]):
+            entries[key] = (start, end)  # first position, last value (dict semantics)
+    except (ValueError, IndexError):
+        return {}
+    out = {}
+    for key, (start, end) in entries.items():
+        if doc[start] != "{":
+            continue
+        fields = {k: doc[a:b] for k, a, b in _members(doc, start)}  # last duplicate wins
+        out[f"{chat_id}-{key}"] = {col: fields.get(src, "null") for col, src in JSON_SOURCE_FIELDS.items()}
+    return out
+
+
+def json_text_problems(rows_as_text: dict[str, dict], chats) -> list[str]:
+    """Every stored row whose JSON columns are not, byte for byte, the text of the value in
+    its source document. `rows_as_text`: `fetch_rows(conn, parse_json=False)`."""
+    expected: dict[str, dict[str, str]] = {}
+    for c in chats:
+        for rid, cols in source_json_texts(c.id, c.chat).items():
+            expected.setdefault(rid, cols)  # ids of two chats that collide: the first one
+    problems = []
+    for rid, row in rows_as_text.items():
+        if rid not in expected:
+            problems.append(f"{rid!r}: stored, but no such message in the source documents")
+            continue
+        for col, want in expected[rid].items():
+            if row[col] is None or row[col].encode() != want.encode():
+                problems.append(f"{rid!r} {col}: stored {row[col]!r:.80}, source text {want!r:.80}")
     return problems

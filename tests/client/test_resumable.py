@@ -5,6 +5,7 @@ the real pg_cron, and the real Alembic with the shipped examples."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -57,6 +58,40 @@ def status(cluster: Cluster, db: str) -> list[tuple]:
         return cur.fetchall()
 
 
+def progress(cluster: Cluster, db: str) -> dict:
+    """The latest run's checkpoint as the status view shows it."""
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT run_id, state, chats_done, total_chats, last_key, messages_inserted, messages_existing,"
+                    " messages_rejected FROM chat_backfill.status ORDER BY run_id DESC LIMIT 1")
+        return dict(zip([d.name for d in cur.description], cur.fetchone()))
+
+
+RESUMED = re.compile(r"resuming run (\d+) after key (\S+)\s*$")
+
+
+def resumed_after(notices) -> list[tuple[int, str]]:
+    """(run, key) of every "resuming run N after key K" NOTICE."""
+    return [(int(m[1]), m[2]) for n in notices for m in [RESUMED.search(n)] if m]
+
+
+def eligible_chats(cluster: Cluster, db: str, after: str | None, upto: str) -> int:
+    """Chats the backfill reads with keys in (after, upto], in the source's own order."""
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chat WHERE user_id NOT LIKE 'shared-%%'"
+                    " AND (%(after)s::text IS NULL OR id > %(after)s) AND id <= %(upto)s",
+                    {"after": after, "upto": upto})
+        return cur.fetchone()[0]
+
+
+def assert_read_once(cluster: Cluster, db: str, want: dict):
+    """The finished run read every eligible chat exactly once and wrote every row once:
+    a chat read twice would count twice in chats_done and its rows as existing."""
+    p = progress(cluster, db)
+    assert p["state"] == "finished"
+    assert p["chats_done"] == p["total_chats"] == eligible_chats(cluster, db, None, p["last_key"])
+    assert (p["messages_inserted"], p["messages_existing"]) == (len(want), 0)
+
+
 def rows_of(cluster: Cluster, db: str) -> dict:
     with cluster.connect(db) as conn:
         return fetch_rows(conn, parse_json=False)
@@ -78,20 +113,37 @@ def test_call_gives_the_one_shot_result(cluster, expected):
 
 
 def test_max_runtime_stops_after_a_batch_and_the_next_call_resumes(cluster, expected):
+    """Each CALL resumes right after the key the previous one checkpointed (its NOTICE
+    names it) and reads exactly the chats after it: the chats_done it adds are the
+    eligible chats between the two keys. batch_size 40 is more than any chat's messages
+    (the largest hostile chat has 33), so no chat is ever split over two batches."""
     chats, want = expected
     db = make_db(cluster, chats)
     calls = 0
+    before = None
     while calls < 200:
         calls += 1
-        call(cluster, db, "batch_size => 40, max_runtime => '1 millisecond'")
+        notices = []
+        call(cluster, db, "batch_size => 40, max_runtime => '1 millisecond'", notices=notices)
         states = status(cluster, db)
         assert len(states) == 1, "every CALL resumes the same run"
+        now = progress(cluster, db)
+        if before is None:
+            assert resumed_after(notices) == [], notices
+            assert now["chats_done"] == eligible_chats(cluster, db, None, now["last_key"])
+        else:
+            assert resumed_after(notices) == [(before["run_id"], before["last_key"])], notices
+            assert now["chats_done"] - before["chats_done"] == eligible_chats(
+                cluster, db, before["last_key"], now["last_key"]), "this CALL read chats before its key, or skipped some"
+            assert now["messages_existing"] == 0, "a message was written twice"
+        before = now
         if states[0][1] == "finished":
             break
         assert states[0][1] == "stopped" and 0 < states[0][4] <= 100
         assert states[0][6] is not None, "an estimate of the time left while unfinished"
     assert calls > 5
     assert rows_of(cluster, db) == want
+    assert_read_once(cluster, db, want)
 
 
 def test_a_finished_backfill_is_a_fast_noop_and_restart_runs_again(cluster, expected):
@@ -192,15 +244,18 @@ def test_terminated_backend_resumes_without_loss_or_duplicates(cluster, expected
     with cluster.connect() as admin, admin.cursor() as cur:
         cur.execute("SELECT pg_terminate_backend(%s)", (box["pid"],))
     t.join()
-    assert "error" in box
-    assert status(cluster, db)[0][1] == "interrupted"
-    call(cluster, db)
+    assert isinstance(box.get("error"), psycopg2.OperationalError), box
+    killed = progress(cluster, db)
+    assert killed["state"] == "interrupted" and killed["chats_done"] >= 20
+    notices = []
+    call(cluster, db, notices=notices)
+    # The next CALL starts right after the last committed batch; the batch the kill
+    # rolled back is read again (it was never counted), nothing else is.
+    assert resumed_after(notices) == [(killed["run_id"], killed["last_key"])], notices
     assert rows_of(cluster, db) == want
     runs = status(cluster, db)
     assert len(runs) == 1 and runs[0][1] == "finished"
-    with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("SELECT messages_inserted FROM chat_backfill.runs")
-        assert cur.fetchone() == (len(want),), "committed batches are counted exactly once"
+    assert_read_once(cluster, db, want)
 
 
 def test_immediate_shutdown_mid_run_resumes_after_restart(expected):
@@ -217,22 +272,28 @@ def test_immediate_shutdown_mid_run_resumes_after_restart(expected):
         t.join()
         subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", datadir,
                         "-l", f"{datadir}/server.log", "-w", "start"], check=True, capture_output=True)
-        assert status(crash, db)[0][1] == "interrupted"
-        call(crash, db)
+        crashed = progress(crash, db)
+        assert crashed["state"] == "interrupted" and crashed["chats_done"] >= 20
+        notices = []
+        call(crash, db, notices=notices)
+        assert resumed_after(notices) == [(crashed["run_id"], crashed["last_key"])], notices
         assert rows_of(crash, db) == want
-        assert status(crash, db)[0][1] == "finished"
+        assert_read_once(crash, db, want)
     finally:
         subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", datadir], check=False)
 
 
 def test_concurrent_application_writes(cluster):
     """Inserts, updates and deletes of chats while the backfill runs: no error, no
-    deadlock, and no message of a deleted chat survives the foreign key."""
+    deadlock, the CALL finishes, and no message of a deleted chat survives the foreign
+    key. A chat deleted between being read and being written vanishes: it is counted in
+    chats_vanished, not recorded as rejected (test_hardening.py pins this down exactly)."""
     chats = chats_for_test(count=150, hostile=False)
     db = make_db(cluster, chats)
     t, box = run_in_background(cluster, db, "batch_size => 20, pause => '20 milliseconds'")
     stop = threading.Event()
     errors = []
+    deleted = set()
 
     def application():
         i = 0
@@ -245,6 +306,8 @@ def test_concurrent_application_writes(cluster):
                                 (f"zz-new-{i}", '{"history":{"messages":{"m":{"role":"user"}}}}'))
                     cur.execute("UPDATE chat SET title = 'renamed' WHERE id = %s", (chats[(i * 3) % len(chats)].id,))
                     cur.execute("DELETE FROM chat WHERE id = %s", (victim,))
+                    if cur.rowcount:
+                        deleted.add(victim)
                 except psycopg2.Error as e:
                     errors.append(e)
                 time.sleep(0.01)
@@ -256,15 +319,23 @@ def test_concurrent_application_writes(cluster):
     app.join()
     assert not t.is_alive() and "error" not in box, box
     assert not errors, errors[:3]
-    call(cluster, db)  # finishes if the first CALL stopped early (it does not: no max_runtime)
+    assert deleted, "the application deleted chats during the run"
     with cluster.connect(db) as conn, conn.cursor() as cur:
+        # The one CALL finished the run (no max_runtime); nothing left for another CALL.
+        cur.execute("SELECT state, chats_vanished FROM chat_backfill.status")
+        [(state, vanished)] = cur.fetchall()
+        assert state == "finished"
+        assert 0 <= vanished <= len(deleted)
         cur.execute("SELECT count(*) FROM chat_message m WHERE NOT EXISTS (SELECT 1 FROM chat c WHERE c.id = m.chat_id)")
         assert cur.fetchone() == (0,)
         cur.execute("ALTER TABLE chat_message VALIDATE CONSTRAINT chat_message_chat_id_fkey")
-        cur.execute("SELECT DISTINCT sqlstate FROM chat_backfill.rejected_messages")
-        assert set(r[0] for r in cur.fetchall()) <= {"23503"}
-        cur.execute("SELECT state FROM chat_backfill.status")
-        assert cur.fetchone() == ("finished",)
+        cur.execute("SELECT chat_id, sqlstate FROM chat_backfill.rejected_messages")
+        assert cur.fetchall() == [], "deleted chats are not rejections"
+        # Every chat that is still there has all its messages.
+        cur.execute("SELECT count(*) FROM chat c, chat_messages(c.id, c.user_id, c.chat, %s) m"
+                    " WHERE c.user_id NOT LIKE 'shared-%%' AND c.user_id <> 'u-new'"
+                    " AND NOT EXISTS (SELECT 1 FROM chat_message t WHERE t.id = m.id)", (chatgen.NOW,))
+        assert cur.fetchone() == (0,)
 
 
 def test_pg_cron_advances_it_a_slice_at_a_time():
