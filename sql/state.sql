@@ -24,8 +24,10 @@ CREATE TABLE chat_backfill.rejected_messages (
 );
 CREATE INDEX ON chat_backfill.rejected_messages (run_id);
 -- A re-run does not record the same rejection again (its INSERT says ON CONFLICT DO NOTHING).
+-- Ids come from user data and may be longer than an index row can hold: index their hashes.
 CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
-    (target_oid, chat_id, message_id, sqlstate) NULLS NOT DISTINCT;
+    (target_oid, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
+     pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8)) NULLS NOT DISTINCT;
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages', '');
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_seq', '');
 

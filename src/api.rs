@@ -46,7 +46,9 @@ impl<T> Iterator for ChatEntries<T> {
 /// Opens and indexes one chat; the `Err` is why it has no messages.
 fn open_chat(chat: Option<&str>) -> Result<(String, Vec<Span>), expand::ChatSkip> {
     let doc = Document::open(chat)?;
-    let spans = doc.index()?;
+    let spans = doc.index_polling(&mut || {
+                    pgrx::check_for_interrupts!();
+                })?;
     Ok((doc.text().to_owned(), spans))
 }
 

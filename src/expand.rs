@@ -213,7 +213,13 @@ impl<'a> Document<'a> {
     /// each entry of `history.messages` lies, in the reference's order, duplicates
     /// resolved. Cost and memory are linear in the document; nothing is built per value.
     pub fn index(&self) -> Result<Vec<Span>, ChatSkip> {
-        index(&self.0)
+        index(&self.0, &mut || {})
+    }
+
+    /// The same, calling `poll` every `POLL_EVERY` messages, so a caller can stop a long
+    /// one (PostgreSQL checks for a cancel there).
+    pub fn index_polling(&self, poll: &mut dyn FnMut()) -> Result<Vec<Span>, ChatSkip> {
+        index(&self.0, poll)
     }
 
     /// Every entry, expanded (rules 5 to 7). For small chats and tests; the engine
@@ -254,12 +260,15 @@ impl Span {
 /// rather than wrap.
 const MAX_DOCUMENT_BYTES: usize = u32::MAX as usize;
 
-fn index(doc: &str) -> Result<Vec<Span>, ChatSkip> {
+/// How many messages between two calls of an index's `poll`.
+pub const POLL_EVERY: usize = 4096;
+
+fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Vec<Span>, ChatSkip> {
     if doc.len() > MAX_DOCUMENT_BYTES {
         return Err(ChatSkip::NotJson);
     }
     let mut de = serde_json::Deserializer::from_str(doc);
-    let found = de.deserialize_map(ChatVisitor { base: doc }).map_err(|_| ChatSkip::NotJson)?;
+    let found = de.deserialize_map(ChatVisitor { base: doc, poll: &mut *poll }).map_err(|_| ChatSkip::NotJson)?;
     de.end().map_err(|_| ChatSkip::NotJson)?;
     let spans = match found {
         None | Some(Level::Object(None)) => return Ok(Vec::new()),
@@ -267,7 +276,7 @@ fn index(doc: &str) -> Result<Vec<Span>, ChatSkip> {
         Some(Level::Object(Some(Level::NotObject))) => return Err(ChatSkip::MessagesNotObject),
         Some(Level::Object(Some(Level::Object(spans)))) => spans,
     };
-    Ok(dedupe_keys(doc, spans))
+    Ok(dedupe_keys(doc, spans, poll))
 }
 
 /// Expands the entry at `span` of `doc` (a document's text, as given to `index`).
@@ -314,41 +323,44 @@ where
 
 /// The visitors of the three levels carry the document's text, to turn the slices
 /// serde_json hands out into offsets.
-struct ChatVisitor<'d> {
+struct ChatVisitor<'d, 'p> {
     base: &'d str,
+    poll: &'p mut dyn FnMut(),
 }
 
-impl<'de> Visitor<'de> for ChatVisitor<'de> {
+impl<'de> Visitor<'de> for ChatVisitor<'de, '_> {
     type Value = Option<Level<Option<Level<Vec<Span>>>>>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a chat object")
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        let base = self.base;
-        walk_level(map, "history", |m| m.next_value_seed(LevelSeed(HistoryVisitor { base })))
+        let (base, poll) = (self.base, self.poll);
+        walk_level(map, "history", |m| m.next_value_seed(LevelSeed(HistoryVisitor { base, poll: &mut *poll })))
     }
 }
 
-struct HistoryVisitor<'d> {
+struct HistoryVisitor<'d, 'p> {
     base: &'d str,
+    poll: &'p mut dyn FnMut(),
 }
 
-impl<'de> Visitor<'de> for HistoryVisitor<'de> {
+impl<'de> Visitor<'de> for HistoryVisitor<'de, '_> {
     type Value = Option<Level<Vec<Span>>>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a history object")
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        let base = self.base;
-        walk_level(map, "messages", |m| m.next_value_seed(LevelSeed(MessagesVisitor { base })))
+        let (base, poll) = (self.base, self.poll);
+        walk_level(map, "messages", |m| m.next_value_seed(LevelSeed(MessagesVisitor { base, poll: &mut *poll })))
     }
 }
 
-struct MessagesVisitor<'d> {
+struct MessagesVisitor<'d, 'p> {
     base: &'d str,
+    poll: &'p mut dyn FnMut(),
 }
 
-impl<'de> Visitor<'de> for MessagesVisitor<'de> {
+impl<'de> Visitor<'de> for MessagesVisitor<'de, '_> {
     type Value = Vec<Span>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a messages object")
@@ -358,6 +370,9 @@ impl<'de> Visitor<'de> for MessagesVisitor<'de> {
         while let Some(key) = map.next_key::<&'de RawValue>()? {
             let value = map.next_value::<&'de RawValue>()?;
             spans.push(Span::of(self.base, key.get(), value.get()));
+            if spans.len() % POLL_EVERY == 0 {
+                (self.poll)();
+            }
         }
         Ok(spans)
     }
@@ -410,16 +425,25 @@ where
 
 /// Python's dict built from pairs: a repeated key keeps its first position and takes
 /// its last value. Keys are compared decoded (`"\u0061"` is `"a"`).
-fn dedupe_keys(doc: &str, spans: Vec<Span>) -> Vec<Span> {
+fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut()) -> Vec<Span> {
     let key = |span: &Span| scalar::decode_string(span.key(doc)).into_bytes();
     let mut seen: HashSet<Cow<'_, [u8]>> = HashSet::with_capacity(spans.len());
-    if spans.iter().all(|span| seen.insert(key(span))) {
+    let unique = spans.iter().enumerate().all(|(n, span)| {
+        if n % POLL_EVERY == 0 {
+            poll();
+        }
+        seen.insert(key(span))
+    });
+    if unique {
         return spans;
     }
     drop(seen);
     let mut slot_of: HashMap<Cow<'_, [u8]>, usize> = HashMap::with_capacity(spans.len());
     let mut out: Vec<Span> = Vec::with_capacity(spans.len());
-    for span in spans {
+    for (n, span) in spans.into_iter().enumerate() {
+        if n % POLL_EVERY == 0 {
+            poll();
+        }
         match slot_of.get(&key(&span)) {
             Some(&slot) => out[slot].value = span.value,
             None => {

@@ -87,15 +87,25 @@ pub fn resolve(given: Option<pg_sys::Oid>, default_name: &str, role: &str) -> Re
         };
         return Err(Error::new(ERRCODE_UNDEFINED_TABLE, format!("{role} table \"{default_name}\" does not exist"), hint));
     };
+    match qualified_name("pg_class", "relname", "relnamespace", oid) {
+        Some(name) => Ok(Relation { oid, name }),
+        None => Err(Error::new(ERRCODE_UNDEFINED_TABLE, format!("{role} table with oid {oid:?} does not exist"), "Pass an existing table.")),
+    }
+}
+
+/// `schema.name` of the object `oid` in `catalog` (pg_class or pg_type), quoted.
+fn qualified_name(catalog: &str, name: &str, namespace: &str, oid: pg_sys::Oid) -> Option<String> {
     let names = Spi::get_two_with_args::<String, String>(
-        "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text \
-         FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-         WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &format!(
+            "SELECT n.nspname::pg_catalog.text, o.{name}::pg_catalog.text FROM pg_catalog.{catalog} o \
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.{namespace} \
+             WHERE o.oid OPERATOR(pg_catalog.=) $1"
+        ),
         &[oid.into()],
     );
     match names {
-        Ok((Some(schema), Some(table))) => Ok(Relation { oid, name: qualified(&schema, &table) }),
-        _ => Err(Error::new(ERRCODE_UNDEFINED_TABLE, format!("{role} table with oid {oid:?} does not exist"), "Pass an existing table.")),
+        Ok((Some(schema), Some(object))) => Some(qualified(&schema, &object)),
+        _ => None,
     }
 }
 
@@ -207,16 +217,7 @@ pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) -> R
 
 /// A type's name as SQL can spell it whatever the search_path: `pg_catalog."varchar"`.
 pub fn qualified_type_name(oid: pg_sys::Oid) -> Result<String> {
-    let names = Spi::get_two_with_args::<String, String>(
-        "SELECT n.nspname::pg_catalog.text, t.typname::pg_catalog.text \
-         FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.typnamespace \
-         WHERE t.oid OPERATOR(pg_catalog.=) $1",
-        &[oid.into()],
-    );
-    match names {
-        Ok((Some(schema), Some(name))) => Ok(qualified(&schema, &name)),
-        _ => Ok("pg_catalog.text".to_owned()),
-    }
+    Ok(qualified_name("pg_type", "typname", "typnamespace", oid).unwrap_or_else(|| "pg_catalog.text".to_owned()))
 }
 
 /// The type's name for messages: `character varying`.

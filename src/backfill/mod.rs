@@ -98,7 +98,12 @@ impl Batch {
         let column = chat.as_ref().and_then(ChatText::as_str);
         let opened = match (&chat, column) {
             (Some(_), None) => Err(expand::ChatSkip::NotJson),
-            _ => Document::open(column).and_then(|doc| Ok((doc.index()?, doc.into_body(column.unwrap_or_default())))),
+            _ => Document::open(column).and_then(|doc| {
+                let spans = doc.index_polling(&mut || {
+                    pgrx::check_for_interrupts!();
+                })?;
+                Ok((spans, doc.into_body(column.unwrap_or_default())))
+            }),
         };
         match opened {
             // Counted as read when its last message is in a batch.
