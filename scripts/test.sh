@@ -18,9 +18,13 @@ step cargo test --lib -- --skip tests::pg_
 
 echo "== #[pg_test]s"
 rm -rf /tmp/chat_backfill_pgtest
+# `cargo pgrx test` installs its debug build (with test functions): put the release build
+# back whether or not the tests pass.
+restore_release() { cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null 2>&1; }
+trap restore_release EXIT
 step cargo pgrx test pg15 --runas postgres --pgdata /tmp/chat_backfill_pgtest
-# `cargo pgrx test` installs its debug build; put the release build back.
-cargo pgrx install --release --pg-config /usr/lib/postgresql/15/bin/pg_config >/dev/null 2>&1
+restore_release
+trap - EXIT
 
 echo "== pg_regress golden files"
 bash tests/pg_regress/run.sh

@@ -32,11 +32,11 @@ SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs_run_id_seq', '');
 
 -- Runs are written by the procedure with the caller's own rights. Row-level security lets a
--- role see a run only if it can read the run's source, and start or advance one only if it
--- can also write the run's target: exactly the roles that could run that backfill anyway.
--- The columns a run is identified and audited by cannot be changed; nobody deletes runs.
+-- role see a run only if it can read the run's source, and start, advance or delete one only
+-- if it could run that backfill (chat_backfill.may_run, may_add). The columns a run is identified and
+-- audited by cannot be changed.
 REVOKE ALL ON chat_backfill.runs FROM PUBLIC;
-GRANT SELECT ON chat_backfill.runs TO PUBLIC;
+GRANT SELECT, DELETE ON chat_backfill.runs TO PUBLIC;
 GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water, total_chats, now, status)
     ON chat_backfill.runs TO PUBLIC;
 GRANT UPDATE (last_key, chats_read, messages_inserted, messages_rejected, messages_existing, messages_skipped,
@@ -47,13 +47,28 @@ ALTER TABLE chat_backfill.runs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY runs_visible_to_readers ON chat_backfill.runs FOR SELECT
     USING (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text));
 CREATE POLICY runs_started_by_runners ON chat_backfill.runs FOR INSERT
-    WITH CHECK (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text)
-                AND pg_catalog.has_table_privilege(target_oid, 'INSERT'::pg_catalog.text));
+    WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target));
 CREATE POLICY runs_advanced_by_runners ON chat_backfill.runs FOR UPDATE
-    USING (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text)
-           AND pg_catalog.has_table_privilege(target_oid, 'INSERT'::pg_catalog.text))
-    WITH CHECK (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text)
-                AND pg_catalog.has_table_privilege(target_oid, 'INSERT'::pg_catalog.text));
+    USING (chat_backfill.may_run(source_oid, target_oid))
+    WITH CHECK (chat_backfill.may_run(source_oid, target_oid));
+CREATE POLICY runs_deleted_by_runners ON chat_backfill.runs FOR DELETE
+    USING (chat_backfill.may_run(source_oid, target_oid));
+
+-- A rejection belongs to a run of the same tables: a resumable run in chat_backfill.runs, or the
+-- one-transaction run that drew its id from the sequence in this very session.
+CREATE POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages FOR SELECT
+    USING (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text));
+CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSERT
+    WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
+                AND CASE WHEN EXISTS (SELECT FROM chat_backfill.runs r
+                                      WHERE r.run_id OPERATOR(pg_catalog.=) rejected_messages.run_id
+                                        AND r.source_oid OPERATOR(pg_catalog.=) rejected_messages.source_oid
+                                        AND r.target_oid OPERATOR(pg_catalog.=) rejected_messages.target_oid)
+                         THEN true
+                         ELSE run_id OPERATOR(pg_catalog.=)
+                              pg_catalog.currval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass) END);
+CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages FOR DELETE
+    USING (chat_backfill.may_run(source_oid, target_oid));
 
 -- Progress of every resumable run the caller may see (security_invoker: the policies above
 -- apply to whoever reads it). A run recorded as running whose runner no longer holds its

@@ -4,8 +4,37 @@
 CREATE SCHEMA chat_backfill;
 GRANT USAGE ON SCHEMA chat_backfill TO PUBLIC;
 
--- Messages and chats a backfill could not write, and why. It holds users' chat content:
--- not readable by PUBLIC; grant SELECT to whoever runs the migration if they need it.
+-- A table's schema-qualified, quoted name: the one the backfill records and shows.
+CREATE FUNCTION chat_backfill.table_name(relation pg_catalog.oid) RETURNS pg_catalog.text
+LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, c.relname)
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+     WHERE c.oid OPERATOR(pg_catalog.=) relation;
+END;
+
+
+-- Who may write a run's state: a role that could run that backfill (read its source, write its
+-- target). Rows it adds must also name the tables as the catalog does, so that no row can claim
+-- to be about tables other than the ones its oids (which this checks) are. Parsed once, here.
+CREATE FUNCTION chat_backfill.may_run(source_oid pg_catalog.oid, target_oid pg_catalog.oid)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text)
+                    AND pg_catalog.has_table_privilege(target_oid, 'INSERT'::pg_catalog.text), false);
+END;
+
+CREATE FUNCTION chat_backfill.may_add(source_oid pg_catalog.oid, target_oid pg_catalog.oid,
+                                      source pg_catalog.text, target pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(chat_backfill.may_run(source_oid, target_oid)
+                    AND source OPERATOR(pg_catalog.=) chat_backfill.table_name(source_oid)
+                    AND target OPERATOR(pg_catalog.=) chat_backfill.table_name(target_oid), false);
+END;
+
+-- Messages and chats a backfill could not write, and why. It holds users' chat content, so a
+-- role sees only rejections from sources it can read (it could read that content there anyway).
 CREATE TABLE chat_backfill.rejected_messages (
     id          bigserial PRIMARY KEY,
     run_id      pg_catalog.int8 NOT NULL,
@@ -26,19 +55,14 @@ CREATE INDEX ON chat_backfill.rejected_messages (run_id);
 -- A re-run does not record the same rejection again (its INSERT says ON CONFLICT DO NOTHING).
 -- Ids come from user data and may be longer than an index row can hold: index their hashes.
 CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
-    (target_oid, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
+    (target_oid, source_oid, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
      pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8)) NULLS NOT DISTINCT;
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages', '');
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_seq', '');
-
--- Backfills record rejections with the caller's own rights: anyone may add rows, but only
--- for a source it can read and a target it can write, which it could fill with anything
--- anyway. Nobody but the owner (and superusers) reads, changes or deletes them.
+-- Backfills record rejections with the caller's own rights; the policies are in runs.sql.
 REVOKE ALL ON chat_backfill.rejected_messages FROM PUBLIC;
+GRANT SELECT, DELETE ON chat_backfill.rejected_messages TO PUBLIC;
 GRANT INSERT (run_id, source, target, source_oid, target_oid, chat_id, message_key, message_id, sqlstate,
               error, detail, message) ON chat_backfill.rejected_messages TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.rejected_messages_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.rejected_messages ENABLE ROW LEVEL SECURITY;
-CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSERT
-    WITH CHECK (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text)
-                AND pg_catalog.has_table_privilege(target_oid, 'INSERT'::pg_catalog.text));

@@ -31,6 +31,8 @@ thread_local! {
     static FEED: RefCell<Option<Feed>> = const { RefCell::new(None) };
 }
 
+/// `pg_guard`: a Rust panic here becomes a PostgreSQL ERROR instead of unwinding into C.
+#[pgrx::pg_guard]
 unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxread: c_int) -> c_int {
     FEED.with(|feed| {
         let mut feed = feed.borrow_mut();
@@ -67,9 +69,14 @@ unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxr
 
 /// Whether COPY may write to `target` for this caller and do exactly what INSERT would:
 /// a plain table, INSERT granted on the whole table, no row-level security (COPY refuses
-/// it), no rules (COPY ignores them), a read-write transaction. Otherwise only the INSERT
-/// path runs, so PostgreSQL applies its exact rules (column grants, policies, rules).
+/// it), no rules (COPY ignores them), a read-write transaction, and no COPY of ours already
+/// feeding (a trigger that runs a backfill). Otherwise only the INSERT path runs, so
+/// PostgreSQL applies its exact rules (column grants, policies, rules). Asked before every
+/// batch: a long committing run sees a REVOKE or a new policy at its next batch.
 pub fn copy_allowed(target: pg_sys::Oid) -> bool {
+    if FEED.with(|f| f.borrow().is_some()) {
+        return false;
+    }
     // SAFETY: catalog lookups on an existing relation; the relcache entry is opened and
     // closed here, and `rd_rel` is read while it is open.
     unsafe {

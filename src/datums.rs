@@ -86,19 +86,24 @@ impl FromDatum for ChatText {
         if is_null {
             return None;
         }
-        // SAFETY: the caller passes a non-null datum of a varlena type (the source query
-        // casts the chat to text); detoasting allocates in the new context, which this
-        // value owns from here on.
-        unsafe {
-            let context = pg_sys::AllocSetContextCreateExtended(
+        // SAFETY: a new context, owned by the value made right away, so that an ERROR while
+        // detoasting (which unwinds through here) drops the value and deletes the context.
+        let context = unsafe {
+            pg_sys::AllocSetContextCreateExtended(
                 pg_sys::TopMemoryContext,
                 c"chat_backfill chat".as_ptr(),
                 0,
                 pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-            );
+            )
+        };
+        let mut text = ChatText { context, data: std::ptr::null(), len: 0, utf8: false };
+        // SAFETY: the caller passes a non-null datum of a varlena type (the source query casts
+        // the chat to text); detoasting or copying allocates in `text`'s context.
+        unsafe {
             let caller = pg_sys::MemoryContextSwitchTo(context);
             let stored = datum.cast_mut_ptr::<pg_sys::varlena>();
+            let guard = RestoreContext(caller);
             let mut own = pg_sys::pg_detoast_datum_packed(stored);
             if own == stored {
                 // Stored inline in the fetched tuple, which goes with the SPI session.
@@ -106,12 +111,22 @@ impl FromDatum for ChatText {
                 own = pg_sys::palloc(size).cast();
                 std::ptr::copy_nonoverlapping(stored.cast::<u8>(), own.cast::<u8>(), size);
             }
-            pg_sys::MemoryContextSwitchTo(caller);
-            let data = pgrx::varlena::vardata_any(own) as *const u8;
-            let len = pgrx::varlena::varsize_any_exhdr(own);
-            let utf8 = std::str::from_utf8(std::slice::from_raw_parts(data, len)).is_ok();
-            Some(ChatText { context, data, len, utf8 })
+            drop(guard);
+            text.data = pgrx::varlena::vardata_any(own) as *const u8;
+            text.len = pgrx::varlena::varsize_any_exhdr(own);
+            text.utf8 = std::str::from_utf8(std::slice::from_raw_parts(text.data, text.len)).is_ok();
         }
+        Some(text)
+    }
+}
+
+/// Switches back to the caller's memory context on every way out.
+struct RestoreContext(pg_sys::MemoryContext);
+
+impl Drop for RestoreContext {
+    fn drop(&mut self) {
+        // SAFETY: the context was current when this was made and outlives it.
+        unsafe { pg_sys::MemoryContextSwitchTo(self.0) };
     }
 }
 

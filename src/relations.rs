@@ -93,22 +93,6 @@ pub fn resolve(given: Option<pg_sys::Oid>, default_name: &str, role: &str) -> Re
     }
 }
 
-/// `schema.name` of the object `oid` in `catalog` (pg_class or pg_type), quoted.
-fn qualified_name(catalog: &str, name: &str, namespace: &str, oid: pg_sys::Oid) -> Option<String> {
-    let names = Spi::get_two_with_args::<String, String>(
-        &format!(
-            "SELECT n.nspname::pg_catalog.text, o.{name}::pg_catalog.text FROM pg_catalog.{catalog} o \
-             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.{namespace} \
-             WHERE o.oid OPERATOR(pg_catalog.=) $1"
-        ),
-        &[oid.into()],
-    );
-    match names {
-        Ok((Some(schema), Some(object))) => Some(qualified(&schema, &object)),
-        _ => None,
-    }
-}
-
 /// A lookup that may find nothing: no row is `None`, not an error.
 fn optional<T>(found: std::result::Result<Option<T>, pgrx::spi::Error>) -> Result<Option<T>> {
     match found {
@@ -118,9 +102,21 @@ fn optional<T>(found: std::result::Result<Option<T>, pgrx::spi::Error>) -> Resul
     }
 }
 
-fn qualified(schema: &str, name: &str) -> String {
-    format!("{}.{}", pgrx::spi::quote_identifier(schema), pgrx::spi::quote_identifier(name))
+/// `schema.name` of the object `oid` in `catalog` (pg_class or pg_type), quoted by
+/// PostgreSQL's own `%I` (as `chat_backfill.table_name`, which the run state's policies compare with).
+fn qualified_name(catalog: &str, name: &str, namespace: &str, oid: pg_sys::Oid) -> Option<String> {
+    Spi::get_one_with_args::<String>(
+        &format!(
+            "SELECT pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, o.{name}) FROM pg_catalog.{catalog} o \
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.{namespace} \
+             WHERE o.oid OPERATOR(pg_catalog.=) $1"
+        ),
+        &[oid.into()],
+    )
+    .ok()
+    .flatten()
 }
+
 
 /// The type of each named column, or `None` where the table has no such column.
 fn column_types(relation: &Relation, columns: &[&str]) -> Result<Vec<Option<pg_sys::Oid>>> {
@@ -162,16 +158,7 @@ pub fn check_target(target: &Relation) -> Result<()> {
             Some(_) => {}
         }
     }
-    let has_unique_id = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a \
-           ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0] \
-         WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL \
-         AND i.indexprs IS NULL AND i.indnkeyatts OPERATOR(pg_catalog.=) 1::pg_catalog.int2 \
-         AND a.attname OPERATOR(pg_catalog.=) 'id'::pg_catalog.name)",
-        &[target.oid.into()],
-    )?
-    .unwrap_or(false);
-    if !has_unique_id {
+    if !has_unique_index(target, "id")? {
         return Err(Error::new(
             ERRCODE_INVALID_COLUMN_REFERENCE,
             format!("target table {} has no unique index on \"id\"", target.name),
@@ -183,6 +170,37 @@ pub fn check_target(target: &Relation) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Whether `column` alone has a valid, unique, non-partial index.
+fn has_unique_index(relation: &Relation, column: &str) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a \
+           ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0] \
+         WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL \
+         AND i.indexprs IS NULL AND i.indnkeyatts OPERATOR(pg_catalog.=) 1::pg_catalog.int2 \
+         AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name)",
+        &[relation.oid.into(), column.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// The committing form reads the source in key order after the last key: duplicate keys
+/// at a batch boundary would be skipped, so the key must be unique.
+pub fn check_source_key(source: &Relation, id_column: &str) -> Result<()> {
+    if has_unique_index(source, id_column)? {
+        return Ok(());
+    }
+    Err(Error::new(
+        ERRCODE_INVALID_COLUMN_REFERENCE,
+        format!("source table {} has no unique index on \"{id_column}\"", source.name),
+        format!(
+            "The committing form reads chats in key order and resumes after the last key, which must be unique \
+             (Open WebUI's chat.id is its primary key): ALTER TABLE {} ADD PRIMARY KEY ({});",
+            source.name,
+            pgrx::spi::quote_identifier(id_column)
+        ),
+    ))
 }
 
 /// The source must have the three columns the backfill reads, the document in json,

@@ -75,6 +75,7 @@ fn backfill_chat_messages_resumable(
     }
     .check()
     .or_raise();
+    crate::relations::check_source_key(&settings.source, &settings.id_column).or_raise();
     let lock_key = advisory_key(&settings);
     if !take_lock(lock_key, if_busy, &settings).or_raise() {
         finish_call();

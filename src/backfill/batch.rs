@@ -52,7 +52,8 @@ impl Rows {
     pub fn push(&mut self, chat_id: &str, user_id: Option<&str>, m: Message<'_>) {
         let id = m.id(chat_id);
         let json = [m.content, m.output, m.files, m.sources, m.embeds, m.status_history, m.error, m.usage];
-        self.bytes += id.len() + chat_id.len() + m.role.len() + json.iter().map(|v| v.len()).sum::<usize>();
+        let text = [m.parent_id.as_deref(), m.model_id.as_deref(), user_id].iter().flatten().map(|v| v.len()).sum::<usize>();
+        self.bytes += id.len() + chat_id.len() + m.role.len() + text + json.iter().map(|v| v.len()).sum::<usize>();
         // SAFETY: switches to the batch's own context for the copies and back.
         let caller = unsafe { pg_sys::MemoryContextSwitchTo(self.context) };
         let [ids, chats, users, roles, parents, models] = &mut self.text;

@@ -64,13 +64,22 @@ struct OpenChat {
 struct Batch {
     rows: Rows,
     rejections: Vec<Rejection>,
+    /// Bytes the rejections hold (each keeps its message's JSON to record it).
+    rejection_bytes: usize,
     report: BatchReport,
     chat_bytes: usize,
 }
 
 impl Batch {
+    /// Messages held: rows to write and rejections to record both count toward the limits,
+    /// so a chat of a million bad messages is recorded a batch at a time too.
+    fn held(&self) -> (usize, usize) {
+        (self.rows.len() + self.rejections.len(), self.rows.bytes() + self.rejection_bytes)
+    }
+
     fn room_for_rows(&self, settings: &Settings) -> bool {
-        self.rows.len() < settings.batch_size && self.rows.bytes() < MAX_BATCH_ROW_BYTES
+        let (messages, bytes) = self.held();
+        messages < settings.batch_size && bytes < MAX_BATCH_ROW_BYTES
     }
 
     fn room_for_chats(&self, settings: &Settings) -> bool {
@@ -82,8 +91,8 @@ impl Batch {
     /// partly written chat; only a chat bigger than a whole batch is split.
     fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
         let text = chat.text.as_ref().map_or(0, ChatText::len);
-        self.rows.len() == 0
-            || (self.rows.len() + chat.spans.len() <= settings.batch_size && self.rows.bytes() + text <= MAX_BATCH_ROW_BYTES)
+        let (messages, bytes) = self.held();
+        messages == 0 || (messages + chat.spans.len() <= settings.batch_size && bytes + text <= MAX_BATCH_ROW_BYTES)
     }
 
     /// Takes a fetched chat: `Some` when it has messages to expand.
@@ -157,7 +166,9 @@ impl Batch {
         match entry {
             Entry::Row(m) => self.rows.push(chat_id, user_id, m),
             Entry::Skipped { .. } => self.report.messages_skipped += 1,
-            Entry::Rejected { key, column, problem, raw } => self.rejections.push(Rejection {
+            Entry::Rejected { key, column, problem, raw } => {
+                self.rejection_bytes += raw.len() + 2 * key.len() + chat_id.len();
+                self.rejections.push(Rejection {
                 chat_id: chat_id.to_owned(),
                 message_id: Some(format!("{chat_id}-{key}")),
                 message_key: Some(key),
@@ -168,7 +179,8 @@ impl Batch {
                     _ => format!("Open WebUI's migration fails on this message too (column {}).", column.name()),
                 }),
                 message: Some(raw.to_owned()),
-            }),
+            })
+            }
         }
     }
 }
@@ -231,6 +243,7 @@ impl Backfill {
         let mut batch = Batch {
             rows: Rows::new(),
             rejections: Vec::new(),
+            rejection_bytes: 0,
             report: BatchReport { batch: self.batch + 1, ..Default::default() },
             chat_bytes: 0,
         };

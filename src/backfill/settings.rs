@@ -99,35 +99,39 @@ pub fn transaction_start_epoch() -> i64 {
     ts.div_euclid(1_000_000) + 946_684_800
 }
 
-/// The filter is spliced into our SELECT as `WHERE (filter)`, so it must stay one boolean
-/// expression: PostgreSQL's own parser must see exactly one plain SELECT with our FROM and
-/// nothing but a WHERE added (no second statement, UNION, ORDER BY, LIMIT or locking).
+/// The filter is spliced into our SELECTs as `WHERE (filter) AND (our condition)`, so it must
+/// stay one boolean expression that our condition is ANDed with. PostgreSQL's own parser
+/// reads the same text with a marker in our condition's place, and must see one plain SELECT
+/// of our table whose WHERE is an AND ending in that marker: a filter that closes our
+/// parenthesis to add an OR, a comment, a second statement, a UNION, an ORDER BY, a LIMIT or
+/// a locking clause changes that shape and is refused.
 fn check_filter(source: &Relation, filter: &str) -> Result<()> {
     let refuse = |why: &str| {
         Error::new(
             ERRCODE_SYNTAX_ERROR,
             "source_filter must be one SQL boolean expression",
-            "Pass a condition over the source's columns, like user_id NOT LIKE 'shared-%', without ';' or \
-             clauses of its own; NULL or '' reads every row.",
+            "Pass a condition over the source's columns, like user_id NOT LIKE 'shared-%', without ';', \
+             comments or clauses of its own; NULL or '' reads every row.",
         )
         .with_detail(why.to_owned())
     };
-    let sql = format!("SELECT FROM {} WHERE ({filter})", source.name);
+    const MARKER: &str = "chat_backfill: end of source_filter";
+    let sql = format!("SELECT FROM {} WHERE ({filter}) AND \"{MARKER}\"", source.name);
     let sql = CString::new(sql).map_err(|_| refuse("It contains a NUL character."))?;
-    // SAFETY: raw_parser only reads the string and returns a List of RawStmt in the
-    // current memory context; a syntax error is raised as an ordinary ERROR (42601).
-    let plain_select = unsafe {
+    // SAFETY: raw_parser only reads the string and returns a List of RawStmt in the current
+    // memory context (a syntax error is raised as an ordinary ERROR, 42601); the nodes are
+    // only read, each after its tag says what it is.
+    let shape = unsafe {
         let list = pg_sys::raw_parser(sql.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT);
         if list.is_null() || (*list).length != 1 {
             return Err(refuse("It makes the query hold more than one statement."));
         }
-        let raw = (*(*list).elements).ptr_value as *mut pg_sys::RawStmt;
-        let stmt = (*raw).stmt;
+        let stmt = (*((*(*list).elements).ptr_value as *mut pg_sys::RawStmt)).stmt;
         if (*stmt).type_ != pg_sys::NodeTag::T_SelectStmt {
-            false
+            Err("It turns the query into something other than a SELECT.")
         } else {
             let select = &*(stmt as *mut pg_sys::SelectStmt);
-            select.op == pg_sys::SetOperation::SETOP_NONE
+            let plain = select.op == pg_sys::SetOperation::SETOP_NONE
                 && select.sortClause.is_null()
                 && select.limitCount.is_null()
                 && select.limitOffset.is_null()
@@ -138,12 +142,45 @@ fn check_filter(source: &Relation, filter: &str) -> Result<()> {
                 && select.windowClause.is_null()
                 && select.distinctClause.is_null()
                 && !select.fromClause.is_null()
-                && (*select.fromClause).length == 1
+                && (*select.fromClause).length == 1;
+            if !plain {
+                Err("It adds clauses of its own to the query.")
+            } else if !ends_with_marker(select.whereClause, MARKER) {
+                Err("It is not one expression: it would change how the backfill's own conditions apply.")
+            } else {
+                Ok(())
+            }
         }
     };
-    if plain_select {
-        Ok(())
-    } else {
-        Err(refuse("It adds clauses of its own to the query."))
+    shape.map_err(refuse)
+}
+
+/// Whether `clause` is an AND whose last argument is the column reference `"marker"`.
+///
+/// # Safety
+/// `clause` must be null or a node of a raw parse tree.
+unsafe fn ends_with_marker(clause: *mut pg_sys::Node, marker: &str) -> bool {
+    // SAFETY: each node is read as the type its tag names; lists are read within their length.
+    unsafe {
+        if clause.is_null() || (*clause).type_ != pg_sys::NodeTag::T_BoolExpr {
+            return false;
+        }
+        let and = &*(clause as *mut pg_sys::BoolExpr);
+        if and.boolop != pg_sys::BoolExprType::AND_EXPR || and.args.is_null() || (*and.args).length < 2 {
+            return false;
+        }
+        let last = (*(*and.args).elements.add((*and.args).length as usize - 1)).ptr_value as *mut pg_sys::Node;
+        if (*last).type_ != pg_sys::NodeTag::T_ColumnRef {
+            return false;
+        }
+        let fields = (*(last as *mut pg_sys::ColumnRef)).fields;
+        if fields.is_null() || (*fields).length != 1 {
+            return false;
+        }
+        let field = (*(*fields).elements).ptr_value as *mut pg_sys::Node;
+        if (*field).type_ != pg_sys::NodeTag::T_String {
+            return false;
+        }
+        std::ffi::CStr::from_ptr((*(field as *mut pg_sys::String)).sval).to_bytes() == marker.as_bytes()
     }
 }

@@ -30,8 +30,8 @@ pub struct Writer {
     missing: Option<String>,
     /// Whether a chat id is still in the source (typed like the source's id column).
     exists: String,
-    /// Whether to try COPY first for each batch; given up after a few batches in a row
-    /// that it could not write (e.g. a re-run, where ids are already present).
+    /// Whether to try COPY first (if `copy_allowed` still agrees); given up after a few
+    /// batches in a row that it could not write (e.g. a re-run, where ids are already present).
     copy_first: bool,
     copy_misses: u32,
 }
@@ -63,7 +63,7 @@ impl Writer {
             pgrx::spi::quote_identifier(&settings.id_column),
             settings.id_type
         );
-        Ok(Writer { target: settings.target.oid, insert, missing, exists, copy_first: !settings.dry_run && copy_allowed(settings.target.oid), copy_misses: 0 })
+        Ok(Writer { target: settings.target.oid, insert, missing, exists, copy_first: !settings.dry_run, copy_misses: 0 })
     }
 
     pub fn write(&mut self, rows: &Rows, report: &mut BatchReport, outcome: &mut Outcome) -> Result<()> {
@@ -76,7 +76,7 @@ impl Writer {
     /// The fast path: the whole batch through COPY in one subtransaction. False when COPY
     /// could not write it (nothing was written then; the INSERT path takes over).
     fn copy(&mut self, rows: &Rows, report: &mut BatchReport) -> bool {
-        if !self.copy_first {
+        if !self.copy_first || !copy_allowed(self.target) {
             return false;
         }
         match in_subtransaction(AssertUnwindSafe(|| copy_rows(self.target, rows))) {

@@ -521,8 +521,66 @@ def test_forged_state_cannot_touch_rejected_messages(cluster, victim_run, attack
                     (run_id, source, target, source_oid, target_oid, chat_id, sqlstate, error)
                 VALUES ({v.run_id}, 'chat', 'chat_message', 'chat'::regclass, 'chat_message'::regclass,
                         'x', '00000', 'forged')""", "42501")
-        expect_sqlstate(cur, "SELECT * FROM chat_backfill.rejected_messages", "42501")
+    # Rejections hold chat content: a role sees only those of sources it can read (whose
+    # content it could read there anyway): mallory none, reader chat's.
+    [(visible,)] = query(cluster, v.db, "SELECT count(*) FROM chat_backfill.rejected_messages",
+                         user=getattr(v, attacker))
+    [(of_chat,)] = query(cluster, v.db, "SELECT count(*) FROM chat_backfill.rejected_messages "
+                                        "WHERE source_oid = 'public.chat'::regclass")
+    assert visible == (of_chat if attacker == "reader" else 0)
     assert_run_unchanged(cluster, v)
+
+
+def test_forged_state_through_a_table_of_ones_own(cluster, victim_run):
+    """The policies check the caller's rights on the tables a row's oids name. Any role can
+    make a table it has every right on (a temp table); with it, it must still not be able to
+    add a row that claims to be about alice's tables or her run:
+
+        CREATE TEMP TABLE t (x int);
+        INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, ...)
+        VALUES ('t'::regclass, 't'::regclass, 'public.chat', 'public.chat_message', ..., 'stopped');
+        INSERT INTO chat_backfill.rejected_messages (run_id, source_oid, target_oid, ...)
+        VALUES (<alice's run id>, 't'::regclass, 't'::regclass, ...);
+    """
+    v = victim_run
+    with connect(cluster, v.db, v.mallory) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE t (x int)")
+        expect_sqlstate(cur, """
+            INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, total_chats, now, status)
+            VALUES ('t'::regclass, 't'::regclass, 'public.chat', 'public.chat_message', 'zzz', 1, 0, 'stopped')""",
+                        "42501")
+        expect_sqlstate(cur, f"""
+            INSERT INTO chat_backfill.rejected_messages
+                (run_id, source, target, source_oid, target_oid, chat_id, sqlstate, error, message)
+            SELECT {v.run_id}, chat_backfill.table_name('t'::regclass), chat_backfill.table_name('t'::regclass),
+                   't'::regclass, 't'::regclass, 'c1', '42804', 'forged', '{{"role": "evil"}}'""", "42501")
+    assert_run_unchanged(cluster, v)
+
+
+def test_a_decoy_rejection_cannot_hide_a_real_one(cluster, scratch):
+    """A role that may write the target but not read the source records a rejection for the
+    same target, chat, message and SQLSTATE before the real run (through a table of its own
+    as the source); the real rejection must still be recorded, under the real run's id."""
+    db = scratch.database("sec_decoy")
+    load(cluster, db, [chatgen.Chat("c2", "u", '{"history":{"messages":{"m2":{"role":{"a":1}}}}}')])
+    query(cluster, db, "CREATE EXTENSION chat_backfill", clean=False)
+    writer = scratch.role("writer")
+    query(cluster, db, f"GRANT INSERT ON public.chat_message TO {writer}")
+    with connect(cluster, db, writer) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE t (x int)")
+        cur.execute("SELECT nextval('chat_backfill.runs_run_id_seq')")
+        (decoy_run,) = cur.fetchone()
+        cur.execute("""
+            INSERT INTO chat_backfill.rejected_messages
+                (run_id, source, target, source_oid, target_oid, chat_id, message_key, message_id, sqlstate, error)
+            VALUES (%s, chat_backfill.table_name('t'::regclass), 'public.chat_message', 't'::regclass,
+                    'chat_message'::regclass, 'c2', 'm2', 'c2-m2', '42804', 'decoy')""", (decoy_run,))
+        with connect(cluster, db) as owner, owner.cursor() as oc:
+            oc.execute("SELECT sum(messages_rejected) FROM backfill_chat_messages(now => %s)", (NOW,))
+            assert oc.fetchone() == (1,)
+            oc.execute("SELECT run_id, error FROM chat_backfill.rejected_messages WHERE source_oid = 'chat'::regclass")
+            [(run_id, error)] = oc.fetchall()
+    assert run_id != decoy_run and error.startswith("cannot be stored: role")
 
 
 def test_forged_state_runs_are_invisible_without_select_on_the_source(cluster, victim_run):
@@ -683,6 +741,10 @@ INJECTIONS = [
     # statements and committed `pwned` (and a 'running' run) before its next query failed.
     "true) ; CREATE TABLE pwned(); SELECT max(id)::text, count(*) FROM chat WHERE (true",
 ]
+# One statement, but not one expression: spliced into `WHERE (filter) AND (key > $1 ...)` they
+# would switch off the committing form's keyset condition (it then reads forever) or cut it
+# off with a comment.
+ESCAPES = ["true) OR (true", "true) --", "true) OR true OR (true"]
 FORMS = {
     "one-shot": "SELECT * FROM backfill_chat_messages(now => %(now)s, source_filter => %(filter)s)",
     "resumable": "CALL backfill_chat_messages_resumable(now => %(now)s, source_filter => %(filter)s)",
@@ -698,6 +760,18 @@ def test_source_filter_with_a_second_statement_fails_42601(cluster, scratch, inj
     with connect(cluster, db) as conn, conn.cursor() as cur:
         expect_sqlstate(cur, FORMS[form], "42601", {"now": NOW, "filter": injection})
     assert query(cluster, db, "SELECT to_regclass('public.pwned')") == [(None,)], "the injected statement ran"
+    nothing_written(cluster, db)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("escape", ESCAPES)
+def test_source_filter_that_escapes_its_parentheses_fails_42601(cluster, scratch, escape, form):
+    db = scratch.database("sec_escape")
+    load(cluster, db, chatgen.realistic_chats(seed=3, count=5, content_bytes=(50, 100), messages=(1, 3)))
+    query(cluster, db, "CREATE EXTENSION chat_backfill", clean=False)
+    with connect(cluster, db) as conn, conn.cursor() as cur:
+        cur.execute("SET statement_timeout = '20s'")  # were it accepted, the CALL would never end
+        expect_sqlstate(cur, FORMS[form], "42601", {"now": NOW, "filter": escape})
     nothing_written(cluster, db)
 
 

@@ -45,8 +45,11 @@ def upgrade() -> None:
         op.execute("CALL backfill_chat_messages_resumable(if_busy => 'wait')")
     # Never build indexes and the foreign key over a half-filled table and record the
     # migration as done: the CALL must have finished the backfill.
+    # By oid, not by name: only a role that can read chat and write chat_message can add
+    # runs of these two tables.
     state = op.get_bind().exec_driver_sql(
-        "SELECT state FROM chat_backfill.status WHERE target = 'public.chat_message' "
+        "SELECT s.state FROM chat_backfill.status s JOIN chat_backfill.runs r USING (run_id) "
+        "WHERE r.source_oid = 'chat'::regclass AND r.target_oid = 'chat_message'::regclass "
         "ORDER BY run_id DESC LIMIT 1"
     ).scalar()
     if state not in (None, "finished"):

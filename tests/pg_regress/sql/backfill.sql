@@ -61,8 +61,14 @@ SELECT batch, chats_read, messages_inserted FROM backfill_chat_messages(batch_si
 CREATE ROLE app_migrator;
 GRANT SELECT ON chat TO app_migrator;
 GRANT SELECT, INSERT ON chat_message TO app_migrator;
+-- A role that can read chat sees the rejections of chat's backfills (their content is chat's);
+-- one that cannot, sees none.
+CREATE ROLE outsider;
+SET ROLE outsider;
+SELECT count(*) AS outsider_sees FROM chat_backfill.rejected_messages;
+RESET ROLE;
 SET ROLE app_migrator;
-SELECT count(*) FROM chat_backfill.rejected_messages;
+SELECT count(*) AS migrator_sees FROM chat_backfill.rejected_messages;
 SELECT sum(messages_existing) AS existing, sum(messages_rejected) AS rejected FROM backfill_chat_messages(now => 1760000000);
 RESET ROLE;
 REVOKE INSERT ON chat_message FROM app_migrator;
@@ -73,5 +79,5 @@ RESET ROLE;
 SELECT count(*) AS recorded_against_rows FROM chat_backfill.rejected_messages WHERE sqlstate = '42501';
 DROP TABLE chat_message, chat;
 DROP OWNED BY app_migrator;
-DROP ROLE app_migrator;
+DROP ROLE app_migrator, outsider;
 DROP EXTENSION chat_backfill;

@@ -1,0 +1,135 @@
+"""Upgrading from 0.1.0 to 0.2.0 with ALTER EXTENSION ... UPDATE, part way through a run.
+
+0.1.0 is packaged from its git commit (scripts/old_release.sh). Its library replaces the
+installed one while the old run is made, then the current build's library comes back (each
+swap is an atomic rename; backends that loaded the old library keep it, new ones load the
+file on disk). The run then finishes under 0.2.0: its state is kept, no message is written
+twice and none is missing. Last, the updated extension's members are compared, from the
+catalog, with a fresh CREATE EXTENSION at 0.2.0 (pg_dump -s prints only CREATE EXTENSION for
+members, so it proves nothing here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import chatgen
+from compare import fetch_rows
+from conftest import ROOT, Cluster
+from load_sample import TARGET_DDL, copy_chats
+
+OLD_VERSION, OLD_COMMIT, NEW_VERSION = "0.1.0", "5c98822", "0.2.0"
+LIB = Path("/usr/lib/postgresql/15/lib/chat_backfill.so")
+EXTDIR = Path("/usr/share/postgresql/15/extension")
+
+
+@contextlib.contextmanager
+def old_library():
+    """0.1.0's library and install script in place of the current library, for the block."""
+    package = Path(subprocess.run(["bash", str(ROOT / "scripts/old_release.sh"), OLD_VERSION, OLD_COMMIT],
+                                  check=True, capture_output=True, text=True).stdout.strip())
+    shutil.copy(package / f"usr/share/postgresql/15/extension/chat_backfill--{OLD_VERSION}.sql", EXTDIR)
+    current = LIB.with_name("chat_backfill.so.current")
+    shutil.copy2(LIB, current)
+    swap(package / "usr/lib/postgresql/15/lib/chat_backfill.so")
+    try:
+        yield
+    finally:
+        swap(current)
+        current.unlink()
+
+
+def swap(library: Path) -> None:
+    staged = LIB.with_name("chat_backfill.so.staged")
+    shutil.copy2(library, staged)
+    os.replace(staged, LIB)
+
+
+def members(cluster: Cluster, db: str) -> dict[str, str]:
+    """Every member of the extension, described by what defines it."""
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT pg_describe_object(d.classid, d.objid, 0),
+                   CASE d.classid
+                     WHEN 'pg_proc'::regclass THEN
+                       pg_get_functiondef(d.objid) || ' acl=' || coalesce((SELECT proacl::text FROM pg_proc WHERE oid = d.objid), '')
+                     WHEN 'pg_class'::regclass THEN (
+                       SELECT concat_ws(' | ', c.relkind, c.relacl::text, c.relrowsecurity, c.reloptions::text,
+                         CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END,
+                         (SELECT string_agg(concat_ws(' ', a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+                                            a.attnotnull, pg_get_expr(ad.adbin, ad.adrelid), a.attacl::text), '; ' ORDER BY a.attnum)
+                            FROM pg_attribute a LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+                           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+                         (SELECT string_agg(pg_get_indexdef(i.indexrelid), '; ' ORDER BY 1) FROM pg_index i WHERE i.indrelid = c.oid),
+                         (SELECT string_agg(conname || ' ' || pg_get_constraintdef(oid), '; ' ORDER BY conname)
+                            FROM pg_constraint WHERE conrelid = c.oid),
+                         (SELECT string_agg(concat_ws(' ', p.policyname, p.cmd, p.roles::text, p.qual, p.with_check), '; '
+                                            ORDER BY p.policyname)
+                            FROM pg_policies p WHERE p.schemaname = n.nspname AND p.tablename = c.relname))
+                       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = d.objid)
+                     WHEN 'pg_namespace'::regclass THEN (SELECT nspacl::text FROM pg_namespace WHERE oid = d.objid)
+                     ELSE '' END
+            FROM pg_depend d JOIN pg_extension e ON d.refobjid = e.oid AND d.refclassid = 'pg_extension'::regclass
+            WHERE e.extname = 'chat_backfill' AND d.deptype = 'e'
+            UNION ALL
+            SELECT 'extension config', (SELECT string_agg(x::regclass::text, ', ' ORDER BY x::regclass::text)
+                                        FROM unnest(extconfig) x) || ' ' || extversion
+            FROM pg_extension WHERE extname = 'chat_backfill'
+            """
+        )
+        return dict(cur.fetchall())
+
+
+def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(cluster):
+    chats = chatgen.realistic_chats(seed=11, count=90, content_bytes=(200, 1200), messages=(2, 9)) + chatgen.hostile_chats()
+    db = cluster.create_db("upgrade", extension=False)
+    with old_library():
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute(f"CREATE EXTENSION chat_backfill VERSION '{OLD_VERSION}'")
+            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            copy_chats(conn, chats)
+            cur.execute(TARGET_DDL)
+            # Part way: max_runtime stops the run after its first committed batch.
+            cur.execute("CALL backfill_chat_messages_resumable(now => %s, batch_size => 40, max_runtime => '0')",
+                        (chatgen.NOW,))
+            cur.execute("SELECT run_id, status, last_key, chats_read, messages_inserted, high_water, now FROM chat_backfill.runs")
+            [before] = cur.fetchall()
+            cur.execute("SELECT count(*) FROM chat_message")
+            written_before = cur.fetchone()[0]
+            cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'chat_backfill'")
+            assert cur.fetchone() == (OLD_VERSION,)
+    assert before[1] == "stopped" and 0 < before[3] < len(chats) and written_before == before[4] > 0
+
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("ALTER EXTENSION chat_backfill UPDATE")
+        cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'chat_backfill'")
+        assert cur.fetchone() == (NEW_VERSION,)
+        cur.execute("SELECT run_id, status, last_key, chats_read, messages_inserted, high_water, now FROM chat_backfill.runs")
+        assert cur.fetchall() == [before], "the update keeps the run's state"
+        cur.execute("CALL backfill_chat_messages_resumable(batch_size => 40)")
+        resumed = [n.strip() for n in conn.notices if "resuming" in n]
+        assert resumed and f"resuming run {before[0]} after key {before[2]}" in resumed[0]
+        cur.execute("SELECT state, chats_done, total_chats, messages_inserted, messages_existing FROM chat_backfill.status")
+        [(state, done, total, inserted, existing)] = cur.fetchall()
+        upgraded_rows = fetch_rows(conn, parse_json=False)
+    assert (state, done, existing) == ("finished", total, 0), "nothing was read twice"
+
+    fresh = cluster.create_db("fresh")
+    with cluster.connect(fresh) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+        cur.execute(TARGET_DDL)
+        cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (chatgen.NOW,))
+        fresh_rows = fetch_rows(conn, parse_json=False)
+    assert inserted == len(upgraded_rows)
+    assert upgraded_rows == fresh_rows, "no duplicate, no missing message"
+
+    updated, created = members(cluster, db), members(cluster, fresh)
+    assert updated.keys() == created.keys()
+    for name in created:
+        assert updated[name] == created[name], name
