@@ -130,7 +130,9 @@ impl Drop for RestoreContext {
     }
 }
 
-/// `SpiHeapTupleData::get` wants the type it reads as: chats are read as `text`.
+/// `SpiHeapTupleData::get` wants the type it reads as: chats are read as `text`, or as
+/// `json` or `varchar` columns as they are (their values are their text), so that reading
+/// a json column costs no output/input conversion and no copy before ours.
 impl IntoDatum for ChatText {
     fn into_datum(self) -> Option<pg_sys::Datum> {
         self.as_str().map(text_datum)
@@ -138,6 +140,10 @@ impl IntoDatum for ChatText {
 
     fn type_oid() -> pg_sys::Oid {
         pg_sys::TEXTOID
+    }
+
+    fn is_compatible_with(other: pg_sys::Oid) -> bool {
+        [pg_sys::TEXTOID, pg_sys::VARCHAROID, pg_sys::JSONOID].contains(&other)
     }
 }
 

@@ -204,8 +204,8 @@ pub fn check_source_key(source: &Relation, id_column: &str) -> Result<()> {
 }
 
 /// The source must have the three columns the backfill reads, the document in json,
-/// jsonb or text. Returns the id column's type.
-pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) -> Result<pg_sys::Oid> {
+/// jsonb or text. Returns the id column's type and the document's.
+pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) -> Result<(pg_sys::Oid, pg_sys::Oid)> {
     let types = column_types(source, &[id, user_id, chat])?;
     for ((column, type_oid), role) in [id, user_id, chat].iter().zip(&types).zip(["id_column", "user_id_column", "chat_column"]) {
         match *type_oid {
@@ -230,7 +230,7 @@ pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) -> R
             Some(_) => {}
         }
     }
-    Ok(types[0].unwrap_or(pg_sys::TEXTOID))
+    Ok((types[0].unwrap_or(pg_sys::TEXTOID), types[2].unwrap_or(pg_sys::TEXTOID)))
 }
 
 /// A type's name as SQL can spell it whatever the search_path: `pg_catalog."varchar"`.

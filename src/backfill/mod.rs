@@ -31,7 +31,7 @@ use write::{Outcome, Writer};
 const MAX_BATCH_BYTES: usize = 64 << 20;
 /// A batch ends once its rows hold this much text, so the INSERT path's arrays (a second
 /// copy) and its halves stay small whatever the messages weigh.
-const MAX_BATCH_ROW_BYTES: usize = 16 << 20;
+const MAX_BATCH_ROW_BYTES: usize = 8 << 20;
 
 /// What one batch did; `sum()` over batches gives the run's totals.
 #[derive(Default, Clone, Debug)]

@@ -142,11 +142,14 @@ pub fn source_where(settings: &Settings, condition: Option<&str>) -> String {
     }
 }
 
-/// The three source columns as text, filtered, then `tail` (ORDER BY / LIMIT, or empty).
+/// The three source columns, filtered, then `tail` (ORDER BY / LIMIT, or empty). Ids as
+/// text; the document as stored (a json or text value is its text: a cast would print and
+/// re-read it, copying a chat of tens of MB twice), or a jsonb document printed as text.
 fn select_sql(settings: &Settings, condition: Option<&str>, tail: &str) -> String {
     let q = pgrx::spi::quote_identifier;
+    let as_text = if settings.chat_is_jsonb { "::pg_catalog.text" } else { "" };
     format!(
-        "SELECT {}::pg_catalog.text, {}::pg_catalog.text, {}::pg_catalog.text FROM {}{}{tail}",
+        "SELECT {}::pg_catalog.text, {}::pg_catalog.text, {}{as_text} FROM {}{}{tail}",
         q(&settings.id_column),
         q(&settings.user_id_column),
         q(&settings.chat_column),

@@ -27,6 +27,9 @@ pub struct Settings {
     pub run_id: i64,
     /// The id column's type, schema-qualified, for keyset reading.
     pub id_type: String,
+    /// Whether the document is jsonb, which is read through its text form (json and text
+    /// columns are read as they are stored).
+    pub chat_is_jsonb: bool,
 }
 
 /// The SQL arguments, as given.
@@ -61,7 +64,7 @@ impl Request<'_> {
         }
         let source = resolve(self.source, "chat", "source")?;
         let target = resolve(self.target, "chat_message", "target")?;
-        let id_type = check_source(&source, self.id_column, self.user_id_column, self.chat_column)?;
+        let (id_type, chat_type) = check_source(&source, self.id_column, self.user_id_column, self.chat_column)?;
         check_target(&target)?;
         check_privileges(&source, (!self.dry_run).then_some(&target))?;
         let source_filter = self.source_filter.filter(|f| !f.trim().is_empty()).map(str::to_owned);
@@ -80,6 +83,7 @@ impl Request<'_> {
             dry_run: self.dry_run,
             run_id: 0,
             id_type: qualified_type_name(id_type)?,
+            chat_is_jsonb: chat_type == pg_sys::JSONBOID,
         })
     }
 }
