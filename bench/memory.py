@@ -8,6 +8,8 @@ Cases (the target has Open WebUI's DDL, tests/client/load_sample.py TARGET_DDL):
       200 B to 20 KB), default batch_size
   c   2000 chats x 10 messages of 20 KB (~400 MB), default batch_size
   c2  case c twice as large (4000 chats): memory must not grow with the table
+  d   one chat of 1,000,000 messages that the rules reject (an object as role): recorded
+      in chat_backfill.rejected_messages a batch at a time, none written
 Each case runs twice: a first run into the empty target (the COPY path), then, after a
 few rows are deleted, a re-run (COPY meets existing rows, the INSERT path writes the
 missing ones).
@@ -158,6 +160,12 @@ def case_million(seed: int):
     yield [Chat("million", "user-1", '{"history":{"messages":{%s}}}' % body)]
 
 
+def case_million_rejected(seed: int):
+    """Every message is one the rules reject (an object as role): recorded, not written."""
+    body = ",".join(f'"{i:x}":{{"role":{{"a":1}}}}' for i in range(1_000_000))
+    yield [Chat("million-rejected", "user-1", '{"history":{"messages":{%s}}}' % body)]
+
+
 def case_one_50mb(seed: int):
     rng = random.Random(seed)
     pool = TextPool(rng)
@@ -185,6 +193,8 @@ CASES = {
     "b": ("(b) 1 chat of ~50 MB, messages 200 B-20 KB, batch_size 5000", 5000, lambda s: case_one_50mb(s)),
     "c": ("(c) 2000 chats x 10 messages of 20 KB, batch_size 5000", 5000, lambda s: case_many_20kb(s, 2000)),
     "c2": ("(c) x2: 4000 chats x 10 messages of 20 KB, batch_size 5000", 5000, lambda s: case_many_20kb(s, 4000)),
+    "d": ("(d) 1 chat x 1,000,000 messages the rules reject (recorded, none written), batch_size 5000", 5000,
+          lambda s: case_million_rejected(s)),
 }
 
 
@@ -361,7 +371,7 @@ def render(rows: list[dict], info: str, seed: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="a,b,c,c2")
+    ap.add_argument("--cases", default="a,b,c,c2,d")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -14,6 +14,7 @@ end. Reports time, messages/s, source MB/s, the backend's peak RssAnon (sampled 
 from __future__ import annotations
 
 import argparse
+import shutil
 import base64
 import json
 import os
@@ -144,6 +145,8 @@ def run(env, template, method, mode, chats_mb, expanded_file):
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
     cur = conn.cursor()
+    if method == "baseline":
+        install_baseline(cur, BASELINE)
     if method != "openwebui":
         cur.execute(TARGET_DDL if mode == "reference" else PK_ONLY_DDL)
     cur.execute("CHECKPOINT")
@@ -173,7 +176,7 @@ def run(env, template, method, mode, chats_mb, expanded_file):
     else:
         sampler = RssSampler(pid)
         sampler.start()
-        if method == "ours":
+        if method in ("ours", "baseline"):
             cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s)", (NOW,))
         elif method == "single_sql":
             cur.execute(SINGLE_STATEMENT, {"now": NOW})
@@ -200,12 +203,38 @@ def run(env, template, method, mode, chats_mb, expanded_file):
     }
 
 
+# A previous release to run side by side with this build (--baseline), loaded by path.
+BASELINE: dict = {}
+
+
+def install_baseline(cur, baseline) -> None:
+    """Replaces this build's extension in a copied database with a previous release's SQL
+    pointing at that release's library by path (both libraries can then be in one cluster)."""
+    cur.execute("DROP EXTENSION chat_backfill")
+    sql = Path(baseline["sql"]).read_text()
+    sql = sql.replace("'MODULE_PATHNAME'", f"'{baseline['so']}'").replace("@extschema@", "public")
+    # Only an extension script may register its tables for pg_dump.
+    sql = "\n".join(line for line in sql.splitlines() if "pg_extension_config_dump" not in line)
+    cur.execute(sql)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=150)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--baseline", nargs=3, metavar=("VERSION", "LIBRARY", "SQL"),
+                    help="also run a previous release: its version, its chat_backfill.so and its install script")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of ours,baseline,single_sql,openwebui,copy")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run everything N times, this build and the baseline in alternating order; report medians")
     args = ap.parse_args()
+    if args.baseline:
+        version, library, script = args.baseline
+        so = f"/tmp/chat_backfill_baseline_{version}.so"
+        shutil.copy(library, so)
+        os.chmod(so, 0o755)
+        BASELINE.update(version=version, so=so, sql=script)
     out = subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "start", "/tmp/chat_backfill_bench",
                           "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'"],
                          check=True, capture_output=True, text=True).stdout
@@ -230,13 +259,23 @@ def main():
     conn.close()
     print(f"{len(chats)} chats, {chats_mb:.1f} MB", flush=True)
     expanded = tempfile.mktemp(suffix=".copy")
-    results = []
-    plan = [("ours", "reference"), ("single_sql", "reference"), ("openwebui", "reference"), ("copy", "reference"),
-            ("ours", "bulk"), ("single_sql", "bulk"), ("copy", "bulk")]
-    for method, mode in plan:
-        r = run(env, template, method, mode, chats_mb, expanded)
-        results.append(r)
-        print(json.dumps(r), flush=True)
+    plan = [("ours", "reference"), ("baseline", "reference"), ("single_sql", "reference"), ("openwebui", "reference"),
+            ("copy", "reference"), ("ours", "bulk"), ("baseline", "bulk"), ("single_sql", "bulk"), ("copy", "bulk")]
+    wanted = set(args.methods.split(",")) if args.methods else {"ours", "single_sql", "openwebui", "copy", "baseline"}
+    wanted |= {"ours", "copy"}  # every ratio is against these
+    if not BASELINE:
+        wanted.discard("baseline")
+    plan = [(m, mode) for m, mode in plan if m in wanted]
+    # The first method of each mode pays for warming the copied database; alternate which
+    # build that is, and report each method's median run.
+    runs: dict = {}
+    for n in range(args.repeat):
+        order = plan if n % 2 == 0 else [swap_builds(step) for step in plan]
+        for method, mode in order:
+            r = run(env, template, method, mode, chats_mb, expanded)
+            runs.setdefault((method, mode), []).append(r)
+            print(json.dumps(r), flush=True)
+    results = [median_run(runs[step]) for step in plan]
     os.unlink(expanded)
     report = render(results, len(chats), chats_mb, args)
     print(report)
@@ -244,9 +283,19 @@ def main():
         Path(args.out).write_text(report)
 
 
+def swap_builds(step):
+    method, mode = step
+    return ({"ours": "baseline", "baseline": "ours"}.get(method, method), mode)
+
+
+def median_run(rs):
+    return sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]
+
+
 def render(results, n_chats, chats_mb, args) -> str:
     by = {(r["method"], r["mode"]): r for r in results}
-    names = {"ours": "backfill_chat_messages()", "single_sql": "single SQL statement (json_each)",
+    names = {"ours": "backfill_chat_messages()", "baseline": f"backfill_chat_messages() {BASELINE.get('version')}",
+             "single_sql": "single SQL statement (json_each)",
              "openwebui": "Open WebUI migration (wheel 0.12.4, Alembic, psycopg2)", "copy": "COPY of expanded rows (floor)"}
     lines = [
         "| DDL mode | method | seconds | messages/s | source MB/s | x COPY floor | peak RssAnon (MB) | WAL (MB) |",
@@ -258,14 +307,20 @@ def render(results, n_chats, chats_mb, args) -> str:
         lines.append(f"| {r['mode']} | {names[r['method']]} | {r['seconds']:.2f} | {r['msgs_per_s']:.0f} | "
                      f"{r['mb_per_s']:.1f} | {r['seconds'] / floor:.2f} | {rss} | {r['wal_mb']:.0f} |")
     ours_ref, ours_bulk = by[("ours", "reference")], by[("ours", "bulk")]
+    ratio = lambda a, b: f"{by[a]['seconds'] / by[b]['seconds']:.2f}x" if a in by and b in by else "n/a"
     ratios = [
-        f"- ours vs Open WebUI's migration (reference DDL): {by[('openwebui', 'reference')]['seconds'] / ours_ref['seconds']:.1f}x faster",
-        f"- ours (bulk-load order) vs Open WebUI's migration: {by[('openwebui', 'reference')]['seconds'] / ours_bulk['seconds']:.1f}x faster",
-        f"- ours vs the single SQL statement: {by[('single_sql', 'reference')]['seconds'] / ours_ref['seconds']:.2f}x (reference DDL), "
-        f"{by[('single_sql', 'bulk')]['seconds'] / ours_bulk['seconds']:.2f}x (bulk)",
-        f"- ours vs the COPY floor: {ours_ref['seconds'] / by[('copy', 'reference')]['seconds']:.2f}x (reference DDL), "
-        f"{ours_bulk['seconds'] / by[('copy', 'bulk')]['seconds']:.2f}x (bulk)",
+        f"- this build vs {BASELINE.get('version')} (time ratio, under 1 is faster): "
+        f"{ratio(('ours', 'reference'), ('baseline', 'reference'))} (reference DDL), "
+        f"{ratio(('ours', 'bulk'), ('baseline', 'bulk'))} (bulk)" if BASELINE else "",
+    ] + [
+        f"- ours vs Open WebUI's migration (reference DDL): {ratio(('openwebui', 'reference'), ('ours', 'reference'))} faster",
+        f"- ours (bulk-load order) vs Open WebUI's migration: {ratio(('openwebui', 'reference'), ('ours', 'bulk'))} faster",
+        f"- ours vs the single SQL statement: {ratio(('single_sql', 'reference'), ('ours', 'reference'))} (reference DDL), "
+        f"{ratio(('single_sql', 'bulk'), ('ours', 'bulk'))} (bulk)",
+        f"- ours vs the COPY floor: {ratio(('ours', 'reference'), ('copy', 'reference'))} (reference DDL), "
+        f"{ratio(('ours', 'bulk'), ('copy', 'bulk'))} (bulk)",
     ]
+    ratios = [line for line in ratios if line]
     width = max(r["seconds"] for r in results)
     chart = ["```", "seconds (shorter is better)"] + [
         f"{r['mode']:9} {r['method']:10} {'#' * max(1, round(40 * r['seconds'] / width)):40} {r['seconds']:.2f}"
@@ -274,9 +329,11 @@ def render(results, n_chats, chats_mb, args) -> str:
     return "\n".join([
         "# Benchmarks",
         "",
-        f"Rerun: `bash scripts/setup.sh && .venv/bin/python bench/run.py --mb {args.mb:g} --out BENCHMARKS.md` "
+        f"Rerun: `bash scripts/setup.sh && .venv/bin/python bench/run.py --mb {args.mb:g} --repeat {args.repeat}"
+        + (f" --baseline {BASELINE['version']} LIBRARY SQL" if BASELINE else "") + " --out BENCHMARKS.md` "
         "(a throwaway cluster on this machine: shared_buffers 1GB, fsync off; every method starts from a "
-        "copy of the same loaded `chat` table, after a CHECKPOINT).",
+        "copy of the same loaded `chat` table, after a CHECKPOINT). "
+        f"Each figure is the median of {args.repeat} run(s); this build and the baseline take turns going first.",
         "",
         f"Data: {n_chats} generated chats, {chats_mb:.1f} MB of chat JSON (seed {args.seed}): 55% under 10 KB, "
         "33% of 10-100 KB, 12% of 150 KB to 4 MB; random base64 text. Machine: 2 cores, PostgreSQL 15 (Debian).",
