@@ -244,11 +244,31 @@ fn type_name(oid: pg_sys::Oid) -> Result<String> {
         .unwrap_or_else(|| format!("type {oid:?}")))
 }
 
+/// Whether the table has rules (which COPY would bypass and ON CONFLICT refuses).
+pub fn has_rules(relation: pg_sys::Oid) -> bool {
+    // SAFETY: opens and closes the relcache entry of an existing relation to read a flag.
+    unsafe {
+        let rel = pg_sys::RelationIdGetRelation(relation);
+        if rel.is_null() {
+            return false;
+        }
+        let rules = (*(*rel).rd_rel).relhasrules;
+        pg_sys::RelationClose(rel);
+        rules
+    }
+}
+
 /// The caller must be able to read the source and write the target, checked before
 /// anything is read or any run state changes (PostgreSQL would refuse later anyway, after
-/// work was done).
+/// work was done). A target with rules is also read: without ON CONFLICT, the backfill asks
+/// it which ids are missing.
 pub fn check_privileges(source: &Relation, target: Option<&Relation>) -> Result<()> {
-    let wanted = [(Some(source), pg_sys::ACL_SELECT, "SELECT"), (target, pg_sys::ACL_INSERT, "INSERT")];
+    let reads_target = target.filter(|t| has_rules(t.oid));
+    let wanted = [
+        (Some(source), pg_sys::ACL_SELECT, "SELECT"),
+        (target, pg_sys::ACL_INSERT, "INSERT"),
+        (reads_target, pg_sys::ACL_SELECT, "SELECT"),
+    ];
     for (relation, mode, privilege) in wanted {
         let Some(relation) = relation else { continue };
         // SAFETY: pure catalog lookups on an existing relation oid for the current user.

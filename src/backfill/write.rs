@@ -19,7 +19,7 @@ use super::BatchReport;
 use crate::copy_writer::{copy_allowed, copy_rows};
 use crate::datums::varlena_array;
 use crate::error::Result;
-use crate::relations::TARGET_COLUMNS;
+use crate::relations::{has_rules, TARGET_COLUMNS};
 use crate::subxact::{in_subtransaction, Failure};
 
 pub struct Writer {
@@ -163,18 +163,3 @@ fn insert_sql(settings: &Settings, rules: bool) -> String {
         if rules { "" } else { " ON CONFLICT (id) DO NOTHING" }
     )
 }
-
-/// Whether the target has rules (which COPY would bypass and ON CONFLICT refuses).
-fn has_rules(target: pg_sys::Oid) -> bool {
-    // SAFETY: opens and closes the relcache entry of an existing relation to read a flag.
-    unsafe {
-        let rel = pg_sys::RelationIdGetRelation(target);
-        if rel.is_null() {
-            return false;
-        }
-        let rules = (*(*rel).rd_rel).relhasrules;
-        pg_sys::RelationClose(rel);
-        rules
-    }
-}
-

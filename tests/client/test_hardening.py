@@ -21,6 +21,7 @@ import random
 import re
 import string
 
+import psycopg2
 import pytest
 
 import chatgen
@@ -321,6 +322,26 @@ def test_rule_on_the_target_fires_for_every_row(cluster, form):
     with cluster.connect(db) as conn:
         audit_matches_target(conn)
         assert rejected(conn) == []
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_rule_target_needs_select_and_says_so_before_writing(cluster, form):
+    """Without ON CONFLICT, the backfill asks a rule target which ids are missing: a role that
+    may INSERT into it but not SELECT from it is refused with 42501 up front, not in the middle
+    of the run, and nothing is written."""
+    db = make_db(cluster, realistic(5, seed=4), ddl=TARGET_DDL + RULE_DDL, prefix="rulepriv")
+    role = f"rule_writer_{db[-6:]}"
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role}")
+        cur.execute(f"GRANT SELECT ON chat TO {role}; GRANT INSERT ON chat_message, audit TO {role}")
+        cur.execute(f"SET ROLE {role}")
+        sql = (ONE_SHOT if form == "one-shot" else CALL).format(extra="batch_size => 40")
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute(sql, {"now": chatgen.NOW})
+        assert e.value.pgcode == "42501" and "SELECT" in str(e.value)
+        cur.execute("RESET ROLE")
+        cur.execute("SELECT (SELECT count(*) FROM chat_message), (SELECT count(*) FROM chat_backfill.runs)")
+        assert cur.fetchone() == (0, 0)
 
 
 # ---------------------------------------------------------------- 4. dedupe and run ids
