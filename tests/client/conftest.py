@@ -14,6 +14,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The PostgreSQL major under test (scripts/cluster.sh starts that server; default 15).
+PG_MAJOR = os.environ.get("PG_MAJOR", "15")
+
+
+def pg_config(flag: str) -> str:
+    """What the major under test's pg_config answers to FLAG (--bindir, --pkglibdir, ...)."""
+    exe = subprocess.run(["bash", str(ROOT / "scripts/pg_majors.sh"), "pg_config", PG_MAJOR],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run([exe, flag], check=True, capture_output=True, text=True).stdout.strip()
+
 # Open WebUI's chat table, reduced to what the migration reads (plus title, to look real).
 CHAT_DDL = "CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)"
 

@@ -16,10 +16,13 @@ Every comparison of stored text is made on bytes computed by the server
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import string
+import threading
+import time
 
 import psycopg2
 import pytest
@@ -406,15 +409,56 @@ def deleted_chats(form, how) -> list[str]:
     return ALREADY_WRITTEN + SAME_BATCH + LATER_BATCH
 
 
-def deleting_trigger(cluster, db, form, how) -> str:
+# The trigger waits for this advisory lock, held by the test while another session deletes.
+DELETE_LOCK = 8452
+
+
+def deleting_trigger(form, how) -> str:
     delete = "DELETE FROM chat WHERE id = ANY (%s)" % _array(deleted_chats(form, how))
     if how == "same transaction":
         return _trigger(delete)
-    # Another session deletes, and commits, while the batch is being written.
-    with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION dblink")
-    dsn = f"host={cluster.host} port={cluster.port} user=postgres dbname={db}"
-    return _trigger("PERFORM dblink_exec(%s, %s)" % (_literal(dsn), _literal(delete)))
+    # Another session deletes, and commits, while the batch is being written: the trigger
+    # waits on a lock the test holds until that session is done (no dblink needed).
+    return _trigger(f"PERFORM pg_advisory_xact_lock({DELETE_LOCK})")
+
+
+@contextlib.contextmanager
+def another_session_deletes(cluster, db, form, how):
+    """Around a run: when its trigger waits on DELETE_LOCK, delete from another session,
+    commit, and let the run go on."""
+    if how != "another session":
+        yield
+        return
+    done = threading.Event()
+    failure = []
+
+    def delete_while_it_waits(holder):
+        try:
+            with cluster.connect(db) as conn, conn.cursor() as cur:
+                while not done.is_set():
+                    cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                                " AND objid = %s", (DELETE_LOCK,))
+                    if cur.fetchone()[0]:
+                        cur.execute("DELETE FROM chat WHERE id = ANY (%s)", (deleted_chats(form, how),))
+                        break
+                    time.sleep(0.02)
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            failure.append(e)
+        finally:
+            with holder.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (DELETE_LOCK,))
+
+    with cluster.connect(db) as holder:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (DELETE_LOCK,))
+        deleter = threading.Thread(target=delete_while_it_waits, args=(holder,))
+        deleter.start()
+        try:
+            yield
+        finally:
+            done.set()
+            deleter.join()
+    assert not failure, failure
 
 
 def _literal(s: str) -> str:
@@ -447,8 +491,9 @@ def test_chats_deleted_during_the_run_are_counted_as_vanished(cluster, form, how
     chats = vanishing_chats()
     db = make_db(cluster, chats, prefix="vanish")
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute(deleting_trigger(cluster, db, form, how))
-    result = run_form(cluster, db, form, "batch_size => 20")
+        cur.execute(deleting_trigger(form, how))
+    with another_session_deletes(cluster, db, form, how):
+        result = run_form(cluster, db, form, "batch_size => 20")
     deleted = set(deleted_chats(form, how))
     with cluster.connect(db) as conn, conn.cursor() as cur:
         cur.execute("SELECT id FROM chat")

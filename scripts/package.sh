@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Debian packages of this release, one per supported PostgreSQL major, named and laid out
+# as the PostgreSQL community's (apt.postgresql.org) packages are:
+#
+#   dist/postgresql-NN-chat-backfill_<version>_amd64.deb
+#     /usr/lib/postgresql/NN/lib/chat_backfill.so
+#     /usr/share/postgresql/NN/extension/chat_backfill.control
+#     /usr/share/postgresql/NN/extension/chat_backfill--*.sql   (install and upgrade scripts)
+#
+#   bash scripts/package.sh            every supported major (scripts/pg_majors.sh list)
+#   bash scripts/package.sh 15 18      those majors
+#
+# Each is built by `cargo pgrx package` against that major's server headers (for 16 and 18
+# the PyPI servers from scripts/pg_majors.sh, whose own paths are under ~/.cache; the files
+# are moved to the Debian paths here). Run scripts/setup.sh first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+version=$(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)
+majors=("$@")
+[ ${#majors[@]} -gt 0 ] || read -r -a majors < <(bash scripts/pg_majors.sh list)
+mkdir -p dist
+
+# The shared libraries the .so needs, as Debian package relations (libc6, libgcc-s1).
+shlib_depends() {
+  local so=$1 work; work=$(mktemp -d)
+  mkdir "$work/debian"
+  printf 'Source: chat-backfill\n\nPackage: chat-backfill\nArchitecture: any\n' >"$work/debian/control"
+  (cd "$work" && dpkg-shlibdeps -O "$so" 2>/dev/null) | sed -n 's/^shlibs:Depends=//p'
+  rm -rf "$work"
+}
+
+for major in "${majors[@]}"; do
+  pg_config=$(bash scripts/pg_majors.sh pg_config "$major")
+  stage=$(mktemp -d /tmp/chat_backfill_package.XXXXXX)
+  echo "== PostgreSQL $major: cargo pgrx package ($("$pg_config" --version))"
+  CARGO_TARGET_DIR="$root/target/pg$major" cargo pgrx package --pg-config "$pg_config" \
+    --no-default-features --features "pg$major" --out-dir "$stage/raw" >"$stage/build.log" 2>&1 ||
+    { tail -40 "$stage/build.log" >&2; exit 1; }
+
+  deb=$stage/deb
+  lib=$deb/usr/lib/postgresql/$major/lib
+  ext=$deb/usr/share/postgresql/$major/extension
+  mkdir -p "$lib" "$ext" "$deb/DEBIAN"
+  install -m 0644 "$stage/raw$("$pg_config" --pkglibdir)/chat_backfill.so" "$lib/"
+  install -m 0644 "$stage/raw$("$pg_config" --sharedir)/extension/"chat_backfill* "$ext/"
+  # Every upgrade script in sql/ must be in the package (pgrx copies them; make sure).
+  for script in sql/chat_backfill--*--*.sql; do
+    cmp -s "$script" "$ext/$(basename "$script")" || { echo "missing from the package: $script" >&2; exit 1; }
+  done
+  test -f "$ext/chat_backfill--$version.sql"
+
+  depends="postgresql-$major, $(shlib_depends "$lib/chat_backfill.so")"
+  size=$(du -sk "$deb/usr" | cut -f1)
+  cat >"$deb/DEBIAN/control" <<EOF
+Package: postgresql-$major-chat-backfill
+Version: $version
+Architecture: amd64
+Maintainer: chat_backfill developers <chat-backfill@localhost>
+Depends: $depends
+Section: database
+Priority: optional
+Installed-Size: $size
+Description: expand chat JSON documents into chat_message rows inside PostgreSQL $major
+ chat_backfill moves conversations that applications stored as JSON documents (Open WebUI's
+ chat.chat) into rows of a chat_message table inside the database: set-returning
+ functions and a committing, resumable procedure that write in bounded batches and
+ record the rows they cannot store instead of aborting.
+EOF
+  out=dist/postgresql-$major-chat-backfill_${version}_amd64.deb
+  dpkg-deb --root-owner-group -Zxz --build "$deb" "$out" >/dev/null
+  echo "$out: $(dpkg-deb -f "$out" Depends)"
+  rm -rf "$stage"
+done
