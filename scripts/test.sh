@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 started=$SECONDS
 bash scripts/setup.sh
 unset RUST_BACKTRACE
+# Each major's client suite starts its own cluster: never one the environment points to.
+unset PGHOST PGPORT PGUSER PGDATABASE
 read -r -a majors <<<"${PG_MAJORS:-$(bash scripts/pg_majors.sh list)}"
 
 # Runs a step quietly; on failure shows its last lines.
@@ -23,6 +25,9 @@ elapsed() { printf '%dm%02ds' $(((SECONDS - $1) / 60)) $(((SECONDS - $1) % 60));
 echo "== core: cargo test --lib (plain and property tests; the #[pg_test]s run next)"
 step cargo test --lib -- --skip tests::pg_
 
+for major in "${majors[@]}"; do
+  bash scripts/pg_majors.sh pg_config "$major" >/dev/null  # refuses what is not supported
+done
 ran=()
 for major in "${majors[@]}"; do
   t0=$SECONDS
@@ -32,7 +37,7 @@ for major in "${majors[@]}"; do
   # build back whether or not the tests pass. 15 shares the default target directory with
   # the core tests; the others build in target/pgNN.
   target=target; [ "$major" = 15 ] || target=target/pg$major
-  trap 'bash scripts/install.sh '"$major"' >/dev/null 2>&1' EXIT
+  trap 'bash scripts/install.sh '"$major"' >/dev/null' EXIT
   rm -rf "/tmp/chat_backfill_pgtest$major"
   step env CARGO_TARGET_DIR="$(pwd)/$target" cargo pgrx test "pg$major" --runas postgres \
     --pgdata "/tmp/chat_backfill_pgtest$major"

@@ -70,7 +70,12 @@ def _start_cluster(datadir: str, *conf: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def cluster():
     if os.environ.get("PGHOST") and os.environ.get("PGPORT"):
-        yield Cluster(dict(os.environ))
+        given = Cluster(dict(os.environ))
+        with given.connect() as c, c.cursor() as cur:
+            cur.execute("SELECT current_setting('server_version_num')::int / 10000")
+            major = str(cur.fetchone()[0])
+        assert major == PG_MAJOR, f"PGHOST/PGPORT point to PostgreSQL {major}, PG_MAJOR says {PG_MAJOR}"
+        yield given
         return
     datadir = "/tmp/chat_backfill_pytest"
     env = _start_cluster(datadir)

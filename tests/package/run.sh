@@ -20,14 +20,21 @@ source_build_files() { ls "$lib"/chat_backfill.so "$ext"/chat_backfill.control "
 # A package left by an interrupted earlier run goes first.
 dpkg -s "$package" >/dev/null 2>&1 && dpkg -r "$package" >/dev/null
 
-# Take the source build out, and put it back however this ends.
+# Take the source build out, and put it back however this ends. Every step of the restore
+# runs even if one fails; if the saved files cannot be put back, the release build is
+# installed again (scripts/install.sh) and the saved copy is kept.
 mkdir -p "$saved/lib" "$saved/ext"
 restore() {
+  set +e
   PG_MAJOR=15 bash scripts/cluster.sh stop "$cluster"
-  dpkg -s "$package" >/dev/null 2>&1 && dpkg -r "$package" >/dev/null
-  cp -p "$saved"/lib/* "$lib/" 2>/dev/null || true
-  cp -p "$saved"/ext/* "$ext/" 2>/dev/null || true
-  rm -rf "$saved"
+  if dpkg -s "$package" >/dev/null 2>&1; then dpkg -r "$package" >/dev/null || echo "package test: dpkg -r failed" >&2; fi
+  local ok=1
+  for f in "$saved"/lib/* "$saved"/ext/*; do [ -e "$f" ] || continue; case "$f" in
+    "$saved"/lib/*) cp -p "$f" "$lib/" || ok=0 ;; *) cp -p "$f" "$ext/" || ok=0 ;; esac
+  done
+  if [ $ok = 1 ] && [ -f "$lib/chat_backfill.so" ]; then rm -rf "$saved"
+  else echo "package test: source build not restored (copy kept in $saved); reinstalling it" >&2
+       bash scripts/install.sh 15 >&2; fi
 }
 trap restore EXIT
 for f in $(source_build_files); do
@@ -41,7 +48,8 @@ dpkg -i "$deb" >/dev/null
 # Exactly the library, the control file and every SQL script of sql/ and the release.
 want=$(printf '%s\n' "$lib/chat_backfill.so" "$ext/chat_backfill.control" "$ext/chat_backfill--$version.sql" \
          $(for s in sql/chat_backfill--*--*.sql; do echo "$ext/$(basename "$s")"; done) | sort)
-got=$(dpkg -L "$package" | while read -r f; do [ -f "$f" ] && echo "$f"; done | sort)
+got=$(dpkg -L "$package" | grep -v "^/usr/share/doc/" | while read -r f; do [ -f "$f" ] && echo "$f"; done | sort)
+dpkg --verify "$package" || fail "dpkg --verify: installed files differ from the package"
 [ "$got" = "$want" ] || fail "package files differ: $(diff <(echo "$want") <(echo "$got"))"
 
 echo "-- CREATE EXTENSION and a backfill of the sample data in a fresh cluster"
