@@ -1,21 +1,27 @@
 #!/usr/bin/env bash
-# Packages an earlier release from its git commit, for the upgrade test, and prints the
-# directory holding its files (usr/lib/postgresql/15/lib, usr/share/postgresql/15/extension).
-# Cached in ~/.cache/chat_backfill, so only the first run builds (a debug build: about 3 min).
-#   scripts/old_release.sh 0.1.0 5c98822
+# Packages an earlier release from its git commit for one PostgreSQL major, for the upgrade
+# test, and prints the directory holding its files: the files sit under it at the paths that
+# major's pg_config gives (e.g. usr/lib/postgresql/15/lib, usr/share/postgresql/15/extension).
+# Cached in ~/.cache/chat_backfill, so only the first run per release and major builds (a
+# debug build: about 3 min).
+#   scripts/old_release.sh 0.1.0 5c98822 [MAJOR]     (MAJOR defaults to 15)
 set -euo pipefail
-version=${1:?version}; commit=${2:?commit}
+version=${1:?version}; commit=${2:?commit}; major=${3:-15}
 root=$(cd "$(dirname "$0")/.." && pwd)
+pg_config=$(bash "$root/scripts/pg_majors.sh" pg_config "$major")
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/chat_backfill/release-$version
-out=$cache/package
-if [ ! -f "$out/usr/share/postgresql/15/extension/chat_backfill--$version.sql" ]; then
-  rm -rf "$cache/src"
+# 15's packages predate the per-major layout; keep their place so caches stay valid.
+out=$cache/package; [ "$major" = 15 ] || out=$cache/package-pg$major
+if [ ! -f "$out$("$pg_config" --sharedir)/extension/chat_backfill--$version.sql" ]; then
   mkdir -p "$cache"
-  git -C "$root" worktree prune
-  git clone -q "$root" "$cache/src"
+  if [ ! -d "$cache/src/.git" ] || ! git -C "$cache/src" cat-file -e "$commit^{commit}" 2>/dev/null; then
+    rm -rf "$cache/src"
+    git clone -q "$root" "$cache/src"
+  fi
   git -C "$cache/src" checkout -q "$commit"
-  (cd "$cache/src" && CARGO_TARGET_DIR=$cache/target cargo pgrx package --debug \
-     --pg-config /usr/lib/postgresql/15/bin/pg_config --out-dir "$out" >"$cache/build.log" 2>&1) ||
-    { tail -30 "$cache/build.log" >&2; exit 1; }
+  (cd "$cache/src" && CARGO_TARGET_DIR=$cache/target-pg$major cargo pgrx package --debug \
+     --pg-config "$pg_config" --no-default-features --features "pg$major" --out-dir "$out" \
+     >"$cache/build-pg$major.log" 2>&1) ||
+    { tail -30 "$cache/build-pg$major.log" >&2; exit 1; }
 fi
 echo "$out"

@@ -19,13 +19,14 @@ CREATE TABLE chat_backfill.runs (
     chats_skipped     pg_catalog.int8 NOT NULL DEFAULT 0,
     batches           pg_catalog.int4 NOT NULL DEFAULT 0,
     active_ms         pg_catalog.float8 NOT NULL DEFAULT 0,
-    status            pg_catalog.text NOT NULL,     -- running, stopped, yielded, finished
+    status            pg_catalog.text NOT NULL,     -- running, throttled, stopped, yielded, finished
     started_at        pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     updated_at        pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     finished_at       pg_catalog.timestamptz,
     last_error        pg_catalog.text,
     chats_vanished    pg_catalog.int8 NOT NULL DEFAULT 0,  -- deleted by the application meanwhile
-    started_by        pg_catalog.text NOT NULL DEFAULT CURRENT_USER  -- for audit; any runner may resume
+    started_by        pg_catalog.text NOT NULL DEFAULT CURRENT_USER,  -- for audit; any runner may resume
+    replica_lag_bytes pg_catalog.int8               -- while throttled: how far behind the replicas are
 );
 CREATE INDEX ON chat_backfill.runs (source_oid, target_oid, run_id DESC);
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs', '');
@@ -40,7 +41,8 @@ GRANT SELECT, DELETE ON chat_backfill.runs TO PUBLIC;
 GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water, total_chats, now, status)
     ON chat_backfill.runs TO PUBLIC;
 GRANT UPDATE (last_key, chats_read, messages_inserted, messages_rejected, messages_existing, messages_skipped,
-              chats_skipped, chats_vanished, batches, active_ms, status, updated_at, finished_at, last_error)
+              chats_skipped, chats_vanished, batches, active_ms, status, updated_at, finished_at, last_error,
+              replica_lag_bytes)
     ON chat_backfill.runs TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.runs_run_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.runs ENABLE ROW LEVEL SECURITY;
@@ -76,8 +78,11 @@ CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages F
 CREATE VIEW chat_backfill.status WITH (security_invoker = true) AS
 SELECT r.run_id, r.source, r.target,
        CASE WHEN r.status OPERATOR(pg_catalog.=) 'finished'::pg_catalog.text THEN 'finished'::pg_catalog.text
+            WHEN l.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
+            THEN 'throttled'::pg_catalog.text
             WHEN l.pid IS NOT NULL THEN 'running'::pg_catalog.text
-            WHEN r.status OPERATOR(pg_catalog.=) 'running'::pg_catalog.text THEN 'interrupted'::pg_catalog.text
+            WHEN r.status OPERATOR(pg_catalog.=) ANY ('{running,throttled}'::pg_catalog.text[])
+            THEN 'interrupted'::pg_catalog.text
             ELSE r.status END AS state,
        r.chats_read AS chats_done, r.total_chats,
        CASE WHEN r.total_chats OPERATOR(pg_catalog.>) 0::pg_catalog.int8
@@ -96,7 +101,8 @@ SELECT r.run_id, r.source, r.target,
                  OPERATOR(pg_catalog./) r.chats_read::pg_catalog.float8)
        END AS estimated_time_left,
        l.pid AS runner_pid, r.last_key, r.high_water,
-       r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by
+       r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
+       CASE WHEN l.pid IS NOT NULL THEN r.replica_lag_bytes END AS replica_lag_bytes
 FROM chat_backfill.runs r
 LEFT JOIN pg_catalog.pg_locks l
        ON l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted

@@ -19,6 +19,7 @@ mod relations;
 mod resumable;
 mod run_state;
 mod subxact;
+mod throttle;
 mod version;
 
 ::pgrx::pg_module_magic!();

@@ -6,7 +6,9 @@
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
-use pgrx::datum::Interval;
+use core::ffi::CStr;
+
+use pgrx::datum::{AnyNumeric, Interval};
 use pgrx::prelude::*;
 use pgrx::IntoDatum;
 use pgrx::PgSqlErrorCode::*;
@@ -16,6 +18,7 @@ use crate::backfill::{Backfill, Settings};
 use crate::error::{Error, OrRaise, Result};
 use crate::run_state::{self, Start};
 use crate::subxact::in_subtransaction_catching;
+use crate::throttle::{sleep_interruptibly, Throttle};
 
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(
@@ -33,7 +36,10 @@ CREATE PROCEDURE backfill_chat_messages_resumable(
     chat_column text DEFAULT 'chat',
     lock_timeout interval DEFAULT NULL,
     restart boolean DEFAULT false,
-    if_busy text DEFAULT 'skip')
+    if_busy text DEFAULT 'skip',
+    max_replica_lag text DEFAULT NULL,
+    replica_slot name DEFAULT NULL,
+    max_wal_rate numeric DEFAULT NULL)
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#,
     requires = ["state_schema", "runs_state"]
@@ -52,10 +58,14 @@ fn backfill_chat_messages_resumable(
     lock_timeout: Option<Interval>,
     restart: Option<bool>,
     if_busy: Option<&str>,
+    max_replica_lag: Option<&str>,
+    replica_slot: Option<&CStr>,
+    max_wal_rate: Option<AnyNumeric>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     refuse_atomic_call(fcinfo).or_raise();
     let if_busy = IfBusy::parse(if_busy.unwrap_or("skip")).or_raise();
+    let replica_slot = replica_slot.map(|slot| slot.to_string_lossy().into_owned());
     // SAFETY: a non-atomic CALL may connect to SPI non-atomically; it starts without an
     // active snapshot, and each of our transactions holds one while it runs SQL.
     unsafe {
@@ -76,6 +86,7 @@ fn backfill_chat_messages_resumable(
     .check()
     .or_raise();
     crate::relations::check_source_key(&settings.source, &settings.id_column).or_raise();
+    let throttle = Throttle::new(max_replica_lag, replica_slot.as_deref(), max_wal_rate).or_raise();
     let lock_key = advisory_key(&settings);
     if !take_lock(lock_key, if_busy, &settings).or_raise() {
         finish_call();
@@ -85,6 +96,7 @@ fn backfill_chat_messages_resumable(
         max_runtime: max_runtime.map(duration_of),
         pause: pause.map(duration_of).unwrap_or_default(),
         lock_timeout: lock_timeout.map(|i| format!("{}ms", (i.as_micros() / 1000).max(1))),
+        throttle,
     };
     PgTryBuilder::new(AssertUnwindSafe(|| run(settings, &limits, restart.unwrap_or(false)).or_raise()))
         .finally(|| unlock(lock_key))
@@ -148,6 +160,7 @@ struct Limits {
     max_runtime: Option<Duration>,
     pause: Duration,
     lock_timeout: Option<String>,
+    throttle: Throttle,
 }
 
 fn run(mut settings: Settings, limits: &Limits, restart: bool) -> Result<()> {
@@ -184,6 +197,8 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) -> Result<()> {
     let mut backfill = Backfill::keyset(settings, last_key, high_water)?;
     loop {
         pgrx::check_for_interrupts!();
+        // Replica lag and WAL rate are looked at before every batch, the first included.
+        limits.throttle.before_batch(run_id, &commit)?;
         set_lock_timeout(limits)?;
         // The batch and its checkpoint commit together; a lock timeout rolls both back.
         let outcome = in_subtransaction_catching(
@@ -303,12 +318,5 @@ fn duration_of(interval: Interval) -> Duration {
     Duration::from_micros(interval.as_micros().clamp(0, u64::MAX as i128) as u64)
 }
 
-fn sleep_interruptibly(total: Duration) {
-    let until = Instant::now() + total;
-    while Instant::now() < until {
-        pgrx::check_for_interrupts!();
-        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
-    }
-}
 
 extension_sql_file!("../sql/runs.sql", name = "runs_state", requires = ["state_schema"]);

@@ -130,3 +130,15 @@ pub fn set_status(run_id: i64, status: &str, error: Option<&str>) -> Result<()> 
     )?;
     Ok(())
 }
+
+/// A run waiting for its replicas shows it, with the lag, until it goes on (`None`).
+pub fn set_throttled(run_id: i64, lag: Option<i64>) -> Result<()> {
+    Spi::run_with_args(
+        "UPDATE chat_backfill.runs SET status = CASE WHEN $2 IS NULL THEN 'running'::pg_catalog.text \
+                                                     ELSE 'throttled'::pg_catalog.text END, \
+             replica_lag_bytes = $2, updated_at = pg_catalog.clock_timestamp() \
+         WHERE run_id OPERATOR(pg_catalog.=) $1",
+        &[run_id.into(), lag.map_or(DatumWithOid::null_oid(pg_sys::INT8OID), DatumWithOid::from)],
+    )?;
+    Ok(())
+}

@@ -1,12 +1,13 @@
-"""Upgrading from 0.1.0 to 0.2.0 with ALTER EXTENSION ... UPDATE, part way through a run.
+"""Upgrading from every earlier release to this one with ALTER EXTENSION ... UPDATE, part way
+through a run.
 
-0.1.0 is packaged from its git commit (scripts/old_release.sh). Its library replaces the
+Each release is packaged from its git commit (scripts/old_release.sh). Its library replaces the
 installed one while the old run is made, then the current build's library comes back (each
 swap is an atomic rename; backends that loaded the old library keep it, new ones load the
-file on disk). The run then finishes under 0.2.0: its state is kept, no message is written
-twice and none is missing. Last, the updated extension's members are compared, from the
-catalog, with a fresh CREATE EXTENSION at 0.2.0 (pg_dump -s prints only CREATE EXTENSION for
-members, so it proves nothing here).
+file on disk). The run then finishes under this release: its state is kept, no message is
+written twice and none is missing. Last, the updated extension's members are compared, from
+the catalog, with a fresh CREATE EXTENSION of this release (pg_dump -s prints only CREATE
+EXTENSION for members, so it proves nothing here).
 """
 
 from __future__ import annotations
@@ -21,27 +22,30 @@ import pytest
 
 import chatgen
 from compare import fetch_rows
-from conftest import PG_MAJOR, ROOT, Cluster
+from conftest import PG_MAJOR, ROOT, Cluster, pg_config
 from load_sample import TARGET_DDL, copy_chats
 
+# Every earlier release, by the commit it was released from; each is upgraded to this one.
 # 0.1.0 built only for PostgreSQL 15 (it set RangeTblEntry.requiredPerms, gone in 16), so
 # nobody runs it on another major and there is nothing to upgrade from there.
-pytestmark = pytest.mark.skipif(PG_MAJOR != "15", reason="0.1.0 existed only for PostgreSQL 15")
-
-OLD_VERSION, OLD_COMMIT, NEW_VERSION = "0.1.0", "5c98822", "0.2.0"
-LIB = Path("/usr/lib/postgresql/15/lib/chat_backfill.so")
-EXTDIR = Path("/usr/share/postgresql/15/extension")
+RELEASES = [
+    pytest.param("0.1.0", "5c98822", marks=pytest.mark.skipif(PG_MAJOR != "15", reason="0.1.0 existed only for PostgreSQL 15")),
+    ("0.2.0", "86bb366"),
+]
+NEW_VERSION = "0.3.0"
+LIB = Path(pg_config("--pkglibdir")) / "chat_backfill.so"
+EXTDIR = Path(pg_config("--sharedir")) / "extension"
 
 
 @contextlib.contextmanager
-def old_library():
-    """0.1.0's library and install script in place of the current library, for the block."""
-    package = Path(subprocess.run(["bash", str(ROOT / "scripts/old_release.sh"), OLD_VERSION, OLD_COMMIT],
+def old_library(version: str, commit: str):
+    """An earlier release's library and install script in place of the current library, for the block."""
+    package = Path(subprocess.run(["bash", str(ROOT / "scripts/old_release.sh"), version, commit, PG_MAJOR],
                                   check=True, capture_output=True, text=True).stdout.strip())
-    shutil.copy(package / f"usr/share/postgresql/15/extension/chat_backfill--{OLD_VERSION}.sql", EXTDIR)
+    shutil.copy(package / EXTDIR.relative_to("/") / f"chat_backfill--{version}.sql", EXTDIR)
     current = LIB.with_name("chat_backfill.so.current")
     shutil.copy2(LIB, current)
-    swap(package / "usr/lib/postgresql/15/lib/chat_backfill.so")
+    swap(package / LIB.relative_to("/"))
     try:
         yield
     finally:
@@ -91,12 +95,13 @@ def members(cluster: Cluster, db: str) -> dict[str, str]:
         return dict(cur.fetchall())
 
 
-def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(cluster):
+@pytest.mark.parametrize("old_version, old_commit", RELEASES)
+def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(cluster, old_version, old_commit):
     chats = chatgen.realistic_chats(seed=11, count=90, content_bytes=(200, 1200), messages=(2, 9)) + chatgen.hostile_chats()
     db = cluster.create_db("upgrade", extension=False)
-    with old_library():
+    with old_library(old_version, old_commit):
         with cluster.connect(db) as conn, conn.cursor() as cur:
-            cur.execute(f"CREATE EXTENSION chat_backfill VERSION '{OLD_VERSION}'")
+            cur.execute(f"CREATE EXTENSION chat_backfill VERSION '{old_version}'")
             cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
             copy_chats(conn, chats)
             cur.execute(TARGET_DDL)
@@ -108,7 +113,7 @@ def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(clust
             cur.execute("SELECT count(*) FROM chat_message")
             written_before = cur.fetchone()[0]
             cur.execute("SELECT extversion FROM pg_extension WHERE extname = 'chat_backfill'")
-            assert cur.fetchone() == (OLD_VERSION,)
+            assert cur.fetchone() == (old_version,)
     assert before[1] == "stopped" and 0 < before[3] < len(chats) and written_before == before[4] > 0
 
     with cluster.connect(db) as conn, conn.cursor() as cur:

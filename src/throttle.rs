@@ -1,0 +1,226 @@
+//! Between the committing form's batches: wait while the standbys (or one replication
+//! slot) are further behind than the caller allows, and keep the WAL this backend writes
+//! under a rate. A backfill writes WAL as fast as the server can; replicas that replay one
+//! process at a time fall behind, and a slot that does not advance fills the WAL disk.
+
+use std::time::{Duration, Instant};
+
+use pgrx::datum::AnyNumeric;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+
+use crate::error::{Error, Result};
+use crate::run_state;
+
+/// How often a throttled run looks at the lag again, and writes it to its status.
+const POLL: Duration = Duration::from_millis(100);
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// Where the lag is read from.
+enum Watch {
+    /// Every standby and logical subscriber connected to this server.
+    Standbys,
+    /// One replication slot's WAL not yet confirmed (a slot outlives its disconnections).
+    Slot(String),
+}
+
+pub struct Throttle {
+    max_lag: Option<(i64, Watch)>,
+    /// Bytes per second of this backend's WAL.
+    max_wal_rate: Option<f64>,
+    wal_at_start: u64,
+    started: Instant,
+}
+
+impl Throttle {
+    /// Checks the arguments, and that the lag can be read at all: a throttle that cannot
+    /// see the standbys would silently do nothing.
+    pub fn new(max_replica_lag: Option<&str>, replica_slot: Option<&str>, max_wal_rate: Option<AnyNumeric>) -> Result<Throttle> {
+        let max_lag = match (max_replica_lag, replica_slot) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(Error::new(
+                    ERRCODE_INVALID_PARAMETER_VALUE,
+                    "replica_slot is given without max_replica_lag",
+                    "Pass max_replica_lag => '256MB' (say) too: replica_slot only says where the lag is read.",
+                ))
+            }
+            (Some(size), slot) => {
+                // pg_size_bytes raises 22023 itself for what is not a size.
+                let bytes = Spi::get_one_with_args::<i64>(
+                    "SELECT pg_catalog.pg_size_bytes($1::pg_catalog.text)",
+                    &[size.into()],
+                )?
+                .unwrap_or(-1);
+                if bytes < 0 {
+                    return Err(Error::new(
+                        ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("max_replica_lag must be a size of zero or more, not '{size}'"),
+                        "Write it as PostgreSQL writes sizes: '64kB', '256MB', '1GB'.",
+                    ));
+                }
+                let watch = match slot {
+                    Some(slot) => {
+                        check_slot(slot)?;
+                        Watch::Slot(slot.to_owned())
+                    }
+                    None => {
+                        check_can_read_standbys()?;
+                        Watch::Standbys
+                    }
+                };
+                Some((bytes, watch))
+            }
+        };
+        let max_wal_rate = match max_wal_rate {
+            None => None,
+            Some(mib) => {
+                let mib: f64 = mib.to_string().parse().unwrap_or(f64::NAN);
+                if !(mib.is_finite() && mib > 0.0) {
+                    return Err(Error::new(
+                        ERRCODE_INVALID_PARAMETER_VALUE,
+                        format!("max_wal_rate must be a positive number of MiB per second, not {mib}"),
+                        "Leave it NULL for no limit.",
+                    ));
+                }
+                Some(mib * 1024.0 * 1024.0)
+            }
+        };
+        Ok(Throttle { max_lag, max_wal_rate, wal_at_start: wal_written(), started: Instant::now() })
+    }
+
+    /// Waits until the next batch may start. `commit` ends the current transaction (the
+    /// waits must not hold a snapshot, and the status must be visible to others).
+    pub fn before_batch(&self, run_id: i64, commit: &dyn Fn()) -> Result<()> {
+        self.pace();
+        self.wait_for_replicas(run_id, commit)
+    }
+
+    /// Sleeps until this backend's WAL since the CALL began is within the rate.
+    fn pace(&self) {
+        let Some(rate) = self.max_wal_rate else { return };
+        let written = wal_written().saturating_sub(self.wal_at_start);
+        let due = Duration::from_secs_f64(written as f64 / rate);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            sleep_interruptibly(due - elapsed);
+        }
+    }
+
+    fn wait_for_replicas(&self, run_id: i64, commit: &dyn Fn()) -> Result<()> {
+        let Some((max, watch)) = &self.max_lag else { return Ok(()) };
+        let mut throttled_since: Option<Instant> = None;
+        let mut reported = Instant::now();
+        loop {
+            pgrx::check_for_interrupts!();
+            let lag = lag(watch)?;
+            match lag {
+                Some(lag) if lag > *max => {
+                    if throttled_since.is_none() {
+                        notice!(
+                            "chat_backfill: {} {lag} bytes behind (max_replica_lag {max}); run {run_id} waits",
+                            describe(watch)
+                        );
+                        throttled_since = Some(Instant::now());
+                        run_state::set_throttled(run_id, Some(lag))?;
+                        commit();
+                        reported = Instant::now();
+                    } else if reported.elapsed() >= STATUS_EVERY {
+                        run_state::set_throttled(run_id, Some(lag))?;
+                        commit();
+                        reported = Instant::now();
+                    }
+                    sleep_interruptibly(POLL);
+                }
+                _ => {
+                    if let Some(since) = throttled_since {
+                        run_state::set_throttled(run_id, None)?;
+                        commit();
+                        notice!(
+                            "chat_backfill: {} caught up after {:.1} s; run {run_id} goes on",
+                            describe(watch),
+                            since.elapsed().as_secs_f64()
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn describe(watch: &Watch) -> String {
+    match watch {
+        Watch::Standbys => "a standby is".into(),
+        Watch::Slot(slot) => format!("replication slot \"{slot}\" is"),
+    }
+}
+
+/// The largest lag in bytes; `None` when nothing is watched (no standby connected, or the
+/// slot was dropped meanwhile). A standby that has not reported a replay position yet
+/// counts as behind by everything.
+fn lag(watch: &Watch) -> Result<Option<i64>> {
+    Ok(match watch {
+        Watch::Standbys => Spi::get_one::<i64>(
+            "SELECT pg_catalog.max(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), \
+                    coalesce(s.replay_lsn, '0/0'::pg_catalog.pg_lsn)))::pg_catalog.int8 \
+             FROM pg_catalog.pg_stat_replication s \
+             WHERE s.state OPERATOR(pg_catalog.=) ANY ('{streaming,catchup}'::pg_catalog.text[])",
+        )?,
+        Watch::Slot(slot) => Spi::get_one_with_args::<i64>(
+            "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), \
+                    coalesce(s.confirmed_flush_lsn, s.restart_lsn, '0/0'::pg_catalog.pg_lsn))::pg_catalog.int8 \
+             FROM pg_catalog.pg_replication_slots s WHERE s.slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+            &[slot.as_str().into()],
+        )?,
+    })
+}
+
+/// pg_stat_replication shows the positions only to members of pg_read_all_stats (and
+/// superusers); to anyone else they are NULL, and the throttle would never wait.
+fn check_can_read_standbys() -> Result<()> {
+    let allowed = Spi::get_one::<bool>(
+        "SELECT pg_catalog.pg_has_role(CURRENT_USER, 'pg_read_all_stats'::pg_catalog.name, 'USAGE'::pg_catalog.text)",
+    )?
+    .unwrap_or(false);
+    if allowed {
+        return Ok(());
+    }
+    Err(Error::new(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        "max_replica_lag needs to read the standbys' replay positions, which this role cannot see",
+        "GRANT pg_monitor (or pg_read_all_stats) TO the role that runs the backfill, or watch a slot with \
+         replica_slot => '...', which any role can read.",
+    ))
+}
+
+fn check_slot(slot: &str) -> Result<()> {
+    let exists = Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_replication_slots s \
+                        WHERE s.slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name)",
+        &[slot.into()],
+    )?
+    .unwrap_or(false);
+    if exists {
+        return Ok(());
+    }
+    Err(Error::new(
+        ERRCODE_UNDEFINED_OBJECT,
+        format!("replication slot \"{slot}\" does not exist"),
+        "See SELECT slot_name FROM pg_replication_slots; or leave replica_slot NULL to watch every connected standby.",
+    ))
+}
+
+/// Bytes of WAL this backend has written since it started.
+fn wal_written() -> u64 {
+    // SAFETY: pgWalUsage is this backend's own counter, only ever touched by this thread.
+    unsafe { pg_sys::pgWalUsage.wal_bytes as u64 }
+}
+
+pub fn sleep_interruptibly(total: Duration) {
+    let until = Instant::now() + total;
+    while Instant::now() < until {
+        pgrx::check_for_interrupts!();
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(50)));
+    }
+}
