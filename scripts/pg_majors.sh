@@ -63,7 +63,8 @@ register() {
   [ -z "${missing:-}" ] || cargo pgrx init "${args[@]}" >/dev/null
 }
 
-# The home directories above /root/.cache must let the postgres user through.
+# The directories above the cache (/root, when run as root) must let the postgres user pass
+# through (o+x: traverse, not list), or it cannot run the servers unpacked there.
 open_path() {
   local p=$CACHE
   while [ "$p" != / ]; do chmod o+x "$p" 2>/dev/null || true; p=$(dirname "$p"); done
