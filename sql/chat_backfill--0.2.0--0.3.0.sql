@@ -33,7 +33,8 @@ SELECT r.run_id, r.source, r.target,
        END AS estimated_time_left,
        l.pid AS runner_pid, r.last_key, r.high_water,
        r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
-       CASE WHEN l.pid IS NOT NULL THEN r.replica_lag_bytes END AS replica_lag_bytes
+       CASE WHEN l.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
+            THEN r.replica_lag_bytes END AS replica_lag_bytes
 FROM chat_backfill.runs r
 LEFT JOIN pg_catalog.pg_locks l
        ON l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted
@@ -41,9 +42,10 @@ LEFT JOIN pg_catalog.pg_locks l
       AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
                                              WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
       AND l.classid OPERATOR(pg_catalog.=) r.source_oid AND l.objid OPERATOR(pg_catalog.=) r.target_oid;
-
 -- 3. The procedure takes max_replica_lag, replica_slot and max_wal_rate (appended last, so
---    every existing call keeps its meaning). Its old signature goes first.
+--    every existing call keeps its meaning). Its old signature goes first. The new one gets
+--    the default privileges (EXECUTE for PUBLIC): a REVOKE made on the old one must be
+--    made again (README, Upgrades).
 DROP PROCEDURE @extschema@.backfill_chat_messages_resumable(pg_catalog.regclass, pg_catalog.regclass, pg_catalog.int4,
     pg_catalog.int8, pg_catalog.interval, pg_catalog.interval, pg_catalog.text, pg_catalog.text, pg_catalog.text,
     pg_catalog.text, pg_catalog.interval, pg_catalog.bool, pg_catalog.text);

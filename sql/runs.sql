@@ -102,7 +102,8 @@ SELECT r.run_id, r.source, r.target,
        END AS estimated_time_left,
        l.pid AS runner_pid, r.last_key, r.high_water,
        r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
-       CASE WHEN l.pid IS NOT NULL THEN r.replica_lag_bytes END AS replica_lag_bytes
+       CASE WHEN l.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
+            THEN r.replica_lag_bytes END AS replica_lag_bytes
 FROM chat_backfill.runs r
 LEFT JOIN pg_catalog.pg_locks l
        ON l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted

@@ -86,12 +86,13 @@ fn backfill_chat_messages_resumable(
     .check()
     .or_raise();
     crate::relations::check_source_key(&settings.source, &settings.id_column).or_raise();
-    let throttle = Throttle::new(max_replica_lag, replica_slot.as_deref(), max_wal_rate).or_raise();
+    let mut throttle = Throttle::new(max_replica_lag, replica_slot.as_deref(), max_wal_rate).or_raise();
     let lock_key = advisory_key(&settings);
     if !take_lock(lock_key, if_busy, &settings).or_raise() {
         finish_call();
         return;
     }
+    throttle.start();
     let limits = Limits {
         max_runtime: max_runtime.map(duration_of),
         pause: pause.map(duration_of).unwrap_or_default(),
@@ -197,8 +198,15 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) -> Result<()> {
     let mut backfill = Backfill::keyset(settings, last_key, high_water)?;
     loop {
         pgrx::check_for_interrupts!();
-        // Replica lag and WAL rate are looked at before every batch, the first included.
-        limits.throttle.before_batch(run_id, &commit)?;
+        // Replica lag and WAL rate are looked at before every batch, the first included;
+        // max_runtime ends a wait too.
+        let deadline = limits.max_runtime.map(|max| began + max);
+        if !limits.throttle.before_batch(run_id, &commit, deadline)? {
+            run_state::set_status(run_id, "stopped", Some("max_runtime reached while throttled; the next CALL resumes here"))?;
+            commit();
+            notice!("chat_backfill: max_runtime reached while throttled; run {run_id} stopped, CALL again to resume");
+            return Ok(());
+        }
         set_lock_timeout(limits)?;
         // The batch and its checkpoint commit together; a lock timeout rolls both back.
         let outcome = in_subtransaction_catching(

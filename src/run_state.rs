@@ -122,7 +122,8 @@ pub fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) -> Resul
 
 pub fn set_status(run_id: i64, status: &str, error: Option<&str>) -> Result<()> {
     Spi::run_with_args(
-        "UPDATE chat_backfill.runs SET status = $2, last_error = $3, updated_at = pg_catalog.clock_timestamp(), \
+        "UPDATE chat_backfill.runs SET status = $2, last_error = $3, replica_lag_bytes = NULL, \
+             updated_at = pg_catalog.clock_timestamp(), \
              finished_at = CASE WHEN $2 OPERATOR(pg_catalog.=) 'finished'::pg_catalog.text \
                                 THEN pg_catalog.clock_timestamp() END \
          WHERE run_id OPERATOR(pg_catalog.=) $1",
@@ -134,10 +135,10 @@ pub fn set_status(run_id: i64, status: &str, error: Option<&str>) -> Result<()> 
 /// A run waiting for its replicas shows it, with the lag, until it goes on (`None`).
 pub fn set_throttled(run_id: i64, lag: Option<i64>) -> Result<()> {
     Spi::run_with_args(
-        "UPDATE chat_backfill.runs SET status = CASE WHEN $2 IS NULL THEN 'running'::pg_catalog.text \
+        "UPDATE chat_backfill.runs SET status = CASE WHEN $2::pg_catalog.int8 IS NULL THEN 'running'::pg_catalog.text \
                                                      ELSE 'throttled'::pg_catalog.text END, \
-             replica_lag_bytes = $2, updated_at = pg_catalog.clock_timestamp() \
-         WHERE run_id OPERATOR(pg_catalog.=) $1",
+             replica_lag_bytes = $2::pg_catalog.int8, updated_at = pg_catalog.clock_timestamp() \
+         WHERE run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8",
         &[run_id.into(), lag.map_or(DatumWithOid::null_oid(pg_sys::INT8OID), DatumWithOid::from)],
     )?;
     Ok(())

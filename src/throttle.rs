@@ -3,6 +3,7 @@
 //! under a rate. A backfill writes WAL as fast as the server can; replicas that replay one
 //! process at a time fall behind, and a slot that does not advance fills the WAL disk.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use pgrx::datum::AnyNumeric;
@@ -15,6 +16,8 @@ use crate::run_state;
 /// How often a throttled run looks at the lag again, and writes it to its status.
 const POLL: Duration = Duration::from_millis(100);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// 10 kB/s: below that a single batch would pace for hours.
+const MIN_WAL_RATE_MIB: f64 = 0.01;
 
 /// Where the lag is read from.
 enum Watch {
@@ -30,6 +33,8 @@ pub struct Throttle {
     max_wal_rate: Option<f64>,
     wal_at_start: u64,
     started: Instant,
+    /// Whether the run was told that no standby is connected (said once per CALL).
+    said_none: Cell<bool>,
 }
 
 impl Throttle {
@@ -76,44 +81,57 @@ impl Throttle {
             None => None,
             Some(mib) => {
                 let mib: f64 = mib.to_string().parse().unwrap_or(f64::NAN);
-                if !(mib.is_finite() && mib > 0.0) {
+                if !(mib.is_finite() && mib >= MIN_WAL_RATE_MIB) {
                     return Err(Error::new(
                         ERRCODE_INVALID_PARAMETER_VALUE,
-                        format!("max_wal_rate must be a positive number of MiB per second, not {mib}"),
-                        "Leave it NULL for no limit.",
+                        format!("max_wal_rate must be at least {MIN_WAL_RATE_MIB} MiB per second, not {mib}"),
+                        "It is a positive number of MiB of WAL per second; leave it NULL for no limit.",
                     ));
                 }
                 Some(mib * 1024.0 * 1024.0)
             }
         };
-        Ok(Throttle { max_lag, max_wal_rate, wal_at_start: wal_written(), started: Instant::now() })
+        Ok(Throttle { max_lag, max_wal_rate, wal_at_start: wal_written(), started: Instant::now(), said_none: Cell::new(false) })
     }
 
-    /// Waits until the next batch may start. `commit` ends the current transaction (the
-    /// waits must not hold a snapshot, and the status must be visible to others).
-    pub fn before_batch(&self, run_id: i64, commit: &dyn Fn()) -> Result<()> {
-        self.pace();
-        self.wait_for_replicas(run_id, commit)
+    /// The run starts now (after waiting for the runner lock, which must not count as
+    /// time in which WAL could have been written).
+    pub fn start(&mut self) {
+        self.wal_at_start = wal_written();
+        self.started = Instant::now();
     }
 
-    /// Sleeps until this backend's WAL since the CALL began is within the rate.
-    fn pace(&self) {
-        let Some(rate) = self.max_wal_rate else { return };
+    /// Waits until the next batch may start; false when `deadline` (max_runtime) came
+    /// first. `commit` ends the current transaction: the waits must not hold a snapshot,
+    /// and the status must be visible to others.
+    pub fn before_batch(&self, run_id: i64, commit: &dyn Fn(), deadline: Option<Instant>) -> Result<bool> {
+        Ok(self.pace(commit, deadline) && self.wait_for_replicas(run_id, commit, deadline)?)
+    }
+
+    /// Sleeps until this backend's WAL since the run began is within the rate.
+    fn pace(&self, commit: &dyn Fn(), deadline: Option<Instant>) -> bool {
+        let Some(rate) = self.max_wal_rate else { return true };
         let written = wal_written().saturating_sub(self.wal_at_start);
-        let due = Duration::from_secs_f64(written as f64 / rate);
-        let elapsed = self.started.elapsed();
-        if due > elapsed {
-            sleep_interruptibly(due - elapsed);
+        let due = self.started + Duration::from_secs_f64(written as f64 / rate);
+        if due <= Instant::now() {
+            return true;
         }
+        commit();
+        let until = deadline.map_or(due, |d| d.min(due));
+        sleep_interruptibly(until.saturating_duration_since(Instant::now()));
+        deadline.is_none_or(|d| due <= d)
     }
 
-    fn wait_for_replicas(&self, run_id: i64, commit: &dyn Fn()) -> Result<()> {
-        let Some((max, watch)) = &self.max_lag else { return Ok(()) };
+    fn wait_for_replicas(&self, run_id: i64, commit: &dyn Fn(), deadline: Option<Instant>) -> Result<bool> {
+        let Some((max, watch)) = &self.max_lag else { return Ok(true) };
         let mut throttled_since: Option<Instant> = None;
         let mut reported = Instant::now();
         loop {
             pgrx::check_for_interrupts!();
             let lag = lag(watch)?;
+            if throttled_since.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
             match lag {
                 Some(lag) if lag > *max => {
                     if throttled_since.is_none() {
@@ -133,6 +151,9 @@ impl Throttle {
                     sleep_interruptibly(POLL);
                 }
                 _ => {
+                    if lag.is_none() && !self.said_none.replace(true) {
+                        notice!("chat_backfill: no standby is connected; max_replica_lag has nothing to wait for until one is");
+                    }
                     if let Some(since) = throttled_since {
                         run_state::set_throttled(run_id, None)?;
                         commit();
@@ -142,7 +163,7 @@ impl Throttle {
                             since.elapsed().as_secs_f64()
                         );
                     }
-                    return Ok(());
+                    return Ok(true);
                 }
             }
         }
@@ -156,23 +177,52 @@ fn describe(watch: &Watch) -> String {
     }
 }
 
-/// The largest lag in bytes; `None` when nothing is watched (no standby connected, or the
-/// slot was dropped meanwhile). A standby that has not reported a replay position yet
-/// counts as behind by everything.
+/// The largest lag in bytes; `None` when no standby is connected.
 fn lag(watch: &Watch) -> Result<Option<i64>> {
     Ok(match watch {
+        // pg_receivewal and pg_basebackup's WAL stream never replay: their flush position
+        // is how far they are. A connection that reported neither yet is not counted.
         Watch::Standbys => Spi::get_one::<i64>(
             "SELECT pg_catalog.max(pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), \
-                    coalesce(s.replay_lsn, '0/0'::pg_catalog.pg_lsn)))::pg_catalog.int8 \
+                    coalesce(s.replay_lsn, s.flush_lsn)))::pg_catalog.int8 \
              FROM pg_catalog.pg_stat_replication s \
-             WHERE s.state OPERATOR(pg_catalog.=) ANY ('{streaming,catchup}'::pg_catalog.text[])",
+             WHERE s.state OPERATOR(pg_catalog.=) ANY ('{streaming,catchup}'::pg_catalog.text[]) \
+               AND coalesce(s.replay_lsn, s.flush_lsn) IS NOT NULL",
         )?,
-        Watch::Slot(slot) => Spi::get_one_with_args::<i64>(
-            "SELECT pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), \
-                    coalesce(s.confirmed_flush_lsn, s.restart_lsn, '0/0'::pg_catalog.pg_lsn))::pg_catalog.int8 \
-             FROM pg_catalog.pg_replication_slots s WHERE s.slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name",
-            &[slot.as_str().into()],
-        )?,
+        Watch::Slot(slot) => {
+            // A slot dropped or invalidated meanwhile would turn the throttle off, or hold
+            // the run forever: either is an error the operator must see.
+            let (exists, lost, lag) = Spi::connect(|client| {
+                let row = client
+                    .select(
+                        "SELECT true, s.wal_status OPERATOR(pg_catalog.=) 'lost'::pg_catalog.text, \
+                                pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), \
+                                    coalesce(s.confirmed_flush_lsn, s.restart_lsn))::pg_catalog.int8 \
+                         FROM pg_catalog.pg_replication_slots s \
+                         WHERE s.slot_name OPERATOR(pg_catalog.=) $1::pg_catalog.name",
+                        None,
+                        &[slot.as_str().into()],
+                    )?
+                    .into_iter()
+                    .next();
+                Ok::<_, pgrx::spi::Error>(match row {
+                    Some(row) => (true, row.get::<bool>(2)?.unwrap_or(false), row.get::<i64>(3)?),
+                    None => (false, false, None),
+                })
+            })?;
+            if !exists || lost || lag.is_none() {
+                return Err(Error::new(
+                    ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!(
+                        "replication slot \"{slot}\" {} during the backfill",
+                        if exists { "lost its WAL (invalidated)" } else { "was dropped" }
+                    ),
+                    "The run stopped after its last committed batch. CALL again with another replica_slot, \
+                     or without one to watch the connected standbys.",
+                ));
+            }
+            lag
+        }
     })
 }
 

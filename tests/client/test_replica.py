@@ -34,9 +34,9 @@ def _cluster_sh(*args) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def pair():
-    primary = Cluster(_start_cluster(PRIMARY, "wal_level = replica", "max_wal_senders = 4"))
-    standby = Cluster(_cluster_sh("standby", PRIMARY, STANDBY))
     try:
+        primary = Cluster(_start_cluster(PRIMARY, "wal_level = replica", "max_wal_senders = 4"))
+        standby = Cluster(_cluster_sh("standby", PRIMARY, STANDBY))
         yield primary, standby
     finally:
         for d in (STANDBY, PRIMARY):
@@ -111,14 +111,16 @@ def test_paused_replay_stops_the_run_and_resuming_it_finishes(pair):
         time.sleep(2)
         still = status(primary, db)
         assert still["state"] == "throttled" and still["chats_done"] == throttled["chats_done"], (throttled, still)
-        assert still["lag"] >= throttled["lag"]
     finally:
         with standby.connect() as s, s.cursor() as cur:
             cur.execute("SELECT pg_wal_replay_resume()")
     t.join(timeout=120)
     assert not t.is_alive() and "error" not in box, box
     done = status(primary, db)
-    assert done["state"] == "finished" and done["chats_done"] == done["total_chats"] and done["lag"] is None
+    assert done["state"] == "finished" and done["chats_done"] == done["total_chats"]
+    with primary.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT replica_lag_bytes FROM chat_backfill.runs")
+        assert cur.fetchone() == (None,), "the lag is cleared once the replicas caught up"
     assert any("waits" in n for n in box["notices"]) and any("caught up" in n for n in box["notices"]), box["notices"]
     # The standby replays everything and ends with the same rows.
     with primary.connect(db) as conn, conn.cursor() as cur:
@@ -182,6 +184,58 @@ def rows_of_one_shot(primary: Cluster, db: str) -> list[tuple]:
         return cur.fetchall()
 
 
+@pytest.fixture
+def stuck_slot(pair):
+    """A database loaded after a physical slot was made that nothing advances: a run
+    watching it is throttled before its first batch."""
+    primary, _ = pair
+    with primary.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_create_physical_replication_slot('cb_stuck', true)")
+    try:
+        yield primary, make_db(primary)
+    finally:
+        with primary.connect() as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_drop_replication_slot('cb_stuck')")
+
+
+STUCK = "batch_size => 100, max_replica_lag => '64kB', replica_slot => 'cb_stuck'"
+
+
+def test_max_runtime_ends_a_throttled_wait(stuck_slot):
+    primary, db = stuck_slot
+    with primary.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CALL.format(extra=STUCK + ", max_runtime => '1 second'"), {"now": chatgen.NOW})
+        assert any("max_runtime reached while throttled" in n for n in conn.notices), conn.notices
+    st = status(primary, db)
+    assert st["state"] == "stopped" and st["chats_done"] == 0, st
+
+
+def test_a_throttled_call_is_cancelled_like_any_other(stuck_slot):
+    primary, db = stuck_slot
+    t, box = call_in_background(primary, db, STUCK)
+    wait_until(lambda: (st := status(primary, db)) and st["state"] == "throttled", "throttled")
+    with primary.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE query LIKE 'CALL backfill%%'"
+                    " AND pid <> pg_backend_pid()")
+    t.join(timeout=60)
+    assert not t.is_alive() and box.get("error") is not None and box["error"].pgcode == "57014", box
+    assert status(primary, db)["state"] == "interrupted"
+
+
+def test_a_slot_dropped_during_the_run_stops_it_with_an_error(pair):
+    primary, _ = pair
+    with primary.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_create_physical_replication_slot('cb_dropped', true)")
+    db = make_db(primary)
+    t, box = call_in_background(primary, db, "batch_size => 100, max_replica_lag => '64kB', replica_slot => 'cb_dropped'")
+    wait_until(lambda: (st := status(primary, db)) and st["state"] == "throttled", "throttled")
+    with primary.connect() as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_drop_replication_slot('cb_dropped')")
+    t.join(timeout=60)
+    assert not t.is_alive() and box.get("error") is not None, box
+    assert box["error"].pgcode == "55000" and "was dropped" in box["error"].pgerror, box["error"].pgerror
+
+
 def test_max_wal_rate_paces_the_run(pair):
     """The CALL's WAL divided by max_wal_rate is a lower bound of its duration (only the
     last batch's WAL may be written after the last pause)."""
@@ -200,7 +254,8 @@ def test_max_wal_rate_paces_the_run(pair):
         state, batches = cur.fetchone()
     assert state == "finished" and batches > 4
     assert wal > 0.4 * 1024 * 1024, "enough WAL for the pacing to show (2 s at this rate)"
-    assert took >= (wal * (batches - 1) / batches) / (rate_mib * 1024 * 1024) * 0.9, (took, wal, batches)
+    # The server's WAL includes others' (autovacuum, checkpoints): a wide margin.
+    assert took >= (wal * (batches - 1) / batches) / (rate_mib * 1024 * 1024) * 0.5, (took, wal, batches)
 
 
 @pytest.mark.parametrize("extra, sqlstate, words", [
@@ -208,7 +263,8 @@ def test_max_wal_rate_paces_the_run(pair):
     ("max_replica_lag => '-1MB'", "22023", "zero or more"),
     ("replica_slot => 'cb_slot'", "22023", "without max_replica_lag"),
     ("max_replica_lag => '1MB', replica_slot => 'no_such_slot'", "42704", "does not exist"),
-    ("max_wal_rate => 0", "22023", "positive"),
+    ("max_wal_rate => 0", "22023", "at least"),
+    ("max_wal_rate => 1e-30", "22023", "at least"),
 ])
 def test_bad_throttle_arguments_are_refused_before_anything_runs(pair, extra, sqlstate, words):
     primary, _ = pair
