@@ -176,19 +176,21 @@ extension_sql_file!(
 /// Open WebUI's whole chat_message backfill in one call: one row per batch as it
 /// completes, a NOTICE with totals and rate as it goes. Never aborts on bad data: bad
 /// messages and chats go to `chat_backfill.rejected_messages`. Runs with the caller's
-/// privileges.
+/// privileges. Refuses (53400) a run whose estimated WAL is over
+/// `chat_backfill.max_atomic_wal`, unless `force`.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile)]
 fn backfill_chat_messages(
     source: default!(Option<PgRelation>, "NULL"),
     target: default!(Option<PgRelation>, "NULL"),
-    batch_size: default!(i32, 5000),
+    batch_size: default!(Option<i32>, "NULL"),
     now: default!(Option<i64>, "NULL"),
     source_filter: default!(Option<&str>, "$$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$"),
     id_column: default!(&str, "'id'"),
     user_id_column: default!(&str, "'user_id'"),
     chat_column: default!(&str, "'chat'"),
     dry_run: default!(bool, false),
+    force: default!(bool, false),
 ) -> TableIterator<
     'static,
     (
@@ -217,6 +219,9 @@ fn backfill_chat_messages(
     }
     .check()
     .or_raise();
+    if !dry_run && !force {
+        crate::admission::admit(&settings).or_raise();
+    }
     settings.run_id = next_run_id().or_raise();
     let mut run = Backfill::start(settings).or_raise();
     TableIterator::new(std::iter::from_fn(move || run.next_batch().or_raise()).map(|b| {

@@ -10,11 +10,15 @@
 pub mod expand;
 pub mod scalar;
 
+mod admission;
 mod api;
 mod backfill;
 mod copy_writer;
 mod datums;
 mod error;
+mod estimate;
+mod gucs;
+mod plan;
 mod relations;
 mod resumable;
 mod run_state;
@@ -23,6 +27,11 @@ mod throttle;
 mod version;
 
 ::pgrx::pg_module_magic!();
+
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]

@@ -64,6 +64,7 @@ created_at bigint, updated_at bigint); see the README for its indexes.";
 
 /// A table resolved to its oid and its quoted, always schema-qualified name (so the SQL
 /// we build names the same table whatever the search_path).
+#[derive(Clone)]
 pub struct Relation {
     pub oid: pg_sys::Oid,
     pub name: String,
@@ -260,27 +261,44 @@ pub fn has_rules(relation: pg_sys::Oid) -> bool {
 
 /// The caller must be able to read the source and write the target, checked before
 /// anything is read or any run state changes (PostgreSQL would refuse later anyway, after
-/// work was done). A target with rules is also read: without ON CONFLICT, the backfill asks
-/// it which ids are missing.
+/// work was done). The target's id is read too: `ON CONFLICT (id)` needs SELECT on it, and
+/// a run takes that path whenever COPY cannot take a batch (a re-run, a bad row), so a role
+/// without it would fail in the middle of a run. A target with rules is read whole: without
+/// ON CONFLICT, the backfill asks it which ids are missing.
 pub fn check_privileges(source: &Relation, target: Option<&Relation>) -> Result<()> {
     let reads_target = target.filter(|t| has_rules(t.oid));
     let wanted = [
-        (Some(source), pg_sys::ACL_SELECT, "SELECT"),
-        (target, pg_sys::ACL_INSERT, "INSERT"),
-        (reads_target, pg_sys::ACL_SELECT, "SELECT"),
+        (Some(source), pg_sys::ACL_SELECT, "SELECT", None),
+        (target, pg_sys::ACL_INSERT, "INSERT", None),
+        (target, pg_sys::ACL_SELECT, "SELECT", Some("id")),
+        (reads_target, pg_sys::ACL_SELECT, "SELECT", None),
     ];
-    for (relation, mode, privilege) in wanted {
+    for (relation, mode, privilege, column) in wanted {
         let Some(relation) = relation else { continue };
-        // SAFETY: pure catalog lookups on an existing relation oid for the current user.
-        let granted = unsafe {
-            pg_sys::pg_class_aclcheck(relation.oid, pg_sys::GetUserId(), mode as pg_sys::AclMode)
-                == pg_sys::AclResult::ACLCHECK_OK
+        let granted = match column {
+            // SAFETY: pure catalog lookups on an existing relation oid for the current user.
+            None => unsafe {
+                pg_sys::pg_class_aclcheck(relation.oid, pg_sys::GetUserId(), mode as pg_sys::AclMode)
+                    == pg_sys::AclResult::ACLCHECK_OK
+            },
+            Some(column) => Spi::get_one_with_args::<bool>(
+                "SELECT pg_catalog.has_column_privilege($1::pg_catalog.oid, $2::pg_catalog.text, 'SELECT'::pg_catalog.text)",
+                &[relation.oid.into(), column.into()],
+            )?
+            .unwrap_or(false),
         };
         if !granted {
+            let (what, grant) = match column {
+                None => (format!("{privilege} on table {}", relation.name), format!("GRANT {privilege} ON {}", relation.name)),
+                Some(c) => (
+                    format!("{privilege} on column {c} of table {} (ON CONFLICT ({c}) reads it)", relation.name),
+                    format!("GRANT {privilege} ({c}) ON {}", relation.name),
+                ),
+            };
             return Err(Error::new(
                 ERRCODE_INSUFFICIENT_PRIVILEGE,
-                format!("permission denied: the backfill needs {privilege} on table {}", relation.name),
-                format!("Run it as the tables' owner, or GRANT {privilege} ON {} TO the role that runs it.", relation.name),
+                format!("permission denied: the backfill needs {what}"),
+                format!("Run it as the tables' owner, or {grant} TO the role that runs it."),
             ));
         }
     }

@@ -26,7 +26,7 @@ use crate::throttle::{sleep_interruptibly, Throttle};
 CREATE PROCEDURE backfill_chat_messages_resumable(
     source regclass DEFAULT NULL,
     target regclass DEFAULT NULL,
-    batch_size integer DEFAULT 5000,
+    batch_size integer DEFAULT NULL,
     now bigint DEFAULT NULL,
     max_runtime interval DEFAULT NULL,
     pause interval DEFAULT '0',
@@ -65,7 +65,14 @@ fn backfill_chat_messages_resumable(
 ) {
     refuse_atomic_call(fcinfo).or_raise();
     let if_busy = IfBusy::parse(if_busy.unwrap_or("skip")).or_raise();
-    let replica_slot = replica_slot.map(|slot| slot.to_string_lossy().into_owned());
+    // NULL arguments take the chat_backfill.* settings; the GUC's slot only applies where a
+    // lag limit does.
+    let max_replica_lag = max_replica_lag.map(str::to_owned).or_else(crate::gucs::max_replica_lag);
+    let replica_slot = match replica_slot {
+        Some(slot) => Some(slot.to_string_lossy().into_owned()),
+        None => max_replica_lag.as_ref().and_then(|_| crate::gucs::replica_slot()),
+    };
+    let max_wal_rate = max_wal_rate.map(|n| n.to_string().parse::<f64>().unwrap_or(f64::NAN)).or_else(crate::gucs::max_wal_rate);
     // SAFETY: a non-atomic CALL may connect to SPI non-atomically; it starts without an
     // active snapshot, and each of our transactions holds one while it runs SQL.
     unsafe {
@@ -75,7 +82,7 @@ fn backfill_chat_messages_resumable(
     let settings = Request {
         source,
         target,
-        batch_size: batch_size.unwrap_or(5000),
+        batch_size,
         now,
         source_filter,
         id_column: id_column.unwrap_or("id"),
@@ -86,7 +93,7 @@ fn backfill_chat_messages_resumable(
     .check()
     .or_raise();
     crate::relations::check_source_key(&settings.source, &settings.id_column).or_raise();
-    let mut throttle = Throttle::new(max_replica_lag, replica_slot.as_deref(), max_wal_rate).or_raise();
+    let mut throttle = Throttle::new(max_replica_lag.as_deref(), replica_slot.as_deref(), max_wal_rate).or_raise();
     let lock_key = advisory_key(&settings);
     if !take_lock(lock_key, if_busy, &settings).or_raise() {
         finish_call();

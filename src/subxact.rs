@@ -79,3 +79,24 @@ pub fn in_subtransaction_catching<R>(
 fn is_data_error(sqlstate: &str) -> bool {
     matches!(sqlstate.get(..2), Some("22" | "23" | "P0" | "44" | "54"))
 }
+
+/// Runs `work` in a subtransaction that is always rolled back: a trial whose writes must
+/// not stay. An ERROR inside is re-thrown once the subtransaction is gone.
+pub fn in_rolled_back_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -> R {
+    // SAFETY: as in `in_subtransaction_catching`: begun and rolled back here on every path,
+    // with the caller's memory context and resource owner restored.
+    unsafe {
+        let caller_context = pg_sys::CurrentMemoryContext;
+        let caller_owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(caller_context);
+        let outcome = PgTryBuilder::new(|| Ok(work())).catch_others(Err).execute();
+        pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        pg_sys::MemoryContextSwitchTo(caller_context);
+        pg_sys::CurrentResourceOwner = caller_owner;
+        match outcome {
+            Ok(result) => result,
+            Err(caught) => caught.rethrow(),
+        }
+    }
+}

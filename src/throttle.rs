@@ -6,7 +6,6 @@
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-use pgrx::datum::AnyNumeric;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 
@@ -40,7 +39,7 @@ pub struct Throttle {
 impl Throttle {
     /// Checks the arguments, and that the lag can be read at all: a throttle that cannot
     /// see the standbys would silently do nothing.
-    pub fn new(max_replica_lag: Option<&str>, replica_slot: Option<&str>, max_wal_rate: Option<AnyNumeric>) -> Result<Throttle> {
+    pub fn new(max_replica_lag: Option<&str>, replica_slot: Option<&str>, max_wal_rate: Option<f64>) -> Result<Throttle> {
         let max_lag = match (max_replica_lag, replica_slot) {
             (None, None) => None,
             (None, Some(_)) => {
@@ -80,12 +79,11 @@ impl Throttle {
         let max_wal_rate = match max_wal_rate {
             None => None,
             Some(mib) => {
-                let mib: f64 = mib.to_string().parse().unwrap_or(f64::NAN);
                 if !(mib.is_finite() && mib >= MIN_WAL_RATE_MIB) {
                     return Err(Error::new(
                         ERRCODE_INVALID_PARAMETER_VALUE,
                         format!("max_wal_rate must be at least {MIN_WAL_RATE_MIB} MiB per second, not {mib}"),
-                        "It is a positive number of MiB of WAL per second; leave it NULL for no limit.",
+                        "It is a positive number of MiB of WAL per second; NULL takes chat_backfill.max_wal_rate (0 there: no limit).",
                     ));
                 }
                 Some(mib * 1024.0 * 1024.0)
@@ -262,7 +260,7 @@ fn check_slot(slot: &str) -> Result<()> {
 }
 
 /// Bytes of WAL this backend has written since it started.
-fn wal_written() -> u64 {
+pub fn wal_written() -> u64 {
     // SAFETY: pgWalUsage is this backend's own counter, only ever touched by this thread.
     unsafe { pg_sys::pgWalUsage.wal_bytes as u64 }
 }

@@ -23,7 +23,7 @@ use crate::expand::{self, Body, Column, Document, Entry, Span};
 use batch::Rows;
 use read::{Fetched, Reader};
 use rejections::{chat_sqlstate, rule_sqlstate, Recorder, Rejection};
-pub use read::source_where;
+pub use read::{sample_clause, source_where};
 pub use settings::Settings;
 use write::{Outcome, Writer};
 
@@ -294,7 +294,7 @@ impl Backfill {
         }
         drop(rows);
         report.messages_rejected += rejections.iter().filter(|r| r.message_key.is_some()).count() as i64;
-        if !self.settings.dry_run {
+        if !self.settings.dry_run && !self.settings.trial {
             self.recorder.record(&self.settings, &rejections)?;
         }
         report.elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
@@ -302,16 +302,23 @@ impl Backfill {
         self.add_to_totals(&report);
         if finished {
             self.finish();
-        } else if self.last_notice.elapsed().as_secs_f64() >= 2.0 || self.batch == 1 {
+        } else if !self.settings.trial && (self.last_notice.elapsed().as_secs_f64() >= 2.0 || self.batch == 1) {
             self.last_notice = Instant::now();
             notice!("chat_backfill: {}", self.summary("so far"));
         }
         Ok(Some(report))
     }
 
+    /// The run so far, and its number of batches.
+    pub fn totals(&self) -> (&BatchReport, i32) {
+        (&self.totals, self.batch)
+    }
+
     fn finish(&mut self) {
         self.reader.close();
-        notice!("chat_backfill: {}", self.summary("done"));
+        if !self.settings.trial {
+            notice!("chat_backfill: {}", self.summary("done"));
+        }
     }
 
     fn add_to_totals(&mut self, b: &BatchReport) {

@@ -149,13 +149,25 @@ fn select_sql(settings: &Settings, condition: Option<&str>, tail: &str) -> Strin
     let q = pgrx::spi::quote_identifier;
     let as_text = if settings.chat_is_jsonb { "::pg_catalog.text" } else { "" };
     format!(
-        "SELECT {}::pg_catalog.text, {}::pg_catalog.text, {}{as_text} FROM {}{}{tail}",
+        "SELECT {}::pg_catalog.text, {}::pg_catalog.text, {}{as_text} FROM {}{}{}{tail}",
         q(&settings.id_column),
         q(&settings.user_id_column),
         q(&settings.chat_column),
         settings.source.name,
+        sample_clause(settings),
         source_where(settings, condition)
     )
+}
+
+/// ` TABLESAMPLE ...` for a trial run, or empty. The method is qualified: PostgreSQL looks
+/// it up as a function name, on the search_path.
+pub fn sample_clause(settings: &Settings) -> String {
+    match settings.sample_percent {
+        Some(percent) => {
+            format!(" TABLESAMPLE pg_catalog.system ('{percent:.9}'::pg_catalog.float4) REPEATABLE ('0'::pg_catalog.float8)")
+        }
+        None => String::new(),
+    }
 }
 
 /// Opens a portal that outlives the SPI session (until it is closed or the transaction

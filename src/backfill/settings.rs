@@ -12,6 +12,7 @@ use crate::relations::{check_privileges, check_source, check_target, qualified_t
 
 pub const MAX_BATCH_SIZE: i32 = 1_000_000;
 
+#[derive(Clone)]
 pub struct Settings {
     pub source: Relation,
     pub target: Relation,
@@ -30,13 +31,18 @@ pub struct Settings {
     /// Whether the document is jsonb, which is read through its text form (json and text
     /// columns are read as they are stored).
     pub chat_is_jsonb: bool,
+    /// Read only this share of the source's pages (`TABLESAMPLE SYSTEM`, repeatable): an
+    /// estimate's trial run. `None`: every row.
+    pub sample_percent: Option<f64>,
+    /// A trial run (rolled back by its caller): no NOTICEs and no recorded rejections.
+    pub trial: bool,
 }
 
 /// The SQL arguments, as given.
 pub struct Request<'a> {
     pub source: Option<pg_sys::Oid>,
     pub target: Option<pg_sys::Oid>,
-    pub batch_size: i32,
+    pub batch_size: Option<i32>,
     pub now: Option<i64>,
     pub source_filter: Option<&'a str>,
     pub id_column: &'a str,
@@ -47,10 +53,12 @@ pub struct Request<'a> {
 
 impl Request<'_> {
     pub fn check(self) -> Result<Settings> {
-        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+        // NULL takes chat_backfill.batch_size, which PostgreSQL keeps within these bounds.
+        let batch_size = self.batch_size.unwrap_or_else(crate::gucs::batch_size);
+        if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
             return Err(Error::new(
                 ERRCODE_INVALID_PARAMETER_VALUE,
-                format!("batch_size {} is out of range", self.batch_size),
+                format!("batch_size {batch_size} is out of range"),
                 format!("Use a batch_size between 1 and {MAX_BATCH_SIZE}; 5000 is a good default."),
             ));
         }
@@ -74,7 +82,7 @@ impl Request<'_> {
         Ok(Settings {
             source,
             target,
-            batch_size: self.batch_size as usize,
+            batch_size: batch_size as usize,
             now: self.now.unwrap_or_else(transaction_start_epoch),
             source_filter,
             id_column: self.id_column.to_owned(),
@@ -84,6 +92,8 @@ impl Request<'_> {
             run_id: 0,
             id_type: qualified_type_name(id_type)?,
             chat_is_jsonb: chat_type == pg_sys::JSONBOID,
+            sample_percent: None,
+            trial: false,
         })
     }
 }

@@ -422,7 +422,7 @@ RUN_ROW = "SELECT r::text FROM chat_backfill.runs r WHERE run_id = %s"
 
 @pytest.fixture
 def victim_run(cluster, scratch):
-    """alice (SELECT on chat, INSERT on chat_message) starts a run that stops after one
+    """alice (SELECT on chat, INSERT and SELECT (id) on chat_message) starts a run that stops after one
     batch. bob has the same rights. reader may only SELECT chat (an analytics role);
     mallory may only connect."""
     db = scratch.database("sec_runs")
@@ -430,7 +430,7 @@ def victim_run(cluster, scratch):
     query(cluster, db, "CREATE EXTENSION chat_backfill", clean=False)
     v = SimpleNamespace(db=db, **{r: scratch.role(r) for r in ["alice", "bob", "reader", "mallory"]})
     for r in (v.alice, v.bob):
-        query(cluster, db, f"GRANT SELECT ON public.chat TO {r}; GRANT INSERT ON public.chat_message TO {r}")
+        query(cluster, db, f"GRANT SELECT ON public.chat TO {r}; GRANT INSERT, SELECT (id) ON public.chat_message TO {r}")
     query(cluster, db, f"GRANT SELECT ON public.chat TO {v.reader}")
     with connect(cluster, db, v.alice) as conn, conn.cursor() as cur:
         cur.execute(f"CALL backfill_chat_messages_resumable(batch_size => 40, now => {NOW}, max_runtime => '0')")

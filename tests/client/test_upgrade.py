@@ -31,8 +31,9 @@ from load_sample import TARGET_DDL, copy_chats
 RELEASES = [
     pytest.param("0.1.0", "5c98822", marks=pytest.mark.skipif(PG_MAJOR != "15", reason="0.1.0 existed only for PostgreSQL 15")),
     ("0.2.0", "86bb366"),
+    ("0.3.0", "d72af31"),
 ]
-NEW_VERSION = "0.3.0"
+NEW_VERSION = "0.4.0"
 LIB = Path(pg_config("--pkglibdir")) / "chat_backfill.so"
 EXTDIR = Path(pg_config("--sharedir")) / "extension"
 

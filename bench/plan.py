@@ -1,0 +1,165 @@
+"""How close chat_backfill.plan() comes to the run it estimates, on the benchmark data.
+
+    .venv/bin/python bench/plan.py [--mb 150] [--big 2] [--out bench/plan.md]
+
+The data is bench/run.py's (same generator and seed) plus --big chats of 30 MB each (the
+largest chats real installations have). A throwaway cluster with PostgreSQL's default
+durability (fsync and synchronous_commit on). For each DDL mode and sample size: plan() on
+a fresh copy (its own time is reported), then the one-transaction run (force => true)
+measured for time, WAL (pg_current_wal_lsn before and after), target growth
+(pg_total_relation_size), rows and chats; then the target is emptied and the committing
+CALL is timed. Ratios are estimate / measured. In bulk-load order the plan estimates the load
+into the primary-key-only table, which is what is measured here (no index builds after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests/client"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import psycopg2  # noqa: E402
+
+from chatgen import NOW, Chat  # noqa: E402
+from load_sample import TARGET_DDL, copy_chats  # noqa: E402
+from run import PK_ONLY_DDL, chat_of_size, dataset  # noqa: E402
+
+ITEMS = [("chats", "chats"), ("estimated_messages", "messages"), ("estimated_target_bytes", "target bytes"),
+         ("estimated_wal_bytes", "WAL bytes"), ("estimated_seconds", "seconds, one transaction"),
+         ("estimated_seconds_resumable", "seconds, committing CALL")]
+
+
+def connect(dsn):
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    return conn
+
+
+def measure(dsn, ddl, sample) -> dict:
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(ddl)
+        cur.execute("CHECKPOINT")
+        cur.execute(f"SET chat_backfill.plan_sample_size = '{sample}'")
+        began = time.monotonic()
+        cur.execute("SELECT item, value FROM chat_backfill.plan() WHERE value IS NOT NULL")
+        est = {k: float(v) for k, v in cur.fetchall()}
+        est["plan seconds"] = time.monotonic() - began
+        # A fresh session, so that the run does not profit from the plan's warm caches more than
+        # any run after a plan would.
+    with connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_total_relation_size('chat_message'), pg_current_wal_lsn()")
+        size0, lsn0 = cur.fetchone()
+        began = time.monotonic()
+        cur.execute("SELECT sum(messages_inserted + messages_rejected + messages_existing), sum(chats_read) "
+                    "FROM backfill_chat_messages(now => %s, force => true)", (NOW,))
+        messages, chats = cur.fetchone()
+        seconds = time.monotonic() - began
+        cur.execute("SELECT pg_total_relation_size('chat_message') - %s, pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
+                    (size0, lsn0))
+        grown, wal = cur.fetchone()
+        cur.execute("TRUNCATE chat_message")
+        cur.execute("CHECKPOINT")
+        began = time.monotonic()
+        cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
+        resumable = time.monotonic() - began
+    got = {"chats": chats, "estimated_messages": messages, "estimated_target_bytes": grown,
+           "estimated_wal_bytes": float(wal), "estimated_seconds": seconds, "estimated_seconds_resumable": resumable}
+    return {"est": est, "got": got}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=150)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--big", type=int, default=2, help="chats of 30 MB added to the data")
+    ap.add_argument("--samples", default="4MB,16MB,64MB")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    out = subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "start", "/tmp/chat_backfill_planbench",
+                          "fsync = on", "synchronous_commit = on", "shared_buffers = '1GB'"],
+                         check=True, capture_output=True, text=True).stdout
+    kv = dict(x.split("=", 1) for x in out.replace("export ", "").split())
+    dsn = lambda db: f"host={kv['PGHOST']} port={kv['PGPORT']} user=postgres dbname={db}"  # noqa: E731
+    chats = dataset(args.mb, args.seed)
+    rng = random.Random(args.seed + 1)
+    for i in range(args.big):
+        cid = f"big{i:09x}"
+        chats.append(Chat(cid, "user-big", chat_of_size(rng, cid, 30_000_000)))
+    chats_mb = sum(len(c.chat) for c in chats) / 1e6
+    with connect(dsn("postgres")) as conn, conn.cursor() as cur:
+        cur.execute("DROP DATABASE IF EXISTS plan_template")
+        cur.execute("CREATE DATABASE plan_template")
+    with connect(dsn("plan_template")) as conn, conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION chat_backfill")
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+        cur.execute("VACUUM ANALYZE chat")
+        cur.execute("SELECT pg_total_relation_size('chat'), current_setting('server_version')")
+        source_bytes, version = cur.fetchone()
+    print(f"{len(chats)} chats, {chats_mb:.1f} MB of JSON, {source_bytes / 1e6:.1f} MB as stored", flush=True)
+    results = []
+    for mode, ddl in (("reference", TARGET_DDL), ("bulk", PK_ONLY_DDL)):
+        for sample in args.samples.split(","):
+            db = f"plan_{mode}_{sample.lower()}"
+            with connect(dsn("postgres")) as conn, conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS {db}")
+                cur.execute(f"CREATE DATABASE {db} TEMPLATE plan_template")
+            r = measure(dsn(db), ddl, sample)
+            r.update(mode=mode, sample=sample)
+            print(r, flush=True)
+            results.append(r)
+            with connect(dsn("postgres")) as conn, conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE {db}")
+    subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", "/tmp/chat_backfill_planbench"], check=False)
+    report = render(results, len(chats), chats_mb, source_bytes, version, args)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+
+
+def render(results, n_chats, chats_mb, source_bytes, version, args) -> str:
+    lines = [
+        f"Data: bench/run.py's {args.mb:.0f} MB set (seed {args.seed}) plus {args.big} chats of 30 MB: {n_chats} chats, "
+        f"{chats_mb:.1f} MB of JSON, {source_bytes / 1e6:.1f} MB as stored. PostgreSQL {version}, fsync and "
+        f"synchronous_commit on, shared_buffers 1GB, 2 cores. One run each.",
+        "",
+        "| DDL mode | sample | plan() s | sample % | " + " | ".join(f"{label}: est / measured (ratio)" for _, label in ITEMS) + " |",
+        "|---|---|---:|---:|" + "---:|" * len(ITEMS),
+    ]
+    for r in results:
+        cells = []
+        for item, _ in ITEMS:
+            est, got = r["est"].get(item), r["got"][item]
+            if est is None:
+                cells.append("-")
+                continue
+            ratio = est / float(got) if got else float("nan")
+            cells.append(f"{fmt(est, item)} / {fmt(got, item)} ({ratio:.2f})")
+        lines.append(f"| {r['mode']} | {r['sample']} | {r['est']['plan seconds']:.2f} | {r['est'].get('sample', 0):.1f} | "
+                     + " | ".join(cells) + " |")
+    worst = max(max(r["est"][i] / float(r["got"][i]), float(r["got"][i]) / r["est"][i])
+                for r in results for i, _ in ITEMS if r["got"][i] and r["est"].get(i))
+    lines += ["", f"Largest deviation either way: {worst:.2f}x."]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value, item) -> str:
+    value = float(value)
+    if "bytes" in item:
+        return f"{value / 1e6:.0f} MB"
+    if "seconds" in item:
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+if __name__ == "__main__":
+    os.environ.pop("PGHOST", None)
+    main()

@@ -1,0 +1,167 @@
+"""chat_backfill.plan(), admission control of the one-transaction form, and the
+chat_backfill.* settings, against a real server.
+
+plan()'s estimates come from a trial run over a sample, rolled back: here they are compared
+with what the real run then measured (rows, target growth, WAL), as ranges (within 2x,
+the issue's bar), never as timings. The golden output of its checks is in
+tests/pg_regress/sql/plan.sql.
+"""
+
+from __future__ import annotations
+
+import psycopg2
+import pytest
+
+import chatgen
+from load_sample import TARGET_DDL, copy_chats
+
+NOW = chatgen.NOW
+
+
+def make_db(cluster, chats, prefix) -> str:
+    db = cluster.create_db(prefix)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+        cur.execute(TARGET_DDL)
+        cur.execute("ANALYZE chat")
+    return db
+
+
+def plan(cur, args="") -> dict[str, tuple]:
+    cur.execute(f"SELECT item, status, value, detail, advice FROM chat_backfill.plan({args})")
+    return {item: (status, None if value is None else float(value), detail, advice)
+            for item, status, value, detail, advice in cur.fetchall()}
+
+
+def state(cur) -> tuple:
+    cur.execute("SELECT (SELECT count(*) FROM chat_message), (SELECT count(*) FROM chat_backfill.rejected_messages), "
+                "(SELECT count(*) FROM chat_backfill.runs)")
+    return cur.fetchone()
+
+
+@pytest.fixture(scope="module")
+def big_db(cluster):
+    """Several MB of realistic chats: a 1 MB sample reads only part of it."""
+    chats = chatgen.realistic_chats(seed=21, count=700, content_bytes=(300, 5000), messages=(2, 24))
+    return make_db(cluster, chats + chatgen.hostile_chats(), "plan_big")
+
+
+def test_estimates_from_a_sample_are_within_2x_of_the_run(cluster, big_db):
+    with cluster.connect(big_db) as conn, conn.cursor() as cur:
+        cur.execute("SET chat_backfill.plan_sample_size = '1MB'")
+        p = plan(cur)
+        assert 0 < p["sample"][1] < 100, "the sample must be part of the source for this test"
+        assert state(cur) == (0, 0, 0), "plan() wrote nothing"
+        cur.execute("SELECT pg_total_relation_size('chat_message'), pg_current_wal_lsn()")
+        size_before, lsn_before = cur.fetchone()
+        cur.execute("SELECT sum(messages_inserted + messages_rejected + messages_existing), sum(chats_read) "
+                    "FROM backfill_chat_messages(now => %s, force => true)", (NOW,))
+        messages, chats = cur.fetchone()
+        cur.execute("SELECT pg_total_relation_size('chat_message') - %s, pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
+                    (size_before, lsn_before))
+        grown, wal = cur.fetchone()
+    measured = {"chats": chats, "estimated_messages": messages, "estimated_target_bytes": grown,
+                "estimated_wal_bytes": wal}
+    for item, actual in measured.items():
+        ratio = p[item][1] / float(actual)
+        assert 0.5 <= ratio <= 2.0, f"{item}: estimated {p[item][1]}, measured {actual}"
+    assert p["estimated_seconds"][1] > 0 and p["estimated_seconds_resumable"][1] >= p["estimated_seconds"][1]
+
+
+def test_a_source_read_whole_gives_exact_counts_and_nothing_stays(cluster):
+    db = make_db(cluster, chatgen.realistic_chats(seed=3, count=40, content_bytes=(100, 400), messages=(1, 6))
+                 + chatgen.hostile_chats(), "plan_small")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT nextval('chat_backfill.runs_run_id_seq')")
+        (run_seq,) = cur.fetchone()
+        p = plan(cur)
+        assert p["sample"][1] == 100.0
+        assert state(cur) == (0, 0, 0), "the trial's rows and rejections were rolled back"
+        assert not [n for n in conn.notices if "chat_backfill" in n], "the trial says nothing"
+        cur.execute("SELECT nextval('chat_backfill.runs_run_id_seq')")
+        assert cur.fetchone() == (run_seq + 1,), "plan() takes no run id"
+        cur.execute("SELECT sum(messages_inserted + messages_rejected), sum(chats_read) "
+                    "FROM backfill_chat_messages(now => %s)", (NOW,))
+        messages, chats = cur.fetchone()
+    assert (p["estimated_messages"][1], p["chats"][1]) == (messages, chats)
+
+
+def test_admission_refuses_over_max_atomic_wal_with_a_hint_and_force_runs(cluster):
+    db = cluster.create_db("plan_admit")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chatgen.realistic_chats(seed=22, count=300, content_bytes=(300, 5000), messages=(2, 24)))
+        cur.execute(TARGET_DDL)
+        # An operator's setting for every session of the database.
+        cur.execute(f'ALTER DATABASE "{db}" SET chat_backfill.max_atomic_wal = \'1MB\'')
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SHOW chat_backfill.max_atomic_wal")
+        assert cur.fetchone() == ("1MB",)
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (NOW,))
+        err = e.value
+        assert err.pgcode == "53400"
+        assert "chat_backfill.max_atomic_wal" in err.pgerror and "of WAL in one transaction" in err.pgerror
+        assert "CALL backfill_chat_messages_resumable()" in err.diag.message_hint
+        assert "force => true" in err.diag.message_hint
+        assert "rolled back" in err.diag.message_detail
+        assert state(cur) == (0, 0, 0), "refused before writing anything"
+        status = plan(cur)["admission"]
+        assert status[0] == "warning" and "53400" in status[2]
+        # A dry run writes nothing, so it is never refused.
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, dry_run => true)", (NOW,))
+        (would,) = cur.fetchone()
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, force => true)", (NOW,))
+        assert cur.fetchone() == (would,) and would > 0
+        # The committing form is what the hint names: it is not subject to the limit.
+        cur.execute("TRUNCATE chat_message")
+        cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
+        cur.execute("SELECT count(*) FROM chat_message")
+        assert cur.fetchone() == (would,)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SET chat_backfill.max_atomic_wal = -1")  # max_wal_size (1GB by default)
+        cur.execute("TRUNCATE chat_message")
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s)", (NOW,))
+        assert cur.fetchone() == (would,)
+
+
+def test_settings_fill_null_arguments_and_arguments_win(cluster):
+    db = make_db(cluster, chatgen.realistic_chats(seed=8, count=30, content_bytes=(100, 300), messages=(3, 8)), "plan_guc")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM backfill_chat_messages(now => %s, batch_size => 25, dry_run => true)", (NOW,))
+        (batches_25,) = cur.fetchone()
+        cur.execute("SET chat_backfill.batch_size = 25")
+        cur.execute("SELECT count(*), max(messages_inserted) FROM backfill_chat_messages(now => %s, dry_run => true)", (NOW,))
+        assert cur.fetchone() == (batches_25, 25)
+        cur.execute("SELECT count(*) FROM backfill_chat_messages(now => %s, batch_size => 5000, dry_run => true)", (NOW,))
+        assert cur.fetchone() == (1,), "an argument wins over the setting"
+        cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
+        cur.execute("SELECT batches FROM chat_backfill.status")
+        assert cur.fetchone() == (batches_25,)
+        assert plan(cur)["estimated_seconds_resumable"][2].endswith(f"of up to 25 messages, each committed")
+
+
+def test_throttle_settings_apply_when_the_arguments_are_null(cluster):
+    """A lag limit set once for the server is a real limit: a caller who cannot see the
+    standbys is refused (42501), as with the argument, never silently unthrottled."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=9, count=5), "plan_throttle")
+    role = f"guc_runner_{db[-6:]}"
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role}")
+        cur.execute(f"GRANT SELECT ON chat TO {role}; GRANT SELECT, INSERT ON chat_message TO {role}")
+        cur.execute(f"SET ROLE {role}")
+        cur.execute("SET chat_backfill.max_replica_lag = '64MB'")
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
+        assert e.value.pgcode == "42501" and "pg_monitor" in e.value.diag.message_hint
+        cur.execute("RESET chat_backfill.max_replica_lag")
+        cur.execute("SET chat_backfill.max_wal_rate = 0.001")
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
+        assert e.value.pgcode == "22023" and "max_wal_rate" in e.value.pgerror
+        cur.execute("SET chat_backfill.max_wal_rate = 100")
+        cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
+        cur.execute("RESET ROLE")
+        cur.execute("SELECT state FROM chat_backfill.status")
+        assert cur.fetchone() == ("finished",)
