@@ -15,6 +15,7 @@ into the primary-key-only table, which is what is measured here (no index builds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import subprocess
@@ -37,10 +38,15 @@ ITEMS = [("chats", "chats"), ("estimated_messages", "messages"), ("estimated_tar
          ("estimated_seconds_resumable", "seconds, committing CALL")]
 
 
+@contextlib.contextmanager
 def connect(dsn):
+    """An autocommit connection closed on exit (psycopg2's own `with` opens a transaction)."""
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
-    return conn
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 def measure(dsn, ddl, sample) -> dict:

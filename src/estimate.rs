@@ -3,7 +3,7 @@
 //! `chat_backfill.plan_sample_size` of the table as stored) goes through the real engine
 //! into the real target, indexes, foreign keys and triggers included, in a subtransaction
 //! that is always rolled back; what that cost (this backend's WAL, the target's growth,
-//! the time) is scaled by the share of pages read. A source that fits in the sample is read
+//! the time) is scaled up to the whole source. A source that fits in the sample is read
 //! whole, and its counts are exact.
 
 use std::panic::AssertUnwindSafe;
@@ -21,8 +21,10 @@ use crate::throttle::wal_written;
 pub struct Estimate {
     /// Share of the source's pages read, in percent (100: all of it).
     pub sample_percent: f64,
-    /// The source's rows per row sampled.
+    /// The source's rows per row sampled (scales counts).
     pub scale: f64,
+    /// The source's stored bytes per sampled chat byte (scales bytes and time).
+    pub byte_scale: f64,
     pub sampled_chats: i64,
     /// The sampled chats as stored (compressed), in bytes.
     pub sampled_chat_bytes: i64,
@@ -51,10 +53,10 @@ pub fn measure(settings: &Settings) -> Result<Estimate> {
     let budget = gucs::plan_sample_bytes();
     let mut percent = if total <= budget { 100.0 } else { 100.0 * budget as f64 / total as f64 };
     // A small sample of a big table may land on no chat: read ten times more, up to all.
-    let (sampled_rows, sampled_chats, sampled_chat_bytes) = loop {
-        let (rows, chats, bytes) = count_sample(settings, percent)?;
-        if chats > 0 || percent >= 100.0 {
-            break (rows, chats, bytes);
+    let sample = loop {
+        let sample = count_sample(settings, percent)?;
+        if sample.chats > 0 || percent >= 100.0 {
+            break sample;
         }
         percent = (percent * 10.0).min(100.0);
     };
@@ -66,9 +68,20 @@ pub fn measure(settings: &Settings) -> Result<Estimate> {
         1.0
     } else {
         match table_rows(settings.source.oid)? {
-            Some(rows) if sampled_rows > 0 => rows / sampled_rows as f64,
+            Some(rows) if sample.rows > 0 => rows / sample.rows as f64,
             _ => 100.0 / percent,
         }
+    };
+    // WAL, table growth and time follow the bytes of chat, not the number of chats, and chat
+    // sizes are heavy-tailed: one chat of tens of MB is in a page sample or not. So those are
+    // scaled by the source's heap and TOAST bytes (which the catalog knows exactly) per
+    // stored byte of the sampled chats: a sample that missed the giants still prices their
+    // bytes at the rate it measured. (Other columns and dead rows count as chat here, so a
+    // bloated table is overestimated, the safe side.)
+    let byte_scale = if percent >= 100.0 || sample.all_bytes <= 0 {
+        scale
+    } else {
+        stored_bytes(settings.source.oid)? as f64 / sample.all_bytes as f64
     };
     let mut trial = settings.clone();
     trial.sample_percent = (percent < 100.0).then_some(percent);
@@ -77,10 +90,11 @@ pub fn measure(settings: &Settings) -> Result<Estimate> {
     let target = settings.target.oid;
     let before = relation_sizes(target)?;
     let measured = in_rolled_back_subtransaction(AssertUnwindSafe(|| -> Result<Trial> {
+        let mut run = Backfill::start(trial)?;
+        // Preparing the statements is paid once per run, not per byte: not timed.
         let wal_before = wal_written();
         let began = Instant::now();
         let mut flushing = Duration::ZERO;
-        let mut run = Backfill::start(trial)?;
         while run.next_batch()?.is_some() {
             // The committing form's COMMIT after each batch waits for its WAL to reach disk.
             flushing += flush_wal();
@@ -100,23 +114,24 @@ pub fn measure(settings: &Settings) -> Result<Estimate> {
     let growth = |name: &str| {
         let was = before.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
         let now = measured.after.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
-        (now - was).max(0) as f64 * scale
+        (now - was).max(0) as f64 * byte_scale
     };
     let commits = if synchronous_commit_off()? { 0.0 } else { measured.flushing.as_secs_f64() };
-    let seconds = measured.working.as_secs_f64() * scale;
+    let seconds = measured.working.as_secs_f64() * byte_scale;
     Ok(Estimate {
         sample_percent: percent,
         scale,
-        sampled_chats,
-        sampled_chat_bytes,
-        chats: sampled_chats as f64 * scale,
+        byte_scale,
+        sampled_chats: sample.chats,
+        sampled_chat_bytes: sample.bytes,
+        chats: sample.chats as f64 * scale,
         messages: measured.messages as f64 * scale,
         target_bytes: growth(""),
         index_bytes: measured.after.iter().filter(|(n, _)| !n.is_empty()).map(|(n, _)| (n.clone(), growth(n))).collect(),
-        wal_bytes: measured.wal as f64 * scale,
+        wal_bytes: measured.wal as f64 * byte_scale,
         seconds,
         batches: f64::from(measured.batches) * scale,
-        seconds_resumable: seconds + commits * scale,
+        seconds_resumable: seconds + commits * byte_scale,
     })
 }
 
@@ -142,17 +157,38 @@ fn table_rows(source: pg_sys::Oid) -> Result<Option<f64>> {
     Ok(density.zip(blocks).map(|(d, b)| d * b))
 }
 
-/// Rows in the sample, chats in it that pass the filter, and their stored bytes (without
-/// reading their TOAST).
-fn count_sample(settings: &Settings, percent: f64) -> Result<(i64, i64, i64)> {
+/// The source's heap and TOAST table, in bytes (its indexes are not read by the backfill).
+fn stored_bytes(source: pg_sys::Oid) -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.pg_relation_size(c.oid::pg_catalog.regclass) OPERATOR(pg_catalog.+) \
+                CASE WHEN c.reltoastrelid OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN 0::pg_catalog.int8 \
+                     ELSE pg_catalog.pg_relation_size(c.reltoastrelid::pg_catalog.regclass) END \
+           FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[source.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// What a sample holds, counted without reading its chats' TOAST.
+struct Sample {
+    /// Every row, and the stored bytes of their chats.
+    rows: i64,
+    all_bytes: i64,
+    /// The chats that pass the filter, and their stored bytes.
+    chats: i64,
+    bytes: i64,
+}
+
+fn count_sample(settings: &Settings, percent: f64) -> Result<Sample> {
     let mut sampled = settings.clone();
     sampled.sample_percent = (percent < 100.0).then_some(percent);
-    let rows = Spi::get_one::<i64>(&format!(
-        "SELECT pg_catalog.count(*) FROM {}{}",
+    // Every row of the sample, filtered or not: the source's totals are of every row.
+    let (rows, all_bytes) = Spi::get_two::<i64, i64>(&format!(
+        "SELECT pg_catalog.count(*), pg_catalog.sum(pg_catalog.pg_column_size({}))::pg_catalog.int8 FROM {}{}",
+        pgrx::spi::quote_identifier(&settings.chat_column),
         settings.source.name,
         sample_clause(&sampled)
-    ))?
-    .unwrap_or(0);
+    ))?;
     let sql = format!(
         "SELECT pg_catalog.count(*), pg_catalog.sum(pg_catalog.pg_column_size({}))::pg_catalog.int8 FROM {}{}{}",
         pgrx::spi::quote_identifier(&settings.chat_column),
@@ -161,7 +197,7 @@ fn count_sample(settings: &Settings, percent: f64) -> Result<(i64, i64, i64)> {
         source_where(settings, None)
     );
     let (chats, bytes) = Spi::get_two::<i64, i64>(&sql)?;
-    Ok((rows, chats.unwrap_or(0), bytes.unwrap_or(0)))
+    Ok(Sample { rows: rows.unwrap_or(0), all_bytes: all_bytes.unwrap_or(0), chats: chats.unwrap_or(0), bytes: bytes.unwrap_or(0) })
 }
 
 /// The target's size with its TOAST (under ""), and each of its indexes by name.

@@ -144,12 +144,13 @@ fn estimates(e: &Estimate, batch_size: i32) -> Vec<Finding> {
             "sample",
             "info",
             format!(
-                "{} chats ({} as stored), {:.3}% of the source's pages, each sampled row standing for {:.2}; written to \
-                 the target and rolled back",
+                "{} chats ({} as stored), {:.3}% of the source's pages, written to the target and rolled back; \
+                 counts scaled by {:.2} (rows per sampled row), bytes and time by {:.2} (stored bytes per sampled byte)",
                 e.sampled_chats,
                 pretty(e.sampled_chat_bytes as f64),
                 e.sample_percent,
-                e.scale
+                e.scale,
+                e.byte_scale
             ),
         )
         .value(e.sample_percent, "percent"),
