@@ -61,8 +61,11 @@ SELECT status FROM chat_backfill.plan() WHERE item = 'admission';
 
 -- The settings are bounded, and a NULL batch_size takes chat_backfill.batch_size.
 SET chat_backfill.batch_size = 0;
+-- (PostgreSQL 18 words the range of a setting with a unit differently: SQLSTATE only.)
+\set VERBOSITY sqlstate
 SET chat_backfill.max_atomic_wal = -2;
 SET chat_backfill.plan_sample_size = '100kB';
+\set VERBOSITY default
 SET chat_backfill.batch_size = 7;
 TRUNCATE chat_message;
 SELECT count(*) AS batches, max(messages_inserted) AS largest FROM backfill_chat_messages();
