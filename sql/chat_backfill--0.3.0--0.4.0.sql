@@ -1,6 +1,8 @@
 -- chat_backfill 0.3.0 -> 0.4.0: settings (chat_backfill.* GUCs) that NULL arguments take,
--- admission control with force on the one-transaction form, and chat_backfill.plan(). Every
--- name is schema-qualified, as in the install script.
+-- admission control with force on the one-transaction form, and chat_backfill.plan(). The
+-- definitions are the install script's, word for word (the upgrade test compares them); their
+-- unqualified names resolve as there (PostgreSQL runs extension scripts with search_path
+-- @extschema@, pg_catalog always searched first for types).
 
 -- 1. The one-transaction form: batch_size NULL takes chat_backfill.batch_size; force
 --    (appended last, so every existing call keeps its meaning) skips admission control.

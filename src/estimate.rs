@@ -44,12 +44,10 @@ pub struct Estimate {
 }
 
 /// Measures a trial run of `settings` over a sample of its source (nothing stays written).
-pub fn measure(settings: &Settings) -> Result<Estimate> {
-    let total = Spi::get_one_with_args::<i64>(
-        "SELECT pg_catalog.pg_total_relation_size($1::pg_catalog.regclass)",
-        &[settings.source.oid.into()],
-    )?
-    .unwrap_or(0);
+/// `time_commits`: also flush the WAL after each trial batch, as the committing form's
+/// COMMITs do, to price them (`seconds_resumable`; zero otherwise).
+pub fn measure(settings: &Settings, time_commits: bool) -> Result<Estimate> {
+    let total = total_size(settings.source.oid)?;
     let budget = gucs::plan_sample_bytes();
     let mut percent = if total <= budget { 100.0 } else { 100.0 * budget as f64 / total as f64 };
     // A small sample of a big table may land on no chat: read ten times more, up to all.
@@ -97,7 +95,9 @@ pub fn measure(settings: &Settings) -> Result<Estimate> {
         let mut flushing = Duration::ZERO;
         while run.next_batch()?.is_some() {
             // The committing form's COMMIT after each batch waits for its WAL to reach disk.
-            flushing += flush_wal();
+            if time_commits {
+                flushing += flush_wal();
+            }
         }
         let (totals, batches) = run.totals();
         let messages = totals.messages_inserted + totals.messages_existing + totals.messages_rejected;
@@ -182,22 +182,20 @@ struct Sample {
 fn count_sample(settings: &Settings, percent: f64) -> Result<Sample> {
     let mut sampled = settings.clone();
     sampled.sample_percent = (percent < 100.0).then_some(percent);
-    // Every row of the sample, filtered or not: the source's totals are of every row.
-    let (rows, all_bytes) = Spi::get_two::<i64, i64>(&format!(
-        "SELECT pg_catalog.count(*), pg_catalog.sum(pg_catalog.pg_column_size({}))::pg_catalog.int8 FROM {}{}",
-        pgrx::spi::quote_identifier(&settings.chat_column),
-        settings.source.name,
-        sample_clause(&sampled)
-    ))?;
-    let sql = format!(
-        "SELECT pg_catalog.count(*), pg_catalog.sum(pg_catalog.pg_column_size({}))::pg_catalog.int8 FROM {}{}{}",
-        pgrx::spi::quote_identifier(&settings.chat_column),
-        settings.source.name,
-        sample_clause(&sampled),
-        source_where(settings, None)
-    );
-    let (chats, bytes) = Spi::get_two::<i64, i64>(&sql)?;
-    Ok(Sample { rows: rows.unwrap_or(0), all_bytes: all_bytes.unwrap_or(0), chats: chats.unwrap_or(0), bytes: bytes.unwrap_or(0) })
+    let count = |condition: &str| {
+        let sql = format!(
+            "SELECT pg_catalog.count(*), pg_catalog.sum(pg_catalog.pg_column_size({}))::pg_catalog.int8 FROM {}{}{condition}",
+            pgrx::spi::quote_identifier(&settings.chat_column),
+            settings.source.name,
+            sample_clause(&sampled),
+        );
+        Spi::get_two::<i64, i64>(&sql).map(|(n, bytes)| (n.unwrap_or(0), bytes.unwrap_or(0)))
+    };
+    // Every row of the sample, filtered or not (the source's totals are of every row), then
+    // the chats that pass the filter.
+    let (rows, all_bytes) = count("")?;
+    let (chats, bytes) = count(&source_where(settings, None))?;
+    Ok(Sample { rows, all_bytes, chats, bytes })
 }
 
 /// The target's size with its TOAST (under ""), and each of its indexes by name.
@@ -239,6 +237,15 @@ fn flush_wal() -> Duration {
 fn synchronous_commit_off() -> Result<bool> {
     Ok(Spi::get_one::<String>("SELECT pg_catalog.current_setting('synchronous_commit'::pg_catalog.text)")?.as_deref()
         == Some("off"))
+}
+
+/// The table with its TOAST and indexes, in bytes.
+pub fn total_size(relation: pg_sys::Oid) -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.pg_total_relation_size($1::pg_catalog.regclass)",
+        &[relation.into()],
+    )?
+    .unwrap_or(0))
 }
 
 /// The server's max_wal_size, in bytes.

@@ -10,7 +10,7 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 
 use crate::backfill::settings::MAX_BATCH_SIZE;
 
-pub const DEFAULT_BATCH_SIZE: i32 = 5000;
+const DEFAULT_BATCH_SIZE: i32 = 5000;
 
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(DEFAULT_BATCH_SIZE);
 /// MB; -1: the server's max_wal_size.

@@ -9,7 +9,7 @@ use pgrx::prelude::*;
 use crate::backfill::settings::Request;
 use crate::error::{Error, OrRaise, Result};
 use crate::estimate::{self, pretty, Estimate};
-use crate::relations::{check_target, resolve, Relation};
+use crate::relations::{check_target, resolve, Relation, UNIQUE_ON_COLUMN};
 
 struct Finding {
     item: &'static str,
@@ -107,10 +107,9 @@ fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
             return Ok(out);
         }
     };
-    let batch_size = request.batch_size;
     let settings = request.check()?;
-    let estimate = estimate::measure(&settings)?;
-    out.extend(estimates(&estimate, batch_size.map_or_else(crate::gucs::batch_size, |b| b)));
+    let estimate = estimate::measure(&settings, true)?;
+    out.extend(estimates(&estimate, settings.batch_size));
     out.push(finding("target", "ok", format!("{}: every column, and a unique index on id", target.name)));
     out.push(secondary_indexes(&target, &estimate)?);
     out.push(foreign_keys(&target)?);
@@ -123,11 +122,7 @@ fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
 }
 
 fn source_size(source: &Relation) -> Result<Finding> {
-    let bytes = Spi::get_one_with_args::<i64>(
-        "SELECT pg_catalog.pg_total_relation_size($1::pg_catalog.regclass)",
-        &[source.oid.into()],
-    )?
-    .unwrap_or(0) as f64;
+    let bytes = estimate::total_size(source.oid)? as f64;
     Ok(finding("source_bytes", "info", format!("{}: {} with its TOAST and indexes", source.name, pretty(bytes)))
         .value(bytes, "bytes"))
 }
@@ -136,7 +131,7 @@ fn fatal_target(e: Error) -> Finding {
     finding("target", "fatal", e.message).advice(e.hint)
 }
 
-fn estimates(e: &Estimate, batch_size: i32) -> Vec<Finding> {
+fn estimates(e: &Estimate, batch_size: usize) -> Vec<Finding> {
     let whole = e.sample_percent >= 100.0;
     let how = if whole { "counted (the whole source was read)" } else { "estimated from the sample" };
     vec![
@@ -186,16 +181,13 @@ fn estimates(e: &Estimate, batch_size: i32) -> Vec<Finding> {
 fn secondary_indexes(target: &Relation, e: &Estimate) -> Result<Finding> {
     let names: Vec<String> = Spi::connect(|client| -> Result<Vec<String>> {
         let rows = client.select(
-            "SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname) \
-               FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid \
-              WHERE i.indrelid OPERATOR(pg_catalog.=) $1 \
-                AND NOT (i.indisunique AND i.indnkeyatts OPERATOR(pg_catalog.=) 1::pg_catalog.int2 AND i.indpred IS NULL \
-                         AND i.indexprs IS NULL \
-                         AND (SELECT a.attname FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) i.indrelid \
-                                AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]) OPERATOR(pg_catalog.=) 'id'::pg_catalog.name) \
-              ORDER BY 1",
+            &format!(
+                "SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname) \
+                   FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid \
+                  WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND NOT {UNIQUE_ON_COLUMN} ORDER BY 1"
+            ),
             None,
-            &[target.oid.into()],
+            &[target.oid.into(), "id".into()],
         )?;
         let mut names = Vec::new();
         for row in rows {
@@ -338,8 +330,8 @@ fn free_disk(target: &Relation, e: &Estimate) -> Result<Finding> {
     };
     let same = device(&table_dir) == device(&wal_dir);
     let need_table = e.target_bytes;
-    // WAL is recycled at checkpoints; what must fit at once is about max_wal_size, or all of
-    // it while a slot or archiving holds it back.
+    // WAL is recycled at checkpoints: what must fit at once is about max_wal_size. (A slot or
+    // archiving that holds WAL back is not looked at: then all of it must fit.)
     let need_wal = e.wal_bytes.min(estimate::max_wal_size()? as f64);
     let (short, detail) = if same {
         (need_table + need_wal > table_free as f64, format!("{} free for the table and WAL (one file system)", pretty(table_free as f64)))

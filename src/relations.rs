@@ -173,14 +173,19 @@ pub fn check_target(target: &Relation) -> Result<()> {
     Ok(())
 }
 
+/// SQL: the pg_index row `i` is a valid, unique, non-partial index on the column named by
+/// the text parameter `$2` alone (what `ON CONFLICT ($2)` and keyset reading rely on).
+pub const UNIQUE_ON_COLUMN: &str = "(i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL \
+    AND i.indnkeyatts OPERATOR(pg_catalog.=) 1::pg_catalog.int2 \
+    AND (SELECT a.attname FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) i.indrelid \
+         AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0]) OPERATOR(pg_catalog.=) $2::pg_catalog.name)";
+
 /// Whether `column` alone has a valid, unique, non-partial index.
 fn has_unique_index(relation: &Relation, column: &str) -> Result<bool> {
     Ok(Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a \
-           ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) i.indkey[0] \
-         WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL \
-         AND i.indexprs IS NULL AND i.indnkeyatts OPERATOR(pg_catalog.=) 1::pg_catalog.int2 \
-         AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name)",
+        &format!(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND {UNIQUE_ON_COLUMN})"
+        ),
         &[relation.oid.into(), column.into()],
     )?
     .unwrap_or(false))

@@ -13,12 +13,6 @@ pub struct Failure {
     pub detail: Option<String>,
 }
 
-enum Outcome<R> {
-    Done(R),
-    RowError(Failure),
-    Fatal(CaughtError),
-}
-
 /// Runs `work` in a subtransaction: committed if it returns, rolled back if it raises an
 /// ERROR, which comes back as `Err` when it is about the data. Anything else (query
 /// cancel, statement timeout, shutdown, permissions, Rust panics) is re-thrown once the
@@ -33,40 +27,47 @@ pub fn in_subtransaction_catching<R>(
     work: impl FnOnce() -> R + std::panic::UnwindSafe,
     is_caught: fn(&str) -> bool,
 ) -> Result<R, Failure> {
-    // SAFETY: the subtransaction is begun and ended here on every path (released if the
-    // work returned, rolled back if it raised), and the caller's memory context and
-    // resource owner are restored either way, as PostgreSQL's PL handlers do.
+    run_in_subtransaction(work, true).or_else(|caught| match caught {
+        CaughtError::PostgresError(ref report) | CaughtError::ErrorReport(ref report)
+            if is_caught(&crate::error::sqlstate_text(report.sql_error_code())) =>
+        {
+            Err(Failure {
+                sqlstate: crate::error::sqlstate_text(report.sql_error_code()),
+                message: report.message().to_owned(),
+                detail: report.detail().map(str::to_owned),
+            })
+        }
+        other => other.rethrow(),
+    })
+}
+
+/// Runs `work` in a subtransaction that is always rolled back: a trial whose writes must
+/// not stay. An ERROR inside is re-thrown once the subtransaction is gone.
+pub fn in_rolled_back_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -> R {
+    run_in_subtransaction(work, false).unwrap_or_else(|caught| caught.rethrow())
+}
+
+/// Runs `work` in a subtransaction, released if `keep` and the work returned, rolled back
+/// otherwise; what the work raised comes back once the subtransaction is gone.
+fn run_in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe, keep: bool) -> Result<R, CaughtError> {
+    // SAFETY: the subtransaction is begun and ended here on every path, and the caller's
+    // memory context and resource owner are restored either way, as PostgreSQL's PL
+    // handlers do.
     unsafe {
         let caller_context = pg_sys::CurrentMemoryContext;
         let caller_owner = pg_sys::CurrentResourceOwner;
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         // Keep results in the caller's memory, not the subtransaction's.
         pg_sys::MemoryContextSwitchTo(caller_context);
-        let outcome = PgTryBuilder::new(|| Outcome::Done(work()))
-            .catch_others(|caught| match caught {
-                CaughtError::PostgresError(ref report) | CaughtError::ErrorReport(ref report)
-                    if is_caught(&crate::error::sqlstate_text(report.sql_error_code())) =>
-                {
-                    Outcome::RowError(Failure {
-                        sqlstate: crate::error::sqlstate_text(report.sql_error_code()),
-                        message: report.message().to_owned(),
-                        detail: report.detail().map(str::to_owned),
-                    })
-                }
-                other => Outcome::Fatal(other),
-            })
-            .execute();
-        match outcome {
-            Outcome::Done(_) => pg_sys::ReleaseCurrentSubTransaction(),
-            _ => pg_sys::RollbackAndReleaseCurrentSubTransaction(),
+        let outcome = PgTryBuilder::new(|| Ok(work())).catch_others(Err).execute();
+        if keep && outcome.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
         }
         pg_sys::MemoryContextSwitchTo(caller_context);
         pg_sys::CurrentResourceOwner = caller_owner;
-        match outcome {
-            Outcome::Done(result) => Ok(result),
-            Outcome::RowError(failure) => Err(failure),
-            Outcome::Fatal(caught) => caught.rethrow(),
-        }
+        outcome
     }
 }
 
@@ -78,25 +79,4 @@ pub fn in_subtransaction_catching<R>(
 /// out of memory, class 53) is about the run, not the row: it must stop the run.
 fn is_data_error(sqlstate: &str) -> bool {
     matches!(sqlstate.get(..2), Some("22" | "23" | "P0" | "44" | "54"))
-}
-
-/// Runs `work` in a subtransaction that is always rolled back: a trial whose writes must
-/// not stay. An ERROR inside is re-thrown once the subtransaction is gone.
-pub fn in_rolled_back_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -> R {
-    // SAFETY: as in `in_subtransaction_catching`: begun and rolled back here on every path,
-    // with the caller's memory context and resource owner restored.
-    unsafe {
-        let caller_context = pg_sys::CurrentMemoryContext;
-        let caller_owner = pg_sys::CurrentResourceOwner;
-        pg_sys::BeginInternalSubTransaction(std::ptr::null());
-        pg_sys::MemoryContextSwitchTo(caller_context);
-        let outcome = PgTryBuilder::new(|| Ok(work())).catch_others(Err).execute();
-        pg_sys::RollbackAndReleaseCurrentSubTransaction();
-        pg_sys::MemoryContextSwitchTo(caller_context);
-        pg_sys::CurrentResourceOwner = caller_owner;
-        match outcome {
-            Ok(result) => result,
-            Err(caught) => caught.rethrow(),
-        }
-    }
 }
