@@ -77,11 +77,15 @@ pub fn init() {
         c"How much chat text plan() and admission control read and trial-insert.",
         c"A larger sample gives better estimates and takes longer; the sample is rolled back.",
         &PLAN_SAMPLE_SIZE,
-        1024,
+        64,
         1024 * 1024,
         GucContext::Userset,
         GucFlags::UNIT_KB,
     );
+    // Any other chat_backfill.* name is a typo: warn of it now, and refuse it from now on,
+    // rather than let `SET chat_backfill.batchsize = ...` pass and do nothing.
+    // SAFETY: called from _PG_init, with a NUL-terminated prefix, as extensions do.
+    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"chat_backfill".as_ptr()) };
 }
 
 pub fn batch_size() -> i32 {

@@ -8,7 +8,7 @@ use pgrx::prelude::*;
 
 use crate::backfill::settings::Request;
 use crate::error::{Error, OrRaise, Result};
-use crate::estimate::{self, pretty, Estimate};
+use crate::estimate::{self, pretty, Estimate, Sampling};
 use crate::relations::{check_target, resolve, Relation, UNIQUE_ON_COLUMN};
 
 struct Finding {
@@ -27,7 +27,12 @@ fn finding(item: &'static str, status: &'static str, detail: impl Into<String>) 
 
 impl Finding {
     fn value(mut self, value: f64, unit: &'static str) -> Finding {
-        let text = if unit == "seconds" || unit == "percent" { format!("{value:.1}") } else { format!("{:.0}", value.round()) };
+        let text = match unit {
+            "seconds" => format!("{value:.1}"),
+            // A sample of a big source is a small share: 0.042, not 0.0.
+            "percent" => format!("{value:.3}"),
+            _ => format!("{:.0}", value.round()),
+        };
         self.value = AnyNumeric::try_from(text.as_str()).ok();
         self.unit = Some(unit);
         self
@@ -97,11 +102,18 @@ fn plan(
 
 fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
     let source = resolve(request.source, "chat", "source")?;
-    let mut out = vec![source_size(&source)?];
+    let stored = estimate::source_bytes(source.oid)?;
+    let mut out = vec![];
+    if let Some(bytes) = stored {
+        out.push(source_size(&source, bytes));
+    }
     // A target that cannot take rows is the finding, not an error: the plan says what to fix.
     let target = match resolve(request.target, "chat_message", "target").and_then(|t| check_target(&t).map(|_| t)) {
         Ok(target) => target,
         Err(e) => {
+            if stored.is_none() {
+                out.push(unstored_source_size(&source, None));
+            }
             out.push(fatal_target(e));
             out.push(finding("estimates", "unknown", "Not measured: the trial run needs a target that can take the rows."));
             return Ok(out);
@@ -109,6 +121,9 @@ fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
     };
     let settings = request.check()?;
     let estimate = estimate::measure(&settings, true)?;
+    if stored.is_none() {
+        out.push(unstored_source_size(&source, Some(&estimate)));
+    }
     out.extend(estimates(&estimate, settings.batch_size));
     out.push(finding("target", "ok", format!("{}: every column, and a unique index on id", target.name)));
     out.push(secondary_indexes(&target, &estimate)?);
@@ -121,10 +136,28 @@ fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
     Ok(out)
 }
 
-fn source_size(source: &Relation) -> Result<Finding> {
-    let bytes = estimate::total_size(source.oid)? as f64;
-    Ok(finding("source_bytes", "info", format!("{}: {} with its TOAST and indexes", source.name, pretty(bytes)))
-        .value(bytes, "bytes"))
+fn source_size(source: &Relation, bytes: i64) -> Finding {
+    let bytes = bytes as f64;
+    finding(
+        "source_bytes",
+        "info",
+        format!("{}: {} with its TOAST and indexes (and those of the tables under it, if any)", source.name, pretty(bytes)),
+    )
+    .value(bytes, "bytes")
+}
+
+/// A view or a foreign table has no storage to measure: its chat text as the trial read
+/// it, scaled like its rows (unknown without a trial).
+fn unstored_source_size(source: &Relation, estimate: Option<&Estimate>) -> Finding {
+    let what = format!("{} has no storage of its own (a view or a foreign table)", source.name);
+    match estimate {
+        None => finding("source_bytes", "unknown", format!("{what}: not measured without a trial run")),
+        Some(e) => {
+            let bytes = e.sampled_chat_bytes as f64 * e.scale;
+            finding("source_bytes", "estimate", format!("{what}: about {} of chat text, from the rows the trial read", pretty(bytes)))
+                .value(bytes, "bytes")
+        }
+    }
 }
 
 fn fatal_target(e: Error) -> Finding {
@@ -132,23 +165,38 @@ fn fatal_target(e: Error) -> Finding {
 }
 
 fn estimates(e: &Estimate, batch_size: usize) -> Vec<Finding> {
-    let whole = e.sample_percent >= 100.0;
+    let whole = e.sampling == Sampling::Whole;
     let how = if whole { "counted (the whole source was read)" } else { "estimated from the sample" };
+    let scaled = format!(
+        "counts scaled by {:.2} (rows per sampled row), bytes and time by {:.2}{}",
+        e.scale,
+        e.byte_scale,
+        if e.sampling == Sampling::Pages { " (stored bytes per sampled byte)" } else { "" }
+    );
+    let sample = match e.sampling {
+        Sampling::Whole => format!("{} chats, the whole source, written to the target and rolled back", e.sampled_chats),
+        Sampling::Pages => format!(
+            "{} chats ({} as stored), {:.3}% of the source's pages, written to the target and rolled back; {scaled}",
+            e.sampled_chats,
+            pretty(e.sampled_chat_bytes as f64),
+            e.sample_percent
+        ),
+        Sampling::FirstRows => format!(
+            "the first {} chats ({} of text) of a source without pages to sample, {:.3}% of the rows the planner expects, \
+             written to the target and rolled back; {scaled}: as good as the planner's row estimate, and biased towards \
+             the chats the scan meets first",
+            e.sampled_chats,
+            pretty(e.sampled_chat_bytes as f64),
+            e.sample_percent
+        ),
+    };
+    let sample = if e.sampled_chats == 0 && !whole {
+        format!("{sample}; no sampled chat passes source_filter, so the estimates are those of a run over almost nothing")
+    } else {
+        sample
+    };
     vec![
-        finding(
-            "sample",
-            "info",
-            format!(
-                "{} chats ({} as stored), {:.3}% of the source's pages, written to the target and rolled back; \
-                 counts scaled by {:.2} (rows per sampled row), bytes and time by {:.2} (stored bytes per sampled byte)",
-                e.sampled_chats,
-                pretty(e.sampled_chat_bytes as f64),
-                e.sample_percent,
-                e.scale,
-                e.byte_scale
-            ),
-        )
-        .value(e.sample_percent, "percent"),
+        finding("sample", "info", sample).value(e.sample_percent, "percent"),
         finding("chats", "estimate", format!("chats to read, {how}")).value(e.chats, "chats"),
         finding("estimated_messages", "estimate", format!("chat_message rows the rules give, {how}"))
             .value(e.messages, "messages"),
@@ -242,16 +290,23 @@ fn foreign_keys(target: &Relation) -> Result<Finding> {
     })
 }
 
+/// Triggers that fire on the backfill's INSERT (row or statement level) in this session's
+/// session_replication_role; UPDATE, DELETE or TRUNCATE triggers, and those disabled or
+/// set to fire only in the other role, do not.
 fn triggers(target: &Relation) -> Result<Finding> {
     let names = Spi::get_one_with_args::<String>(
-        "SELECT pg_catalog.string_agg(pg_catalog.format('%I'::pg_catalog.text, tgname), ', '::pg_catalog.text ORDER BY tgname) \
+        "SELECT pg_catalog.string_agg(pg_catalog.format('%I (%s)'::pg_catalog.text, tgname, \
+                CASE WHEN (tgtype::pg_catalog.int4 OPERATOR(pg_catalog.&) 1) OPERATOR(pg_catalog.<>) 0 \
+                     THEN 'per row' ELSE 'per statement' END), ', '::pg_catalog.text ORDER BY tgname) \
            FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND NOT tgisinternal \
-            AND tgenabled OPERATOR(pg_catalog.<>) 'D'::pg_catalog.char",
+            AND (tgtype::pg_catalog.int4 OPERATOR(pg_catalog.&) 4) OPERATOR(pg_catalog.<>) 0 \
+            AND tgenabled OPERATOR(pg_catalog.=) ANY (CASE pg_catalog.current_setting('session_replication_role'::pg_catalog.text) \
+                WHEN 'replica' THEN '{R,A}'::pg_catalog.\"char\"[] ELSE '{O,A}'::pg_catalog.\"char\"[] END)",
         &[target.oid.into()],
     )?;
     Ok(match names {
-        None => finding("triggers", "ok", "none"),
-        Some(names) => finding("triggers", "warning", format!("fire for every row written: {names}")).advice(
+        None => finding("triggers", "ok", "none fires on INSERT"),
+        Some(names) => finding("triggers", "warning", format!("fire on the backfill's INSERTs: {names}")).advice(
             "They ran in the trial too (rolled back). If they only serve the application, consider disabling them for the \
              backfill (ALTER TABLE ... DISABLE TRIGGER) and doing their work afterwards in one statement.",
         ),

@@ -72,7 +72,10 @@ fn backfill_chat_messages_resumable(
         Some(slot) => Some(slot.to_string_lossy().into_owned()),
         None => max_replica_lag.as_ref().and_then(|_| crate::gucs::replica_slot()),
     };
-    let max_wal_rate = max_wal_rate.map(|n| n.to_string().parse::<f64>().unwrap_or(f64::NAN)).or_else(crate::gucs::max_wal_rate);
+    let max_wal_rate = match max_wal_rate {
+        Some(n) => Some((n.to_string().parse::<f64>().unwrap_or(f64::NAN), "max_wal_rate")),
+        None => crate::gucs::max_wal_rate().map(|mib| (mib, "chat_backfill.max_wal_rate")),
+    };
     // SAFETY: a non-atomic CALL may connect to SPI non-atomically; it starts without an
     // active snapshot, and each of our transactions holds one while it runs SQL.
     unsafe {

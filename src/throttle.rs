@@ -39,7 +39,9 @@ pub struct Throttle {
 impl Throttle {
     /// Checks the arguments, and that the lag can be read at all: a throttle that cannot
     /// see the standbys would silently do nothing.
-    pub fn new(max_replica_lag: Option<&str>, replica_slot: Option<&str>, max_wal_rate: Option<f64>) -> Result<Throttle> {
+    /// `max_wal_rate`: MiB per second, and where it came from (the argument or the setting),
+    /// to name in an error.
+    pub fn new(max_replica_lag: Option<&str>, replica_slot: Option<&str>, max_wal_rate: Option<(f64, &str)>) -> Result<Throttle> {
         let max_lag = match (max_replica_lag, replica_slot) {
             (None, None) => None,
             (None, Some(_)) => {
@@ -78,12 +80,17 @@ impl Throttle {
         };
         let max_wal_rate = match max_wal_rate {
             None => None,
-            Some(mib) => {
+            Some((mib, name)) => {
                 if !(mib.is_finite() && mib >= MIN_WAL_RATE_MIB) {
+                    let hint = if name == "max_wal_rate" {
+                        "It is a positive number of MiB of WAL per second; NULL takes chat_backfill.max_wal_rate (0 there: no limit)."
+                    } else {
+                        "Set it to 0 (no limit) or to a rate of MiB of WAL per second, or pass max_wal_rate to the CALL."
+                    };
                     return Err(Error::new(
                         ERRCODE_INVALID_PARAMETER_VALUE,
-                        format!("max_wal_rate must be at least {MIN_WAL_RATE_MIB} MiB per second, not {mib}"),
-                        "It is a positive number of MiB of WAL per second; NULL takes chat_backfill.max_wal_rate (0 there: no limit).",
+                        format!("{name} must be at least {MIN_WAL_RATE_MIB} MiB per second, not {mib}"),
+                        hint,
                     ));
                 }
                 Some(mib * 1024.0 * 1024.0)

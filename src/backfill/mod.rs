@@ -197,6 +197,8 @@ pub struct Backfill {
     last_vanished: Option<String>,
     batch: i32,
     totals: BatchReport,
+    /// Chat text read so far (as detoasted), in bytes.
+    chat_bytes_read: usize,
     started: Instant,
     last_notice: Instant,
 }
@@ -229,6 +231,7 @@ impl Backfill {
             last_vanished: None,
             batch: 0,
             totals: BatchReport::default(),
+            chat_bytes_read: 0,
             started: now,
             last_notice: now,
         })
@@ -271,7 +274,8 @@ impl Backfill {
             self.exhausted = exhausted;
         }
         let finished = self.exhausted && self.open_chat.is_none();
-        let Batch { rows, mut rejections, mut report, .. } = batch;
+        let Batch { rows, mut rejections, mut report, chat_bytes, .. } = batch;
+        self.chat_bytes_read += chat_bytes;
         if report.chats_read == 0 && rows.len() == 0 && rejections.is_empty() && report.messages_skipped == 0 && finished {
             self.finish();
             return Ok(None);
@@ -312,6 +316,16 @@ impl Backfill {
     /// The run so far, and its number of batches.
     pub fn totals(&self) -> (&BatchReport, i32) {
         (&self.totals, self.batch)
+    }
+
+    /// Ends a run before its source is exhausted (a trial that has read enough).
+    pub fn stop(&mut self) {
+        self.reader.close();
+    }
+
+    /// Chat text read so far, in bytes (as detoasted).
+    pub fn chat_bytes_read(&self) -> usize {
+        self.chat_bytes_read
     }
 
     fn finish(&mut self) {

@@ -9,6 +9,8 @@ tests/pg_regress/sql/plan.sql.
 
 from __future__ import annotations
 
+import re
+
 import psycopg2
 import pytest
 
@@ -47,26 +49,132 @@ def big_db(cluster):
     return make_db(cluster, chats + chatgen.hostile_chats(), "plan_big")
 
 
+def run_and_measure(cur, args="") -> dict[str, float]:
+    """The one-transaction run with `args`, and what it cost, under plan()'s item names."""
+    cur.execute("SELECT pg_total_relation_size('chat_message'), pg_current_wal_lsn()")
+    size_before, lsn_before = cur.fetchone()
+    cur.execute("SELECT sum(messages_inserted + messages_rejected + messages_existing), sum(chats_read), count(*) "
+                f"FROM backfill_chat_messages(now => {NOW}, force => true{args})")
+    messages, chats, batches = cur.fetchone()
+    cur.execute("SELECT pg_total_relation_size('chat_message') - %s, pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
+                (size_before, lsn_before))
+    grown, wal = cur.fetchone()
+    return {"chats": chats, "estimated_messages": messages, "estimated_target_bytes": grown,
+            "estimated_wal_bytes": wal, "batches": batches}
+
+
+def planned_batches(p) -> float:
+    detail = p["estimated_seconds_resumable"][2]
+    return float(re.search(r"about (\d+) batches", detail).group(1))
+
+
+def assert_within_2x(p, measured):
+    for item, actual in measured.items():
+        estimated = planned_batches(p) if item == "batches" else p[item][1]
+        ratio = estimated / float(actual)
+        assert 0.5 <= ratio <= 2.0, f"{item}: estimated {estimated}, measured {actual}"
+
+
 def test_estimates_from_a_sample_are_within_2x_of_the_run(cluster, big_db):
     with cluster.connect(big_db) as conn, conn.cursor() as cur:
         cur.execute("SET chat_backfill.plan_sample_size = '1MB'")
-        p = plan(cur)
+        # Small batches, so that the batch count is an estimate too, not one batch.
+        p = plan(cur, "batch_size => 200")
         assert 0 < p["sample"][1] < 100, "the sample must be part of the source for this test"
         assert state(cur) == (0, 0, 0), "plan() wrote nothing"
-        cur.execute("SELECT pg_total_relation_size('chat_message'), pg_current_wal_lsn()")
-        size_before, lsn_before = cur.fetchone()
-        cur.execute("SELECT sum(messages_inserted + messages_rejected + messages_existing), sum(chats_read) "
-                    "FROM backfill_chat_messages(now => %s, force => true)", (NOW,))
-        messages, chats = cur.fetchone()
-        cur.execute("SELECT pg_total_relation_size('chat_message') - %s, pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
-                    (size_before, lsn_before))
-        grown, wal = cur.fetchone()
-    measured = {"chats": chats, "estimated_messages": messages, "estimated_target_bytes": grown,
-                "estimated_wal_bytes": wal}
-    for item, actual in measured.items():
-        ratio = p[item][1] / float(actual)
-        assert 0.5 <= ratio <= 2.0, f"{item}: estimated {p[item][1]}, measured {actual}"
+        measured = run_and_measure(cur, ", batch_size => 200")
+        assert measured["batches"] > 5
+    assert_within_2x(p, measured)
     assert p["estimated_seconds"][1] > 0 and p["estimated_seconds_resumable"][1] >= p["estimated_seconds"][1]
+
+
+def test_a_filter_that_passes_nothing_does_not_make_the_sample_read_the_source(cluster, big_db):
+    """A sample with no chat passing source_filter is read once more, ten times bigger, and
+    no more: the trial stays bounded whatever the filter."""
+    with cluster.connect(big_db) as conn, conn.cursor() as cur:
+        cur.execute("SET chat_backfill.plan_sample_size = '128kB'")
+        cur.execute("SELECT pg_total_relation_size('chat')")
+        first = 100.0 * 128 * 1024 / cur.fetchone()[0]
+        assert first < 10, "the source must be over ten samples big for this test"
+        p = plan(cur, "source_filter => $$id = 'no such chat'$$")
+        assert p["sample"][1] == pytest.approx(10 * first, rel=1e-3)
+        assert p["estimated_messages"][1] == 0 and p["chats"][1] == 0
+        assert "no sampled chat passes source_filter" in p["sample"][2]
+
+
+SHAPES = {
+    # A partitioned table: the parent has no storage of its own; the sample is of its partitions.
+    "partitioned": """
+        ALTER TABLE chat RENAME TO chat_load;
+        CREATE TABLE chat (id text, user_id text, title text, chat json) PARTITION BY HASH (id);
+        CREATE TABLE chat_p0 PARTITION OF chat FOR VALUES WITH (MODULUS 3, REMAINDER 0);
+        CREATE TABLE chat_p1 PARTITION OF chat FOR VALUES WITH (MODULUS 3, REMAINDER 1);
+        CREATE TABLE chat_p2 PARTITION OF chat FOR VALUES WITH (MODULUS 3, REMAINDER 2);
+        INSERT INTO chat SELECT * FROM chat_load; DROP TABLE chat_load;""",
+    # An inheritance parent holding some rows itself, with two children holding the rest
+    # (each row written where it lives, as an application would: no dead rows to count).
+    "inheritance": """
+        ALTER TABLE chat RENAME TO chat_load;
+        CREATE TABLE chat (id text, user_id text, title text, chat json);
+        CREATE TABLE chat_old () INHERITS (chat);
+        CREATE TABLE chat_new () INHERITS (chat);
+        INSERT INTO chat_old SELECT * FROM chat_load WHERE id < '5';
+        INSERT INTO chat_new SELECT * FROM chat_load WHERE id > 'b';
+        INSERT INTO chat SELECT * FROM chat_load WHERE id BETWEEN '5' AND 'b';
+        DROP TABLE chat_load;""",
+    # A view: no pages at all; its first rows are read, scaled by the planner's row count.
+    "view": """
+        ALTER TABLE chat RENAME TO chat_data;
+        CREATE VIEW chat AS SELECT id, user_id, title, chat FROM chat_data;""",
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_source_without_pages_of_its_own_is_sampled_not_read_whole(cluster, shape):
+    db = cluster.create_db(f"plan_{shape}")
+    # Short chats, many to a page: each table under a parent has pages enough to sample.
+    chats = chatgen.realistic_chats(seed=23, count=2500, content_bytes=(100, 1500), messages=(2, 12))
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+        cur.execute(SHAPES[shape])
+        cur.execute("SELECT count(*) FROM chat")
+        assert cur.fetchone() == (len(chats),)
+        # Rows of any of these shapes cannot be checked by a foreign key to "chat".
+        cur.execute(TARGET_DDL.replace(" REFERENCES chat(id) ON DELETE CASCADE", ""))
+        cur.execute("ANALYZE")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SET chat_backfill.plan_sample_size = '1MB'")
+        p = plan(cur, "batch_size => 200")
+        assert 0 < p["sample"][1] < 50, f"{shape}: the trial read part of the source: {p['sample'][2]}"
+        assert p["source_bytes"][1] > (0 if shape == "view" else 4 * 1024 * 1024)
+        assert state(cur) == (0, 0, 0)
+        measured = run_and_measure(cur, ", batch_size => 200")
+    assert_within_2x(p, measured)
+
+
+def test_stale_statistics_that_say_empty_do_not_scale_the_estimates_to_zero(cluster):
+    """VACUUM of an emptied table records 0 rows over its pages; rows written since fill those
+    pages. Density from those statistics would make every estimate 0."""
+    db = cluster.create_db("plan_stale")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json) "
+                    "WITH (vacuum_truncate = false, autovacuum_enabled = false)")
+        copy_chats(conn, chatgen.realistic_chats(seed=24, count=600, content_bytes=(300, 5000), messages=(2, 24)))
+        cur.execute("DELETE FROM chat")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        conn.autocommit = True
+        cur.execute("VACUUM chat")
+        cur.execute("SELECT reltuples, relpages > 0 FROM pg_class WHERE oid = 'chat'::regclass")
+        assert cur.fetchone() == (0.0, True)
+        copy_chats(conn, chatgen.realistic_chats(seed=25, count=600, content_bytes=(300, 5000), messages=(2, 24)))
+        cur.execute(TARGET_DDL)
+        cur.execute("SET chat_backfill.plan_sample_size = '1MB'")
+        p = plan(cur)
+        assert 0 < p["sample"][1] < 100
+        measured = run_and_measure(cur)
+    measured.pop("batches")
+    assert_within_2x(p, measured)
 
 
 def test_a_source_read_whole_gives_exact_counts_and_nothing_stays(cluster):
@@ -159,7 +267,8 @@ def test_throttle_settings_apply_when_the_arguments_are_null(cluster):
         cur.execute("SET chat_backfill.max_wal_rate = 0.001")
         with pytest.raises(psycopg2.Error) as e:
             cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
-        assert e.value.pgcode == "22023" and "max_wal_rate" in e.value.pgerror
+        # The error names the setting it came from, not an argument the caller never passed.
+        assert e.value.pgcode == "22023" and "chat_backfill.max_wal_rate must be at least" in e.value.pgerror
         cur.execute("SET chat_backfill.max_wal_rate = 100")
         cur.execute("CALL backfill_chat_messages_resumable(now => %s)", (NOW,))
         cur.execute("RESET ROLE")

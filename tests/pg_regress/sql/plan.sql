@@ -30,17 +30,31 @@ CREATE INDEX chat_message_chat_parent_idx ON chat_message (chat_id, parent_id);
 CREATE INDEX chat_message_model_created_idx ON chat_message (model_id, created_at);
 CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
 CREATE TRIGGER chat_message_touch BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE TRIGGER chat_message_audit AFTER INSERT ON chat_message FOR EACH STATEMENT EXECUTE FUNCTION touch();
+-- Triggers the backfill's INSERT never fires: on UPDATE only, and one for replica sessions only.
+CREATE TRIGGER chat_message_on_update BEFORE UPDATE ON chat_message FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE TRIGGER chat_message_replica BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION touch();
+ALTER TABLE chat_message ENABLE REPLICA TRIGGER chat_message_replica;
 SELECT item, status, value, unit FROM chat_backfill.plan()
  WHERE item IN ('sample', 'chats', 'estimated_messages') ORDER BY item;
 SELECT item, status, advice FROM chat_backfill.plan()
  WHERE status <> 'estimate' AND item NOT IN ('sample', 'source_bytes', 'free_disk') ORDER BY item;
 SELECT item, detail FROM chat_backfill.plan() WHERE item IN ('foreign_keys', 'triggers') ORDER BY item;
+-- In a replica session, only the replica trigger fires.
+SET session_replication_role = replica;
+SELECT detail FROM chat_backfill.plan() WHERE item = 'triggers';
+RESET session_replication_role;
 SELECT value, unit, detail ~ '^2 index\(es\) besides the unique one on id, each updated for every row: chat_message_chat_parent_idx \(about [^)]+\), chat_message_model_created_idx \(about [^)]+\); \d+% of what the target grows by$' AS names_them
   FROM chat_backfill.plan() WHERE item = 'secondary_indexes';
 
 -- The source filter and the batch size are the run's: the shared chat counts once it is not filtered out.
 SELECT value FROM chat_backfill.plan(source_filter => NULL) WHERE item = 'estimated_messages';
 SELECT detail FROM chat_backfill.plan(batch_size => 10) WHERE item = 'estimated_seconds_resumable';
+
+-- The trial writes (and rolls back): not in a read-only transaction (nor on a standby).
+BEGIN READ ONLY;
+SELECT item FROM chat_backfill.plan();
+ROLLBACK;
 
 -- It wrote nothing, recorded nothing.
 SELECT (SELECT count(*) FROM chat_message) AS rows, (SELECT count(*) FROM chat_backfill.rejected_messages) AS rejected,
@@ -64,7 +78,9 @@ SET chat_backfill.batch_size = 0;
 -- (PostgreSQL 18 words the range of a setting with a unit differently: SQLSTATE only.)
 \set VERBOSITY sqlstate
 SET chat_backfill.max_atomic_wal = -2;
-SET chat_backfill.plan_sample_size = '100kB';
+SET chat_backfill.plan_sample_size = '32kB';
+-- A misspelt setting is refused, not taken as a placeholder that does nothing.
+SET chat_backfill.batchsize = 7;
 \set VERBOSITY default
 SET chat_backfill.batch_size = 7;
 TRUNCATE chat_message;
