@@ -1,6 +1,6 @@
 """How close chat_backfill.plan() comes to the run it estimates, on the benchmark data.
 
-    .venv/bin/python bench/plan.py [--mb 150] [--big 2] [--out bench/plan.md]
+    .venv/bin/python bench/plan.py [--mb 150] [--big 2] [--repeat 3] [--out bench/plan.md]
 
 The data is bench/run.py's (same generator and seed) plus --big chats of 30 MB each (the
 largest chats real installations have). A throwaway cluster with PostgreSQL's default
@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ def measure(dsn, ddl, sample) -> dict:
         # A fresh session, so that the run does not profit from the plan's warm caches more than
         # any run after a plan would.
     with connect(dsn) as conn, conn.cursor() as cur:
+        # No checkpoint of what came before lands in the timed run.
+        cur.execute("CHECKPOINT")
         cur.execute("SELECT pg_total_relation_size('chat_message'), pg_current_wal_lsn()")
         size0, lsn0 = cur.fetchone()
         began = time.monotonic()
@@ -88,6 +91,7 @@ def main():
     ap.add_argument("--big", type=int, default=2, help="chats of 30 MB added to the data")
     ap.add_argument("--samples", default="4MB,16MB,64MB")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the table shows each figure's median")
     args = ap.parse_args()
     out = subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "start", "/tmp/chat_backfill_planbench",
                           "fsync = on", "synchronous_commit = on", "shared_buffers = '1GB'"],
@@ -115,15 +119,19 @@ def main():
     for mode, ddl in (("reference", TARGET_DDL), ("bulk", PK_ONLY_DDL)):
         for sample in args.samples.split(","):
             db = f"plan_{mode}_{sample.lower()}"
-            with connect(dsn("postgres")) as conn, conn.cursor() as cur:
-                cur.execute(f"DROP DATABASE IF EXISTS {db}")
-                cur.execute(f"CREATE DATABASE {db} TEMPLATE plan_template")
-            r = measure(dsn(db), ddl, sample)
+            runs = []
+            for _ in range(args.repeat):
+                with connect(dsn("postgres")) as conn, conn.cursor() as cur:
+                    cur.execute(f"DROP DATABASE IF EXISTS {db}")
+                    cur.execute(f"CREATE DATABASE {db} TEMPLATE plan_template")
+                runs.append(measure(dsn(db), ddl, sample))
+                print(runs[-1], flush=True)
+                with connect(dsn("postgres")) as conn, conn.cursor() as cur:
+                    cur.execute(f"DROP DATABASE {db}")
+            r = {side: {k: statistics.median(float(run[side][k]) for run in runs) for k in runs[0][side]}
+                 for side in ("est", "got")}
             r.update(mode=mode, sample=sample)
-            print(r, flush=True)
             results.append(r)
-            with connect(dsn("postgres")) as conn, conn.cursor() as cur:
-                cur.execute(f"DROP DATABASE {db}")
     subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", "/tmp/chat_backfill_planbench"], check=False)
     report = render(results, len(chats), chats_mb, source_bytes, version, args)
     print(report)
@@ -135,7 +143,7 @@ def render(results, n_chats, chats_mb, source_bytes, version, args) -> str:
     lines = [
         f"Data: bench/run.py's {args.mb:.0f} MB set (seed {args.seed}) plus {args.big} chats of 30 MB: {n_chats} chats, "
         f"{chats_mb:.1f} MB of JSON, {source_bytes / 1e6:.1f} MB as stored. PostgreSQL {version}, fsync and "
-        f"synchronous_commit on, shared_buffers 1GB, 2 cores. One run each.",
+        f"synchronous_commit on, shared_buffers 1GB, 2 cores. Medians of {args.repeat} runs each (each on a fresh copy of the data).",
         "",
         "| DDL mode | sample | plan() s | sample % | " + " | ".join(f"{label}: est / measured (ratio)" for _, label in ITEMS) + " |",
         "|---|---|---:|---:|" + "---:|" * len(ITEMS),
