@@ -8,7 +8,7 @@ use pgrx::PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED;
 
 use crate::backfill::Settings;
 use crate::error::{Error, Result};
-use crate::estimate::{self, pretty};
+use crate::estimate::{self, pretty, Sampling};
 
 pub fn admit(settings: &Settings) -> Result<()> {
     let (limit, limit_name) = estimate::atomic_wal_limit()?;
@@ -28,11 +28,16 @@ pub fn admit(settings: &Settings) -> Result<()> {
          or pass force => true to run in one transaction anyway. SELECT * FROM chat_backfill.plan() shows the estimates.",
     )
     .with_detail(format!(
-        "Estimated from {} chats ({:.3}% of {}'s pages), written to {} and rolled back: about {:.0} messages, {} of table \
+        "Estimated from {} chats ({}), written to {} and rolled back: about {:.0} messages, {} of table \
          and indexes, {:.0} s.",
         estimate.sampled_chats,
-        estimate.sample_percent,
-        settings.source.name,
+        match estimate.sampling {
+            Sampling::Whole => format!("all of {}", settings.source.name),
+            Sampling::Pages => format!("{:.3}% of {}'s pages", estimate.sample_percent, settings.source.name),
+            Sampling::FirstRows => {
+                format!("the first rows of {}, scaled by the planner's estimate of its rows", settings.source.name)
+            }
+        },
         settings.target.name,
         estimate.messages,
         pretty(estimate.target_bytes),

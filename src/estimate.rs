@@ -75,14 +75,24 @@ pub fn measure(settings: &Settings, time_commits: bool) -> Result<Estimate> {
     // A sample that lands on no chat passing source_filter is read once more, ten times
     // bigger; no more, so that a filter passing almost nothing never makes the trial read the
     // whole source. (What it then estimates is a run over what the bigger sample found:
-    // nothing, or little.)
-    let most = (percent * 10.0).min(100.0);
+    // nothing, or little.) A sample that lands on no row at all says nothing of the filter:
+    // the share is of the source's bytes, and a heavily toasted table has few heap pages to
+    // draw, maybe less than one at this share. It grows tenfold until it holds a row (of a
+    // source that has rows, a handful of pages; reading them is the trial, bounded by the
+    // rows on those pages).
+    let mut most = (percent * 10.0).min(100.0);
     let sample = loop {
+        check_for_interrupts!();
         let sample = count_sample(settings, percent)?;
-        if sample.chats > 0 || percent >= most {
+        if percent >= 100.0 || (sample.rows > 0 && (sample.chats > 0 || percent >= most)) {
             break sample;
         }
-        percent = most;
+        if sample.rows == 0 {
+            most = (most * 10.0).min(100.0);
+            percent = (percent * 10.0).min(100.0);
+        } else {
+            percent = most;
+        }
     };
     // What the sample saw is scaled by the source's rows per sampled row. SYSTEM sampling
     // reads whole pages, whose row counts vary (a page of toasted chats holds many rows), so
@@ -153,7 +163,9 @@ fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate
     // Batches end at batch_size messages or at a size limit (8 MB of rows, 64 MB of chat
     // text), whichever comes first. The trial's last batch is partial: its full batches,
     // scaled by bytes, count the size-cut ones; messages over batch_size the rest.
-    let batches = if messages > 0.0 {
+    let batches = if m.sampling == Sampling::Whole {
+        f64::from(trial.batches)
+    } else if messages > 0.0 {
         (messages / settings.batch_size as f64).ceil().max(f64::from((trial.batches - 1).max(0)) * m.byte_scale).max(1.0)
     } else {
         0.0
@@ -218,7 +230,7 @@ fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: boo
                 flushing += flush_wal();
             }
             let (totals, _) = run.totals();
-            if budget.is_some_and(|b| run.chat_bytes_read() >= b) && totals.chats_read + totals.chats_skipped > 0 {
+            if budget.is_some_and(|b| run.chat_bytes_read() >= b) && totals.chats_read > 0 {
                 run.stop();
                 whole = false;
                 break;
@@ -226,7 +238,8 @@ fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: boo
         }
         let (totals, batches) = run.totals();
         let (chats, messages) = (
-            totals.chats_read + totals.chats_skipped,
+            // (chats_read counts the skipped chats too.)
+            totals.chats_read,
             totals.messages_inserted + totals.messages_existing + totals.messages_rejected,
         );
         let chat_bytes = run.chat_bytes_read();

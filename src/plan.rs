@@ -300,8 +300,8 @@ fn triggers(target: &Relation) -> Result<Finding> {
                      THEN 'per row' ELSE 'per statement' END), ', '::pg_catalog.text ORDER BY tgname) \
            FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND NOT tgisinternal \
             AND (tgtype::pg_catalog.int4 OPERATOR(pg_catalog.&) 4) OPERATOR(pg_catalog.<>) 0 \
-            AND tgenabled OPERATOR(pg_catalog.=) ANY (CASE pg_catalog.current_setting('session_replication_role'::pg_catalog.text) \
-                WHEN 'replica' THEN '{R,A}'::pg_catalog.\"char\"[] ELSE '{O,A}'::pg_catalog.\"char\"[] END)",
+            AND tgenabled OPERATOR(pg_catalog.=) ANY (CASE WHEN pg_catalog.current_setting('session_replication_role'::pg_catalog.text) \
+                OPERATOR(pg_catalog.=) 'replica'::pg_catalog.text THEN '{R,A}'::pg_catalog.\"char\"[] ELSE '{O,A}'::pg_catalog.\"char\"[] END)",
         &[target.oid.into()],
     )?;
     Ok(match names {

@@ -88,13 +88,33 @@ def test_estimates_from_a_sample_are_within_2x_of_the_run(cluster, big_db):
     assert p["estimated_seconds"][1] > 0 and p["estimated_seconds_resumable"][1] >= p["estimated_seconds"][1]
 
 
-def test_a_filter_that_passes_nothing_does_not_make_the_sample_read_the_source(cluster, big_db):
-    """A sample with no chat passing source_filter is read once more, ten times bigger, and
-    no more: the trial stays bounded whatever the filter."""
+def test_a_sample_that_draws_no_row_grows_until_it_does(cluster, big_db):
+    """Toasted chats leave few heap pages: a share of the source's bytes can draw none of
+    them. The estimate must not then be zero (admission would let anything through)."""
     with cluster.connect(big_db) as conn, conn.cursor() as cur:
-        cur.execute("SET chat_backfill.plan_sample_size = '128kB'")
         cur.execute("SELECT pg_total_relation_size('chat')")
-        first = 100.0 * 128 * 1024 / cur.fetchone()[0]
+        (total,) = cur.fetchone()
+        empty = []
+        for kb in (64, 128, 256):
+            cur.execute("SELECT count(*) FROM chat TABLESAMPLE SYSTEM (%s) REPEATABLE (0)", (100.0 * kb * 1024 / total,))
+            if cur.fetchone()[0] == 0:
+                empty.append(kb)
+        assert empty, "some small share must draw no row for this test"
+        cur.execute(f"SET chat_backfill.plan_sample_size = '{empty[0]}kB'")
+        p = plan(cur)
+        assert 100.0 * empty[0] * 1024 / total < p["sample"][1] < 100
+        assert p["chats"][1] > 0 and p["estimated_messages"][1] > 0 and p["estimated_wal_bytes"][1] > 0
+
+
+def test_a_filter_that_passes_nothing_does_not_make_the_sample_read_the_source(cluster):
+    """A sample with no chat passing source_filter is read once more, ten times bigger, and
+    no more: the trial stays bounded whatever the filter. (Short chats, many heap pages: a
+    sample of a few pages already holds rows.)"""
+    db = make_db(cluster, chatgen.realistic_chats(seed=23, count=2500, content_bytes=(100, 1500), messages=(2, 12)),
+                 "plan_filter")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SET chat_backfill.plan_sample_size = '64kB'")
+        first = plan(cur)["sample"][1]
         assert first < 10, "the source must be over ten samples big for this test"
         p = plan(cur, "source_filter => $$id = 'no such chat'$$")
         assert p["sample"][1] == pytest.approx(10 * first, rel=1e-3)
@@ -177,22 +197,28 @@ def test_stale_statistics_that_say_empty_do_not_scale_the_estimates_to_zero(clus
     assert_within_2x(p, measured)
 
 
-def test_a_source_read_whole_gives_exact_counts_and_nothing_stays(cluster):
+@pytest.mark.parametrize("shape", ["table", "view"])
+def test_a_source_read_whole_gives_exact_counts_and_nothing_stays(cluster, shape):
+    """Hostile chats included: skipped chats count once, as the run counts them, and the
+    batches are the run's, from a table or from a view read to its end."""
     db = make_db(cluster, chatgen.realistic_chats(seed=3, count=40, content_bytes=(100, 400), messages=(1, 6))
-                 + chatgen.hostile_chats(), "plan_small")
+                 + chatgen.hostile_chats(), f"plan_small_{shape}")
     with cluster.connect(db) as conn, conn.cursor() as cur:
+        if shape == "view":
+            cur.execute("ALTER TABLE chat RENAME TO chat_data; CREATE VIEW chat AS SELECT * FROM chat_data")
         cur.execute("SELECT nextval('chat_backfill.runs_run_id_seq')")
         (run_seq,) = cur.fetchone()
-        p = plan(cur)
+        p = plan(cur, "batch_size => 20")
         assert p["sample"][1] == 100.0
         assert state(cur) == (0, 0, 0), "the trial's rows and rejections were rolled back"
         assert not [n for n in conn.notices if "chat_backfill" in n], "the trial says nothing"
         cur.execute("SELECT nextval('chat_backfill.runs_run_id_seq')")
         assert cur.fetchone() == (run_seq + 1,), "plan() takes no run id"
-        cur.execute("SELECT sum(messages_inserted + messages_rejected), sum(chats_read) "
-                    "FROM backfill_chat_messages(now => %s)", (NOW,))
-        messages, chats = cur.fetchone()
-    assert (p["estimated_messages"][1], p["chats"][1]) == (messages, chats)
+        cur.execute("SELECT sum(messages_inserted + messages_rejected), sum(chats_read), sum(chats_skipped), count(*) "
+                    "FROM backfill_chat_messages(now => %s, batch_size => 20)", (NOW,))
+        messages, chats, skipped, batches = cur.fetchone()
+    assert skipped > 0, "the hostile chats include skipped ones"
+    assert (p["estimated_messages"][1], p["chats"][1], planned_batches(p)) == (messages, chats, batches)
 
 
 def test_admission_refuses_over_max_atomic_wal_with_a_hint_and_force_runs(cluster):
