@@ -19,14 +19,15 @@ CREATE TABLE chat_backfill.runs (
     chats_skipped     pg_catalog.int8 NOT NULL DEFAULT 0,
     batches           pg_catalog.int4 NOT NULL DEFAULT 0,
     active_ms         pg_catalog.float8 NOT NULL DEFAULT 0,
-    status            pg_catalog.text NOT NULL,     -- running, throttled, stopped, yielded, finished
+    status            pg_catalog.text NOT NULL,     -- running, throttled, stopped, yielded, failed, finished
     started_at        pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     updated_at        pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     finished_at       pg_catalog.timestamptz,
     last_error        pg_catalog.text,
     chats_vanished    pg_catalog.int8 NOT NULL DEFAULT 0,  -- deleted by the application meanwhile
     started_by        pg_catalog.text NOT NULL DEFAULT CURRENT_USER,  -- for audit; any runner may resume
-    replica_lag_bytes pg_catalog.int8               -- while throttled: how far behind the replicas are
+    replica_lag_bytes pg_catalog.int8,              -- while throttled: how far behind the replicas are
+    batch_size        pg_catalog.int4               -- the size the last batch used (batch_time tunes it)
 );
 CREATE INDEX ON chat_backfill.runs (source_oid, target_oid, run_id DESC);
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs', '');
@@ -42,7 +43,7 @@ GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water,
     ON chat_backfill.runs TO PUBLIC;
 GRANT UPDATE (last_key, chats_read, messages_inserted, messages_rejected, messages_existing, messages_skipped,
               chats_skipped, chats_vanished, batches, active_ms, status, updated_at, finished_at, last_error,
-              replica_lag_bytes)
+              replica_lag_bytes, batch_size)
     ON chat_backfill.runs TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.runs_run_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.runs ENABLE ROW LEVEL SECURITY;
@@ -71,44 +72,3 @@ CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSER
                               pg_catalog.currval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass) END);
 CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages FOR DELETE
     USING (chat_backfill.may_run(source_oid, target_oid));
-
--- Progress of every resumable run the caller may see (security_invoker: the policies above
--- apply to whoever reads it). A run recorded as running whose runner no longer holds its
--- advisory lock was interrupted (crash, kill, restart): the next CALL resumes it.
-CREATE VIEW chat_backfill.status WITH (security_invoker = true) AS
-SELECT r.run_id, r.source, r.target,
-       CASE WHEN r.status OPERATOR(pg_catalog.=) 'finished'::pg_catalog.text THEN 'finished'::pg_catalog.text
-            WHEN l.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
-            THEN 'throttled'::pg_catalog.text
-            WHEN l.pid IS NOT NULL THEN 'running'::pg_catalog.text
-            WHEN r.status OPERATOR(pg_catalog.=) ANY ('{running,throttled}'::pg_catalog.text[])
-            THEN 'interrupted'::pg_catalog.text
-            ELSE r.status END AS state,
-       r.chats_read AS chats_done, r.total_chats,
-       CASE WHEN r.total_chats OPERATOR(pg_catalog.>) 0::pg_catalog.int8
-            THEN pg_catalog.round(100.0::pg_catalog.numeric OPERATOR(pg_catalog.*) r.chats_read::pg_catalog.numeric
-                                  OPERATOR(pg_catalog./) r.total_chats::pg_catalog.numeric, 1)
-       END AS percent_done,
-       r.messages_inserted, r.messages_rejected, r.messages_existing, r.messages_skipped, r.chats_skipped,
-       r.chats_vanished, r.batches,
-       CASE WHEN r.active_ms OPERATOR(pg_catalog.>) 0::pg_catalog.float8
-            THEN pg_catalog.round((r.messages_inserted::pg_catalog.float8 OPERATOR(pg_catalog./)
-                                   (r.active_ms OPERATOR(pg_catalog./) 1000::pg_catalog.float8))::pg_catalog.numeric, 1)
-       END AS messages_per_second,
-       CASE WHEN r.status OPERATOR(pg_catalog.<>) 'finished'::pg_catalog.text AND r.chats_read OPERATOR(pg_catalog.>) 0::pg_catalog.int8
-            THEN pg_catalog.make_interval(secs => (r.total_chats OPERATOR(pg_catalog.-) r.chats_read)::pg_catalog.float8
-                 OPERATOR(pg_catalog.*) (r.active_ms OPERATOR(pg_catalog./) 1000::pg_catalog.float8)
-                 OPERATOR(pg_catalog./) r.chats_read::pg_catalog.float8)
-       END AS estimated_time_left,
-       l.pid AS runner_pid, r.last_key, r.high_water,
-       r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
-       CASE WHEN l.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
-            THEN r.replica_lag_bytes END AS replica_lag_bytes
-FROM chat_backfill.runs r
-LEFT JOIN pg_catalog.pg_locks l
-       ON l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted
-      AND l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
-      AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
-                                             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
-      AND l.classid OPERATOR(pg_catalog.=) r.source_oid AND l.objid OPERATOR(pg_catalog.=) r.target_oid;
-GRANT SELECT ON chat_backfill.status TO PUBLIC;

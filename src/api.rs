@@ -2,6 +2,7 @@
 //! Errors travel as values up to here and are raised once.
 
 use pgrx::prelude::*;
+use pgrx::datum::Interval;
 use pgrx::PgRelation;
 
 use crate::backfill::settings::{next_run_id, transaction_start_epoch, Request};
@@ -191,6 +192,7 @@ fn backfill_chat_messages(
     chat_column: default!(&str, "'chat'"),
     dry_run: default!(bool, false),
     force: default!(bool, false),
+    batch_time: default!(Option<Interval>, "NULL"),
 ) -> TableIterator<
     'static,
     (
@@ -204,6 +206,7 @@ fn backfill_chat_messages(
         name!(messages_skipped, i64),
         name!(chats_skipped, i64),
         name!(chats_vanished, i64),
+        name!(batch_size, i32),
     ),
 > {
     let mut settings = Request {
@@ -216,6 +219,7 @@ fn backfill_chat_messages(
         user_id_column,
         chat_column,
         dry_run,
+        batch_time: batch_time.map(crate::resumable::duration_of),
     }
     .check()
     .or_raise();
@@ -236,6 +240,7 @@ fn backfill_chat_messages(
             b.messages_skipped,
             b.chats_skipped,
             b.chats_vanished,
+            b.batch_size,
         )
     }))
 }

@@ -64,3 +64,9 @@ pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
     let packed = code as i32;
     (0..5).map(|i| (((packed >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
 }
+
+/// The error code of a five-character SQLSTATE (packs it as MAKE_SQLSTATE does).
+pub fn sqlstate_code(sqlstate: &str) -> PgSqlErrorCode {
+    let packed = sqlstate.bytes().take(5).enumerate().fold(0i32, |acc, (i, c)| acc | ((i32::from(c.wrapping_sub(b'0')) & 0x3F) << (6 * i)));
+    PgSqlErrorCode::from(packed)
+}

@@ -2,7 +2,8 @@
 //! all named `chat_backfill.*` and bounded, defined when the library loads. A backfill
 //! argument left NULL takes its setting. Every one is USERSET: each only shapes the caller's
 //! own calls, and each could as well be passed as an argument (admission control included,
-//! which `force => true` overrides: it is a safety net, not a permission).
+//! which `force => true` overrides: it is a safety net, not a permission). The one exception,
+//! `max_workers`, caps what a CALL takes from the server's shared worker slots: SUSET.
 
 use std::ffi::CString;
 
@@ -22,6 +23,8 @@ static REPLICA_SLOT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 static MAX_WAL_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 /// kB of chat that plan() and admission control read.
 static PLAN_SAMPLE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+/// Background workers one CALL may start (superuser-set: the slots are the server's).
+static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
 pub fn init() {
     GucRegistry::define_int_guc(
@@ -82,6 +85,16 @@ pub fn init() {
         GucContext::Userset,
         GucFlags::UNIT_KB,
     );
+    GucRegistry::define_int_guc(
+        c"chat_backfill.max_workers",
+        c"Most background workers one CALL backfill_chat_messages_resumable(workers => n) starts.",
+        c"Worker slots (max_worker_processes) are shared with parallel query and logical replication; only a superuser may raise this.",
+        &MAX_WORKERS,
+        1,
+        crate::workers::MAX_WORKERS,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     // Any other chat_backfill.* name is a typo: warn of it now, and refuse it from now on,
     // rather than let `SET chat_backfill.batchsize = ...` pass and do nothing.
     // SAFETY: called from _PG_init, with a NUL-terminated prefix, as extensions do.
@@ -117,6 +130,10 @@ pub fn replica_slot() -> Option<String> {
 pub fn max_wal_rate() -> Option<f64> {
     let rate = MAX_WAL_RATE.get();
     (rate > 0.0).then_some(rate)
+}
+
+pub fn max_workers() -> usize {
+    MAX_WORKERS.get().max(1) as usize
 }
 
 pub fn plan_sample_bytes() -> i64 {

@@ -3,7 +3,8 @@
 //!
 //! Where things are: `expand` and `scalar` are the Open WebUI rules in plain Rust;
 //! `api` is the SQL surface; `backfill/` the engine that reads, batches and writes;
-//! `resumable` the committing procedure and `run_state` its checkpoints; `relations`
+//! `resumable` the committing procedure and `run_state` its checkpoints; `ranges` and
+//! `workers` split a run over background workers; `relations`
 //! checks the tables; `subxact` isolates failures; `datums` moves values; `version`
 //! holds what differs between PostgreSQL majors.
 
@@ -19,12 +20,15 @@ mod error;
 mod estimate;
 mod gucs;
 mod plan;
+mod ranges;
 mod relations;
 mod resumable;
 mod run_state;
 mod subxact;
 mod throttle;
+mod tuning;
 mod version;
+mod workers;
 
 ::pgrx::pg_module_magic!();
 

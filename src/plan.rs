@@ -93,6 +93,7 @@ fn plan(
         user_id_column: user_id_column.unwrap_or("user_id"),
         chat_column: chat_column.unwrap_or("chat"),
         dry_run: false,
+        batch_time: None,
     };
     let findings = findings(request).or_raise();
     TableIterator::new(findings.into_iter().map(|f| {

@@ -16,6 +16,7 @@ use pgrx::PgSqlErrorCode::*;
 use crate::backfill::settings::Request;
 use crate::backfill::{Backfill, Settings};
 use crate::error::{Error, OrRaise, Result};
+use crate::ranges;
 use crate::run_state::{self, Start};
 use crate::subxact::in_subtransaction_catching;
 use crate::throttle::{sleep_interruptibly, Throttle};
@@ -39,10 +40,13 @@ CREATE PROCEDURE backfill_chat_messages_resumable(
     if_busy text DEFAULT 'skip',
     max_replica_lag text DEFAULT NULL,
     replica_slot name DEFAULT NULL,
-    max_wal_rate numeric DEFAULT NULL)
+    max_wal_rate numeric DEFAULT NULL,
+    workers integer DEFAULT 1,
+    wait_for_workers boolean DEFAULT true,
+    batch_time interval DEFAULT NULL)
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#,
-    requires = ["state_schema", "runs_state"]
+    requires = ["state_schema", "runs_state", "parallel_state"]
 )]
 fn backfill_chat_messages_resumable(
     source: Option<pg_sys::Oid>,
@@ -61,10 +65,14 @@ fn backfill_chat_messages_resumable(
     max_replica_lag: Option<&str>,
     replica_slot: Option<&CStr>,
     max_wal_rate: Option<AnyNumeric>,
+    workers: Option<i32>,
+    wait_for_workers: Option<bool>,
+    batch_time: Option<Interval>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     refuse_atomic_call(fcinfo).or_raise();
     let if_busy = IfBusy::parse(if_busy.unwrap_or("skip")).or_raise();
+    let parallel = Parallel::check(workers.unwrap_or(1), wait_for_workers.unwrap_or(true)).or_raise();
     // NULL arguments take the chat_backfill.* settings; the GUC's slot only applies where a
     // lag limit does.
     let max_replica_lag = max_replica_lag.map(str::to_owned).or_else(crate::gucs::max_replica_lag);
@@ -92,11 +100,13 @@ fn backfill_chat_messages_resumable(
         user_id_column: user_id_column.unwrap_or("user_id"),
         chat_column: chat_column.unwrap_or("chat"),
         dry_run: false,
+        batch_time: batch_time.map(duration_of),
     }
     .check()
     .or_raise();
     crate::relations::check_source_key(&settings.source, &settings.id_column).or_raise();
     let mut throttle = Throttle::new(max_replica_lag.as_deref(), replica_slot.as_deref(), max_wal_rate).or_raise();
+    let throttle_args = ThrottleArgs { max_replica_lag, replica_slot, max_wal_rate: max_wal_rate.map(|(mib, _)| mib) };
     let lock_key = advisory_key(&settings);
     if !take_lock(lock_key, if_busy, &settings).or_raise() {
         finish_call();
@@ -108,8 +118,10 @@ fn backfill_chat_messages_resumable(
         pause: pause.map(duration_of).unwrap_or_default(),
         lock_timeout: lock_timeout.map(|i| format!("{}ms", (i.as_micros() / 1000).max(1))),
         throttle,
+        throttle_args,
+        batch_time: batch_time.map(duration_of),
     };
-    PgTryBuilder::new(AssertUnwindSafe(|| run(settings, &limits, restart.unwrap_or(false)).or_raise()))
+    PgTryBuilder::new(AssertUnwindSafe(|| run(settings, &limits, restart.unwrap_or(false), &parallel, if_busy).or_raise()))
         .finally(|| unlock(lock_key))
         .execute();
     finish_call();
@@ -117,7 +129,7 @@ fn backfill_chat_messages_resumable(
 
 /// What to do when another session holds the runner lock.
 #[derive(Clone, Copy)]
-enum IfBusy {
+pub(crate) enum IfBusy {
     Skip,
     Wait,
     Error,
@@ -167,14 +179,83 @@ fn take_lock(key: i64, if_busy: IfBusy, settings: &Settings) -> Result<bool> {
     }
 }
 
-struct Limits {
-    max_runtime: Option<Duration>,
-    pause: Duration,
-    lock_timeout: Option<String>,
-    throttle: Throttle,
+/// The throttle's arguments as given, for workers to build their own.
+#[derive(Clone, Default)]
+pub(crate) struct ThrottleArgs {
+    pub max_replica_lag: Option<String>,
+    pub replica_slot: Option<String>,
+    /// MiB per second for the whole run.
+    pub max_wal_rate: Option<f64>,
 }
 
-fn run(mut settings: Settings, limits: &Limits, restart: bool) -> Result<()> {
+pub(crate) struct Limits {
+    pub max_runtime: Option<Duration>,
+    pub pause: Duration,
+    pub lock_timeout: Option<String>,
+    pub throttle: Throttle,
+    pub throttle_args: ThrottleArgs,
+    /// For workers to tune their own batches.
+    pub batch_time: Option<Duration>,
+}
+
+/// How many background workers to run the CALL with.
+pub(crate) struct Parallel {
+    pub workers: usize,
+    pub wait: bool,
+}
+
+impl Parallel {
+    fn check(workers: i32, wait: bool) -> Result<Parallel> {
+        if !(1..=crate::workers::MAX_WORKERS).contains(&workers) {
+            return Err(Error::new(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("workers must be between 1 and {}, not {workers}", crate::workers::MAX_WORKERS),
+                "1 runs the backfill in this session; more start that many background workers (within \
+                 chat_backfill.max_workers and the server's free worker slots).",
+            ));
+        }
+        Ok(Parallel { workers: workers as usize, wait })
+    }
+}
+
+/// How a stretch of batches ended.
+pub(crate) enum Ended {
+    /// Its keys are exhausted.
+    Finished,
+    /// max_runtime was reached (while throttled, or after a batch).
+    OutOfTime { throttled: bool },
+    /// A batch waited longer than lock_timeout and was rolled back.
+    Yielded(String),
+    /// Told to stop by the run (another worker failed or stopped, or the CALL is gone).
+    Halted,
+}
+
+fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parallel, if_busy: IfBusy) -> Result<()> {
+    // Workers of an earlier CALL (wait_for_workers => false) may still be at it: they hold
+    // its key ranges, not the runner lock.
+    let holders = ranges::holders(settings.source.oid, settings.target.oid)?;
+    if !holders.is_empty() {
+        match if_busy {
+            IfBusy::Wait => ranges::wait_for_holders(settings.source.oid, settings.target.oid)?,
+            IfBusy::Error => {
+                return Err(Error::new(
+                    ERRCODE_LOCK_NOT_AVAILABLE,
+                    format!("workers are still backfilling {} into {}", settings.source.name, settings.target.name),
+                    "See chat_backfill.status for their progress; CALL again with if_busy => 'wait' to wait for them.",
+                )
+                .with_detail(format!("Backends {holders:?} hold key ranges of the run.")))
+            }
+            IfBusy::Skip => {
+                notice!(
+                    "chat_backfill: workers (pids {holders:?}) are still backfilling {} into {}; this call does nothing \
+                     (see chat_backfill.status; if_busy => 'wait' waits for them)",
+                    settings.source.name,
+                    settings.target.name
+                );
+                return Ok(());
+            }
+        }
+    }
     let (run_id, last_key, high_water) = match run_state::start_point(&settings, restart)? {
         Start::Finished { run_id, finished_at } => {
             notice!(
@@ -202,56 +283,117 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) -> Result<()> {
     settings.run_id = run_id;
     run_state::resumed(run_id)?;
     commit();
-    let began = Instant::now();
-    // Preparing the INSERT locks the target: do not queue there without a limit either.
-    set_lock_timeout(limits)?;
-    let mut backfill = Backfill::keyset(settings, last_key, high_water)?;
+    let deadline = limits.max_runtime.map(|max| Instant::now() + max);
+    let split = ranges::is_split(run_id)?;
+    if !split && parallel.workers == 1 {
+        // Preparing the INSERT locks the target: do not queue there without a limit either.
+        set_lock_timeout(limits)?;
+        let mut backfill = Backfill::keyset(settings, last_key, high_water)?;
+        let ended = drive(&mut backfill, run_id, None, limits, deadline, &commit, &|| Ok(false))?;
+        return settle(run_id, ended, false);
+    }
+    if !split {
+        let n = ranges::split(&settings, run_id, last_key.as_deref(), &high_water, parallel.workers)?;
+        commit();
+        notice!("chat_backfill: run {run_id} split into {n} key ranges of about equal chat bytes");
+    }
+    if parallel.workers > 1 && crate::workers::launch(&settings, run_id, limits, deadline, parallel)? {
+        return Ok(());
+    }
+    let ended = work_ranges(&settings, run_id, limits, deadline, &commit, &|| Ok(false))?;
+    settle(run_id, ended, true)
+}
+
+/// Works unfinished ranges of a split run, one at a time, until none is left to claim.
+pub(crate) fn work_ranges(
+    settings: &Settings,
+    run_id: i64,
+    limits: &Limits,
+    deadline: Option<Instant>,
+    commit: &dyn Fn(),
+    halted: &dyn Fn() -> Result<bool>,
+) -> Result<Ended> {
+    // A size tuned by batch_time carries over to the next range.
+    let mut batch_size = settings.batch_size;
+    loop {
+        if halted()? {
+            return Ok(Ended::Halted);
+        }
+        let Some(range) = ranges::claim(run_id)? else { return Ok(Ended::Finished) };
+        let range_id = range.range_id;
+        // The lock is the session's: give it back on every way out, an ERROR included.
+        let ended = PgTryBuilder::new(AssertUnwindSafe(|| -> Result<Ended> {
+            set_lock_timeout(limits)?;
+            let mut backfill = Backfill::keyset(Settings { batch_size, ..settings.clone() }, range.after, range.high_key)?;
+            let ended = drive(&mut backfill, run_id, Some(range_id), limits, deadline, commit, halted);
+            batch_size = backfill.batch_size();
+            let ended = ended?;
+            if let Ended::Finished = ended {
+                if ranges::finish(run_id, range_id)? {
+                    run_state::set_status(run_id, "finished", None)?;
+                }
+                commit();
+                return Ok(Ended::Finished);
+            }
+            // The run's state is recorded (and committed) before the range is free, so a
+            // range nobody holds in a running run always means its worker died.
+            record(run_id, &ended, true)?;
+            commit();
+            Ok(ended)
+        }))
+        .finally(|| ranges::release(range_id))
+        .execute()?;
+        if !matches!(ended, Ended::Finished) {
+            return Ok(ended);
+        }
+    }
+}
+
+/// Runs batches until the keys are exhausted or something ends the stretch. Each batch and
+/// its checkpoint commit together; a lock timeout rolls both back.
+fn drive(
+    backfill: &mut Backfill,
+    run_id: i64,
+    range_id: Option<i32>,
+    limits: &Limits,
+    deadline: Option<Instant>,
+    commit: &dyn Fn(),
+    halted: &dyn Fn() -> Result<bool>,
+) -> Result<Ended> {
     loop {
         pgrx::check_for_interrupts!();
+        if halted()? {
+            return Ok(Ended::Halted);
+        }
         // Replica lag and WAL rate are looked at before every batch, the first included;
         // max_runtime ends a wait too.
-        let deadline = limits.max_runtime.map(|max| began + max);
-        if !limits.throttle.before_batch(run_id, &commit, deadline)? {
-            run_state::set_status(run_id, "stopped", Some("max_runtime reached while throttled; the next CALL resumes here"))?;
-            commit();
-            notice!("chat_backfill: max_runtime reached while throttled; run {run_id} stopped, CALL again to resume");
-            return Ok(());
+        if !limits.throttle.before_batch(run_id, commit, deadline)? {
+            return Ok(Ended::OutOfTime { throttled: true });
         }
         set_lock_timeout(limits)?;
-        // The batch and its checkpoint commit together; a lock timeout rolls both back.
         let outcome = in_subtransaction_catching(
             AssertUnwindSafe(|| -> Result<Option<BatchDone>> {
                 let Some(report) = backfill.next_batch()? else { return Ok(None) };
-                run_state::checkpoint(run_id, report.last_chat_id.as_deref(), &report)?;
+                match range_id {
+                    Some(range_id) => {
+                        ranges::checkpoint(range_id, report.last_chat_id.as_deref())?;
+                        run_state::checkpoint(run_id, None, &report)?;
+                    }
+                    None => run_state::checkpoint(run_id, report.last_chat_id.as_deref(), &report)?,
+                }
                 Ok(Some(BatchDone))
             }),
             |sqlstate| sqlstate == "55P03",
         );
         match outcome {
             Ok(Ok(Some(BatchDone))) => commit(),
-            Ok(Ok(None)) => {
-                run_state::set_status(run_id, "finished", None)?;
-                commit();
-                return Ok(());
-            }
+            Ok(Ok(None)) => return Ok(Ended::Finished),
             Ok(Err(e)) => return Err(e),
-            Err(failure) => {
-                run_state::set_status(run_id, "yielded", Some(&format!("lock_timeout: {}", failure.message)))?;
-                commit();
-                notice!(
-                    "chat_backfill: a batch waited longer than lock_timeout ({}); run {run_id} yields to the \
-                     application and resumes at the next CALL",
-                    failure.message
-                );
-                return Ok(());
-            }
+            Err(failure) => return Ok(Ended::Yielded(failure.message)),
         }
         // Checked after a batch, so every CALL makes progress however small max_runtime is.
-        if limits.max_runtime.is_some_and(|max| began.elapsed() >= max) {
-            run_state::set_status(run_id, "stopped", Some("max_runtime reached; the next CALL resumes here"))?;
-            commit();
-            notice!("chat_backfill: max_runtime reached; run {run_id} stopped after a committed batch, CALL again to resume");
-            return Ok(());
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Ended::OutOfTime { throttled: false });
         }
         if !limits.pause.is_zero() {
             sleep_interruptibly(limits.pause);
@@ -259,11 +401,53 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool) -> Result<()> {
     }
 }
 
+/// Records how the run's stretch ended, without committing. A split run's status changes
+/// only while it is active: the first worker to fail or stop sets it, and it halts the rest.
+pub(crate) fn record(run_id: i64, ended: &Ended, split: bool) -> Result<()> {
+    let (status, why) = match ended {
+        Ended::Finished if split => return Ok(()),
+        Ended::Finished => ("finished", None),
+        Ended::OutOfTime { throttled: true } => ("stopped", Some("max_runtime reached while throttled; the next CALL resumes here".to_owned())),
+        Ended::OutOfTime { throttled: false } => ("stopped", Some("max_runtime reached; the next CALL resumes here".to_owned())),
+        Ended::Yielded(message) => ("yielded", Some(format!("lock_timeout: {message}"))),
+        Ended::Halted => return Ok(()),
+    };
+    if split {
+        run_state::set_status_if_active(run_id, status, why.as_deref())
+    } else {
+        run_state::set_status(run_id, status, why.as_deref())
+    }
+}
+
+/// Records the end in this session, commits, and says what happened.
+fn settle(run_id: i64, ended: Ended, split: bool) -> Result<()> {
+    record(run_id, &ended, split)?;
+    commit();
+    say(run_id, &ended);
+    Ok(())
+}
+
+pub(crate) fn say(run_id: i64, ended: &Ended) {
+    match ended {
+        Ended::Finished | Ended::Halted => {}
+        Ended::OutOfTime { throttled: true } => {
+            notice!("chat_backfill: max_runtime reached while throttled; run {run_id} stopped, CALL again to resume")
+        }
+        Ended::OutOfTime { throttled: false } => {
+            notice!("chat_backfill: max_runtime reached; run {run_id} stopped after a committed batch, CALL again to resume")
+        }
+        Ended::Yielded(message) => notice!(
+            "chat_backfill: a batch waited longer than lock_timeout ({message}); run {run_id} yields to the \
+             application and resumes at the next CALL"
+        ),
+    }
+}
+
 /// A batch was written and checkpointed.
 struct BatchDone;
 
 /// `SET LOCAL lock_timeout` for the current transaction, when the caller asked for one.
-fn set_lock_timeout(limits: &Limits) -> Result<()> {
+pub(crate) fn set_lock_timeout(limits: &Limits) -> Result<()> {
     if let Some(timeout) = &limits.lock_timeout {
         Spi::run_with_args(
             "SELECT pg_catalog.set_config('lock_timeout'::pg_catalog.text, $1::pg_catalog.text, true)",
@@ -297,7 +481,7 @@ fn refuse_atomic_call(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
 }
 
 /// COMMIT and start the next transaction, with a fresh snapshot for its SQL.
-fn commit() {
+pub(crate) fn commit() {
     // SAFETY: called between batches, outside any subtransaction, with the snapshot this
     // module pushed as the active one.
     unsafe {
@@ -332,7 +516,7 @@ fn unlock(key: i64) {
     }
 }
 
-fn duration_of(interval: Interval) -> Duration {
+pub(crate) fn duration_of(interval: Interval) -> Duration {
     Duration::from_micros(interval.as_micros().clamp(0, u64::MAX as i128) as u64)
 }
 

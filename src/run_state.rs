@@ -102,7 +102,8 @@ pub fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) -> Resul
              chats_skipped = chats_skipped OPERATOR(pg_catalog.+) $8, \
              chats_vanished = chats_vanished OPERATOR(pg_catalog.+) $9, \
              batches = batches OPERATOR(pg_catalog.+) 1::pg_catalog.int4, \
-             active_ms = active_ms OPERATOR(pg_catalog.+) $10, updated_at = pg_catalog.clock_timestamp() \
+             active_ms = active_ms OPERATOR(pg_catalog.+) $10, batch_size = $11, \
+             updated_at = pg_catalog.clock_timestamp() \
          WHERE run_id OPERATOR(pg_catalog.=) $1",
         &[
             run_id.into(),
@@ -115,6 +116,7 @@ pub fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) -> Resul
             r.chats_skipped.into(),
             r.chats_vanished.into(),
             r.elapsed_ms.into(),
+            r.batch_size.into(),
         ],
     )?;
     Ok(())
@@ -132,13 +134,62 @@ pub fn set_status(run_id: i64, status: &str, error: Option<&str>) -> Result<()> 
     Ok(())
 }
 
-/// A run waiting for its replicas shows it, with the lag, until it goes on (`None`).
+/// The same, only while the run is active (running or throttled): of a split run's workers,
+/// the first to fail or stop sets it, and the others see it and halt.
+pub fn set_status_if_active(run_id: i64, status: &str, error: Option<&str>) -> Result<()> {
+    Spi::run_with_args(
+        "UPDATE chat_backfill.runs SET status = $2, last_error = $3, replica_lag_bytes = NULL, \
+             updated_at = pg_catalog.clock_timestamp() \
+         WHERE run_id OPERATOR(pg_catalog.=) $1 \
+           AND status OPERATOR(pg_catalog.=) ANY ('{running,throttled}'::pg_catalog.text[])",
+        &[run_id.into(), status.into(), text_or_null(error)],
+    )?;
+    Ok(())
+}
+
+/// The run's status and last error.
+pub fn status_of(run_id: i64) -> Result<(String, Option<String>)> {
+    Spi::connect(|client| {
+        let table = client.select(
+            "SELECT r.status, r.last_error FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8",
+            None,
+            &[run_id.into()],
+        )?;
+        let Some(row) = table.into_iter().next() else { return Ok((String::new(), None)) };
+        Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<String>(2)?))
+    })
+    .map_err(|e: pgrx::spi::Error| e.into())
+}
+
+/// The run's totals: chats read, messages inserted, rejected, already present.
+pub fn totals(run_id: i64) -> Result<[i64; 4]> {
+    Spi::connect(|client| {
+        let table = client.select(
+            "SELECT r.chats_read, r.messages_inserted, r.messages_rejected, r.messages_existing \
+             FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8",
+            None,
+            &[run_id.into()],
+        )?;
+        let Some(row) = table.into_iter().next() else { return Ok([0; 4]) };
+        Ok([
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<i64>(2)?.unwrap_or(0),
+            row.get::<i64>(3)?.unwrap_or(0),
+            row.get::<i64>(4)?.unwrap_or(0),
+        ])
+    })
+    .map_err(|e: pgrx::spi::Error| e.into())
+}
+
+/// A run waiting for its replicas shows it, with the lag, until it goes on (`None`); a run
+/// another worker has stopped stays stopped.
 pub fn set_throttled(run_id: i64, lag: Option<i64>) -> Result<()> {
     Spi::run_with_args(
         "UPDATE chat_backfill.runs SET status = CASE WHEN $2::pg_catalog.int8 IS NULL THEN 'running'::pg_catalog.text \
                                                      ELSE 'throttled'::pg_catalog.text END, \
              replica_lag_bytes = $2::pg_catalog.int8, updated_at = pg_catalog.clock_timestamp() \
-         WHERE run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8",
+         WHERE run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 \
+           AND status OPERATOR(pg_catalog.=) ANY ('{running,throttled}'::pg_catalog.text[])",
         &[run_id.into(), lag.map_or(DatumWithOid::null_oid(pg_sys::INT8OID), DatumWithOid::from)],
     )?;
     Ok(())

@@ -16,7 +16,7 @@ use crate::run_state;
 const POLL: Duration = Duration::from_millis(100);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// 10 kB/s: below that a single batch would pace for hours.
-const MIN_WAL_RATE_MIB: f64 = 0.01;
+pub const MIN_WAL_RATE_MIB: f64 = 0.01;
 
 /// Where the lag is read from.
 enum Watch {

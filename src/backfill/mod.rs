@@ -48,6 +48,8 @@ pub struct BatchReport {
     pub messages_skipped: i64,
     pub chats_skipped: i64,
     pub chats_vanished: i64,
+    /// The batch_size this batch used (it changes with batch_time).
+    pub batch_size: i32,
 }
 
 /// A chat whose messages are being expanded, possibly over several batches.
@@ -247,7 +249,7 @@ impl Backfill {
             rows: Rows::new(),
             rejections: Vec::new(),
             rejection_bytes: 0,
-            report: BatchReport { batch: self.batch + 1, ..Default::default() },
+            report: BatchReport { batch: self.batch + 1, batch_size: self.settings.batch_size as i32, ..Default::default() },
             chat_bytes: 0,
         };
         if let Some(chat) = self.open_chat.take() {
@@ -302,6 +304,10 @@ impl Backfill {
             self.recorder.record(&self.settings, &rejections)?;
         }
         report.elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
+        if let Some(tuner) = self.settings.tuner {
+            let handled = report.messages_inserted + report.messages_rejected + report.messages_existing + report.messages_skipped;
+            self.settings.batch_size = tuner.next(self.settings.batch_size, handled as usize, began.elapsed());
+        }
         self.batch += 1;
         self.add_to_totals(&report);
         if finished {
@@ -321,6 +327,11 @@ impl Backfill {
     /// Ends a run before its source is exhausted (a trial that has read enough).
     pub fn stop(&mut self) {
         self.reader.close();
+    }
+
+    /// The size of the next batch (batch_time changes it).
+    pub fn batch_size(&self) -> usize {
+        self.settings.batch_size
     }
 
     /// Chat text read so far, in bytes (as detoasted).

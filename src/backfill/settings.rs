@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
 
 use crate::error::{Error, Result};
+use crate::tuning::Tuner;
 use crate::relations::{check_privileges, check_source, check_target, qualified_type_name, resolve, Relation};
 
 pub const MAX_BATCH_SIZE: i32 = 1_000_000;
@@ -36,6 +37,8 @@ pub struct Settings {
     pub sample_percent: Option<f64>,
     /// A trial run (rolled back by its caller): no NOTICEs and no recorded rejections.
     pub trial: bool,
+    /// `batch_time`: `batch_size` is then only the first batch's size.
+    pub tuner: Option<Tuner>,
 }
 
 /// The SQL arguments, as given.
@@ -49,6 +52,7 @@ pub struct Request<'a> {
     pub user_id_column: &'a str,
     pub chat_column: &'a str,
     pub dry_run: bool,
+    pub batch_time: Option<std::time::Duration>,
 }
 
 impl Request<'_> {
@@ -62,6 +66,18 @@ impl Request<'_> {
                 format!("Use a batch_size between 1 and {MAX_BATCH_SIZE}; 5000 is a good default."),
             ));
         }
+        let tuner = match self.batch_time {
+            None => None,
+            Some(t) if t > std::time::Duration::ZERO && t <= std::time::Duration::from_secs(3600) => Some(Tuner::new(t)),
+            Some(t) => {
+                return Err(Error::new(
+                    ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("batch_time must be more than 0 and at most 1 hour, not {} ms", t.as_millis()),
+                    "Pass the time one batch should take, like '2 seconds'; NULL keeps batch_size fixed.",
+                ))
+            }
+        };
+        let batch_size = tuner.map_or(batch_size as usize, |t| t.start(batch_size as usize));
         // SAFETY: reads a backend global that is fixed for the session.
         if unsafe { pg_sys::GetDatabaseEncoding() } != pg_sys::pg_enc::PG_UTF8 as i32 {
             return Err(Error::new(
@@ -82,7 +98,7 @@ impl Request<'_> {
         Ok(Settings {
             source,
             target,
-            batch_size: batch_size as usize,
+            batch_size,
             now: self.now.unwrap_or_else(transaction_start_epoch),
             source_filter,
             id_column: self.id_column.to_owned(),
@@ -94,6 +110,7 @@ impl Request<'_> {
             chat_is_jsonb: chat_type == pg_sys::JSONBOID,
             sample_percent: None,
             trial: false,
+            tuner,
         })
     }
 }

@@ -32,8 +32,9 @@ RELEASES = [
     pytest.param("0.1.0", "5c98822", marks=pytest.mark.skipif(PG_MAJOR != "15", reason="0.1.0 existed only for PostgreSQL 15")),
     ("0.2.0", "86bb366"),
     ("0.3.0", "d72af31"),
+    ("0.4.0", "6ea4be5"),
 ]
-NEW_VERSION = "0.4.0"
+NEW_VERSION = "0.5.0"
 LIB = Path(pg_config("--pkglibdir")) / "chat_backfill.so"
 EXTDIR = Path(pg_config("--sharedir")) / "extension"
 
@@ -76,7 +77,7 @@ def members(cluster: Cluster, db: str) -> dict[str, str]:
                                             a.attnotnull, pg_get_expr(ad.adbin, ad.adrelid), a.attacl::text), '; ' ORDER BY a.attnum)
                             FROM pg_attribute a LEFT JOIN pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
                            WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
-                         (SELECT string_agg(pg_get_indexdef(i.indexrelid), '; ' ORDER BY 1) FROM pg_index i WHERE i.indrelid = c.oid),
+                         (SELECT string_agg(pg_get_indexdef(i.indexrelid), '; ' ORDER BY pg_get_indexdef(i.indexrelid)) FROM pg_index i WHERE i.indrelid = c.oid),
                          (SELECT string_agg(conname || ' ' || pg_get_constraintdef(oid), '; ' ORDER BY conname)
                             FROM pg_constraint WHERE conrelid = c.oid),
                          (SELECT string_agg(concat_ws(' ', p.policyname, p.cmd, p.roles::text, p.qual, p.with_check), '; '

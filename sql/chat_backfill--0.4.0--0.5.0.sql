@@ -1,0 +1,188 @@
+-- chat_backfill 0.4.0 -> 0.5.0: the committing form runs on background workers
+-- (workers => n, wait_for_workers), both forms tune their batch size to a batch_time, over key ranges recorded in chat_backfill.run_ranges and
+-- settings handed over in chat_backfill.launches; the status view counts workers. The
+-- definitions are the install script's, word for word (the upgrade test compares them).
+
+-- 1. The committing form: workers and wait_for_workers, appended last, so every existing
+--    call keeps its meaning. A new argument is a new signature: the old one goes first, and
+--    the new one gets the default privileges (EXECUTE for PUBLIC): a REVOKE made on the old
+--    one must be made again (README, Upgrades).
+DROP PROCEDURE @extschema@.backfill_chat_messages_resumable(pg_catalog.regclass, pg_catalog.regclass, pg_catalog.int4,
+    pg_catalog.int8, pg_catalog.interval, pg_catalog.interval, pg_catalog.text, pg_catalog.text, pg_catalog.text,
+    pg_catalog.text, pg_catalog.interval, pg_catalog.bool, pg_catalog.text, pg_catalog.text, pg_catalog.name,
+    pg_catalog.numeric);
+CREATE PROCEDURE @extschema@.backfill_chat_messages_resumable(
+    source regclass DEFAULT NULL,
+    target regclass DEFAULT NULL,
+    batch_size integer DEFAULT NULL,
+    now bigint DEFAULT NULL,
+    max_runtime interval DEFAULT NULL,
+    pause interval DEFAULT '0',
+    source_filter text DEFAULT $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$,
+    id_column text DEFAULT 'id',
+    user_id_column text DEFAULT 'user_id',
+    chat_column text DEFAULT 'chat',
+    lock_timeout interval DEFAULT NULL,
+    restart boolean DEFAULT false,
+    if_busy text DEFAULT 'skip',
+    max_replica_lag text DEFAULT NULL,
+    replica_slot name DEFAULT NULL,
+    max_wal_rate numeric DEFAULT NULL,
+    workers integer DEFAULT 1,
+    wait_for_workers boolean DEFAULT true,
+    batch_time interval DEFAULT NULL)
+LANGUAGE c AS 'MODULE_PATHNAME', 'backfill_chat_messages_resumable_wrapper';
+
+-- 2. The one-transaction form: batch_time (appended last) and the batch_size each batch used
+--    (a new last result column). A new signature again: see above for privileges.
+DROP FUNCTION @extschema@.backfill_chat_messages(pg_catalog.regclass, pg_catalog.regclass, pg_catalog.int4,
+    pg_catalog.int8, pg_catalog.text, pg_catalog.text, pg_catalog.text, pg_catalog.text, pg_catalog.bool,
+    pg_catalog.bool);
+CREATE FUNCTION backfill_chat_messages(
+	"source" regclass DEFAULT NULL,
+	"target" regclass DEFAULT NULL,
+	"batch_size" INT DEFAULT NULL,
+	"now" bigint DEFAULT NULL,
+	"source_filter" TEXT DEFAULT $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$,
+	"id_column" TEXT DEFAULT 'id',
+	"user_id_column" TEXT DEFAULT 'user_id',
+	"chat_column" TEXT DEFAULT 'chat',
+	"dry_run" bool DEFAULT false,
+	"force" bool DEFAULT false,
+	"batch_time" interval DEFAULT NULL
+) RETURNS TABLE (
+	"batch" INT,
+	"chats_read" bigint,
+	"messages_inserted" bigint,
+	"messages_rejected" bigint,
+	"messages_existing" bigint,
+	"last_chat_id" TEXT,
+	"elapsed_ms" double precision,
+	"messages_skipped" bigint,
+	"chats_skipped" bigint,
+	"chats_vanished" bigint,
+	"batch_size" INT
+)
+VOLATILE
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'backfill_chat_messages_wrapper';
+
+-- 3. The size each run's last batch used (batch_time tunes it), for the status view.
+ALTER TABLE chat_backfill.runs ADD COLUMN batch_size pg_catalog.int4;
+GRANT UPDATE (batch_size) ON chat_backfill.runs TO PUBLIC;
+
+-- 4. Key ranges, launches, and the status view (CREATE OR REPLACE: same columns, workers
+--    and batch_size appended, so views built on it and its grants stay).
+-- A run split across background workers (CALL ... workers => n): its keys after the run's
+-- last_key at the split, up to high_water, in contiguous ranges of about equal stored chat
+-- bytes (chat sizes are heavily skewed, counts would not balance), each with its own
+-- checkpoint. A range is worked by whoever holds its advisory lock (1667329894, range_id):
+-- a worker, or a CALL with workers => 1; the lock goes with the session, so a killed or
+-- crashed worker frees its range for the next CALL.
+CREATE TABLE chat_backfill.run_ranges (
+    range_id   serial PRIMARY KEY,                 -- int4: the second half of the lock key
+    run_id     pg_catalog.int8 NOT NULL REFERENCES chat_backfill.runs ON DELETE CASCADE,
+    range_no   pg_catalog.int4 NOT NULL,
+    low_key    pg_catalog.text,                    -- exclusive; NULL: from the first key
+    high_key   pg_catalog.text NOT NULL,           -- inclusive
+    chat_bytes pg_catalog.int8 NOT NULL,           -- stored chat bytes in it at the split
+    last_key   pg_catalog.text,                    -- the last chat completed by a committed batch
+    finished   pg_catalog.bool NOT NULL DEFAULT false,
+    UNIQUE (run_id, range_no)
+);
+SELECT pg_catalog.pg_extension_config_dump('chat_backfill.run_ranges', '');
+SELECT pg_catalog.pg_extension_config_dump('chat_backfill.run_ranges_range_id_seq', '');
+REVOKE ALL ON chat_backfill.run_ranges FROM PUBLIC;
+GRANT SELECT ON chat_backfill.run_ranges TO PUBLIC;
+GRANT INSERT (run_id, range_no, low_key, high_key, chat_bytes) ON chat_backfill.run_ranges TO PUBLIC;
+GRANT UPDATE (last_key, finished) ON chat_backfill.run_ranges TO PUBLIC;
+GRANT USAGE ON SEQUENCE chat_backfill.run_ranges_range_id_seq TO PUBLIC;
+ALTER TABLE chat_backfill.run_ranges ENABLE ROW LEVEL SECURITY;
+-- A range is seen with its run (the runs policies apply inside), and made or advanced by who
+-- may run that backfill.
+CREATE POLICY ranges_visible_with_their_run ON chat_backfill.run_ranges FOR SELECT
+    USING (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id));
+CREATE POLICY ranges_made_by_runners ON chat_backfill.run_ranges FOR INSERT
+    WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
+                          AND chat_backfill.may_run(r.source_oid, r.target_oid)));
+CREATE POLICY ranges_advanced_by_runners ON chat_backfill.run_ranges FOR UPDATE
+    USING (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
+                     AND chat_backfill.may_run(r.source_oid, r.target_oid)))
+    WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
+                          AND chat_backfill.may_run(r.source_oid, r.target_oid)));
+
+-- What a CALL hands its workers: its arguments, as JSON. A worker connects as the role that
+-- made the CALL and reads only a launch that role made itself (launched_by is never given
+-- by the INSERT: it is the inserting role), so nobody can make a worker run a filter, or
+-- settings, that its own role did not choose.
+CREATE TABLE chat_backfill.launches (
+    launch_id   bigserial PRIMARY KEY,
+    run_id      pg_catalog.int8 NOT NULL REFERENCES chat_backfill.runs ON DELETE CASCADE,
+    settings    pg_catalog.text NOT NULL,
+    launched_by pg_catalog.text NOT NULL DEFAULT CURRENT_USER,
+    launched_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+);
+REVOKE ALL ON chat_backfill.launches FROM PUBLIC;
+GRANT SELECT ON chat_backfill.launches TO PUBLIC;
+GRANT INSERT (run_id, settings) ON chat_backfill.launches TO PUBLIC;
+GRANT USAGE ON SEQUENCE chat_backfill.launches_launch_id_seq TO PUBLIC;
+ALTER TABLE chat_backfill.launches ENABLE ROW LEVEL SECURITY;
+CREATE POLICY launches_read_by_their_role ON chat_backfill.launches FOR SELECT
+    USING (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);
+CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
+    WITH CHECK (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
+                AND EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) launches.run_id
+                              AND chat_backfill.may_run(r.source_oid, r.target_oid)));
+
+-- Progress of every resumable run the caller may see (security_invoker: the policies above
+-- apply to whoever reads it). A run is running while its CALL holds the runner lock or a
+-- worker holds one of its ranges; one recorded as running that nobody holds was interrupted
+-- (crash, kill, restart): the next CALL resumes it. runner_pid is the CALL's, or a worker's.
+CREATE OR REPLACE VIEW chat_backfill.status WITH (security_invoker = true) AS
+SELECT r.run_id, r.source, r.target,
+       CASE WHEN r.status OPERATOR(pg_catalog.=) 'finished'::pg_catalog.text THEN 'finished'::pg_catalog.text
+            WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
+            THEN 'throttled'::pg_catalog.text
+            WHEN h.pid IS NOT NULL THEN 'running'::pg_catalog.text
+            WHEN r.status OPERATOR(pg_catalog.=) ANY ('{running,throttled}'::pg_catalog.text[])
+            THEN 'interrupted'::pg_catalog.text
+            ELSE r.status END AS state,
+       r.chats_read AS chats_done, r.total_chats,
+       CASE WHEN r.total_chats OPERATOR(pg_catalog.>) 0::pg_catalog.int8
+            THEN pg_catalog.round(100.0::pg_catalog.numeric OPERATOR(pg_catalog.*) r.chats_read::pg_catalog.numeric
+                                  OPERATOR(pg_catalog./) r.total_chats::pg_catalog.numeric, 1)
+       END AS percent_done,
+       r.messages_inserted, r.messages_rejected, r.messages_existing, r.messages_skipped, r.chats_skipped,
+       r.chats_vanished, r.batches,
+       CASE WHEN r.active_ms OPERATOR(pg_catalog.>) 0::pg_catalog.float8
+            THEN pg_catalog.round((r.messages_inserted::pg_catalog.float8 OPERATOR(pg_catalog./)
+                                   (r.active_ms OPERATOR(pg_catalog./) 1000::pg_catalog.float8))::pg_catalog.numeric, 1)
+       END AS messages_per_second,
+       CASE WHEN r.status OPERATOR(pg_catalog.<>) 'finished'::pg_catalog.text AND r.chats_read OPERATOR(pg_catalog.>) 0::pg_catalog.int8
+            THEN pg_catalog.make_interval(secs => (r.total_chats OPERATOR(pg_catalog.-) r.chats_read)::pg_catalog.float8
+                 OPERATOR(pg_catalog.*) (r.active_ms OPERATOR(pg_catalog./) 1000::pg_catalog.float8)
+                 OPERATOR(pg_catalog./) r.chats_read::pg_catalog.float8)
+       END AS estimated_time_left,
+       h.pid AS runner_pid, r.last_key, r.high_water,
+       r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
+       CASE WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
+            THEN r.replica_lag_bytes END AS replica_lag_bytes,
+       h.workers, r.batch_size
+FROM chat_backfill.runs r
+LEFT JOIN LATERAL (
+    SELECT COALESCE(pg_catalog.min(l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2),
+                               pg_catalog.min(l.pid)) AS pid,
+           (pg_catalog.count(DISTINCT l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2))::pg_catalog.int4
+               AS workers
+    FROM pg_catalog.pg_locks l
+    WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted
+      AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
+                                             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+      AND ((l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
+            AND l.classid OPERATOR(pg_catalog.=) r.source_oid AND l.objid OPERATOR(pg_catalog.=) r.target_oid)
+        OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
+            AND l.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
+            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
+                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id))))
+) h ON true;
+GRANT SELECT ON chat_backfill.status TO PUBLIC;

@@ -1,0 +1,248 @@
+//! A run split into key ranges for parallel work (`sql/parallel.sql`): the split by stored
+//! chat bytes, claiming a range by its advisory lock, its checkpoint and its end, and
+//! whether anyone is working a run's ranges. Every statement names its catalog objects.
+
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+
+use crate::backfill::{source_where, Settings};
+use crate::error::Result;
+
+/// The first half of a range's advisory lock key (two-int4 form; the second half is the
+/// range_id). "cbkf" in ASCII: far from the small numbers applications pick.
+pub const LOCK_CLASS: i32 = 1_667_329_894;
+
+/// A range to work: keys after `after` (none: from the first) up to `high_key`.
+pub struct Range {
+    pub range_id: i32,
+    pub after: Option<String>,
+    pub high_key: String,
+}
+
+fn text_or_null(value: Option<&str>) -> DatumWithOid<'_> {
+    value.map_or(DatumWithOid::null_oid(pg_sys::TEXTOID), DatumWithOid::from)
+}
+
+/// Whether the run has been split.
+pub fn is_split(run_id: i64) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM chat_backfill.run_ranges g WHERE g.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8)",
+        &[run_id.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Splits the keys in (`after`, `high_water`] into at most `n` contiguous ranges holding
+/// about equal stored chat bytes (`pg_column_size`: what is on disk, without detoasting)
+/// and records them; returns how many. The last range ends at `high_water` itself, so a
+/// chat inserted meanwhile below it is read, as a one-worker run would.
+pub fn split(settings: &Settings, run_id: i64, after: Option<&str>, high_water: &str, n: usize) -> Result<usize> {
+    let key = pgrx::spi::quote_identifier(&settings.id_column);
+    let chat = pgrx::spi::quote_identifier(&settings.chat_column);
+    let t = &settings.id_type;
+    let condition = format!(
+        "($1::pg_catalog.text IS NULL OR {key} OPERATOR(pg_catalog.>) CAST($1::pg_catalog.text AS {t})) \
+         AND {key} OPERATOR(pg_catalog.<=) CAST($2::pg_catalog.text AS {t})"
+    );
+    // Each chat counts its bytes plus one, so a run of empty chats still spreads. A chat's
+    // bucket is where its running total started: a huge chat fills its own range.
+    let query = format!(
+        "SELECT pg_catalog.max(w.k)::pg_catalog.text, pg_catalog.sum(w.b)::pg_catalog.int8 FROM ( \
+           SELECT c.k, c.b, pg_catalog.floor(((pg_catalog.sum(c.b) OVER (ORDER BY c.k ROWS UNBOUNDED PRECEDING)) \
+                    OPERATOR(pg_catalog.-) c.b)::pg_catalog.float8 OPERATOR(pg_catalog.*) $3::pg_catalog.float8 \
+                    OPERATOR(pg_catalog./) (pg_catalog.sum(c.b) OVER ())::pg_catalog.float8) AS bucket \
+           FROM (SELECT {key} AS k, (COALESCE(pg_catalog.pg_column_size({chat}), 0::pg_catalog.int4) \
+                        OPERATOR(pg_catalog.+) 1::pg_catalog.int4)::pg_catalog.int8 AS b \
+                 FROM {}{}) c) w \
+         GROUP BY w.bucket ORDER BY w.bucket",
+        settings.source.name,
+        source_where(settings, Some(&condition)),
+    );
+    let buckets = Spi::connect(|client| {
+        let mut cursor = client.try_open_cursor(
+            query.as_str(),
+            &[text_or_null(after), DatumWithOid::from(high_water), (n as f64).into()],
+        )?;
+        let mut out = Vec::new();
+        for row in cursor.fetch(n as i64 + 1)? {
+            out.push((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0)));
+        }
+        Ok::<_, pgrx::spi::Error>(out)
+    })?;
+    if buckets.is_empty() {
+        // Nothing left in the keys: one empty range, so the run ends the ordinary way.
+        insert(run_id, 0, after, high_water, 0)?;
+        return Ok(1);
+    }
+    let mut low = after.map(str::to_owned);
+    let last = buckets.len() - 1;
+    for (no, (high, bytes)) in buckets.into_iter().enumerate() {
+        let high = if no == last { high_water.to_owned() } else { high };
+        insert(run_id, no as i32, low.as_deref(), &high, bytes)?;
+        low = Some(high);
+    }
+    Ok(last + 1)
+}
+
+fn insert(run_id: i64, no: i32, low: Option<&str>, high: &str, bytes: i64) -> Result<()> {
+    Spi::run_with_args(
+        "INSERT INTO chat_backfill.run_ranges (run_id, range_no, low_key, high_key, chat_bytes) \
+         VALUES ($1::pg_catalog.int8, $2::pg_catalog.int4, $3::pg_catalog.text, $4::pg_catalog.text, $5::pg_catalog.int8)",
+        &[run_id.into(), no.into(), text_or_null(low), high.into(), bytes.into()],
+    )?;
+    Ok(())
+}
+
+/// Unfinished ranges of the run.
+pub fn unfinished(run_id: i64) -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(*) FROM chat_backfill.run_ranges g \
+         WHERE g.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 AND NOT g.finished",
+        &[run_id.into()],
+    )?
+    .unwrap_or(0))
+}
+
+/// Takes the next unfinished range nobody holds, largest first (the long ones start
+/// early), and locks it for this session; `None` when there is none.
+pub fn claim(run_id: i64) -> Result<Option<Range>> {
+    let candidates = Spi::connect(|client| {
+        let table = client.select(
+            "SELECT g.range_id FROM chat_backfill.run_ranges g \
+             WHERE g.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 AND NOT g.finished \
+             ORDER BY g.chat_bytes DESC, g.range_no",
+            None,
+            &[run_id.into()],
+        )?;
+        table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect::<std::result::Result<Vec<i32>, pgrx::spi::Error>>()
+    })?;
+    for range_id in candidates {
+        let locked = Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.pg_try_advisory_lock($1::pg_catalog.int4, $2::pg_catalog.int4)",
+            &[LOCK_CLASS.into(), range_id.into()],
+        )?
+        .unwrap_or(false);
+        if !locked {
+            continue;
+        }
+        // Read again under the lock: whoever held it last may have finished it or moved on.
+        let range = Spi::connect(|client| {
+            let table = client.select(
+                "SELECT COALESCE(g.last_key, g.low_key), g.high_key, g.finished \
+                 FROM chat_backfill.run_ranges g WHERE g.range_id OPERATOR(pg_catalog.=) $1::pg_catalog.int4",
+                None,
+                &[range_id.into()],
+            )?;
+            let Some(row) = table.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(None) };
+            if row.get::<bool>(3)?.unwrap_or(true) {
+                return Ok(None);
+            }
+            Ok(Some(Range { range_id, after: row.get::<String>(1)?, high_key: row.get::<String>(2)?.unwrap_or_default() }))
+        })?;
+        match range {
+            Some(range) => return Ok(Some(range)),
+            None => release(range_id),
+        }
+    }
+    Ok(None)
+}
+
+/// Gives a range's lock back. Session locks outlive transactions and errors; the lock
+/// manager needs no transaction, so this works in an aborted one too.
+pub fn release(range_id: i32) {
+    // SAFETY: calls the built-in with two int4 arguments, as SQL would.
+    unsafe {
+        pgrx::direct_function_call::<bool>(
+            pg_sys::pg_advisory_unlock_int4,
+            &[pgrx::IntoDatum::into_datum(LOCK_CLASS), pgrx::IntoDatum::into_datum(range_id)],
+        );
+    }
+}
+
+/// The range's checkpoint, in the batch's transaction.
+pub fn checkpoint(range_id: i32, last_key: Option<&str>) -> Result<()> {
+    Spi::run_with_args(
+        "UPDATE chat_backfill.run_ranges SET last_key = COALESCE($2::pg_catalog.text, last_key) \
+         WHERE range_id OPERATOR(pg_catalog.=) $1::pg_catalog.int4",
+        &[range_id.into(), text_or_null(last_key)],
+    )?;
+    Ok(())
+}
+
+/// Marks the range done; true when it was the run's last (the caller then finishes the run
+/// in the same transaction). The run's row is locked first: of two ranges ending together,
+/// the second to take it sees the first's end.
+pub fn finish(run_id: i64, range_id: i32) -> Result<bool> {
+    Spi::run_with_args(
+        "UPDATE chat_backfill.run_ranges SET finished = true WHERE range_id OPERATOR(pg_catalog.=) $1::pg_catalog.int4",
+        &[range_id.into()],
+    )?;
+    Spi::run_with_args(
+        "SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 FOR NO KEY UPDATE",
+        &[run_id.into()],
+    )?;
+    Ok(unfinished(run_id)? == 0)
+}
+
+/// The ranges of every run of this source and target, by id.
+const RANGES_OF_PAIR: &str = "SELECT g.range_id FROM chat_backfill.run_ranges g JOIN chat_backfill.runs r USING (run_id) \
+     WHERE r.source_oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid AND r.target_oid OPERATOR(pg_catalog.=) $2::pg_catalog.oid";
+
+/// Backends other than this one holding a range of any run of this source and target
+/// (workers an earlier CALL left running with wait_for_workers => false).
+pub fn holders(source: pg_sys::Oid, target: pg_sys::Oid) -> Result<Vec<i32>> {
+    let query = format!(
+        "SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l \
+         WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted \
+           AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
+           AND l.classid OPERATOR(pg_catalog.=) $3::pg_catalog.int4::pg_catalog.oid \
+           AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
+           AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d \
+                                                  WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) \
+           AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT x.range_id::pg_catalog.oid FROM ({RANGES_OF_PAIR}) x)) \
+         ORDER BY 1"
+    );
+    Spi::connect(|client| {
+        let table = client.select(&query, None, &[source.into(), target.into(), LOCK_CLASS.into()])?;
+        table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect::<std::result::Result<Vec<i32>, pgrx::spi::Error>>()
+    })
+    .map_err(Into::into)
+}
+
+/// Waits, as an ordinary lock wait (cancel, statement_timeout and lock_timeout end it),
+/// until nobody holds a range of any run of this source and target.
+pub fn wait_for_holders(source: pg_sys::Oid, target: pg_sys::Oid) -> Result<()> {
+    let ranges = Spi::connect(|client| {
+        let table = client.select(RANGES_OF_PAIR, None, &[source.into(), target.into()])?;
+        table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect::<std::result::Result<Vec<i32>, pgrx::spi::Error>>()
+    })?;
+    for range_id in ranges {
+        Spi::run_with_args(
+            "SELECT pg_catalog.pg_advisory_lock($1::pg_catalog.int4, $2::pg_catalog.int4)",
+            &[LOCK_CLASS.into(), range_id.into()],
+        )?;
+        release(range_id);
+    }
+    Ok(())
+}
+
+/// Unfinished ranges of the run that nobody holds. While the run is active this means a
+/// worker died: a worker stops on its own only when every unfinished range is held, and
+/// one that gives a range back unfinished first records why in the run's status.
+pub fn orphaned(run_id: i64) -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(*) FROM chat_backfill.run_ranges g \
+         WHERE g.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 AND NOT g.finished \
+           AND NOT EXISTS (SELECT FROM pg_catalog.pg_locks l \
+                           WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted \
+                             AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
+                             AND l.classid OPERATOR(pg_catalog.=) $2::pg_catalog.int4::pg_catalog.oid \
+                             AND l.objid OPERATOR(pg_catalog.=) g.range_id::pg_catalog.oid \
+                             AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d \
+                                 WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()))",
+        &[run_id.into(), LOCK_CLASS.into()],
+    )?
+    .unwrap_or(0))
+}
+
+extension_sql_file!("../sql/parallel.sql", name = "parallel_state", requires = ["runs_state"]);

@@ -1,0 +1,498 @@
+//! Background workers for `CALL backfill_chat_messages_resumable(workers => n)`. The CALL
+//! (the leader) records what its workers need in `chat_backfill.launches`, starts them, and
+//! waits for them (or, with `wait_for_workers => false`, returns once they hold their
+//! ranges). Each worker connects as the role that made the CALL, never another, claims key
+//! ranges of the split run one at a time, and works each with the same engine, batches,
+//! checkpoints and throttles as a one-session run. A worker that fails records why in the
+//! run and the others halt before their next batch; a worker that dies leaves its range
+//! free and the leader reports it. Every way of stopping leaves each range at its last
+//! committed batch, which is where the next CALL resumes.
+
+use std::cell::{Cell, RefCell};
+use std::ffi::CString;
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker};
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode::*;
+use serde::{Deserialize, Serialize};
+
+use crate::backfill::settings::Request;
+use crate::backfill::Settings;
+use crate::error::{Error, Result};
+use crate::ranges;
+use crate::resumable::{commit, work_ranges, Limits, Parallel};
+use crate::run_state;
+use crate::throttle::{Throttle, MIN_WAL_RATE_MIB};
+
+/// The most workers one CALL may ask for (chat_backfill.max_workers caps it further).
+pub const MAX_WORKERS: i32 = 64;
+
+/// What the CALL hands its workers (as JSON in `chat_backfill.launches`).
+#[derive(Serialize, Deserialize)]
+struct Launch {
+    source: u32,
+    target: u32,
+    batch_size: i32,
+    now: i64,
+    source_filter: Option<String>,
+    id_column: String,
+    user_id_column: String,
+    chat_column: String,
+    /// The CALL's search_path: a source_filter's names resolve as they did there.
+    search_path: String,
+    /// When max_runtime ends, in Unix milliseconds.
+    deadline_ms: Option<i64>,
+    pause_us: u64,
+    lock_timeout: Option<String>,
+    max_replica_lag: Option<String>,
+    replica_slot: Option<String>,
+    /// This worker's share of the run's max_wal_rate, MiB per second.
+    max_wal_rate: Option<f64>,
+    /// The waiting CALL's backend: its workers halt when it is gone.
+    leader_pid: Option<i32>,
+    /// batch_time, in microseconds: each worker tunes its own batches.
+    batch_time_us: Option<u64>,
+}
+
+/// Starts workers for the split run and waits for them or not; false when no worker slot
+/// was free (the caller then works the ranges itself).
+pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Option<Instant>, parallel: &Parallel) -> Result<bool> {
+    let open = ranges::unfinished(run_id)?.max(1) as usize;
+    let cap = crate::gucs::max_workers();
+    let wanted = parallel.workers.min(open).min(cap);
+    if wanted < parallel.workers {
+        notice!(
+            "chat_backfill: run {run_id} starts {wanted} of the {} workers asked for ({})",
+            parallel.workers,
+            if open < parallel.workers.min(cap) {
+                format!("it has {open} unfinished key ranges")
+            } else {
+                format!("chat_backfill.max_workers is {cap}")
+            }
+        );
+    }
+    check_can_connect()?;
+    let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path'::pg_catalog.text)")?.unwrap_or_default();
+    let now_ms = unix_ms();
+    let launch = Launch {
+        source: u32::from(settings.source.oid),
+        target: u32::from(settings.target.oid),
+        batch_size: settings.batch_size as i32,
+        now: settings.now,
+        source_filter: settings.source_filter.clone(),
+        id_column: settings.id_column.clone(),
+        user_id_column: settings.user_id_column.clone(),
+        chat_column: settings.chat_column.clone(),
+        search_path,
+        deadline_ms: deadline.map(|d| now_ms + d.saturating_duration_since(Instant::now()).as_millis() as i64),
+        pause_us: limits.pause.as_micros() as u64,
+        lock_timeout: limits.lock_timeout.clone(),
+        max_replica_lag: limits.throttle_args.max_replica_lag.clone(),
+        replica_slot: limits.throttle_args.replica_slot.clone(),
+        // Each backend paces its own WAL: shared out, the run stays within the rate.
+        max_wal_rate: limits.throttle_args.max_wal_rate.map(|mib| (mib / wanted as f64).max(MIN_WAL_RATE_MIB)),
+        // SAFETY: this backend's own pid, fixed for its life.
+        leader_pid: parallel.wait.then(|| unsafe { pg_sys::MyProcPid }),
+        batch_time_us: limits.batch_time.map(|t| t.as_micros() as u64),
+    };
+    let json = serde_json::to_string(&launch).map_err(|e| {
+        Error::new(ERRCODE_INTERNAL_ERROR, format!("chat_backfill: cannot encode the workers' settings: {e}"), "This is a bug in chat_backfill.")
+    })?;
+    let launch_id = Spi::get_one_with_args::<i64>(
+        "INSERT INTO chat_backfill.launches (run_id, settings) VALUES ($1::pg_catalog.int8, $2::pg_catalog.text) RETURNING launch_id",
+        &[run_id.into(), json.as_str().into()],
+    )?
+    .unwrap_or_default();
+    // The workers read the launch and the ranges from their own sessions.
+    commit();
+    // SAFETY: backend globals fixed for the session; GetUserId is the role the CALL runs as.
+    let (db, role, me) = unsafe { (u32::from(pg_sys::MyDatabaseId), u32::from(pg_sys::GetUserId()), pg_sys::MyProcPid) };
+    let mut started = Vec::new();
+    for no in 0..wanted {
+        let worker = BackgroundWorkerBuilder::new(&format!("chat_backfill worker {no} of run {run_id}"))
+            .set_type("chat_backfill worker")
+            .set_library("chat_backfill")
+            .set_function("chat_backfill_worker")
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(None)
+            .set_notify_pid(me)
+            .set_extra(&format!("{launch_id} {db} {role} {no}"))
+            .load_dynamic();
+        match worker {
+            Ok(worker) => started.push(worker),
+            Err(_) => break,
+        }
+    }
+    if started.is_empty() {
+        notice!("chat_backfill: no background worker slot is free (see max_worker_processes); this CALL works run {run_id} itself");
+        return Ok(false);
+    }
+    if started.len() < wanted {
+        notice!(
+            "chat_backfill: only {} background worker slots were free (see max_worker_processes); run {run_id} goes on with {} workers",
+            started.len(),
+            started.len()
+        );
+    }
+    let n = started.len();
+    if parallel.wait {
+        notice!("chat_backfill: run {run_id}: {n} workers started; waiting for them");
+        wait(started, run_id)?;
+    } else {
+        settle_in(started, settings, run_id)?;
+        notice!(
+            "chat_backfill: run {run_id}: {n} workers are backfilling in the background; see chat_backfill.status \
+             (their errors go to its last_error)"
+        );
+    }
+    Ok(true)
+}
+
+/// Before 17 a background worker cannot connect as a role without LOGIN (a migration often
+/// runs as one, after SET ROLE); say so now rather than have every worker fail to start.
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+fn check_can_connect() -> Result<()> {
+    // SAFETY: the role this CALL runs as.
+    let role = unsafe { pg_sys::GetUserId() };
+    let can = Spi::get_one_with_args::<bool>(
+        "SELECT r.rolcanlogin FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid",
+        &[role.into()],
+    )?
+    .unwrap_or(false);
+    if can {
+        return Ok(());
+    }
+    Err(Error::new(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        "background workers cannot connect as the current role, which has NOLOGIN",
+        "Workers connect as the role the CALL runs as, never another. CALL with workers => 1, or as a role with LOGIN \
+         (PostgreSQL 17 and later let workers connect as a NOLOGIN role).",
+    ))
+}
+
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+fn check_can_connect() -> Result<()> {
+    Ok(())
+}
+
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+const CONNECT_FLAGS: u32 = 0;
+/// The CALL's role is used even when it has NOLOGIN: the CALL already acts as it.
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+const CONNECT_FLAGS: u32 = pg_sys::BGWORKER_BYPASS_ROLELOGINCHECK;
+
+/// Waits for every worker to stop, and reports: their totals in a NOTICE, or the first
+/// failure as this CALL's error. Cancelling or terminating the CALL stops its workers.
+fn wait(workers: Vec<DynamicBackgroundWorker>, run_id: i64) -> Result<()> {
+    let before = run_state::totals(run_id)?;
+    let began = Instant::now();
+    let cell = RefCell::new(workers);
+    let live = AssertUnwindSafe(&cell);
+    let failure = PgTryBuilder::new(AssertUnwindSafe(|| -> Result<Option<Error>> {
+        loop {
+            idle(Duration::from_millis(500));
+            let mut stopped = false;
+            live.borrow_mut().retain(|w| match w.pid() {
+                Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied) => {
+                    stopped = true;
+                    false
+                }
+                _ => true,
+            });
+            if stopped {
+                if let Some(error) = failure_of(run_id)? {
+                    return Ok(Some(error));
+                }
+            }
+            if live.borrow().is_empty() {
+                return Ok(None);
+            }
+        }
+    }))
+    .catch_others(|caught| {
+        stop_all(live.take());
+        caught.rethrow()
+    })
+    .execute()?;
+    if let Some(error) = failure {
+        stop_all(cell.take());
+        return Err(error);
+    }
+    let after = run_state::totals(run_id)?;
+    let (status, why) = run_state::status_of(run_id)?;
+    let secs = began.elapsed().as_secs_f64();
+    let inserted = after[1] - before[1];
+    notice!(
+        "chat_backfill: run {run_id} {} after {secs:.1} s: this CALL's workers read {} chats, inserted {} messages \
+         ({:.0} messages/s), {} rejected, {} already present; rejected rows: SELECT * FROM chat_backfill.rejected_messages \
+         WHERE run_id = {run_id}",
+        match status.as_str() {
+            "finished" => "done".to_owned(),
+            other => format!("{other} ({})", why.unwrap_or_default()),
+        },
+        after[0] - before[0],
+        inserted,
+        inserted as f64 / secs.max(1e-9),
+        after[2] - before[2],
+        after[3] - before[3],
+    );
+    Ok(())
+}
+
+/// The run's failure once a worker has stopped: one recorded by a worker, or a range left
+/// unfinished by a worker that died (its error, if any, is in the server log).
+fn failure_of(run_id: i64) -> Result<Option<Error>> {
+    let (status, last_error) = run_state::status_of(run_id)?;
+    if status == "failed" {
+        let text = last_error.unwrap_or_default();
+        let code = text.get(..5).filter(|_| text.as_bytes().get(5) == Some(&b':')).map_or(ERRCODE_INTERNAL_ERROR, crate::error::sqlstate_code);
+        return Ok(Some(
+            Error::new(
+                code,
+                format!("a worker of run {run_id} failed: {}", text.get(7..).unwrap_or(&text)),
+                "The other workers stopped after their current batch. Fix the cause and CALL again: every range resumes \
+                 after its last committed batch.",
+            ),
+        ));
+    }
+    if matches!(status.as_str(), "running" | "throttled") && ranges::orphaned(run_id)? > 0 {
+        let why = format!("a worker of run {run_id} stopped before finishing its key range");
+        run_state::set_status_if_active(run_id, "failed", Some(&why))?;
+        commit();
+        return Ok(Some(Error::new(
+            ERRCODE_ADMIN_SHUTDOWN,
+            why,
+            "It was terminated or could not start (see the server log). The other workers were stopped; CALL again to \
+             resume every range after its last committed batch.",
+        )));
+    }
+    Ok(None)
+}
+
+/// Asks every worker to stop (each rolls back its open batch) and waits until they have.
+fn stop_all(workers: Vec<DynamicBackgroundWorker>) {
+    let stopping: Vec<_> = workers.into_iter().map(DynamicBackgroundWorker::terminate).collect();
+    for worker in stopping {
+        let _ = worker.wait_for_shutdown();
+    }
+}
+
+/// With wait_for_workers => false: returns once every worker holds a range or has stopped
+/// (at most 30 s), so a pg_cron tick right after sees the run busy instead of starting more.
+fn settle_in(workers: Vec<DynamicBackgroundWorker>, settings: &Settings, run_id: i64) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < until {
+        let live = workers.iter().filter(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped))).count();
+        let holding = ranges::holders(settings.source.oid, settings.target.oid)?.len();
+        if holding >= live.min(ranges::unfinished(run_id)? as usize) {
+            break;
+        }
+        idle(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Commits, then waits up to `timeout` without a snapshot (so a long run holds back no
+/// vacuum) for a worker to start or stop (the postmaster sets our latch), or an interrupt.
+fn idle(timeout: Duration) {
+    // SAFETY: called between statements of a non-atomic CALL, outside any subtransaction,
+    // with the snapshot resumable::commit keeps pushed; the latch is this backend's own.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::SPI_commit();
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            timeout.as_millis() as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    pgrx::check_for_interrupts!();
+    // SAFETY: a new transaction is open (SPI_commit started it); its SQL needs a snapshot.
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// SIGTERM as a client backend's `die` takes it: only flags, acted on at the next
+/// CHECK_FOR_INTERRUPTS (a FATAL that rolls back the open transaction).
+unsafe extern "C-unwind" fn on_sigterm(_signal: i32) {
+    // SAFETY: async-signal-safe stores and SetLatch, as die() does; errno is restored for
+    // the code the signal interrupted.
+    unsafe {
+        let errno = *libc::__errno_location();
+        (&raw mut pg_sys::InterruptPending).write_volatile(1);
+        (&raw mut pg_sys::ProcDiePending).write_volatile(1);
+        pg_sys::SetLatch(pg_sys::MyLatch);
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// A worker's main function, run by the postmaster in a new process.
+#[pg_guard]
+#[no_mangle]
+pub extern "C-unwind" fn chat_backfill_worker(_arg: pg_sys::Datum) {
+    // SAFETY: a worker starts with signals blocked. `die` turns SIGTERM (pg_terminate_backend,
+    // a stopping leader, shutdown) into an interrupt that the next CHECK_FOR_INTERRUPTS raises
+    // as FATAL, rolling back the open batch, as in a client backend.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(on_sigterm));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(on_sigterm));
+        pg_sys::BackgroundWorkerUnblockSignals();
+    }
+    let extra = BackgroundWorker::get_extra().to_owned();
+    let parts: Vec<i64> = extra.split(' ').filter_map(|p| p.parse().ok()).collect();
+    let [launch_id, db, role, no] = parts[..] else {
+        pgrx::error!("chat_backfill worker started without its launch ({extra:?})");
+    };
+    // SAFETY: once, before any SQL: the CALL's database, as the role the CALL ran as.
+    unsafe {
+        pg_sys::BackgroundWorkerInitializeConnectionByOid(pg_sys::Oid::from(db as u32), pg_sys::Oid::from(role as u32), CONNECT_FLAGS);
+    }
+    // SAFETY: a non-atomic SPI connection keeps its memory under PortalContext, which a
+    // worker does not have: the process's top context lives as long. Then the first
+    // transaction, with a snapshot, as resumable::commit keeps one.
+    unsafe {
+        pg_sys::PortalContext = pg_sys::TopMemoryContext;
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32);
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let cell = Cell::new(0i64);
+    let run = AssertUnwindSafe(&cell);
+    PgTryBuilder::new(AssertUnwindSafe(|| {
+        if let Err(e) = work(launch_id, &cell) {
+            e.raise();
+        }
+    }))
+    .catch_others(|caught| {
+        record_failure(run.get(), no, &caught);
+        caught.rethrow()
+    })
+    .execute();
+    // SAFETY: ends what was begun above, in the transaction the last commit opened.
+    unsafe {
+        if pg_sys::ActiveSnapshotSet() {
+            pg_sys::PopActiveSnapshot();
+        }
+        pg_sys::SPI_finish();
+        pg_sys::CommitTransactionCommand();
+    }
+}
+
+fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
+    // Row-level security shows a role only its own launches; the condition says it again.
+    let found = Spi::connect(|client| {
+        let table = client.select(
+            "SELECT l.run_id, l.settings FROM chat_backfill.launches l \
+             WHERE l.launch_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 \
+               AND l.launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text",
+            None,
+            &[launch_id.into()],
+        )?;
+        let Some(row) = table.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(None) };
+        Ok(Some((row.get::<i64>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default())))
+    })?;
+    let Some((run_id, json)) = found else {
+        return Err(Error::new(
+            ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("chat_backfill worker: launch {launch_id} was not made by this role"),
+            "Workers only take settings their own role recorded.",
+        ));
+    };
+    run.set(run_id);
+    let launch: Launch = serde_json::from_str(&json).map_err(|e| {
+        Error::new(ERRCODE_DATA_CORRUPTED, format!("chat_backfill worker: launch {launch_id} is unreadable: {e}"), "CALL again.")
+    })?;
+    Spi::run_with_args(
+        "SELECT pg_catalog.set_config('search_path'::pg_catalog.text, $1::pg_catalog.text, false)",
+        &[launch.search_path.as_str().into()],
+    )?;
+    let activity = CString::new(format!("chat_backfill worker: run {run_id}")).unwrap_or_default();
+    // SAFETY: reports this backend's own activity; the string is copied.
+    unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr()) };
+    // The same checks as the CALL made, as the same role: settings are never taken on trust.
+    let settings = Request {
+        source: Some(pg_sys::Oid::from(launch.source)),
+        target: Some(pg_sys::Oid::from(launch.target)),
+        batch_size: Some(launch.batch_size),
+        now: Some(launch.now),
+        source_filter: launch.source_filter.as_deref(),
+        id_column: &launch.id_column,
+        user_id_column: &launch.user_id_column,
+        chat_column: &launch.chat_column,
+        dry_run: false,
+        batch_time: launch.batch_time_us.map(Duration::from_micros),
+    }
+    .check()?;
+    let mut settings = settings;
+    settings.run_id = run_id;
+    crate::relations::check_source_key(&settings.source, &settings.id_column)?;
+    let mut throttle = Throttle::new(
+        launch.max_replica_lag.as_deref(),
+        launch.replica_slot.as_deref(),
+        launch.max_wal_rate.map(|mib| (mib, "max_wal_rate")),
+    )?;
+    throttle.start();
+    let limits = Limits {
+        max_runtime: None,
+        pause: Duration::from_micros(launch.pause_us),
+        lock_timeout: launch.lock_timeout.clone(),
+        throttle,
+        throttle_args: Default::default(),
+        batch_time: None,
+    };
+    let deadline = launch.deadline_ms.map(|ms| Instant::now() + Duration::from_millis((ms - unix_ms()).max(0) as u64));
+    commit();
+    let halted = || -> Result<bool> {
+        // SAFETY: looks the pid up in the proc array, under its lock; nothing is kept.
+        if launch.leader_pid.is_some_and(|pid| unsafe { pg_sys::BackendPidGetProc(pid) }.is_null()) {
+            return Ok(true);
+        }
+        let (status, _) = run_state::status_of(run_id)?;
+        Ok(!matches!(status.as_str(), "running" | "throttled"))
+    };
+    work_ranges(&settings, run_id, &limits, deadline, &commit, &halted)?;
+    Ok(())
+}
+
+/// Records a worker's error in its run, so the others halt and the CALL (or the status
+/// view) says why. The failed transaction is rolled back first.
+fn record_failure(run_id: i64, no: i64, caught: &CaughtError) {
+    let report = match caught {
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => r,
+    };
+    let text = format!(
+        "{}: worker {no} (pid {}): {}",
+        crate::error::sqlstate_text(report.sql_error_code()),
+        // SAFETY: this backend's own pid.
+        unsafe { pg_sys::MyProcPid },
+        report.message()
+    );
+    if run_id == 0 {
+        return;
+    }
+    // SAFETY: the error was caught at the top of the worker: abort its transaction (this
+    // also ends the SPI connection) and record in a new one.
+    unsafe {
+        pg_sys::AbortCurrentTransaction();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let _ = run_state::set_status_if_active(run_id, "failed", Some(&text));
+    // SAFETY: ends the transaction started just above.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        pg_sys::CommitTransactionCommand();
+    }
+}

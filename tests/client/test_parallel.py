@@ -1,0 +1,322 @@
+"""The committing procedure on background workers (workers => n) against real servers: the
+same rows as one session, resume after the CALL or one of its workers is terminated or the
+server stops with -m immediate, a failing worker stopping the others, workers returning at
+once (wait_for_workers => false), slots and caps, and the role the workers run as."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import psycopg2
+import psycopg2.errors
+import pytest
+
+import chatgen
+from conftest import PG_MAJOR, ROOT, Cluster, _start_cluster, pg_config
+from test_resumable import CALL, chats_for_test, make_db, one_shot_rows, resumed_after, rows_of, run_in_background
+
+SLOW = "batch_size => 30, pause => '100 milliseconds'"
+
+
+@pytest.fixture(scope="module")
+def expected(cluster):
+    chats = chats_for_test(count=240)
+    return chats, one_shot_rows(cluster, chats)
+
+
+def query(cluster: Cluster, db: str, sql: str, args=None) -> list[tuple]:
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall() if cur.description else []
+
+
+def call(cluster: Cluster, db: str, extra: str, notices=None):
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        try:
+            cur.execute(CALL.format(extra=extra), {"now": chatgen.NOW})
+        finally:
+            if notices is not None:
+                notices.extend(n.strip() for n in conn.notices)
+
+
+def latest(cluster: Cluster, db: str) -> dict:
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT * FROM chat_backfill.status ORDER BY run_id DESC LIMIT 1")
+        return dict(zip([d.name for d in cur.description], cur.fetchone()))
+
+
+def workers_of(cluster: Cluster, db: str) -> list[tuple[int, str]]:
+    """(pid, role) of the chat_backfill workers connected to db."""
+    return query(cluster, "postgres", "SELECT pid, usename FROM pg_stat_activity"
+                 " WHERE backend_type = 'chat_backfill worker' AND datname = %s ORDER BY pid", (db,))
+
+
+def wait_until(what, timeout=60, step=0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(step)
+    return value
+
+
+def assert_exactly_once(cluster: Cluster, db: str, want: dict):
+    """Every eligible chat read once and every row written once, whatever stopped on the way."""
+    assert rows_of(cluster, db) == want
+    s = latest(cluster, db)
+    assert s["state"] == "finished", s
+    assert s["chats_done"] == s["total_chats"], s
+    assert (s["messages_inserted"], s["messages_existing"]) == (len(want), 0), s
+    assert query(cluster, db, "SELECT count(*) FROM chat_backfill.run_ranges WHERE NOT finished") == [(0,)]
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_write_the_rows_of_one_session(cluster, expected, workers):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    notices = []
+    call(cluster, db, f"batch_size => 40, workers => {workers}", notices)
+    assert any(f"split into {workers} key ranges" in n for n in notices), notices
+    assert any(f"{workers} workers started" in n for n in notices), notices
+    assert any("done after" in n and f"inserted {len(want)} messages" in n for n in notices), notices
+    assert_exactly_once(cluster, db, want)
+    # The ranges cover the keys without gap or overlap, and each holds chat bytes.
+    ranges = query(cluster, db, "SELECT low_key, high_key, chat_bytes FROM chat_backfill.run_ranges ORDER BY range_no")
+    assert len(ranges) == workers and ranges[0][0] is None
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(r[2] > 0 for r in ranges)
+    # A finished run is a no-op for the next CALL, workers or not.
+    notices = []
+    call(cluster, db, f"workers => {workers}", notices)
+    assert any("already complete" in n for n in notices), notices
+
+
+def test_terminating_the_call_stops_its_workers_and_the_next_call_resumes(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    t, box = run_in_background(cluster, db, SLOW + ", workers => 2")
+    wait_until(lambda: len(workers_of(cluster, db)) == 2 and latest(cluster, db)["chats_done"] >= 20)
+    query(cluster, "postgres", "SELECT pg_terminate_backend(%s)", (box["pid"],))
+    t.join()
+    assert isinstance(box.get("error"), psycopg2.OperationalError), box
+    # Its workers see the CALL gone before their next batch.
+    wait_until(lambda: not workers_of(cluster, db), timeout=30)
+    killed = latest(cluster, db)
+    assert killed["state"] == "interrupted" and 20 <= killed["chats_done"] < killed["total_chats"], killed
+    notices = []
+    call(cluster, db, "batch_size => 40, workers => 2", notices)
+    assert resumed_after(notices) and resumed_after(notices)[0][0] == killed["run_id"], notices
+    assert_exactly_once(cluster, db, want)
+
+
+def test_terminating_a_worker_fails_the_call_and_the_next_call_resumes(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    t, box = run_in_background(cluster, db, SLOW + ", workers => 2")
+    pids = wait_until(lambda: (w := workers_of(cluster, db)) and len(w) == 2 and latest(cluster, db)["chats_done"] >= 20 and w)
+    query(cluster, "postgres", "SELECT pg_terminate_backend(%s)", (pids[0][0],))
+    t.join()
+    error = box.get("error")
+    assert isinstance(error, psycopg2.errors.AdminShutdown), box
+    assert "stopped before finishing its key range" in error.diag.message_primary
+    assert "CALL again" in error.diag.message_hint
+    # The CALL stopped the other worker before it returned.
+    assert not workers_of(cluster, db)
+    failed = latest(cluster, db)
+    assert failed["state"] == "failed" and "stopped before finishing" in failed["last_error"], failed
+    call(cluster, db, "batch_size => 40, workers => 2")
+    assert_exactly_once(cluster, db, want)
+
+
+def test_immediate_shutdown_with_workers_resumes_after_restart(expected):
+    chats, want = expected
+    datadir = "/tmp/chat_backfill_parallel_crash"
+    crash = Cluster(_start_cluster(datadir))
+    ctl = [f"{pg_config('--bindir')}/pg_ctl", "-D", datadir]
+    try:
+        db = make_db(crash, chats)
+        t, box = run_in_background(crash, db, SLOW + ", workers => 3")
+        wait_until(lambda: len(workers_of(crash, db)) == 3 and latest(crash, db)["chats_done"] >= 30)
+        subprocess.run(["runuser", "-u", "postgres", "--", *ctl, "-m", "immediate", "-w", "stop"], check=True, capture_output=True)
+        t.join()
+        subprocess.run(["runuser", "-u", "postgres", "--", *ctl, "-l", f"{datadir}/server.log", "-w", "start"],
+                       check=True, capture_output=True)
+        crashed = latest(crash, db)
+        assert crashed["state"] == "interrupted" and crashed["chats_done"] < crashed["total_chats"], crashed
+        # Resumed with another number of workers: every range goes on from its checkpoint.
+        call(crash, db, "batch_size => 40, workers => 2")
+        assert_exactly_once(crash, db, want)
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", datadir], check=False)
+
+
+FAIL_ON_CHAT = """
+CREATE FUNCTION refuse_one_chat() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.chat_id = %(chat)s THEN
+    RAISE EXCEPTION 'no rows for chat %%', NEW.chat_id USING ERRCODE = 'insufficient_privilege';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER refuse_one_chat BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION refuse_one_chat();
+"""
+
+
+def test_a_failing_worker_stops_the_others_and_the_call_reports_its_error(cluster, expected):
+    """An error that is not about one message's data (here a trigger raising 42501 for one
+    chat late in the keys) stops the run: the CALL raises it with its SQLSTATE, the other
+    workers stop, and once the cause is gone the next CALL finishes exactly."""
+    chats, want = expected
+    db = make_db(cluster, chats)
+    [(victim,)] = query(cluster, db, "SELECT id FROM chat WHERE user_id NOT LIKE 'shared-%%' AND chat::text LIKE '%%\"role\": \"user\"%%'"
+                        " ORDER BY id DESC LIMIT 1 OFFSET 5")
+    query(cluster, db, FAIL_ON_CHAT, {"chat": victim})
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege) as err:
+        call(cluster, db, "batch_size => 30, workers => 3")
+    assert "a worker of run" in err.value.diag.message_primary and f"no rows for chat {victim}" in err.value.diag.message_primary
+    assert not workers_of(cluster, db)
+    s = latest(cluster, db)
+    assert s["state"] == "failed" and f"no rows for chat {victim}" in s["last_error"], s
+    assert s["chats_done"] < s["total_chats"]
+    query(cluster, db, "DROP TRIGGER refuse_one_chat ON chat_message")
+    call(cluster, db, "batch_size => 30, workers => 3")
+    assert_exactly_once(cluster, db, want)
+
+
+def test_without_waiting_the_call_returns_and_the_workers_finish(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    notices = []
+    started = time.monotonic()
+    call(cluster, db, SLOW + ", workers => 2, wait_for_workers => false", notices)
+    assert time.monotonic() - started < 10
+    assert any("in the background" in n for n in notices), notices
+    s = latest(cluster, db)
+    assert s["state"] == "running" and s["workers"] == 2 and s["runner_pid"] is not None, s
+    # A pg_cron tick meanwhile does nothing, or fails if told to; 'wait' waits for the workers.
+    notices = []
+    call(cluster, db, "workers => 2", notices)
+    assert any("are still backfilling" in n and "this call does nothing" in n for n in notices), notices
+    with pytest.raises(psycopg2.errors.LockNotAvailable):
+        call(cluster, db, "workers => 2, if_busy => 'error'")
+    notices = []
+    call(cluster, db, "workers => 2, if_busy => 'wait'", notices)
+    assert any("already complete" in n for n in notices), notices
+    assert_exactly_once(cluster, db, want)
+
+
+def test_one_session_finishes_a_run_its_workers_began(cluster, expected):
+    chats, want = expected
+    db = make_db(cluster, chats)
+    call(cluster, db, "batch_size => 30, workers => 3, max_runtime => '1 millisecond'")
+    wait_until(lambda: not workers_of(cluster, db), timeout=30)
+    s = latest(cluster, db)
+    assert s["state"] == "stopped" and "max_runtime" in s["last_error"], s
+    call(cluster, db, "batch_size => 30")
+    assert_exactly_once(cluster, db, want)
+
+
+def test_workers_are_capped_by_the_setting_and_by_free_slots(expected):
+    chats, want = expected
+    datadir = "/tmp/chat_backfill_parallel_slots"
+    # max_worker_processes counts every background worker: the logical replication launcher
+    # takes one of the three, so two are free for six asked.
+    small = Cluster(_start_cluster(datadir, "max_worker_processes=3"))
+    try:
+        db = make_db(small, chats)
+        notices = []
+        with small.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("SET chat_backfill.max_workers = 8")
+            cur.execute(CALL.format(extra="batch_size => 40, workers => 6"), {"now": chatgen.NOW})
+            notices = [n.strip() for n in conn.notices]
+        assert any("only 2 background worker slots were free" in n for n in notices), notices
+        assert_exactly_once(small, db, want)
+        db2 = make_db(small, chats)
+        notices = []
+        with small.connect(db2) as conn, conn.cursor() as cur:
+            cur.execute("SET chat_backfill.max_workers = 1")
+            cur.execute(CALL.format(extra="batch_size => 40, workers => 4"), {"now": chatgen.NOW})
+            notices = [n.strip() for n in conn.notices]
+        assert any("starts 1 of the 4 workers asked for (chat_backfill.max_workers is 1)" in n for n in notices), notices
+        assert_exactly_once(small, db2, want)
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", datadir], check=False)
+
+
+def test_only_a_superuser_raises_the_worker_cap(cluster):
+    db = cluster.create_db("cap")
+    role = f"cap_{int(time.time() * 1000) % 10**8}"
+    query(cluster, db, f"CREATE ROLE {role} LOGIN")
+    try:
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            # Set before the library loads, the value is only a placeholder, which the load
+            # drops (with a WARNING) since a non-superuser set it.
+            cur.execute(f"SET ROLE {role}")
+            cur.execute("SET chat_backfill.max_workers = 64")
+            cur.execute("SELECT count(*) FROM chat_messages('c', 'u', '{}'::json)")
+            cur.execute("SHOW chat_backfill.max_workers")
+            assert cur.fetchone() == ("4",)
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cur.execute("SET chat_backfill.max_workers = 64")
+    finally:
+        query(cluster, db, f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("bad", ["0", "65"])
+def test_workers_out_of_range_are_refused(cluster, bad):
+    db = cluster.create_db("badworkers")
+    with pytest.raises(psycopg2.errors.InvalidParameterValue) as err:
+        call(cluster, db, f"workers => {bad}")
+    assert "workers must be between 1 and 64" in err.value.diag.message_primary
+
+
+WHO = """
+CREATE TABLE who (role name, session_role name, pid int);
+GRANT INSERT ON who TO PUBLIC;
+CREATE FUNCTION note_who() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO public.who VALUES (current_user, session_user, pg_backend_pid());
+  RETURN NULL;
+END $$;
+CREATE TRIGGER note_who AFTER INSERT ON chat_message FOR EACH STATEMENT EXECUTE FUNCTION note_who();
+"""
+
+
+@pytest.mark.parametrize("login", ["LOGIN", "NOLOGIN"])
+def test_workers_run_as_the_calling_role_never_a_more_privileged_one(cluster, expected, login):
+    """A superuser's session that SET ROLE to an ordinary role: the workers connect as that
+    role (what every trigger and policy sees), not as the superuser. A NOLOGIN role can be
+    a worker's only from PostgreSQL 17 on; before, the CALL says so up front."""
+    chats, want = expected
+    db = make_db(cluster, chats)
+    role = f"runner_{login.lower()}_{int(time.time() * 1000) % 10**8}"
+    query(cluster, db, f"CREATE ROLE {role} {login}; GRANT SELECT ON chat TO {role};"
+                       f" GRANT SELECT, INSERT ON chat_message TO {role};" + WHO)
+    try:
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            [(me,)] = cur.fetchall()
+            cur.execute(f"SET ROLE {role}")
+            if login == "NOLOGIN" and int(PG_MAJOR) < 17:
+                with pytest.raises(psycopg2.errors.InsufficientPrivilege) as err:
+                    cur.execute(CALL.format(extra="batch_size => 40, workers => 2"), {"now": chatgen.NOW})
+                assert "NOLOGIN" in err.value.diag.message_primary and "workers => 1" in err.value.diag.message_hint
+                return
+            cur.execute(CALL.format(extra="batch_size => 40, workers => 2"), {"now": chatgen.NOW})
+        writers = query(cluster, db, "SELECT DISTINCT role, session_role, pid FROM who")
+        assert writers and {(w[0], w[1]) for w in writers} == {(role, role)}, writers
+        assert me not in {w[2] for w in writers}
+        assert rows_of(cluster, db) == want
+        # A launch is the calling role's own: another role neither sees it nor forges one.
+        other = role + "_x"
+        query(cluster, db, f"CREATE ROLE {other} LOGIN; GRANT SELECT ON chat TO {other}; GRANT SELECT, INSERT ON chat_message TO {other}")
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute(f"SET ROLE {other}")
+            cur.execute("SELECT count(*) FROM chat_backfill.launches")
+            assert cur.fetchone() == (0,)
+            with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                cur.execute("INSERT INTO chat_backfill.launches (run_id, settings, launched_by)"
+                            " SELECT run_id, '{}', %s FROM chat_backfill.runs", (role,))
+        query(cluster, db, f"DROP OWNED BY {other}; DROP ROLE {other}")
+    finally:
+        query(cluster, db, f"DROP OWNED BY {role}; DROP ROLE {role}")
