@@ -1,19 +1,25 @@
 """Side-by-side benchmark of the chat_message backfill, on the same generated data, in one run.
 
-    .venv/bin/python bench/run.py --mb 150 [--out BENCHMARKS.md]
+    .venv/bin/python bench/run.py --mb 150 --big 2 [--fsync on] [--out bench/headline.md]
+    .venv/bin/python bench/run.py --batch-sizes 100,500,1000,2000,5000,10000,50000 --out bench/batch_sizes.md
 
-Methods: backfill_chat_messages(); the equivalent single SQL statement (INSERT ... SELECT
-... FROM chat, json_each(...)); Open WebUI's real migration (wheel, Alembic); and the
-physical floor, COPY of the already-expanded rows. Two DDL modes: the reference's (primary
-key, 7 secondary indexes and the foreign key in place before the load) and bulk-load order
-(primary key only; indexes, then the foreign key NOT VALID + VALIDATE, after), timed end to
-end. Reports time, messages/s, source MB/s, the backend's peak RssAnon (sampled from
-/proc during the run) and WAL bytes.
+Methods: backfill_chat_messages() (`ours`); the committing CALL in one session (`call`) and
+on 2 and 4 background workers (`call_w2`, `call_w4`); the equivalent single SQL statement,
+json (`single_sql`) and as an expert writes it, jsonb parsed once per chat with jsonb_each
+(`single_jsonb`); Open WebUI's real migration (wheel, Alembic; its Python imports happen
+before the clock starts); and the physical floor, COPY of the already-expanded rows. Two DDL
+modes: the reference's (primary key, 7 secondary indexes and the foreign key in place before
+the load) and bulk-load order (primary key only; indexes, then the foreign key NOT VALID +
+VALIDATE, after), timed end to end, with the load phase reported apart. Reports time,
+messages/s, source MB/s, the peak RssAnon of each backend doing the work (sampled from /proc
+during the run) and WAL bytes. The data is realistic, compressible chat text (prose with
+non-ASCII words, markdown, code) with messages of 200 B to 20 KB, plus --big chats of 30 MB.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import base64
 import json
@@ -63,27 +69,118 @@ WHERE c.user_id NOT LIKE 'shared-%%' AND json_typeof(m.value) = 'object'
 ON CONFLICT (id) DO NOTHING
 """
 
+# The statement a PostgreSQL expert would write: each document parsed once, as jsonb, and
+# its messages walked with jsonb_each (json_each re-reads the text for every ->).
+SINGLE_JSONB = """
+INSERT INTO chat_message
+SELECT c.id || '-' || m.key, c.id, c.user_id, m.value->>'role', m.value->>'parentId',
+       coalesce(m.value->'content', 'null')::json, coalesce(m.value->'output', 'null')::json, m.value->>'model',
+       coalesce(m.value->'files', 'null')::json, coalesce(m.value->'sources', 'null')::json,
+       coalesce(m.value->'embeds', 'null')::json, coalesce((m.value->>'done')::boolean, true),
+       coalesce(m.value->'statusHistory', 'null')::json, coalesce(m.value->'error', 'null')::json,
+       coalesce(m.value->'usage', 'null')::json, ts.t, ts.t
+FROM chat c
+CROSS JOIN LATERAL (SELECT c.chat::jsonb AS doc) d
+CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(d.doc->'history'->'messages') = 'object'
+                                   THEN d.doc->'history'->'messages' END) m
+CROSS JOIN LATERAL (SELECT CASE WHEN r.t IS NULL OR r.t < 1577836800 OR r.t > %(now)s + 86400 THEN %(now)s ELSE r.t END AS t
+                    FROM (SELECT CASE WHEN jsonb_typeof(m.value->'timestamp') <> 'number' THEN NULL
+                                      WHEN (m.value->>'timestamp')::numeric > 10000000000
+                                      THEN floor((m.value->>'timestamp')::numeric / 1000)::bigint
+                                      ELSE trunc((m.value->>'timestamp')::numeric)::bigint END AS t) r) ts
+WHERE c.user_id NOT LIKE 'shared-%%' AND jsonb_typeof(m.value) = 'object'
+  AND coalesce(m.value->>'role', '') <> ''
+ON CONFLICT (id) DO NOTHING
+"""
 
-def text_of(rng: random.Random, n: int) -> str:
-    """Random, incompressible text (base64 of random bytes, with spaces)."""
+
+def random_text(rng: random.Random, n: int) -> str:
+    """Random, incompressible text (base64 of random bytes, with spaces): --text random."""
     raw = base64.b64encode(rng.randbytes(n * 3 // 4 + 3)).decode()[:n]
     return " ".join(raw[i:i + 60] for i in range(0, len(raw), 60))
 
 
+WORDS = ("the of and to a in is that for it with as was on be at by this are from or have an they which one you "
+         "were all we when there can more if no out so what up about into than them only other new some could time "
+         "these two may first then do any like my now over such our man me even most made after also did many "
+         "before must through back years where much your way well down should because each just those people how "
+         "too little state good very make world still own see men work long get here between both life being under "
+         "never day same another know while last might us great old year off come since against go came right used "
+         "take three query index table column server latency cache thread buffer vector model token prompt answer "
+         "naïve façade Größe données Привет мир 数据库 日本語 한국어 ñandú café déjà 😀 🚀 ✅").split()
+CODE = ["def handler(event, context):", "    rows = fetch_rows(cursor, limit=100)", "    for row in rows:",
+        "        total += row['amount'] * rate", "    return {\"status\": 200, \"body\": json.dumps(total)}",
+        "SELECT id, created_at FROM chat_message WHERE chat_id = $1 ORDER BY created_at;",
+        "const result = await fetch(`/api/v1/chats/${id}`, { method: 'GET' });", "if (!result.ok) throw new Error(msg);",
+        "fn main() { let v: Vec<u32> = (0..10).map(|x| x * x).collect(); println!(\"{v:?}\"); }"]
+
+
+def paragraph(rng: random.Random) -> str:
+    kind = rng.random()
+    if kind < 0.12:
+        lang = rng.choice(["python", "sql", "javascript", "rust"])
+        return f"```{lang}\n" + "\n".join(rng.choice(CODE) for _ in range(rng.randint(3, 14))) + "\n```"
+    if kind < 0.25:
+        return "\n".join(f"- {' '.join(rng.choices(WORDS, k=rng.randint(3, 12)))}" for _ in range(rng.randint(2, 6)))
+    head = f"## {' '.join(rng.choices(WORDS, k=rng.randint(2, 6))).capitalize()}\n\n" if kind < 0.32 else ""
+    sentences = []
+    for _ in range(rng.randint(2, 7)):
+        words = rng.choices(WORDS, k=rng.randint(6, 24))
+        if rng.random() < 0.2:
+            words[rng.randrange(len(words))] = f"**{rng.choice(WORDS)}**"
+        sentences.append(" ".join(words).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
+    return head + " ".join(sentences)
+
+
+class Prose:
+    """Compressible chat text: paragraphs drawn from a pool of 4000 (prose with non-ASCII
+    words, markdown lists and headings, code blocks) and cut to the size asked for."""
+
+    def __init__(self, rng: random.Random):
+        self.pool = [paragraph(rng) for _ in range(4000)]
+
+    def text(self, rng: random.Random, n: int) -> str:
+        parts, size = [], 0
+        while size < n:
+            p = rng.choice(self.pool)
+            parts.append(p)
+            size += len(p) + 2
+        return "\n\n".join(parts)[:n]
+
+
+TEXT: dict = {}
+
+
+def text_of(rng: random.Random, n: int) -> str:
+    if TEXT.get("kind") == "random":
+        return random_text(rng, n)
+    if "prose" not in TEXT:
+        TEXT["prose"] = Prose(random.Random(7))
+    return TEXT["prose"].text(rng, n)
+
+
+def message_size(rng: random.Random) -> int:
+    """200 B to 20 KB, log-uniform (most messages short, a long tail of long answers)."""
+    return int(math.exp(rng.uniform(math.log(200), math.log(20_000))))
+
+
 def chat_of_size(rng: random.Random, cid: str, size: int) -> str:
-    n = max(1, min(400, size // 1500))
-    per = max(16, size // n - 200)
     ts = rng.randint(1_650_000_000, NOW - 10_000)
     messages = {}
     parent = None
-    for i in range(n):
+    total, i = 0, 0
+    while total < size or i == 0:
         mid = f"{cid}-{i}"
+        content = text_of(rng, min(message_size(rng), max(200, size - total)))
         m = {"id": mid, "parentId": parent, "childrenIds": [], "role": "user" if i % 2 == 0 else "assistant",
-             "content": text_of(rng, per), "timestamp": ts + i}
+             "content": content, "timestamp": ts + i}
         if i % 2:
             m.update(model="gpt-4o", done=True, usage={"total_tokens": rng.randint(1, 5000)})
         messages[mid] = m
         parent = mid
+        total += len(content) + 200
+        i += 1
+    # As Open WebUI stores it (SQLAlchemy's JSON type: json.dumps, non-ASCII as \\u escapes).
     return json.dumps({"title": "t", "history": {"messages": messages, "currentId": parent}, "messages": []})
 
 
@@ -109,20 +206,28 @@ def dataset(total_mb: float, seed: int) -> list[Chat]:
 
 
 class RssSampler(threading.Thread):
-    """Peak RssAnon (private memory) of one backend, from /proc every 20 ms."""
+    """Peak RssAnon (private memory) of the backends doing the work, from /proc every 20 ms:
+    `pid`, plus whatever `more()` names (background workers, found as they start). The peak
+    is per backend (the largest any one reached)."""
 
-    def __init__(self, pid: int):
+    def __init__(self, pid: int | None, more=None):
         super().__init__(daemon=True)
-        self.pid, self.peak_kb, self.stop = pid, 0, threading.Event()
+        self.pids = {pid} if pid else set()
+        self.more, self.peak_kb, self.stop = more, 0, threading.Event()
 
     def run(self):
+        tick = 0
         while not self.stop.is_set():
-            try:
-                for line in open(f"/proc/{self.pid}/status"):
-                    if line.startswith("RssAnon:"):
-                        self.peak_kb = max(self.peak_kb, int(line.split()[1]))
-            except OSError:
-                pass
+            if self.more and tick % 25 == 0:
+                self.pids |= set(self.more())
+            tick += 1
+            for pid in list(self.pids):
+                try:
+                    for line in open(f"/proc/{pid}/status"):
+                        if line.startswith("RssAnon:"):
+                            self.peak_kb = max(self.peak_kb, int(line.split()[1]))
+                except OSError:
+                    pass
             time.sleep(0.02)
 
 
@@ -136,7 +241,10 @@ def psql(dsn, sql, params=None, fetch=False):
     return out
 
 
-def run(env, template, method, mode, chats_mb, expanded_file):
+WORKERS = {"call": 1, "call_w2": 2, "call_w4": 4}
+
+
+def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
     db = f"b_{method}_{mode}_{os.getpid()}"
     admin = env["dsn"]("postgres")
     psql(admin, f'DROP DATABASE IF EXISTS "{db}"')
@@ -152,43 +260,45 @@ def run(env, template, method, mode, chats_mb, expanded_file):
     cur.execute("CHECKPOINT")
     cur.execute("SELECT pg_backend_pid(), pg_current_wal_lsn()")
     pid, lsn0 = cur.fetchone()
-    sampler = None
+    # One connection finds the backends doing the work, twice a second (a connection per look
+    # would cost the methods measured a fork each time).
+    watcher = psycopg2.connect(admin)
+    watcher.autocommit = True
+
+    def others():
+        with watcher.cursor() as w:
+            w.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> %s"
+                      " AND backend_type IN ('client backend', 'chat_backfill worker')", (db, pid))
+            return [r[0] for r in w.fetchall()]
     t0 = time.perf_counter()
     if method == "openwebui":
         # The migration runs in its own connection: sample the backend that does the work.
-        done = threading.Event()
-        pids = {}
-
-        def find_backend():
-            while not done.is_set():
-                rows = psql(admin, "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
-                            (db, pid), fetch=True)
-                if rows and "s" not in pids:
-                    pids["s"] = RssSampler(rows[0][0])
-                    pids["s"].start()
-                time.sleep(0.05)
-
-        finder = threading.Thread(target=find_backend, daemon=True)
-        finder.start()
-        run_reference(env["url"](db), NOW)
-        done.set()
-        sampler = pids.get("s")
-    else:
-        sampler = RssSampler(pid)
+        sampler = RssSampler(None, others)
         sampler.start()
+        run_reference(env["url"](db), NOW)
+    else:
+        sampler = RssSampler(pid, others if method in WORKERS else None)
+        sampler.start()
+        size = f", batch_size => {int(batch_size)}" if batch_size else ""
         if method in ("ours", "baseline"):
-            cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s)", (NOW,))
+            cur.execute(f"SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s{size})", (NOW,))
+        elif method in WORKERS:
+            cur.execute(f"CALL backfill_chat_messages_resumable(now => %s, workers => {WORKERS[method]}{size})", (NOW,))
         elif method == "single_sql":
             cur.execute(SINGLE_STATEMENT, {"now": NOW})
+        elif method == "single_jsonb":
+            cur.execute(SINGLE_JSONB, {"now": NOW})
         elif method == "copy":
             with open(expanded_file) as f:
                 cur.copy_expert("COPY chat_message FROM STDIN", f)
+    loaded = time.perf_counter() - t0
     if mode == "bulk":
         for stmt in POST_LOAD:
             cur.execute(stmt)
     elapsed = time.perf_counter() - t0
-    if sampler:
-        sampler.stop.set()
+    sampler.stop.set()
+    sampler.join()
+    watcher.close()
     cur.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn, (SELECT count(*) FROM chat_message)", (lsn0,))
     wal, rows = cur.fetchone()
     if method == "ours" and expanded_file and not os.path.exists(expanded_file):
@@ -197,9 +307,9 @@ def run(env, template, method, mode, chats_mb, expanded_file):
     conn.close()
     psql(admin, f'DROP DATABASE "{db}"')
     return {
-        "method": method, "mode": mode, "seconds": elapsed, "rows": rows,
-        "msgs_per_s": rows / elapsed, "mb_per_s": chats_mb / elapsed,
-        "rss_mb": (sampler.peak_kb / 1024) if sampler else None, "wal_mb": int(wal) / 1e6,
+        "method": method, "mode": mode, "seconds": elapsed, "load_seconds": loaded, "rows": rows,
+        "msgs_per_s": rows / elapsed, "mb_per_s": chats_mb / elapsed, "batch_size": batch_size,
+        "rss_mb": sampler.peak_kb / 1024 if sampler.peak_kb else None, "wal_mb": int(wal) / 1e6,
     }
 
 
@@ -221,30 +331,47 @@ def install_baseline(cur, baseline) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=150)
+    ap.add_argument("--big", type=int, default=2, help="chats of 30 MB added to the data")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--fsync", choices=["on", "off"], default="on",
+                    help="on: PostgreSQL's default durability (fsync, synchronous_commit on)")
+    ap.add_argument("--text", choices=["realistic", "random"], default="realistic")
     ap.add_argument("--baseline", nargs=3, metavar=("VERSION", "LIBRARY", "SQL"),
                     help="also run a previous release: its version, its chat_backfill.so and its install script")
-    ap.add_argument("--methods", default=None, help="comma-separated subset of ours,baseline,single_sql,openwebui,copy")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of ours,call,call_w2,call_w4,baseline,single_sql,single_jsonb,openwebui,copy")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="instead: the batch-size study, backfill_chat_messages() at each of these sizes in both modes")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run everything N times, this build and the baseline in alternating order; report medians")
     args = ap.parse_args()
+    TEXT["kind"] = args.text
     if args.baseline:
         version, library, script = args.baseline
         so = f"/tmp/chat_backfill_baseline_{version}.so"
         shutil.copy(library, so)
         os.chmod(so, 0o755)
         BASELINE.update(version=version, so=so, sql=script)
+    # Open WebUI's side is timed without its Python imports.
+    import alembic.command  # noqa: F401
+    import alembic.config  # noqa: F401
+    import sqlalchemy.dialects.postgresql.psycopg2  # noqa: F401
     out = subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "start", "/tmp/chat_backfill_bench",
-                          "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'"],
+                          "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'",
+                          f"fsync = {args.fsync}", f"synchronous_commit = {args.fsync}"],
                          check=True, capture_output=True, text=True).stdout
     kv = dict(x.split("=", 1) for x in out.replace("export ", "").split())
     env = {
         "dsn": lambda db: f"host={kv['PGHOST']} port={kv['PGPORT']} user=postgres dbname={db}",
         "url": lambda db: f"postgresql://postgres@/{db}?host={kv['PGHOST']}&port={kv['PGPORT']}",
     }
-    print(f"generating ~{args.mb} MB of chats ...", flush=True)
+    print(f"generating ~{args.mb} MB of chats and {args.big} of 30 MB ...", flush=True)
     chats = dataset(args.mb, args.seed)
+    rng = random.Random(args.seed + 1)
+    for i in range(args.big):
+        cid = f"big{i:09x}"
+        chats.append(Chat(cid, "user-big", chat_of_size(rng, cid, 30_000_000)))
     chats_mb = sum(len(c.chat) for c in chats) / 1e6
     template = "bench_template"
     admin = env["dsn"]("postgres")
@@ -256,57 +383,84 @@ def main():
     conn.cursor().execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
     copy_chats(conn, chats)
     conn.cursor().execute("VACUUM ANALYZE chat")
+    stored = psql(env["dsn"](template), "SELECT pg_total_relation_size('chat')", fetch=True)[0][0] / 1e6
     conn.close()
-    print(f"{len(chats)} chats, {chats_mb:.1f} MB", flush=True)
+    print(f"{len(chats)} chats, {chats_mb:.1f} MB ({stored:.1f} MB stored)", flush=True)
     expanded = tempfile.mktemp(suffix=".copy")
-    plan = [("ours", "reference"), ("baseline", "reference"), ("single_sql", "reference"), ("openwebui", "reference"),
-            ("copy", "reference"), ("ours", "bulk"), ("baseline", "bulk"), ("single_sql", "bulk"), ("copy", "bulk")]
-    wanted = set(args.methods.split(",")) if args.methods else {"ours", "single_sql", "openwebui", "copy", "baseline"}
-    wanted |= {"ours", "copy"}  # every ratio is against these
-    if not BASELINE:
-        wanted.discard("baseline")
-    plan = [(m, mode) for m, mode in plan if m in wanted]
+    facts = {"n_chats": len(chats), "chats_mb": chats_mb, "stored_mb": stored, "shared_buffers": "1GB"}
+    if args.batch_sizes:
+        sizes = [int(x) for x in args.batch_sizes.split(",")]
+        plan = [("ours", mode, size) for mode in ("reference", "bulk") for size in sizes]
+    else:
+        plan = [(m, "reference", None) for m in ("ours", "baseline", "call", "call_w2", "call_w4", "single_sql",
+                                                 "single_jsonb", "openwebui", "copy")]
+        plan += [(m, "bulk", None) for m in ("ours", "baseline", "call", "call_w2", "call_w4", "single_sql",
+                                             "single_jsonb", "copy")]
+        wanted = set(args.methods.split(",")) if args.methods else {m for m, _, _ in plan}
+        wanted |= {"ours", "copy"}  # every ratio is against these
+        if not BASELINE:
+            wanted.discard("baseline")
+        plan = [step for step in plan if step[0] in wanted]
     # The first method of each mode pays for warming the copied database; alternate which
     # build that is, and report each method's median run.
     runs: dict = {}
     for n in range(args.repeat):
-        order = plan if n % 2 == 0 else [swap_builds(step) for step in plan]
-        for method, mode in order:
-            r = run(env, template, method, mode, chats_mb, expanded)
-            runs.setdefault((method, mode), []).append(r)
+        order = plan if n % 2 == 0 or not BASELINE else [swap_builds(step) for step in plan]
+        for method, mode, size in order:
+            r = run(env, template, method, mode, chats_mb, expanded, size)
+            runs.setdefault((method, mode, size), []).append(r)
             print(json.dumps(r), flush=True)
     results = [median_run(runs[step]) for step in plan]
-    os.unlink(expanded)
-    report = render(results, len(chats), chats_mb, args)
+    if os.path.exists(expanded):
+        os.unlink(expanded)
+    report = (render_sizes if args.batch_sizes else render)(results, facts, args)
     print(report)
     if args.out:
         Path(args.out).write_text(report)
 
 
 def swap_builds(step):
-    method, mode = step
-    return ({"ours": "baseline", "baseline": "ours"}.get(method, method), mode)
+    method, mode, size = step
+    return ({"ours": "baseline", "baseline": "ours"}.get(method, method), mode, size)
 
 
 def median_run(rs):
     return sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]
 
 
-def render(results, n_chats, chats_mb, args) -> str:
+NAMES = {"ours": "backfill_chat_messages()", "call": "CALL ..._resumable(), 1 session",
+         "call_w2": "CALL ..._resumable(workers => 2)", "call_w4": "CALL ..._resumable(workers => 4)",
+         "single_sql": "single SQL statement (json, json_each)",
+         "single_jsonb": "single SQL statement (jsonb once per chat, jsonb_each)",
+         "openwebui": "Open WebUI migration (wheel 0.12.4, Alembic, psycopg2)", "copy": "COPY of expanded rows (floor)"}
+
+
+def setup_line(facts, args) -> str:
+    durability = ("PostgreSQL's default durability (fsync on, synchronous_commit on)" if args.fsync == "on"
+                  else "fsync off, synchronous_commit off")
+    text = ("realistic compressible chat text (prose with non-ASCII words, markdown, code; stored as Open WebUI "
+            "stores it, non-ASCII as \\u escapes)" if args.text == "realistic" else "random base64 text")
+    return (f"A throwaway PostgreSQL 15 cluster on this machine (2 cores): {durability}, shared_buffers "
+            f"{facts['shared_buffers']}, max_wal_size 8GB; every method starts from a copy of the same loaded `chat` "
+            f"table, after a CHECKPOINT. Data: {facts['n_chats']} generated chats, {facts['chats_mb']:.1f} MB of chat JSON "
+            f"({facts['stored_mb']:.1f} MB stored, TOAST-compressed; seed {args.seed}): 55% under 10 KB, 33% of "
+            f"10-100 KB, 12% of 150 KB to 4 MB, plus {args.big} chats of 30 MB; messages of 200 B to 20 KB "
+            f"(log-uniform); {text}. Each figure is the median of {args.repeat} run(s).")
+
+
+def render(results, facts, args) -> str:
     by = {(r["method"], r["mode"]): r for r in results}
-    names = {"ours": "backfill_chat_messages()", "baseline": f"backfill_chat_messages() {BASELINE.get('version')}",
-             "single_sql": "single SQL statement (json_each)",
-             "openwebui": "Open WebUI migration (wheel 0.12.4, Alembic, psycopg2)", "copy": "COPY of expanded rows (floor)"}
+    names = dict(NAMES, baseline=f"backfill_chat_messages() {BASELINE.get('version')}")
     lines = [
-        "| DDL mode | method | seconds | messages/s | source MB/s | x COPY floor | peak RssAnon (MB) | WAL (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| DDL mode | method | seconds | load phase s | messages/s | source MB/s | x COPY floor | peak RssAnon per backend (MB) | WAL (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         floor = by[("copy", r["mode"])]["seconds"]
         rss = f"{r['rss_mb']:.0f}" if r["rss_mb"] is not None else "n/a"
-        lines.append(f"| {r['mode']} | {names[r['method']]} | {r['seconds']:.2f} | {r['msgs_per_s']:.0f} | "
+        load = f"{r['load_seconds']:.2f}" if r["mode"] == "bulk" else ""
+        lines.append(f"| {r['mode']} | {names[r['method']]} | {r['seconds']:.2f} | {load} | {r['msgs_per_s']:.0f} | "
                      f"{r['mb_per_s']:.1f} | {r['seconds'] / floor:.2f} | {rss} | {r['wal_mb']:.0f} |")
-    ours_ref, ours_bulk = by[("ours", "reference")], by[("ours", "bulk")]
     ratio = lambda a, b: f"{by[a]['seconds'] / by[b]['seconds']:.2f}x" if a in by and b in by else "n/a"
     ratios = [
         f"- this build vs {BASELINE.get('version')} (time ratio, under 1 is faster): "
@@ -315,28 +469,24 @@ def render(results, n_chats, chats_mb, args) -> str:
     ] + [
         f"- ours vs Open WebUI's migration (reference DDL): {ratio(('openwebui', 'reference'), ('ours', 'reference'))} faster",
         f"- ours (bulk-load order) vs Open WebUI's migration: {ratio(('openwebui', 'reference'), ('ours', 'bulk'))} faster",
-        f"- ours vs the single SQL statement: {ratio(('single_sql', 'reference'), ('ours', 'reference'))} (reference DDL), "
-        f"{ratio(('single_sql', 'bulk'), ('ours', 'bulk'))} (bulk)",
+        f"- ours vs the expert's single statement (jsonb): {ratio(('single_jsonb', 'reference'), ('ours', 'reference'))} "
+        f"(reference DDL), {ratio(('single_jsonb', 'bulk'), ('ours', 'bulk'))} (bulk); vs the json one: "
+        f"{ratio(('single_sql', 'reference'), ('ours', 'reference'))}, {ratio(('single_sql', 'bulk'), ('ours', 'bulk'))}",
         f"- ours vs the COPY floor: {ratio(('ours', 'reference'), ('copy', 'reference'))} (reference DDL), "
-        f"{ratio(('ours', 'bulk'), ('copy', 'bulk'))} (bulk)",
+        f"{ratio(('ours', 'bulk'), ('copy', 'bulk'))} (bulk); the committing CALL, one session: "
+        f"{ratio(('call', 'reference'), ('copy', 'reference'))}, {ratio(('call', 'bulk'), ('copy', 'bulk'))}",
     ]
     ratios = [line for line in ratios if line]
     width = max(r["seconds"] for r in results)
-    chart = ["```", "seconds (shorter is better)"] + [
-        f"{r['mode']:9} {r['method']:10} {'#' * max(1, round(40 * r['seconds'] / width)):40} {r['seconds']:.2f}"
+    chart = ["```", "seconds, end to end (shorter is better)"] + [
+        f"{r['mode']:9} {r['method']:12} {'#' * max(1, round(50 * r['seconds'] / width)):50} {r['seconds']:.2f}"
         for r in results
     ] + ["```"]
+    parallel = render_parallel(by)
     return "\n".join([
-        "# Benchmarks",
-        "",
-        f"Rerun: `bash scripts/setup.sh && .venv/bin/python bench/run.py --mb {args.mb:g} --repeat {args.repeat}"
-        + (f" --baseline {BASELINE['version']} LIBRARY SQL" if BASELINE else "") + " --out BENCHMARKS.md` "
-        "(a throwaway cluster on this machine: shared_buffers 1GB, fsync off; every method starts from a "
-        "copy of the same loaded `chat` table, after a CHECKPOINT). "
-        f"Each figure is the median of {args.repeat} run(s); this build and the baseline take turns going first.",
-        "",
-        f"Data: {n_chats} generated chats, {chats_mb:.1f} MB of chat JSON (seed {args.seed}): 55% under 10 KB, "
-        "33% of 10-100 KB, 12% of 150 KB to 4 MB; random base64 text. Machine: 2 cores, PostgreSQL 15 (Debian).",
+        f"Rerun: `.venv/bin/python bench/run.py --mb {args.mb:g} --big {args.big} --fsync {args.fsync} --text {args.text} "
+        f"--repeat {args.repeat}" + (f" --baseline {BASELINE['version']} LIBRARY SQL" if BASELINE else "") + "`. "
+        + setup_line(facts, args),
         "",
         *lines,
         "",
@@ -344,9 +494,50 @@ def render(results, n_chats, chats_mb, args) -> str:
         "",
         *ratios,
         "",
-        "Peak RssAnon is the backend's private memory (not shared buffers). For Open WebUI the backend's figure "
-        "is shown; its Python client holds the rest. WAL is measured from before the load to the end "
-        "(including index builds in bulk mode).",
+        *parallel,
+        "Peak RssAnon is the private memory of the backend doing the work (for the CALL with workers, the largest "
+        "of the CALL and its workers; not shared buffers). For Open WebUI the backend's figure is shown; its Python "
+        "client holds the rest. WAL is measured from before the load to the end (including index builds in bulk mode).",
+    ]) + "\n"
+
+
+def render_parallel(by) -> list[str]:
+    rows = ["| DDL mode | workers | load phase s | end to end s | x COPY floor (end to end) | load x one worker's load | "
+            "messages/s per worker (load) | vs Open WebUI (end to end) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for mode in ("reference", "bulk"):
+        one = by.get(("call", mode))
+        for method, n in (("call", 1), ("call_w2", 2), ("call_w4", 4)):
+            r = by.get((method, mode))
+            if not r or not one:
+                continue
+            ow = by.get(("openwebui", "reference"))
+            rows.append(f"| {mode} | {n} | {r['load_seconds']:.2f} | {r['seconds']:.2f} | "
+                        f"{r['seconds'] / by[('copy', mode)]['seconds']:.2f} | {r['load_seconds'] / one['load_seconds']:.2f} | "
+                        f"{r['rows'] / r['load_seconds'] / n:.0f} | "
+                        f"{(ow['seconds'] / r['seconds']) if ow else float('nan'):.2f}x faster |")
+    if len(rows) == 2:
+        return []
+    return ["Parallel (the committing CALL; this machine has 2 cores, so 4 workers share them):", "", *rows, ""]
+
+
+def render_sizes(results, facts, args) -> str:
+    lines = ["| DDL mode | batch_size | seconds | load phase s | messages/s | peak RssAnon (MB) | WAL (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['mode']} | {r['batch_size']} | {r['seconds']:.2f} | {r['load_seconds']:.2f} | "
+                     f"{r['msgs_per_s']:.0f} | {r['rss_mb']:.0f} | {r['wal_mb']:.0f} |")
+    width_t = max(r["seconds"] for r in results)
+    width_m = max(r["rss_mb"] for r in results)
+    chart = ["```", "batch_size   seconds (end to end)                      peak RssAnon MB"]
+    for r in results:
+        chart.append(f"{r['mode'][:3]} {r['batch_size']:>6} {'#' * max(1, round(30 * r['seconds'] / width_t)):30} "
+                     f"{r['seconds']:6.2f}  {'=' * max(1, round(20 * r['rss_mb'] / width_m)):20} {r['rss_mb']:.0f}")
+    chart.append("```")
+    return "\n".join([
+        f"Rerun: `.venv/bin/python bench/run.py --mb {args.mb:g} --big {args.big} --fsync {args.fsync} --text {args.text} "
+        f"--repeat {args.repeat} --batch-sizes {args.batch_sizes}`. " + setup_line(facts, args)
+        + " The one-transaction `backfill_chat_messages(batch_size => n)`.",
+        "", *lines, "", *chart, "",
     ]) + "\n"
 
 

@@ -120,15 +120,22 @@ CREATE TABLE chat_backfill.launches (
     run_id      pg_catalog.int8 NOT NULL REFERENCES chat_backfill.runs ON DELETE CASCADE,
     settings    pg_catalog.text NOT NULL,
     launched_by pg_catalog.text NOT NULL DEFAULT CURRENT_USER,
-    launched_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
+    launched_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    error       pg_catalog.text                -- a worker's error, where its role can always write it
 );
 REVOKE ALL ON chat_backfill.launches FROM PUBLIC;
 GRANT SELECT ON chat_backfill.launches TO PUBLIC;
 GRANT INSERT (run_id, settings) ON chat_backfill.launches TO PUBLIC;
+GRANT UPDATE (error) ON chat_backfill.launches TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.launches_launch_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.launches ENABLE ROW LEVEL SECURITY;
 CREATE POLICY launches_read_by_their_role ON chat_backfill.launches FOR SELECT
     USING (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);
+-- A worker records its error on its own launch even when its role has meanwhile lost the
+-- rights the run's row needs (the CALL then still reports the real error).
+CREATE POLICY launches_failed_by_their_role ON chat_backfill.launches FOR UPDATE
+    USING (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text)
+    WITH CHECK (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);
 CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
     WITH CHECK (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
                 AND EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) launches.run_id
@@ -136,8 +143,10 @@ CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
 
 -- Progress of every resumable run the caller may see (security_invoker: the policies above
 -- apply to whoever reads it). A run is running while its CALL holds the runner lock or a
--- worker holds one of its ranges; one recorded as running that nobody holds was interrupted
--- (crash, kill, restart): the next CALL resumes it. runner_pid is the CALL's, or a worker's.
+-- chat_backfill worker holds one of its ranges (any session can take an advisory lock: a
+-- range lock held by anything else does not count); one recorded as running that nobody
+-- holds was interrupted (crash, kill, restart): the next CALL resumes it. runner_pid is the
+-- CALL's, or a worker's; workers is NULL when none is at work.
 CREATE OR REPLACE VIEW chat_backfill.status WITH (security_invoker = true) AS
 SELECT r.run_id, r.source, r.target,
        CASE WHEN r.status OPERATOR(pg_catalog.=) 'finished'::pg_catalog.text THEN 'finished'::pg_catalog.text
@@ -167,7 +176,7 @@ SELECT r.run_id, r.source, r.target,
        r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
        CASE WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
             THEN r.replica_lag_bytes END AS replica_lag_bytes,
-       h.workers, r.batch_size
+       CASE WHEN h.workers OPERATOR(pg_catalog.>) 0::pg_catalog.int4 THEN h.workers END AS workers, r.batch_size
 FROM chat_backfill.runs r
 LEFT JOIN LATERAL (
     SELECT COALESCE(pg_catalog.min(l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2),
@@ -183,6 +192,9 @@ LEFT JOIN LATERAL (
         OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
             AND l.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
             AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
-                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id))))
+                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id))
+            AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                        WHERE a.pid OPERATOR(pg_catalog.=) l.pid
+                          AND a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text)))
 ) h ON true;
 GRANT SELECT ON chat_backfill.status TO PUBLIC;

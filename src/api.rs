@@ -219,7 +219,7 @@ fn backfill_chat_messages(
         user_id_column,
         chat_column,
         dry_run,
-        batch_time: batch_time.map(crate::resumable::duration_of),
+        batch_time: batch_time.map(|t| t.as_micros()),
     }
     .check()
     .or_raise();

@@ -12,6 +12,12 @@ use crate::error::Result;
 /// range_id). "cbkf" in ASCII: far from the small numbers applications pick.
 pub const LOCK_CLASS: i32 = 1_667_329_894;
 
+/// Ranges made per worker asked for. More ranges than workers balance the load: workers
+/// claim the largest unfinished range first, so a worker that drew a range of small chats
+/// takes another while one with a huge chat is still at it, and a run resumed with more
+/// workers has ranges for them.
+pub const PER_WORKER: usize = 4;
+
 /// A range to work: keys after `after` (none: from the first) up to `high_key`.
 pub struct Range {
     pub range_id: i32,
@@ -185,45 +191,80 @@ pub fn finish(run_id: i64, range_id: i32) -> Result<bool> {
 }
 
 /// The ranges of every run of this source and target, by id.
-const RANGES_OF_PAIR: &str = "SELECT g.range_id FROM chat_backfill.run_ranges g JOIN chat_backfill.runs r USING (run_id) \
-     WHERE r.source_oid OPERATOR(pg_catalog.=) $1::pg_catalog.oid AND r.target_oid OPERATOR(pg_catalog.=) $2::pg_catalog.oid";
+/// Its parameters are the source and target oids, numbered from `first`.
+fn ranges_of_pair(first: usize) -> String {
+    format!(
+        "SELECT g.range_id FROM chat_backfill.run_ranges g \
+         JOIN chat_backfill.runs r ON r.run_id OPERATOR(pg_catalog.=) g.run_id \
+         WHERE r.source_oid OPERATOR(pg_catalog.=) ${first}::pg_catalog.oid \
+           AND r.target_oid OPERATOR(pg_catalog.=) ${}::pg_catalog.oid",
+        first + 1
+    )
+}
 
-/// Backends other than this one holding a range of any run of this source and target
-/// (workers an earlier CALL left running with wait_for_workers => false).
-pub fn holders(source: pg_sys::Oid, target: pg_sys::Oid) -> Result<Vec<i32>> {
+/// The condition that a lock `l` is held by a chat_backfill worker.
+const BY_A_WORKER: &str = "EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) l.pid \
+     AND a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text)";
+
+/// Other backends holding the lock of a range among `ranges` (a query of range ids whose
+/// parameters start at $2), workers or not as `workers` says; their pids. $1 is LOCK_CLASS.
+fn lockers(ranges: &str, workers: bool, args: Vec<DatumWithOid<'_>>) -> Result<Vec<i32>> {
+    let not = if workers { "" } else { "NOT " };
     let query = format!(
         "SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l \
          WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted \
            AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
-           AND l.classid OPERATOR(pg_catalog.=) $3::pg_catalog.int4::pg_catalog.oid \
+           AND l.classid OPERATOR(pg_catalog.=) $1::pg_catalog.int4::pg_catalog.oid \
            AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
            AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d \
                                                   WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) \
-           AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT x.range_id::pg_catalog.oid FROM ({RANGES_OF_PAIR}) x)) \
+           AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT x.range_id::pg_catalog.oid FROM ({ranges}) x)) \
+           AND {not}{BY_A_WORKER} \
          ORDER BY 1"
     );
+    let all: Vec<DatumWithOid<'_>> = std::iter::once(LOCK_CLASS.into()).chain(args).collect();
     Spi::connect(|client| {
-        let table = client.select(&query, None, &[source.into(), target.into(), LOCK_CLASS.into()])?;
+        let table = client.select(&query, None, &all)?;
         table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect::<std::result::Result<Vec<i32>, pgrx::spi::Error>>()
     })
     .map_err(Into::into)
+}
+
+/// Workers (other than this backend) holding a range of any run of this source and target:
+/// those an earlier CALL left running with wait_for_workers => false. Only chat_backfill
+/// workers count: any session can take an advisory lock, and one that holds a range's lock
+/// is reported as in the way (`strangers`), not taken for a runner.
+pub fn holders(source: pg_sys::Oid, target: pg_sys::Oid) -> Result<Vec<i32>> {
+    lockers(&ranges_of_pair(2), true, vec![source.into(), target.into()])
 }
 
 /// Waits, as an ordinary lock wait (cancel, statement_timeout and lock_timeout end it),
 /// until nobody holds a range of any run of this source and target.
 pub fn wait_for_holders(source: pg_sys::Oid, target: pg_sys::Oid) -> Result<()> {
     let ranges = Spi::connect(|client| {
-        let table = client.select(RANGES_OF_PAIR, None, &[source.into(), target.into()])?;
+        let table = client.select(&ranges_of_pair(1), None, &[source.into(), target.into()])?;
         table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect::<std::result::Result<Vec<i32>, pgrx::spi::Error>>()
     })?;
-    for range_id in ranges {
-        Spi::run_with_args(
-            "SELECT pg_catalog.pg_advisory_lock($1::pg_catalog.int4, $2::pg_catalog.int4)",
-            &[LOCK_CLASS.into(), range_id.into()],
-        )?;
-        release(range_id);
+    // A worker may claim a range already waited for: go round until none is held.
+    while !holders(source, target)?.is_empty() {
+        for &range_id in &ranges {
+            Spi::run_with_args(
+                "SELECT pg_catalog.pg_advisory_lock($1::pg_catalog.int4, $2::pg_catalog.int4)",
+                &[LOCK_CLASS.into(), range_id.into()],
+            )?;
+            release(range_id);
+        }
     }
     Ok(())
+}
+
+/// Backends other than this one and chat_backfill workers that hold a lock of an unfinished
+/// range of the run: a session that took the advisory lock (1667329894, range_id) itself.
+/// While they hold it, nobody can work that range.
+pub fn strangers(run_id: i64) -> Result<Vec<i32>> {
+    let ranges = "SELECT g.range_id FROM chat_backfill.run_ranges g \
+                  WHERE g.run_id OPERATOR(pg_catalog.=) $2::pg_catalog.int8 AND NOT g.finished";
+    lockers(ranges, false, vec![run_id.into()])
 }
 
 /// Unfinished ranges of the run that nobody holds. While the run is active this means a

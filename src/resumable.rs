@@ -19,7 +19,7 @@ use crate::error::{Error, OrRaise, Result};
 use crate::ranges;
 use crate::run_state::{self, Start};
 use crate::subxact::in_subtransaction_catching;
-use crate::throttle::{sleep_interruptibly, Throttle};
+use crate::throttle::{sleep_interruptibly, Go, Throttle};
 
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(
@@ -90,6 +90,7 @@ fn backfill_chat_messages_resumable(
         pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32);
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
+    iso_keys();
     let settings = Request {
         source,
         target,
@@ -100,7 +101,7 @@ fn backfill_chat_messages_resumable(
         user_id_column: user_id_column.unwrap_or("user_id"),
         chat_column: chat_column.unwrap_or("chat"),
         dry_run: false,
-        batch_time: batch_time.map(duration_of),
+        batch_time: batch_time.map(|t| t.as_micros()),
     }
     .check()
     .or_raise();
@@ -293,18 +294,21 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parall
         return settle(run_id, ended, false);
     }
     if !split {
-        let n = ranges::split(&settings, run_id, last_key.as_deref(), &high_water, parallel.workers)?;
+        let n = ranges::split(&settings, run_id, last_key.as_deref(), &high_water, parallel.workers * ranges::PER_WORKER)?;
         commit();
         notice!("chat_backfill: run {run_id} split into {n} key ranges of about equal chat bytes");
     }
     if parallel.workers > 1 && crate::workers::launch(&settings, run_id, limits, deadline, parallel)? {
         return Ok(());
     }
-    let ended = work_ranges(&settings, run_id, limits, deadline, &commit, &|| Ok(false))?;
+    let ended = work_ranges(&settings, run_id, limits, deadline, &commit, &|| Ok(false), true)?;
     settle(run_id, ended, true)
 }
 
 /// Works unfinished ranges of a split run, one at a time, until none is left to claim.
+/// `release_on_error`: a CALL gives a range back on an error (its session goes on); a worker
+/// keeps it until it has recorded the error and exits, so that a range nobody holds in a
+/// running run always means a worker died.
 pub(crate) fn work_ranges(
     settings: &Settings,
     run_id: i64,
@@ -312,6 +316,7 @@ pub(crate) fn work_ranges(
     deadline: Option<Instant>,
     commit: &dyn Fn(),
     halted: &dyn Fn() -> Result<bool>,
+    release_on_error: bool,
 ) -> Result<Ended> {
     // A size tuned by batch_time carries over to the next range.
     let mut batch_size = settings.batch_size;
@@ -319,9 +324,21 @@ pub(crate) fn work_ranges(
         if halted()? {
             return Ok(Ended::Halted);
         }
-        let Some(range) = ranges::claim(run_id)? else { return Ok(Ended::Finished) };
+        let Some(range) = ranges::claim(run_id)? else {
+            let strangers = ranges::strangers(run_id)?;
+            if strangers.is_empty() {
+                return Ok(Ended::Finished);
+            }
+            return Err(Error::new(
+                ERRCODE_LOCK_NOT_AVAILABLE,
+                format!("key ranges of run {run_id} are locked by backends {strangers:?}, which are not chat_backfill workers"),
+                "A session took the advisory lock (1667329894, range_id) of a range, so nobody can work it. End those \
+                 sessions (pg_terminate_backend) and CALL again: the run resumes where it stopped.",
+            ));
+        };
         let range_id = range.range_id;
-        // The lock is the session's: give it back on every way out, an ERROR included.
+        // The lock is the session's: give it back when the range is done with, and on an
+        // error when this session goes on (see release_on_error).
         let ended = PgTryBuilder::new(AssertUnwindSafe(|| -> Result<Ended> {
             set_lock_timeout(limits)?;
             let mut backfill = Backfill::keyset(Settings { batch_size, ..settings.clone() }, range.after, range.high_key)?;
@@ -341,8 +358,17 @@ pub(crate) fn work_ranges(
             commit();
             Ok(ended)
         }))
-        .finally(|| ranges::release(range_id))
-        .execute()?;
+        .catch_others(|caught| {
+            if release_on_error {
+                ranges::release(range_id);
+            }
+            caught.rethrow()
+        })
+        .execute();
+        if ended.is_ok() || release_on_error {
+            ranges::release(range_id);
+        }
+        let ended = ended?;
         if !matches!(ended, Ended::Finished) {
             return Ok(ended);
         }
@@ -367,8 +393,10 @@ fn drive(
         }
         // Replica lag and WAL rate are looked at before every batch, the first included;
         // max_runtime ends a wait too.
-        if !limits.throttle.before_batch(run_id, commit, deadline)? {
-            return Ok(Ended::OutOfTime { throttled: true });
+        match limits.throttle.before_batch(run_id, commit, deadline, halted)? {
+            Go::Ahead => {}
+            Go::OutOfTime => return Ok(Ended::OutOfTime { throttled: true }),
+            Go::Halted => return Ok(Ended::Halted),
         }
         set_lock_timeout(limits)?;
         let outcome = in_subtransaction_catching(
@@ -489,6 +517,18 @@ pub(crate) fn commit() {
         pg_sys::SPI_commit();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
+    iso_keys();
+}
+
+/// Keys are kept as text (the high-water mark, checkpoints, ranges) and cast back in later
+/// transactions, other sessions and workers. Dates and intervals print, for this
+/// transaction, in the styles every session reads back alike (ISO dates are read the same
+/// whatever DateStyle's field order); the session's input order stays as it is.
+pub(crate) fn iso_keys() {
+    let _ = Spi::run(
+        "SELECT pg_catalog.set_config('datestyle'::pg_catalog.text, 'ISO'::pg_catalog.text, true), \
+                pg_catalog.set_config('intervalstyle'::pg_catalog.text, 'postgres'::pg_catalog.text, true)",
+    );
 }
 
 fn finish_call() {

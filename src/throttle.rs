@@ -26,6 +26,16 @@ enum Watch {
     Slot(String),
 }
 
+/// What the throttle says before a batch.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Go {
+    Ahead,
+    /// max_runtime ended the wait.
+    OutOfTime,
+    /// The run was stopped meanwhile (another worker failed, or the CALL is gone).
+    Halted,
+}
+
 pub struct Throttle {
     max_lag: Option<(i64, Watch)>,
     /// Bytes per second of this backend's WAL.
@@ -109,33 +119,63 @@ impl Throttle {
     /// Waits until the next batch may start; false when `deadline` (max_runtime) came
     /// first. `commit` ends the current transaction: the waits must not hold a snapshot,
     /// and the status must be visible to others.
-    pub fn before_batch(&self, run_id: i64, commit: &dyn Fn(), deadline: Option<Instant>) -> Result<bool> {
-        Ok(self.pace(commit, deadline) && self.wait_for_replicas(run_id, commit, deadline)?)
+    /// `halted` is asked at least once a second while waiting: a worker whose run was
+    /// stopped, or whose CALL is gone, must not wait on (holding its range) for replicas
+    /// that may never catch up.
+    pub fn before_batch(
+        &self,
+        run_id: i64,
+        commit: &dyn Fn(),
+        deadline: Option<Instant>,
+        halted: &dyn Fn() -> Result<bool>,
+    ) -> Result<Go> {
+        match self.pace(commit, deadline, halted)? {
+            Go::Ahead => self.wait_for_replicas(run_id, commit, deadline, halted),
+            other => Ok(other),
+        }
     }
 
     /// Sleeps until this backend's WAL since the run began is within the rate.
-    fn pace(&self, commit: &dyn Fn(), deadline: Option<Instant>) -> bool {
-        let Some(rate) = self.max_wal_rate else { return true };
+    fn pace(&self, commit: &dyn Fn(), deadline: Option<Instant>, halted: &dyn Fn() -> Result<bool>) -> Result<Go> {
+        let Some(rate) = self.max_wal_rate else { return Ok(Go::Ahead) };
         let written = wal_written().saturating_sub(self.wal_at_start);
         let due = self.started + Duration::from_secs_f64(written as f64 / rate);
         if due <= Instant::now() {
-            return true;
+            return Ok(Go::Ahead);
         }
         commit();
         let until = deadline.map_or(due, |d| d.min(due));
-        sleep_interruptibly(until.saturating_duration_since(Instant::now()));
-        deadline.is_none_or(|d| due <= d)
+        while Instant::now() < until {
+            sleep_interruptibly(until.saturating_duration_since(Instant::now()).min(STATUS_EVERY));
+            if halted()? {
+                return Ok(Go::Halted);
+            }
+        }
+        Ok(if deadline.is_none_or(|d| due <= d) { Go::Ahead } else { Go::OutOfTime })
     }
 
-    fn wait_for_replicas(&self, run_id: i64, commit: &dyn Fn(), deadline: Option<Instant>) -> Result<bool> {
-        let Some((max, watch)) = &self.max_lag else { return Ok(true) };
+    fn wait_for_replicas(
+        &self,
+        run_id: i64,
+        commit: &dyn Fn(),
+        deadline: Option<Instant>,
+        halted: &dyn Fn() -> Result<bool>,
+    ) -> Result<Go> {
+        let Some((max, watch)) = &self.max_lag else { return Ok(Go::Ahead) };
         let mut throttled_since: Option<Instant> = None;
         let mut reported = Instant::now();
+        let mut asked = Instant::now();
         loop {
             pgrx::check_for_interrupts!();
             let lag = lag(watch)?;
             if throttled_since.is_some() && deadline.is_some_and(|d| Instant::now() >= d) {
-                return Ok(false);
+                return Ok(Go::OutOfTime);
+            }
+            if throttled_since.is_some() && asked.elapsed() >= STATUS_EVERY {
+                asked = Instant::now();
+                if halted()? {
+                    return Ok(Go::Halted);
+                }
             }
             match lag {
                 Some(lag) if lag > *max => {
@@ -168,7 +208,7 @@ impl Throttle {
                             since.elapsed().as_secs_f64()
                         );
                     }
-                    return Ok(true);
+                    return Ok(Go::Ahead);
                 }
             }
         }

@@ -9,11 +9,14 @@
 //! committed batch, which is where the next CALL resumes.
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::ffi::CString;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker};
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime};
+use pgrx::PgMemoryContexts;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::*;
@@ -41,8 +44,9 @@ struct Launch {
     id_column: String,
     user_id_column: String,
     chat_column: String,
-    /// The CALL's search_path: a source_filter's names resolve as they did there.
-    search_path: String,
+    /// The CALL's session settings that change what its SQL means (a source_filter's names,
+    /// literals and dates, which triggers fire): each worker takes them.
+    session: Vec<(String, String)>,
     /// When max_runtime ends, in Unix milliseconds.
     deadline_ms: Option<i64>,
     pause_us: u64,
@@ -75,7 +79,27 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
         );
     }
     check_can_connect()?;
-    let search_path = Spi::get_one::<String>("SELECT pg_catalog.current_setting('search_path'::pg_catalog.text)")?.unwrap_or_default();
+    let session = session_settings()?;
+    // The cap is the server's: workers of every CALL, in every database, count.
+    let running = Spi::get_one::<i64>(
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity a \
+         WHERE a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text",
+    )?
+    .unwrap_or(0) as usize;
+    let wanted = if running + wanted > cap {
+        let free = cap.saturating_sub(running);
+        notice!(
+            "chat_backfill: {running} chat_backfill workers already run on this server (chat_backfill.max_workers is \
+             {cap}); run {run_id} starts {free}"
+        );
+        free
+    } else {
+        wanted
+    };
+    if wanted == 0 {
+        notice!("chat_backfill: this CALL works run {run_id} itself");
+        return Ok(false);
+    }
     let now_ms = unix_ms();
     let launch = Launch {
         source: u32::from(settings.source.oid),
@@ -86,7 +110,7 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
         id_column: settings.id_column.clone(),
         user_id_column: settings.user_id_column.clone(),
         chat_column: settings.chat_column.clone(),
-        search_path,
+        session,
         deadline_ms: deadline.map(|d| now_ms + d.saturating_duration_since(Instant::now()).as_millis() as i64),
         pause_us: limits.pause.as_micros() as u64,
         lock_timeout: limits.lock_timeout.clone(),
@@ -112,7 +136,7 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     let (db, role, me) = unsafe { (u32::from(pg_sys::MyDatabaseId), u32::from(pg_sys::GetUserId()), pg_sys::MyProcPid) };
     let mut started = Vec::new();
     for no in 0..wanted {
-        let worker = BackgroundWorkerBuilder::new(&format!("chat_backfill worker {no} of run {run_id}"))
+        let worker = Worker::start(BackgroundWorkerBuilder::new(&format!("chat_backfill worker {no} of run {run_id}"))
             .set_type("chat_backfill worker")
             .set_library("chat_backfill")
             .set_function("chat_backfill_worker")
@@ -120,11 +144,10 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
             .set_start_time(BgWorkerStartTime::RecoveryFinished)
             .set_restart_time(None)
             .set_notify_pid(me)
-            .set_extra(&format!("{launch_id} {db} {role} {no}"))
-            .load_dynamic();
+            .set_extra(&format!("{launch_id} {db} {role} {no}")));
         match worker {
-            Ok(worker) => started.push(worker),
-            Err(_) => break,
+            Some(worker) => started.push(worker),
+            None => break,
         }
     }
     if started.is_empty() {
@@ -141,7 +164,7 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     let n = started.len();
     if parallel.wait {
         notice!("chat_backfill: run {run_id}: {n} workers started; waiting for them");
-        wait(started, run_id)?;
+        wait(started, run_id, launch_id)?;
     } else {
         settle_in(started, settings, run_id)?;
         notice!(
@@ -150,6 +173,78 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
         );
     }
     Ok(true)
+}
+
+/// A started worker, by its registration handle.
+struct Worker {
+    handle: *mut pg_sys::BackgroundWorkerHandle,
+}
+
+impl Worker {
+    /// Registers the worker with the postmaster; `None` when no slot is free.
+    fn start(builder: BackgroundWorkerBuilder) -> Option<Worker> {
+        let mut bgw: pg_sys::BackgroundWorker = (&builder).into();
+        let mut handle: *mut pg_sys::BackgroundWorkerHandle = std::ptr::null_mut();
+        // SAFETY: the postmaster copies `bgw`; the handle is allocated in TopMemoryContext, so
+        // it stays valid across the commits the CALL makes while it waits (a few bytes each).
+        let ok = unsafe {
+            PgMemoryContexts::TopMemoryContext.switch_to(|_| pg_sys::RegisterDynamicBackgroundWorker(&mut bgw, &mut handle))
+        };
+        (ok && !handle.is_null()).then_some(Worker { handle })
+    }
+
+    fn stopped(&self) -> bool {
+        let mut pid: pg_sys::pid_t = 0;
+        // SAFETY: a live handle from RegisterDynamicBackgroundWorker; only reads its slot.
+        let status = unsafe { pg_sys::GetBackgroundWorkerPid(self.handle, &mut pid) };
+        matches!(status, pg_sys::BgwHandleStatus::BGWH_STOPPED | pg_sys::BgwHandleStatus::BGWH_POSTMASTER_DIED)
+    }
+
+    /// Asks the postmaster to send it SIGTERM (a no-op once it has stopped).
+    fn terminate(&self) {
+        // SAFETY: as above; marks the slot for termination.
+        unsafe { pg_sys::TerminateBackgroundWorker(self.handle) };
+    }
+
+    /// Waits until it has stopped (this backend is its notify_pid, so its latch is set then).
+    fn wait_stopped(&self) {
+        // SAFETY: as above; returns on stop or postmaster death.
+        unsafe { pg_sys::WaitForBackgroundWorkerShutdown(self.handle) };
+    }
+}
+
+/// The workers this backend is waiting for, as handle addresses: if the CALL is terminated
+/// (a FATAL, which no catch sees), its exit hook asks each to stop, and each rolls back the
+/// batch it is in.
+static LED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static HOOKED: AtomicBool = AtomicBool::new(false);
+
+unsafe extern "C-unwind" fn stop_led_workers(_code: i32, _arg: pg_sys::Datum) {
+    if let Ok(led) = LED.lock() {
+        for &handle in led.iter() {
+            // SAFETY: handles in LED are live (TopMemoryContext) until `lead` clears them;
+            // TerminateBackgroundWorker only marks a slot in shared memory, which is still
+            // attached in a before_shmem_exit callback.
+            unsafe { pg_sys::TerminateBackgroundWorker(handle as *mut pg_sys::BackgroundWorkerHandle) };
+        }
+    }
+}
+
+/// Records the workers for the exit hook (installed once per backend).
+fn lead(workers: &[Worker]) {
+    if !HOOKED.swap(true, Ordering::SeqCst) {
+        // SAFETY: registers a callback PostgreSQL runs when this backend exits.
+        unsafe { pg_sys::before_shmem_exit(Some(stop_led_workers), pg_sys::Datum::from(0)) };
+    }
+    if let Ok(mut led) = LED.lock() {
+        *led = workers.iter().map(|w| w.handle as usize).collect();
+    }
+}
+
+fn unlead() {
+    if let Ok(mut led) = LED.lock() {
+        led.clear();
+    }
 }
 
 /// Before 17 a background worker cannot connect as a role without LOGIN (a migration often
@@ -187,39 +282,40 @@ const CONNECT_FLAGS: u32 = pg_sys::BGWORKER_BYPASS_ROLELOGINCHECK;
 
 /// Waits for every worker to stop, and reports: their totals in a NOTICE, or the first
 /// failure as this CALL's error. Cancelling or terminating the CALL stops its workers.
-fn wait(workers: Vec<DynamicBackgroundWorker>, run_id: i64) -> Result<()> {
+fn wait(workers: Vec<Worker>, run_id: i64, launch_id: i64) -> Result<()> {
     let before = run_state::totals(run_id)?;
     let began = Instant::now();
+    lead(&workers);
     let cell = RefCell::new(workers);
     let live = AssertUnwindSafe(&cell);
     let failure = PgTryBuilder::new(AssertUnwindSafe(|| -> Result<Option<Error>> {
         loop {
             idle(Duration::from_millis(500));
             let mut stopped = false;
-            live.borrow_mut().retain(|w| match w.pid() {
-                Err(BackgroundWorkerStatus::Stopped | BackgroundWorkerStatus::PostmasterDied) => {
-                    stopped = true;
-                    false
-                }
-                _ => true,
+            live.borrow_mut().retain(|w| {
+                let gone = w.stopped();
+                stopped |= gone;
+                !gone
             });
             if stopped {
-                if let Some(error) = failure_of(run_id)? {
+                if let Some(error) = failure_of(run_id, launch_id)? {
                     return Ok(Some(error));
                 }
             }
             if live.borrow().is_empty() {
-                return Ok(None);
+                return unfinished_at_end(run_id);
             }
         }
     }))
     .catch_others(|caught| {
-        stop_all(live.take());
+        stop_all(&live.borrow());
+        unlead();
         caught.rethrow()
     })
     .execute()?;
+    stop_all(&cell.borrow());
+    unlead();
     if let Some(error) = failure {
-        stop_all(cell.take());
         return Err(error);
     }
     let after = run_state::totals(run_id)?;
@@ -245,10 +341,14 @@ fn wait(workers: Vec<DynamicBackgroundWorker>, run_id: i64) -> Result<()> {
 
 /// The run's failure once a worker has stopped: one recorded by a worker, or a range left
 /// unfinished by a worker that died (its error, if any, is in the server log).
-fn failure_of(run_id: i64) -> Result<Option<Error>> {
+fn failure_of(run_id: i64, launch_id: i64) -> Result<Option<Error>> {
     let (status, last_error) = run_state::status_of(run_id)?;
-    if status == "failed" {
-        let text = last_error.unwrap_or_default();
+    let launch_error = Spi::get_one_with_args::<String>(
+        "SELECT l.error FROM chat_backfill.launches l WHERE l.launch_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8",
+        &[launch_id.into()],
+    )?;
+    if launch_error.is_some() || status == "failed" {
+        let text = launch_error.or(last_error).unwrap_or_default();
         let code = text.get(..5).filter(|_| text.as_bytes().get(5) == Some(&b':')).map_or(ERRCODE_INTERNAL_ERROR, crate::error::sqlstate_code);
         return Ok(Some(
             Error::new(
@@ -273,20 +373,64 @@ fn failure_of(run_id: i64) -> Result<Option<Error>> {
     Ok(None)
 }
 
-/// Asks every worker to stop (each rolls back its open batch) and waits until they have.
-fn stop_all(workers: Vec<DynamicBackgroundWorker>) {
-    let stopping: Vec<_> = workers.into_iter().map(DynamicBackgroundWorker::terminate).collect();
-    for worker in stopping {
-        let _ = worker.wait_for_shutdown();
+/// Every worker has stopped without an error: the run must be finished, or stopped or
+/// yielded as a worker recorded. Anything else is never reported as success.
+fn unfinished_at_end(run_id: i64) -> Result<Option<Error>> {
+    let (status, _) = run_state::status_of(run_id)?;
+    let left = ranges::unfinished(run_id)?;
+    if left == 0 || !matches!(status.as_str(), "running" | "throttled") {
+        return Ok(None);
+    }
+    Ok(Some(Error::new(
+        ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("the workers of run {run_id} stopped with {left} key ranges unfinished"),
+        "See chat_backfill.status and the server log; CALL again to resume every range after its last committed batch.",
+    )))
+}
+
+/// The settings a worker takes from the CALL's session.
+const SESSION_SETTINGS: [&str; 8] = [
+    "search_path",
+    "datestyle",
+    "intervalstyle",
+    "timezone",
+    "standard_conforming_strings",
+    "extra_float_digits",
+    "session_replication_role",
+    "synchronous_commit",
+];
+
+fn session_settings() -> Result<Vec<(String, String)>> {
+    SESSION_SETTINGS
+        .iter()
+        .map(|name| {
+            let value = Spi::get_one_with_args::<String>(
+                "SELECT pg_catalog.current_setting($1::pg_catalog.text)",
+                &[(*name).into()],
+            )?
+            .unwrap_or_default();
+            Ok(((*name).to_owned(), value))
+        })
+        .collect()
+}
+
+/// Asks every worker still running to stop (each rolls back its open batch) and waits
+/// until they have.
+fn stop_all(workers: &[Worker]) {
+    for worker in workers {
+        worker.terminate();
+    }
+    for worker in workers {
+        worker.wait_stopped();
     }
 }
 
 /// With wait_for_workers => false: returns once every worker holds a range or has stopped
 /// (at most 30 s), so a pg_cron tick right after sees the run busy instead of starting more.
-fn settle_in(workers: Vec<DynamicBackgroundWorker>, settings: &Settings, run_id: i64) -> Result<()> {
+fn settle_in(workers: Vec<Worker>, settings: &Settings, run_id: i64) -> Result<()> {
     let until = Instant::now() + Duration::from_secs(30);
     while Instant::now() < until {
-        let live = workers.iter().filter(|w| !matches!(w.pid(), Err(BackgroundWorkerStatus::Stopped))).count();
+        let live = workers.iter().filter(|w| !w.stopped()).count();
         let holding = ranges::holders(settings.source.oid, settings.target.oid)?.len();
         if holding >= live.min(ranges::unfinished(run_id)? as usize) {
             break;
@@ -376,7 +520,7 @@ pub extern "C-unwind" fn chat_backfill_worker(_arg: pg_sys::Datum) {
         }
     }))
     .catch_others(|caught| {
-        record_failure(run.get(), no, &caught);
+        record_failure(launch_id, run.get(), no, &caught);
         caught.rethrow()
     })
     .execute();
@@ -414,10 +558,22 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
     let launch: Launch = serde_json::from_str(&json).map_err(|e| {
         Error::new(ERRCODE_DATA_CORRUPTED, format!("chat_backfill worker: launch {launch_id} is unreadable: {e}"), "CALL again.")
     })?;
-    Spi::run_with_args(
-        "SELECT pg_catalog.set_config('search_path'::pg_catalog.text, $1::pg_catalog.text, false)",
-        &[launch.search_path.as_str().into()],
-    )?;
+    for (name, value) in &launch.session {
+        // Only what differs: setting session_replication_role needs rights the CALL's role
+        // has only if it could set it there.
+        let differs = Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.current_setting($1::pg_catalog.text) OPERATOR(pg_catalog.<>) $2::pg_catalog.text",
+            &[name.as_str().into(), value.as_str().into()],
+        )?
+        .unwrap_or(true);
+        if differs {
+            Spi::run_with_args(
+                "SELECT pg_catalog.set_config($1::pg_catalog.text, $2::pg_catalog.text, false)",
+                &[name.as_str().into(), value.as_str().into()],
+            )?;
+        }
+    }
+    crate::resumable::iso_keys();
     let activity = CString::new(format!("chat_backfill worker: run {run_id}")).unwrap_or_default();
     // SAFETY: reports this backend's own activity; the string is copied.
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr()) };
@@ -432,7 +588,7 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
         user_id_column: &launch.user_id_column,
         chat_column: &launch.chat_column,
         dry_run: false,
-        batch_time: launch.batch_time_us.map(Duration::from_micros),
+        batch_time: launch.batch_time_us.map(i128::from),
     }
     .check()?;
     let mut settings = settings;
@@ -462,26 +618,24 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
         let (status, _) = run_state::status_of(run_id)?;
         Ok(!matches!(status.as_str(), "running" | "throttled"))
     };
-    work_ranges(&settings, run_id, &limits, deadline, &commit, &halted)?;
+    work_ranges(&settings, run_id, &limits, deadline, &commit, &halted, false)?;
     Ok(())
 }
 
 /// Records a worker's error in its run, so the others halt and the CALL (or the status
 /// view) says why. The failed transaction is rolled back first.
-fn record_failure(run_id: i64, no: i64, caught: &CaughtError) {
+fn record_failure(launch_id: i64, run_id: i64, no: i64, caught: &CaughtError) {
     let report = match caught {
         CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) | CaughtError::RustPanic { ereport: r, .. } => r,
     };
     let text = format!(
-        "{}: worker {no} (pid {}): {}",
+        "{}: worker {no} (pid {}): {}{}",
         crate::error::sqlstate_text(report.sql_error_code()),
         // SAFETY: this backend's own pid.
         unsafe { pg_sys::MyProcPid },
-        report.message()
+        report.message(),
+        report.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default()
     );
-    if run_id == 0 {
-        return;
-    }
     // SAFETY: the error was caught at the top of the worker: abort its transaction (this
     // also ends the SPI connection) and record in a new one.
     unsafe {
@@ -489,7 +643,16 @@ fn record_failure(run_id: i64, no: i64, caught: &CaughtError) {
         pg_sys::StartTransactionCommand();
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let _ = run_state::set_status_if_active(run_id, "failed", Some(&text));
+    // On the launch first: its role can always write there, even when it has lost the
+    // rights the run's row asks for (then only the launch has it).
+    let _ = Spi::run_with_args(
+        "UPDATE chat_backfill.launches SET error = COALESCE(error, $2::pg_catalog.text) \
+         WHERE launch_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8",
+        &[launch_id.into(), text.as_str().into()],
+    );
+    if run_id != 0 {
+        let _ = run_state::set_status_if_active(run_id, "failed", Some(&text));
+    }
     // SAFETY: ends the transaction started just above.
     unsafe {
         pg_sys::PopActiveSnapshot();

@@ -52,7 +52,8 @@ pub struct Request<'a> {
     pub user_id_column: &'a str,
     pub chat_column: &'a str,
     pub dry_run: bool,
-    pub batch_time: Option<std::time::Duration>,
+    /// Microseconds, as given (negative included, to be refused as it was written).
+    pub batch_time: Option<i128>,
 }
 
 impl Request<'_> {
@@ -68,11 +69,11 @@ impl Request<'_> {
         }
         let tuner = match self.batch_time {
             None => None,
-            Some(t) if t > std::time::Duration::ZERO && t <= std::time::Duration::from_secs(3600) => Some(Tuner::new(t)),
-            Some(t) => {
+            Some(us) if us > 0 && us <= 3_600_000_000 => Some(Tuner::new(std::time::Duration::from_micros(us as u64))),
+            Some(us) => {
                 return Err(Error::new(
                     ERRCODE_INVALID_PARAMETER_VALUE,
-                    format!("batch_time must be more than 0 and at most 1 hour, not {} ms", t.as_millis()),
+                    format!("batch_time must be more than 0 and at most 1 hour, not {} s", us as f64 / 1e6),
                     "Pass the time one batch should take, like '2 seconds'; NULL keeps batch_size fixed.",
                 ))
             }

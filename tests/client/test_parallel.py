@@ -14,6 +14,7 @@ import pytest
 
 import chatgen
 from conftest import PG_MAJOR, ROOT, Cluster, _start_cluster, pg_config
+from load_sample import TARGET_DDL
 from test_resumable import CALL, chats_for_test, make_db, one_shot_rows, resumed_after, rows_of, run_in_background
 
 SLOW = "batch_size => 30, pause => '100 milliseconds'"
@@ -76,13 +77,13 @@ def test_workers_write_the_rows_of_one_session(cluster, expected, workers):
     db = make_db(cluster, chats)
     notices = []
     call(cluster, db, f"batch_size => 40, workers => {workers}", notices)
-    assert any(f"split into {workers} key ranges" in n for n in notices), notices
+    assert any(f"split into {4 * workers} key ranges" in n for n in notices), notices
     assert any(f"{workers} workers started" in n for n in notices), notices
     assert any("done after" in n and f"inserted {len(want)} messages" in n for n in notices), notices
     assert_exactly_once(cluster, db, want)
     # The ranges cover the keys without gap or overlap, and each holds chat bytes.
     ranges = query(cluster, db, "SELECT low_key, high_key, chat_bytes FROM chat_backfill.run_ranges ORDER BY range_no")
-    assert len(ranges) == workers and ranges[0][0] is None
+    assert len(ranges) == 4 * workers and ranges[0][0] is None
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert all(r[2] > 0 for r in ranges)
     # A finished run is a no-op for the next CALL, workers or not.
@@ -320,3 +321,102 @@ def test_workers_run_as_the_calling_role_never_a_more_privileged_one(cluster, ex
         query(cluster, db, f"DROP OWNED BY {other}; DROP ROLE {other}")
     finally:
         query(cluster, db, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_a_session_squatting_a_range_lock_is_named_not_taken_for_a_runner(cluster, expected):
+    """Any role can take any advisory lock. One that holds a range's lock keeps the workers
+    off that range: the CALL says so with 55P03 and the backend's pid instead of reporting
+    success, the status view does not take it for a runner, and once it is gone the next
+    CALL finishes exactly."""
+    chats, want = expected
+    db = make_db(cluster, chats)
+    call(cluster, db, "batch_size => 30, workers => 2, max_runtime => '1 millisecond'")
+    wait_until(lambda: not workers_of(cluster, db), timeout=30)
+    [(range_id,)] = query(cluster, db, "SELECT range_id FROM chat_backfill.run_ranges WHERE NOT finished"
+                                       " ORDER BY range_no DESC LIMIT 1")
+    role = f"squatter_{int(time.time() * 1000) % 10**8}"
+    query(cluster, "postgres", f"CREATE ROLE {role} LOGIN")
+    squatter = psycopg2.connect(cluster.dsn(db))
+    squatter.autocommit = True
+    try:
+        with squatter.cursor() as cur:
+            cur.execute(f"SET ROLE {role}")
+            cur.execute("SELECT pg_backend_pid(), pg_advisory_lock(1667329894, %s)", (range_id,))
+            [(pid, _)] = cur.fetchall()
+        with pytest.raises(psycopg2.errors.LockNotAvailable) as err:
+            call(cluster, db, "batch_size => 30, workers => 2")
+        assert str(pid) in err.value.diag.message_primary and "not chat_backfill workers" in err.value.diag.message_primary
+        assert "pg_terminate_backend" in err.value.diag.message_primary
+        s = latest(cluster, db)
+        assert s["state"] == "failed" and s["runner_pid"] is None and s["workers"] is None, s
+        # Nor does a later CALL take the squatter for running workers and skip.
+        with pytest.raises(psycopg2.errors.LockNotAvailable):
+            call(cluster, db, "batch_size => 30")
+    finally:
+        squatter.close()
+        query(cluster, "postgres", f"DROP ROLE {role}")
+    call(cluster, db, "batch_size => 40, workers => 2")
+    assert_exactly_once(cluster, db, want)
+
+
+def test_keys_that_are_dates_survive_any_datestyle(cluster):
+    """The high-water mark, the ranges and the checkpoints are kept as text and read back by
+    the workers and by later CALLs, each with its own DateStyle: under 'SQL, DMY' a key of 3
+    April printed as 03/04 must not come back as 4 March."""
+    chats = chats_for_test(count=150, hostile=False)
+    db = cluster.create_db("datekeys")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat_src (id text PRIMARY KEY, user_id text, title text, chat json)")
+        cur.executemany("INSERT INTO chat_src VALUES (%s, %s, 't', %s)", [(c.id, c.user_id, c.chat) for c in chats])
+        # One chat a day from 1 January: days 1-12 of each month read differently as DMY and MDY.
+        cur.execute("CREATE TABLE chat (id timestamp PRIMARY KEY, user_id text, chat json);"
+                    " INSERT INTO chat SELECT timestamp '2024-01-01' + (n - 1) * interval '1 day', user_id, chat"
+                    " FROM (SELECT row_number() OVER (ORDER BY id) AS n, user_id, chat FROM chat_src) s")
+        cur.execute(TARGET_DDL.replace("REFERENCES chat(id) ON DELETE CASCADE", ""))
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, dry_run => true)",
+                    (chatgen.NOW,))
+        [(messages,)] = cur.fetchall()
+        cur.execute("SELECT count(*) FROM chat WHERE user_id NOT LIKE 'shared-%%'")
+        [(eligible,)] = cur.fetchall()
+    for style, workers in (("SQL, DMY", 4), ("German", 1), ("Postgres, MDY", 3)):
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("TRUNCATE chat_message; DELETE FROM chat_backfill.runs")
+            cur.execute(f"SET datestyle = '{style}'")
+            cur.execute(CALL.format(extra=f"batch_size => 30, workers => {workers}, max_runtime => '1 millisecond'"),
+                        {"now": chatgen.NOW})
+        wait_until(lambda: not workers_of(cluster, db), timeout=30)
+        # Resumed from a session with the server's DateStyle.
+        call(cluster, db, f"batch_size => 30, workers => {workers}")
+        s = latest(cluster, db)
+        assert s["state"] == "finished" and s["chats_done"] == s["total_chats"] == eligible, (style, s)
+        assert (s["messages_inserted"], s["messages_existing"]) == (messages, 0), (style, s)
+        assert query(cluster, db, "SELECT count(*) FROM chat_message") == [(messages,)]
+
+
+def test_the_worker_cap_is_the_servers_not_one_calls(cluster, expected):
+    """chat_backfill.max_workers bounds the workers of every CALL together: an ordinary role
+    cannot take every worker slot with several CALLs that return at once."""
+    chats, want = expected
+    first, second = make_db(cluster, chats), make_db(cluster, chats)
+    def cap(value: str):
+        with cluster.connect("postgres") as conn, conn.cursor() as cur:
+            cur.execute("LOAD 'chat_backfill'")  # ALTER SYSTEM checks the setting exists
+            cur.execute(f"ALTER SYSTEM {value}")
+            cur.execute("SELECT pg_reload_conf()")
+        # A new session sees it (the library is not loaded there: the setting is a placeholder).
+        wait_until(lambda: (query(cluster, "postgres", "SELECT current_setting('chat_backfill.max_workers', true)")
+                            == [("2",)]) == value.startswith("SET"))
+
+    cap("SET chat_backfill.max_workers = 2")
+    try:
+        call(cluster, first, "batch_size => 30, pause => '300 milliseconds', workers => 2, wait_for_workers => false")
+        notices = []
+        call(cluster, second, "batch_size => 40, workers => 2", notices)
+        assert any("2 chat_backfill workers already run on this server (chat_backfill.max_workers is 2)" in n
+                   for n in notices), notices
+        assert any("this CALL works run" in n and "itself" in n for n in notices), notices
+        assert_exactly_once(cluster, second, want)
+        call(cluster, first, "workers => 2, if_busy => 'wait'")
+        assert_exactly_once(cluster, first, want)
+    finally:
+        cap("RESET chat_backfill.max_workers")
