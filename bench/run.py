@@ -231,6 +231,37 @@ class RssSampler(threading.Thread):
             time.sleep(0.02)
 
 
+class WaitSampler(threading.Thread):
+    """What the backends doing the work wait on, from pg_stat_activity every 50 ms: the share
+    of samples per wait event (no event: on CPU). Where parallel workers contend shows here:
+    WAL insertion and flush (LWLock WALInsert/WALWrite, IO WALSync), index and heap pages
+    (LWLock BufferContent), row locks (Lock transactionid/tuple, the foreign key's share locks)."""
+
+    def __init__(self, dsn: str, db: str, exclude: int | None):
+        super().__init__(daemon=True)
+        self.dsn, self.db, self.exclude = dsn, db, exclude
+        self.counts: dict[str, int] = {}
+        self.stop = threading.Event()
+
+    def run(self):
+        conn = psycopg2.connect(self.dsn)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while not self.stop.is_set():
+                cur.execute("SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity"
+                            " WHERE datname = %s AND state = 'active' AND pid <> %s"
+                            " AND backend_type IN ('client backend', 'chat_backfill worker')",
+                            (self.db, self.exclude or 0))
+                for (event,) in cur.fetchall():
+                    self.counts[event] = self.counts.get(event, 0) + 1
+                time.sleep(0.05)
+        conn.close()
+
+    def shares(self) -> dict[str, float]:
+        total = sum(self.counts.values()) or 1
+        return {k: v / total for k, v in sorted(self.counts.items(), key=lambda kv: -kv[1])}
+
+
 def psql(dsn, sql, params=None, fetch=False):
     conn = psycopg2.connect(dsn)
     conn.autocommit = True
@@ -279,6 +310,9 @@ def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
     else:
         sampler = RssSampler(pid, others if method in WORKERS else None)
         sampler.start()
+        # With workers the CALL only waits: sample the workers, not it.
+        waits = WaitSampler(admin, db, pid if method in WORKERS and WORKERS[method] > 1 else None)
+        waits.start()
         size = f", batch_size => {int(batch_size)}" if batch_size else ""
         if method in ("ours", "baseline"):
             cur.execute(f"SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s{size})", (NOW,))
@@ -298,6 +332,9 @@ def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
     elapsed = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join()
+    if method != "openwebui":
+        waits.stop.set()
+        waits.join()
     watcher.close()
     cur.execute("SELECT pg_current_wal_lsn() - %s::pg_lsn, (SELECT count(*) FROM chat_message)", (lsn0,))
     wal, rows = cur.fetchone()
@@ -310,6 +347,7 @@ def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
         "method": method, "mode": mode, "seconds": elapsed, "load_seconds": loaded, "rows": rows,
         "msgs_per_s": rows / elapsed, "mb_per_s": chats_mb / elapsed, "batch_size": batch_size,
         "rss_mb": sampler.peak_kb / 1024 if sampler.peak_kb else None, "wal_mb": int(wal) / 1e6,
+        "waits": waits.shares() if method != "openwebui" else {},
     }
 
 
@@ -517,7 +555,16 @@ def render_parallel(by) -> list[str]:
                         f"{(ow['seconds'] / r['seconds']) if ow else float('nan'):.2f}x faster |")
     if len(rows) == 2:
         return []
-    return ["Parallel (the committing CALL; this machine has 2 cores, so 4 workers share them):", "", *rows, ""]
+    waits = ["| DDL mode | method | where the working backends were (share of 50 ms samples of pg_stat_activity) |",
+             "|---|---|---|"]
+    for mode in ("reference", "bulk"):
+        for method in ("copy", "call", "call_w2", "call_w4"):
+            r = by.get((method, mode))
+            if r and r.get("waits"):
+                top = ", ".join(f"{k} {v:.0%}" for k, v in list(r["waits"].items())[:5])
+                waits.append(f"| {mode} | {method} | {top} |")
+    return ["Parallel (the committing CALL; this machine has 2 cores, so 4 workers share them):", "", *rows, "",
+            *waits, ""]
 
 
 def render_sizes(results, facts, args) -> str:
