@@ -144,7 +144,8 @@ CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
 -- Progress of every resumable run the caller may see (security_invoker: the policies above
 -- apply to whoever reads it). A run is running while its CALL holds the runner lock or a
 -- chat_backfill worker holds one of its ranges (any session can take an advisory lock: a
--- range lock held by anything else does not count); one recorded as running that nobody
+-- range lock counts only if its backend holds the workers' mark, the shared lock
+-- (1667329894, 0), and pg_stat_activity, where it shows the backend, says it is a worker); one recorded as running that nobody
 -- holds was interrupted (crash, kill, restart): the next CALL resumes it. runner_pid is the
 -- CALL's, or a worker's; workers is NULL when none is at work.
 CREATE OR REPLACE VIEW chat_backfill.status WITH (security_invoker = true) AS
@@ -193,8 +194,14 @@ LEFT JOIN LATERAL (
             AND l.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
             AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
                                                           WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id))
-            AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
-                        WHERE a.pid OPERATOR(pg_catalog.=) l.pid
-                          AND a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text)))
+            AND EXISTS (SELECT FROM pg_catalog.pg_locks m
+                        WHERE m.pid OPERATOR(pg_catalog.=) l.pid
+                          AND m.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND m.granted
+                          AND m.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
+                          AND m.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
+                          AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid)
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                            WHERE a.pid OPERATOR(pg_catalog.=) l.pid
+                              AND a.backend_type OPERATOR(pg_catalog.<>) 'chat_backfill worker'::pg_catalog.text)))
 ) h ON true;
 GRANT SELECT ON chat_backfill.status TO PUBLIC;

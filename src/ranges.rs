@@ -202,9 +202,39 @@ fn ranges_of_pair(first: usize) -> String {
     )
 }
 
-/// The condition that a lock `l` is held by a chat_backfill worker.
-const BY_A_WORKER: &str = "EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) l.pid \
-     AND a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text)";
+/// The condition that a lock `l` is held by a chat_backfill worker: its backend holds the
+/// workers' mark (the shared advisory lock (1667329894, 0), which pg_locks shows every role)
+/// and is not, where pg_stat_activity shows it (its own role's backends, or to
+/// pg_read_all_stats), anything but a worker.
+const BY_A_WORKER: &str = "(EXISTS (SELECT FROM pg_catalog.pg_locks m WHERE m.pid OPERATOR(pg_catalog.=) l.pid \
+       AND m.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND m.granted \
+       AND m.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
+       AND m.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid) \
+     AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) l.pid \
+       AND a.backend_type OPERATOR(pg_catalog.<>) 'chat_backfill worker'::pg_catalog.text))";
+
+/// Every worker holds this shared lock while it lives: how many run on the server, and which
+/// backends they are, whoever asks.
+pub fn mark_as_worker() -> Result<()> {
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_advisory_lock_shared($1::pg_catalog.int4, 0::pg_catalog.int4)",
+        &[LOCK_CLASS.into()],
+    )?;
+    Ok(())
+}
+
+/// chat_backfill workers running on the whole server.
+pub fn workers_on_server() -> Result<usize> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(DISTINCT m.pid) FROM pg_catalog.pg_locks m \
+         WHERE m.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND m.granted \
+           AND m.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
+           AND m.classid OPERATOR(pg_catalog.=) $1::pg_catalog.int4::pg_catalog.oid \
+           AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid",
+        &[LOCK_CLASS.into()],
+    )?
+    .unwrap_or(0) as usize)
+}
 
 /// Other backends holding the lock of a range among `ranges` (a query of range ids whose
 /// parameters start at $2), workers or not as `workers` says; their pids. $1 is LOCK_CLASS.

@@ -90,6 +90,7 @@ fn backfill_chat_messages_resumable(
         pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32);
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
+    let styles = key_styles();
     iso_keys();
     let settings = Request {
         source,
@@ -110,7 +111,7 @@ fn backfill_chat_messages_resumable(
     let throttle_args = ThrottleArgs { max_replica_lag, replica_slot, max_wal_rate: max_wal_rate.map(|(mib, _)| mib) };
     let lock_key = advisory_key(&settings);
     if !take_lock(lock_key, if_busy, &settings).or_raise() {
-        finish_call();
+        finish_call(&styles);
         return;
     }
     throttle.start();
@@ -125,7 +126,7 @@ fn backfill_chat_messages_resumable(
     PgTryBuilder::new(AssertUnwindSafe(|| run(settings, &limits, restart.unwrap_or(false), &parallel, if_busy).or_raise()))
         .finally(|| unlock(lock_key))
         .execute();
-    finish_call();
+    finish_call(&styles);
 }
 
 /// What to do when another session holds the runner lock.
@@ -523,15 +524,40 @@ pub(crate) fn commit() {
 /// Keys are kept as text (the high-water mark, checkpoints, ranges) and cast back in later
 /// transactions, other sessions and workers. Dates and intervals print, for this
 /// transaction, in the styles every session reads back alike (ISO dates are read the same
-/// whatever DateStyle's field order); the session's input order stays as it is.
+/// whatever DateStyle's field order; floats in full); the session's input order stays as it is.
 pub(crate) fn iso_keys() {
     let _ = Spi::run(
         "SELECT pg_catalog.set_config('datestyle'::pg_catalog.text, 'ISO'::pg_catalog.text, true), \
-                pg_catalog.set_config('intervalstyle'::pg_catalog.text, 'postgres'::pg_catalog.text, true)",
+                pg_catalog.set_config('intervalstyle'::pg_catalog.text, 'postgres'::pg_catalog.text, true), \
+                pg_catalog.set_config('extra_float_digits'::pg_catalog.text, '1'::pg_catalog.text, true)",
     );
 }
 
-fn finish_call() {
+/// The styles iso_keys sets, as the session has them.
+fn key_styles() -> Vec<(String, String)> {
+    ["datestyle", "intervalstyle", "extra_float_digits"]
+        .iter()
+        .filter_map(|name| {
+            let value = Spi::get_one_with_args::<String>(
+                "SELECT pg_catalog.current_setting($1::pg_catalog.text)",
+                &[(*name).into()],
+            )
+            .ok()
+            .flatten()?;
+            Some(((*name).to_owned(), value))
+        })
+        .collect()
+}
+
+fn finish_call(styles: &[(String, String)]) {
+    // The caller's transaction (a DO block's, say) goes on after the CALL: give it back its
+    // own styles, which iso_keys changed for the transaction.
+    for (name, value) in styles {
+        let _ = Spi::run_with_args(
+            "SELECT pg_catalog.set_config($1::pg_catalog.text, $2::pg_catalog.text, true)",
+            &[name.as_str().into(), value.as_str().into()],
+        );
+    }
     // SAFETY: pops only a snapshot that is set, and ends the SPI connection made at the start.
     unsafe {
         if pg_sys::ActiveSnapshotSet() {

@@ -81,11 +81,7 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     check_can_connect()?;
     let session = session_settings()?;
     // The cap is the server's: workers of every CALL, in every database, count.
-    let running = Spi::get_one::<i64>(
-        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity a \
-         WHERE a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text",
-    )?
-    .unwrap_or(0) as usize;
+    let running = ranges::workers_on_server()?;
     let wanted = if running + wanted > cap {
         let free = cap.saturating_sub(running);
         notice!(
@@ -312,10 +308,11 @@ fn wait(workers: Vec<Worker>, run_id: i64, launch_id: i64) -> Result<()> {
         unlead();
         caught.rethrow()
     })
-    .execute()?;
+    .execute();
+    // Whatever ended the wait, no worker outlives it unseen.
     stop_all(&cell.borrow());
     unlead();
-    if let Some(error) = failure {
+    if let Some(error) = failure? {
         return Err(error);
     }
     let after = run_state::totals(run_id)?;
@@ -574,6 +571,7 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
         }
     }
     crate::resumable::iso_keys();
+    ranges::mark_as_worker()?;
     let activity = CString::new(format!("chat_backfill worker: run {run_id}")).unwrap_or_default();
     // SAFETY: reports this backend's own activity; the string is copied.
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr()) };

@@ -420,3 +420,16 @@ def test_the_worker_cap_is_the_servers_not_one_calls(cluster, expected):
         assert_exactly_once(cluster, first, want)
     finally:
         cap("RESET chat_backfill.max_workers")
+
+
+def test_the_callers_transaction_keeps_its_own_datestyle(cluster, expected):
+    """The committing form prints keys as ISO in its own transactions; a DO block that CALLs
+    it goes on, after the CALL, with the DateStyle the session had."""
+    chats, want = expected
+    db = make_db(cluster, chats)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SET datestyle = 'SQL, DMY'")
+        cur.execute("DO $$ BEGIN CALL backfill_chat_messages_resumable(now => %s, workers => 2);"
+                    " RAISE NOTICE 'after: %%', current_setting('datestyle'); END $$" % chatgen.NOW)
+        assert any("after: SQL, DMY" in n for n in conn.notices), conn.notices
+    assert_exactly_once(cluster, db, want)
