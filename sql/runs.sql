@@ -27,7 +27,8 @@ CREATE TABLE chat_backfill.runs (
     chats_vanished    pg_catalog.int8 NOT NULL DEFAULT 0,  -- deleted by the application meanwhile
     started_by        pg_catalog.text NOT NULL DEFAULT CURRENT_USER,  -- for audit; any runner may resume
     replica_lag_bytes pg_catalog.int8,              -- while throttled: how far behind the replicas are
-    batch_size        pg_catalog.int4               -- the size the last batch used (batch_time tunes it)
+    batch_size        pg_catalog.int4,              -- the size the last batch used (batch_time tunes it)
+    rows              pg_catalog.text NOT NULL DEFAULT 'migration'  -- which rows: 'migration' or 'app'
 );
 CREATE INDEX ON chat_backfill.runs (source_oid, target_oid, run_id DESC);
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs', '');
@@ -39,7 +40,7 @@ SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs_run_id_seq', '');
 -- audited by cannot be changed.
 REVOKE ALL ON chat_backfill.runs FROM PUBLIC;
 GRANT SELECT, DELETE ON chat_backfill.runs TO PUBLIC;
-GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water, total_chats, now, status)
+GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water, total_chats, now, status, rows)
     ON chat_backfill.runs TO PUBLIC;
 GRANT UPDATE (last_key, chats_read, messages_inserted, messages_rejected, messages_existing, messages_skipped,
               chats_skipped, chats_vanished, batches, active_ms, status, updated_at, finished_at, last_error,

@@ -193,6 +193,7 @@ fn backfill_chat_messages(
     dry_run: default!(bool, false),
     force: default!(bool, false),
     batch_time: default!(Option<Interval>, "NULL"),
+    rows: default!(&str, "'migration'"),
 ) -> TableIterator<
     'static,
     (
@@ -220,6 +221,7 @@ fn backfill_chat_messages(
         chat_column,
         dry_run,
         batch_time: batch_time.map(|t| t.as_micros()),
+        rows,
     }
     .check()
     .or_raise();
@@ -246,3 +248,50 @@ fn backfill_chat_messages(
 }
 
 extension_sql_file!("../sql/state.sql", name = "state_schema", bootstrap);
+
+/// Compares `target` with the rows the rules (`rows`: 'migration' or 'app') give for
+/// `source`, chat by chat, and returns what differs: `missing` (a row the rules give that
+/// the target lacks), `different` (the listed columns differ; JSON compared as values;
+/// updated_at and values that came from the clock are not compared), `extra` (a row the
+/// rules do not give, e.g. of a message no longer in the document) and `partial_chat`
+/// (some but not all of a chat's rows present). Writes nothing; summary in a NOTICE.
+#[pg_extern(
+    sql = r#"
+CREATE FUNCTION chat_backfill.verify(
+    source regclass DEFAULT NULL,
+    target regclass DEFAULT NULL,
+    "rows" text DEFAULT 'migration')
+RETURNS TABLE (chat_id text, message_key text, kind text, columns text[])
+VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#,
+    requires = ["state_schema"]
+)]
+fn verify(
+    source: Option<pg_sys::Oid>,
+    target: Option<pg_sys::Oid>,
+    rows: Option<&str>,
+) -> TableIterator<
+    'static,
+    (name!(chat_id, String), name!(message_key, Option<String>), name!(kind, String), name!(columns, Option<Vec<String>>)),
+> {
+    let settings = Request {
+        source,
+        target,
+        batch_size: None,
+        now: None,
+        source_filter: Some(SHARED_CHATS_FILTER),
+        id_column: "id",
+        user_id_column: "user_id",
+        chat_column: "chat",
+        dry_run: true,
+        batch_time: None,
+        rows: rows.unwrap_or("migration"),
+    }
+    .check()
+    .or_raise();
+    let mut verifier = crate::backfill::verify::Verifier::start(settings).or_raise();
+    TableIterator::new(std::iter::from_fn(move || verifier.next().or_raise()).map(|f| (f.chat_id, f.message_key, f.kind.to_owned(), f.columns)))
+}
+
+/// The migration's own filter: shared chats (user_id 'shared-...') are copies, left out.
+const SHARED_CHATS_FILTER: &str = "user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text";

@@ -9,7 +9,6 @@ use std::ffi::{c_char, c_int, c_void, CString};
 
 use pgrx::pg_sys;
 
-use crate::relations::TARGET_COLUMNS;
 
 /// Rows to feed, as COPY text-format lines, produced on demand by `next_line`.
 pub trait CopySource {
@@ -98,7 +97,7 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
 
 /// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written.
 /// Raises on any failure (the caller runs it in a subtransaction).
-pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource) -> u64 {
+pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str]) -> u64 {
     let source: *const (dyn CopySource + '_) = source;
     // SAFETY: only erases the lifetime; the pointer is used only while this call runs,
     // and FEED is cleared on every way out (ClearFeed).
@@ -111,7 +110,7 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource) -> u64 {
         }
     }
     let _clear = ClearFeed;
-    let columns = column_list();
+    let columns = column_list(names);
     // SAFETY: the relation is opened and locked as COPY FROM does; the options and column
     // list are built in the current memory context; COPY reads only through `read_feed`.
     unsafe {
@@ -139,11 +138,11 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource) -> u64 {
     }
 }
 
-/// The target's chat_message columns as COPY's column list.
-fn column_list() -> *mut pg_sys::List {
+/// The columns written, as COPY's column list.
+fn column_list(names: &[&str]) -> *mut pg_sys::List {
     let mut columns: *mut pg_sys::List = std::ptr::null_mut();
-    for (name, _) in TARGET_COLUMNS {
-        let name = CString::new(name).unwrap_or_default();
+    for name in names {
+        let name = CString::new(*name).unwrap_or_default();
         // SAFETY: pstrdup copies the name into the current memory context, which the
         // List and its String nodes also live in.
         columns = unsafe { pg_sys::lappend(columns, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast()) };

@@ -248,11 +248,13 @@ impl Span {
         Span { key: at(key), value: at(value) }
     }
 
-    fn key<'a>(&self, doc: &'a str) -> &'a str {
+    /// The key's JSON string token.
+    pub fn key<'a>(&self, doc: &'a str) -> &'a str {
         &doc[self.key.0 as usize..self.key.1 as usize]
     }
 
-    fn value<'a>(&self, doc: &'a str) -> &'a str {
+    /// The value's JSON text.
+    pub fn value<'a>(&self, doc: &'a str) -> &'a str {
         &doc[self.value.0 as usize..self.value.1 as usize]
     }
 }
@@ -265,19 +267,59 @@ const MAX_DOCUMENT_BYTES: usize = u32::MAX as usize;
 pub const POLL_EVERY: usize = 4096;
 
 fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Vec<Span>, ChatSkip> {
+    match find_messages(doc, poll, Keys::Exact)? {
+        Found::NoHistory | Found::NoMessages => Ok(Vec::new()),
+        Found::HistoryNotObject => Err(ChatSkip::HistoryNotObject),
+        Found::MessagesNotObject { .. } => Err(ChatSkip::MessagesNotObject),
+        Found::Messages(spans) => Ok(spans),
+    }
+}
+
+/// How keys are compared: as decoded, or (Open WebUI's read path) with NUL characters and
+/// lone surrogates removed first, as `sanitize_data_for_db` leaves them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    Exact,
+    Sanitized,
+}
+
+impl Keys {
+    pub fn of<'a>(self, raw_key: &'a str) -> Cow<'a, [u8]> {
+        let decoded = scalar::decode_string(raw_key);
+        match self {
+            Keys::Exact => decoded.into_bytes(),
+            Keys::Sanitized if decoded.storable().is_ok() => decoded.into_bytes(),
+            Keys::Sanitized => Cow::Owned(decoded.sanitized().into_owned().into_bytes()),
+        }
+    }
+}
+
+/// What `chat.history.messages` is in a document.
+pub enum Found {
+    NoHistory,
+    HistoryNotObject,
+    NoMessages,
+    /// `truthy`: Python's `bool()` of it.
+    MessagesNotObject { truthy: bool },
+    /// Where each entry lies, in Python's order, duplicate keys resolved.
+    Messages(Vec<Span>),
+}
+
+/// Validates the whole document in one pass and locates `chat.history.messages`.
+pub fn find_messages(doc: &str, poll: &mut dyn FnMut(), keys: Keys) -> Result<Found, ChatSkip> {
     if doc.len() > MAX_DOCUMENT_BYTES {
         return Err(ChatSkip::NotJson);
     }
     let mut de = serde_json::Deserializer::from_str(doc);
-    let found = de.deserialize_map(ChatVisitor { base: doc, poll: &mut *poll }).map_err(|_| ChatSkip::NotJson)?;
+    let found = de.deserialize_map(ChatVisitor { base: doc, poll: &mut *poll, keys }).map_err(|_| ChatSkip::NotJson)?;
     de.end().map_err(|_| ChatSkip::NotJson)?;
-    let spans = match found {
-        None | Some(Level::Object(None)) => return Ok(Vec::new()),
-        Some(Level::NotObject) => return Err(ChatSkip::HistoryNotObject),
-        Some(Level::Object(Some(Level::NotObject))) => return Err(ChatSkip::MessagesNotObject),
-        Some(Level::Object(Some(Level::Object(spans)))) => spans,
-    };
-    Ok(dedupe_keys(doc, spans, poll))
+    Ok(match found {
+        None => Found::NoHistory,
+        Some(Level::Object(None)) => Found::NoMessages,
+        Some(Level::NotObject { .. }) => Found::HistoryNotObject,
+        Some(Level::Object(Some(Level::NotObject { truthy }))) => Found::MessagesNotObject { truthy },
+        Some(Level::Object(Some(Level::Object(spans)))) => Found::Messages(dedupe_keys(doc, spans, poll, keys)),
+    })
 }
 
 /// Expands the entry at `span` of `doc` (a document's text, as given to `index`).
@@ -297,7 +339,7 @@ pub fn expand_chat(text: Option<&str>, now: i64, mut each: impl FnMut(Entry<'_>)
 /// What one level of `chat.history.messages` held (`None` around it: missing). The levels are walked in a single
 /// pass over the document: only each message's own text is read twice.
 enum Level<T> {
-    NotObject,
+    NotObject { truthy: bool },
     Object(T),
 }
 
@@ -306,6 +348,7 @@ enum Level<T> {
 fn walk_level<'de, A, T>(
     mut map: A,
     wanted: &'static str,
+    keys: Keys,
     mut inner: impl FnMut(&mut A) -> Result<T, A::Error>,
 ) -> Result<Option<T>, A::Error>
 where
@@ -313,7 +356,7 @@ where
 {
     let mut found = None;
     while let Some(key) = map.next_key::<&'de RawValue>()? {
-        if scalar::decode_string(key.get()).as_bytes() == wanted.as_bytes() {
+        if keys.of(key.get()).as_ref() == wanted.as_bytes() {
             found = Some(inner(&mut map)?);
         } else {
             map.next_value::<IgnoredAny>()?;
@@ -327,6 +370,7 @@ where
 struct ChatVisitor<'d, 'p> {
     base: &'d str,
     poll: &'p mut dyn FnMut(),
+    keys: Keys,
 }
 
 impl<'de> Visitor<'de> for ChatVisitor<'de, '_> {
@@ -335,14 +379,15 @@ impl<'de> Visitor<'de> for ChatVisitor<'de, '_> {
         f.write_str("a chat object")
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        let (base, poll) = (self.base, self.poll);
-        walk_level(map, "history", |m| m.next_value_seed(LevelSeed(HistoryVisitor { base, poll: &mut *poll })))
+        let (base, poll, keys) = (self.base, self.poll, self.keys);
+        walk_level(map, "history", keys, |m| m.next_value_seed(LevelSeed(HistoryVisitor { base, poll: &mut *poll, keys })))
     }
 }
 
 struct HistoryVisitor<'d, 'p> {
     base: &'d str,
     poll: &'p mut dyn FnMut(),
+    keys: Keys,
 }
 
 impl<'de> Visitor<'de> for HistoryVisitor<'de, '_> {
@@ -351,8 +396,10 @@ impl<'de> Visitor<'de> for HistoryVisitor<'de, '_> {
         f.write_str("a history object")
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        let (base, poll) = (self.base, self.poll);
-        walk_level(map, "messages", |m| m.next_value_seed(LevelSeed(MessagesVisitor { base, poll: &mut *poll })))
+        let (base, poll, keys) = (self.base, self.poll, self.keys);
+        walk_level(map, "messages", keys, |m| {
+            m.next_value_seed(LevelSeed(MessagesVisitor { base, poll: &mut *poll }))
+        })
     }
 }
 
@@ -395,14 +442,6 @@ where
 
 struct LevelVisitor<V>(V);
 
-macro_rules! not_object {
-    ($($method:ident($ty:ty)),*) => {
-        $(fn $method<E: serde::de::Error>(self, _: $ty) -> Result<Self::Value, E> {
-            Ok(Level::NotObject)
-        })*
-    };
-}
-
 impl<'de, V> Visitor<'de> for LevelVisitor<V>
 where
     V: Visitor<'de>,
@@ -415,13 +454,34 @@ where
         self.0.visit_map(map).map(Level::Object)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Level::NotObject)
+        let mut truthy = false;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            truthy = true;
+        }
+        Ok(Level::NotObject { truthy })
     }
     fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Level::NotObject)
+        Ok(Level::NotObject { truthy: false })
     }
-    not_object!(visit_bool(bool), visit_i64(i64), visit_u64(u64), visit_f64(f64), visit_str(&str));
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Level::NotObject { truthy: v })
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Level::NotObject { truthy: v != 0 })
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Level::NotObject { truthy: v != 0 })
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Level::NotObject { truthy: v != 0.0 })
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        // Only app mode asks, where NUL characters are stripped before Python sees it.
+        Ok(Level::NotObject { truthy: v.chars().any(|c| c != '\0') })
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        self.visit_str(&v)
+    }
 }
 
 /// Python's dict built from pairs: a repeated key keeps its first position and takes
@@ -430,8 +490,8 @@ where
 /// Keys are first told apart by a 64-bit hash (9 bytes a key in the set, not the 25 of a
 /// set of the keys themselves: a chat of a million messages is checked in 18 MB); only when
 /// two hashes agree are the keys themselves compared.
-fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut()) -> Vec<Span> {
-    let key = |span: &Span| scalar::decode_string(span.key(doc)).into_bytes();
+fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut(), keys: Keys) -> Vec<Span> {
+    let key = |span: &Span| keys.of(span.key(doc));
     let hash = |span: &Span| {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         key(span).hash(&mut hasher);
@@ -484,12 +544,40 @@ struct Fields<'a> {
     timestamp: Option<&'a str>,
 }
 
-impl<'a> Fields<'a> {
-    /// `None` if `raw` is not a JSON object (it was validated as JSON already).
-    fn read(raw: &'a str) -> Option<Self> {
-        serde_json::Deserializer::from_str(raw).deserialize_map(FieldsVisitor).ok()
-    }
+/// A set of message fields read in one pass: each key's slot (last duplicate wins),
+/// keys compared as `KEYS` says.
+pub(crate) trait FieldSlots<'a>: Default {
+    const KEYS: Keys;
+    fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>>;
+}
 
+/// Reads the fields of a message; `None` if `raw` is not a JSON object (it was validated
+/// as JSON already). Other keys are skipped without building anything.
+pub(crate) fn read_fields<'a, F: FieldSlots<'a>>(raw: &'a str) -> Option<F> {
+    struct FieldsVisitor<F>(std::marker::PhantomData<F>);
+    impl<'de, F: FieldSlots<'de>> Visitor<'de> for FieldsVisitor<F> {
+        type Value = F;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a message object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut fields = F::default();
+            while let Some(key) = map.next_key::<&'de RawValue>()? {
+                match fields.slot(&F::KEYS.of(key.get())) {
+                    Some(slot) => *slot = Some(map.next_value::<&'de RawValue>()?.get()),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(fields)
+        }
+    }
+    serde_json::Deserializer::from_str(raw).deserialize_map(FieldsVisitor(std::marker::PhantomData)).ok()
+}
+
+impl<'a> FieldSlots<'a> for Fields<'a> {
+    const KEYS: Keys = Keys::Exact;
     fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>> {
         Some(match key {
             b"role" => &mut self.role,
@@ -510,31 +598,10 @@ impl<'a> Fields<'a> {
     }
 }
 
-struct FieldsVisitor;
-
-impl<'de> Visitor<'de> for FieldsVisitor {
-    type Value = Fields<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a message object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut fields = Fields::default();
-        while let Some(key) = map.next_key::<&'de RawValue>()? {
-            match fields.slot(scalar::decode_string(key.get()).as_bytes()) {
-                Some(slot) => *slot = Some(map.next_value::<&'de RawValue>()?.get()),
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(fields)
-    }
-}
-
 fn expand_message<'a>(key: Decoded<'a>, raw: &'a str, now: i64) -> Entry<'a> {
     let shown_key = || key.display();
     let fields = match scalar::kind(raw) {
-        Kind::Object => Fields::read(raw),
+        Kind::Object => read_fields::<Fields>(raw),
         _ => None,
     };
     let Some(fields) = fields else {

@@ -8,6 +8,7 @@
 //! checks the tables; `subxact` isolates failures; `datums` moves values; `version`
 //! holds what differs between PostgreSQL majors.
 
+pub mod app_rows;
 pub mod expand;
 pub mod scalar;
 

@@ -94,6 +94,7 @@ fn plan(
         chat_column: chat_column.unwrap_or("chat"),
         dry_run: false,
         batch_time: None,
+        rows: "migration",
     };
     let findings = findings(request).or_raise();
     TableIterator::new(findings.into_iter().map(|f| {
@@ -109,7 +110,7 @@ fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
         out.push(source_size(&source, bytes));
     }
     // A target that cannot take rows is the finding, not an error: the plan says what to fix.
-    let target = match resolve(request.target, "chat_message", "target").and_then(|t| check_target(&t).map(|_| t)) {
+    let target = match resolve(request.target, "chat_message", "target").and_then(|t| check_target(&t, false).map(|_| t)) {
         Ok(target) => target,
         Err(e) => {
             if stored.is_none() {

@@ -27,6 +27,18 @@ pub const TARGET_COLUMNS: [(&str, ColumnKind); 17] = [
     ("updated_at", ColumnKind::Int8),
 ];
 
+/// The columns Open WebUI 0.12.4's head schema adds, which `rows => 'app'` fills too.
+pub const APP_COLUMNS: [(&str, ColumnKind); 2] = [("meta", ColumnKind::Json), ("context_summary", ColumnKind::Text)];
+
+/// The columns a run writes, in the order of its rows' fields.
+pub fn target_columns(app: bool) -> Vec<(&'static str, ColumnKind)> {
+    let mut columns = TARGET_COLUMNS.to_vec();
+    if app {
+        columns.extend(APP_COLUMNS);
+    }
+    columns
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum ColumnKind {
     Text,
@@ -136,10 +148,20 @@ fn column_types(relation: &Relation, columns: &[&str]) -> Result<Vec<Option<pg_s
 
 /// The target must have every `chat_message` column with a usable type, and a unique,
 /// non-partial index on `id` alone, which `ON CONFLICT (id)` needs.
-pub fn check_target(target: &Relation) -> Result<()> {
-    let names: Vec<&str> = TARGET_COLUMNS.iter().map(|(n, _)| *n).collect();
-    for ((name, kind), type_oid) in TARGET_COLUMNS.iter().zip(column_types(target, &names)?) {
+pub fn check_target(target: &Relation, app: bool) -> Result<()> {
+    let columns = target_columns(app);
+    let names: Vec<&str> = columns.iter().map(|(n, _)| *n).collect();
+    for ((name, kind), type_oid) in columns.iter().zip(column_types(target, &names)?) {
         match type_oid {
+            None if APP_COLUMNS.iter().any(|(n, _)| n == name) => {
+                return Err(Error::new(
+                    ERRCODE_UNDEFINED_COLUMN,
+                    format!("target table {} has no column \"{name}\", which rows => 'app' writes", target.name),
+                    "rows => 'app' writes Open WebUI 0.12.4's head schema, where chat_message has meta json \
+                     (revision 856c5b02fb54) and context_summary text (4c5ce3d2f27f): run Open WebUI's migrations to \
+                     their head first, or use rows => 'migration' for the schema migration 8452d01d26d7 creates.",
+                ))
+            }
             None => {
                 return Err(Error::new(
                     ERRCODE_UNDEFINED_COLUMN,

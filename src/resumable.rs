@@ -43,7 +43,8 @@ CREATE PROCEDURE backfill_chat_messages_resumable(
     max_wal_rate numeric DEFAULT NULL,
     workers integer DEFAULT 1,
     wait_for_workers boolean DEFAULT true,
-    batch_time interval DEFAULT NULL)
+    batch_time interval DEFAULT NULL,
+    "rows" text DEFAULT 'migration')
 LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#,
     requires = ["state_schema", "runs_state", "parallel_state"]
@@ -68,6 +69,7 @@ fn backfill_chat_messages_resumable(
     workers: Option<i32>,
     wait_for_workers: Option<bool>,
     batch_time: Option<Interval>,
+    rows: Option<&str>,
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     refuse_atomic_call(fcinfo).or_raise();
@@ -103,6 +105,7 @@ fn backfill_chat_messages_resumable(
         chat_column: chat_column.unwrap_or("chat"),
         dry_run: false,
         batch_time: batch_time.map(|t| t.as_micros()),
+        rows: rows.unwrap_or("migration"),
     }
     .check()
     .or_raise();

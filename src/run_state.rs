@@ -27,9 +27,10 @@ pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
                     r.last_key, r.high_water, r.now \
              FROM chat_backfill.runs r \
              WHERE r.source_oid OPERATOR(pg_catalog.=) $1 AND r.target_oid OPERATOR(pg_catalog.=) $2 \
+               AND r.rows OPERATOR(pg_catalog.=) $3::pg_catalog.text \
              ORDER BY r.run_id DESC LIMIT 1",
             None,
-            &[settings.source.oid.into(), settings.target.oid.into()],
+            &[settings.source.oid.into(), settings.target.oid.into(), settings.rows.name().into()],
         )?;
         let Some(row) = table.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(None) };
         Ok(Some((
@@ -70,8 +71,8 @@ pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
     let Some(high_water) = high_water else { return Ok(None) };
     let run_id = Spi::get_one_with_args::<i64>(
         "INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, total_chats, now, \
-                                         source_filter, status) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running'::pg_catalog.text) RETURNING run_id",
+                                         source_filter, status, rows) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running'::pg_catalog.text, $9::pg_catalog.text) RETURNING run_id",
         &[
             settings.source.oid.into(),
             settings.target.oid.into(),
@@ -81,6 +82,7 @@ pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
             total.into(),
             settings.now.into(),
             text_or_null(settings.source_filter.as_deref()),
+            settings.rows.name().into(),
         ],
     )?
     .unwrap_or_default();

@@ -60,6 +60,31 @@ impl<'a> Decoded<'a> {
         self.bytes.is_empty()
     }
 
+    /// The text Open WebUI's `sanitize_text_for_db` leaves: NUL characters and lone
+    /// surrogates removed.
+    pub fn sanitized(&self) -> Cow<'_, str> {
+        if let Ok(s) = self.storable() {
+            return Cow::Borrowed(s);
+        }
+        let mut out = String::with_capacity(self.bytes.len());
+        let mut rest: &[u8] = &self.bytes;
+        while !rest.is_empty() {
+            match std::str::from_utf8(rest) {
+                Ok(s) => {
+                    out.extend(s.chars().filter(|&c| c != '\0'));
+                    break;
+                }
+                Err(e) => {
+                    let (good, bad) = rest.split_at(e.valid_up_to());
+                    out.extend(std::str::from_utf8(good).unwrap_or_default().chars().filter(|&c| c != '\0'));
+                    // Only our own surrogate encoding can be invalid here: three bytes.
+                    rest = &bad[3.min(bad.len())..];
+                }
+            }
+        }
+        Cow::Owned(out)
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes
     }

@@ -21,3 +21,8 @@ pub unsafe fn require_insert(_pstate: *mut pg_sys::ParseState, item: *mut pg_sys
     // SAFETY: the caller passes a live namespace item with its permission info.
     unsafe { (*(*item).p_perminfo).requiredPerms = pg_sys::ACL_INSERT as pg_sys::AclMode };
 }
+
+/// The major this build is for (int8in's syntax, for one, differs from 16 on).
+pub fn major() -> u32 {
+    pg_sys::PG_VERSION_NUM / 10000
+}

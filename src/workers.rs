@@ -59,6 +59,13 @@ struct Launch {
     leader_pid: Option<i32>,
     /// batch_time, in microseconds: each worker tunes its own batches.
     batch_time_us: Option<u64>,
+    /// `'migration'` or `'app'`.
+    #[serde(default = "migration")]
+    rows: String,
+}
+
+fn migration() -> String {
+    "migration".to_owned()
 }
 
 /// Starts workers for the split run and waits for them or not; false when no worker slot
@@ -117,6 +124,7 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
         // SAFETY: this backend's own pid, fixed for its life.
         leader_pid: parallel.wait.then(|| unsafe { pg_sys::MyProcPid }),
         batch_time_us: limits.batch_time.map(|t| t.as_micros() as u64),
+        rows: settings.rows.name().to_owned(),
     };
     let json = serde_json::to_string(&launch).map_err(|e| {
         Error::new(ERRCODE_INTERNAL_ERROR, format!("chat_backfill: cannot encode the workers' settings: {e}"), "This is a bug in chat_backfill.")
@@ -587,6 +595,7 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
         chat_column: &launch.chat_column,
         dry_run: false,
         batch_time: launch.batch_time_us.map(i128::from),
+        rows: &launch.rows,
     }
     .check()?;
     let mut settings = settings;

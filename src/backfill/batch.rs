@@ -11,22 +11,27 @@ use pgrx::prelude::*;
 
 use crate::copy_writer::{push_escaped, CopySource};
 use crate::datums::{bool_array, datum_array, int8_array, text_datum, text_str};
+use crate::app_rows::AppMessage;
 use crate::expand::Message;
 
 pub struct Rows {
     context: pg_sys::MemoryContext,
-    /// id, chat_id, user_id, role, parent_id, model_id (NULL: `None`)
-    text: [Vec<Option<pg_sys::Datum>>; 6],
-    /// content, output, files, sources, embeds, status_history, error, usage
-    json: [Vec<pg_sys::Datum>; 8],
+    /// Whether the rows are app rows (19 columns) rather than the migration's (17).
+    app: bool,
+    /// id, chat_id, user_id, role, parent_id, model_id, context_summary (NULL: `None`)
+    text: [Vec<Option<pg_sys::Datum>>; 7],
+    /// content, output, files, sources, embeds, status_history, error, usage, meta
+    json: [Vec<pg_sys::Datum>; 9],
     done: Vec<Option<bool>>,
     timestamp: Vec<i64>,
+    /// updated_at where it differs from created_at (app rows: the run's clock).
+    updated: Vec<i64>,
     /// Bytes of text held, so a batch of big messages ends before memory grows.
     bytes: usize,
 }
 
 impl Rows {
-    pub fn new() -> Rows {
+    pub fn new(app: bool) -> Rows {
         // SAFETY: a child of the transaction's context, deleted by `drop` (or with the
         // transaction if an error ends it first).
         let context = unsafe {
@@ -38,7 +43,16 @@ impl Rows {
                 pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
             )
         };
-        Rows { context, text: Default::default(), json: Default::default(), done: Vec::new(), timestamp: Vec::new(), bytes: 0 }
+        Rows {
+            context,
+            app,
+            text: Default::default(),
+            json: Default::default(),
+            done: Vec::new(),
+            timestamp: Vec::new(),
+            updated: Vec::new(),
+            bytes: 0,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -56,7 +70,7 @@ impl Rows {
         self.bytes += id.len() + chat_id.len() + m.role.len() + text + json.iter().map(|v| v.len()).sum::<usize>();
         // SAFETY: switches to the batch's own context for the copies and back.
         let caller = unsafe { pg_sys::MemoryContextSwitchTo(self.context) };
-        let [ids, chats, users, roles, parents, models] = &mut self.text;
+        let [ids, chats, users, roles, parents, models, _] = &mut self.text;
         ids.push(Some(text_datum(&id)));
         chats.push(Some(text_datum(chat_id)));
         users.push(user_id.map(text_datum));
@@ -72,6 +86,49 @@ impl Rows {
         self.timestamp.push(m.timestamp);
     }
 
+    /// An app row (`app_rows`): the message's own user_id if it has one, else the chat's.
+    pub fn push_app(&mut self, chat_id: &str, chat_user_id: Option<&str>, m: &AppMessage<'_>, now: i64) {
+        let mut id = String::with_capacity(chat_id.len() + 1 + m.key.len());
+        id.push_str(chat_id);
+        id.push('-');
+        id.push_str(&m.key);
+        let user_id = m.user_id.as_deref().or(chat_user_id);
+        let json = [&m.content, &m.output, &m.files, &m.sources, &m.embeds, &m.status_history, &m.error, &m.usage, &m.meta];
+        let texts = [Some(id.as_str()), Some(chat_id), user_id, Some(&*m.role), m.parent_id.as_deref(), m.model_id.as_deref(),
+            m.context_summary.as_deref()];
+        self.bytes += texts.iter().flatten().map(|v| v.len()).sum::<usize>() + json.iter().map(|v| v.len()).sum::<usize>();
+        // SAFETY: switches to the batch's own context for the copies and back.
+        let caller = unsafe { pg_sys::MemoryContextSwitchTo(self.context) };
+        for (column, value) in self.text.iter_mut().zip(texts) {
+            column.push(value.map(text_datum));
+        }
+        for (column, value) in self.json.iter_mut().zip(json) {
+            column.push(text_datum(value));
+        }
+        // SAFETY: restores the caller's context.
+        unsafe { pg_sys::MemoryContextSwitchTo(caller) };
+        self.done.push(m.done);
+        self.timestamp.push(m.created_at);
+        self.updated.push(now);
+    }
+
+    /// The fields of these rows, in the order of `target_columns`.
+    pub fn fields(&self) -> &'static [Field] {
+        fields(self.app)
+    }
+
+    /// Where each chat's rows lie (rows are pushed a chat at a time).
+    pub fn chats(&self) -> Vec<Range<usize>> {
+        let mut out: Vec<Range<usize>> = Vec::new();
+        for i in 0..self.len() {
+            match out.last_mut() {
+                Some(last) if self.ids(last.start).1 == self.ids(i).1 => last.end = i + 1,
+                _ => out.push(i..i + 1),
+            }
+        }
+        out
+    }
+
     /// The INSERT's array parameters for rows `r`, one per target column, in order.
     pub fn arguments(&self, r: Range<usize>) -> Vec<DatumWithOid<'static>> {
         self.arguments_of(&r.collect::<Vec<_>>())
@@ -80,7 +137,7 @@ impl Rows {
     /// The same for the rows at positions `rows`.
     pub fn arguments_of(&self, rows: &[usize]) -> Vec<DatumWithOid<'static>> {
         let pick = |column: &[Option<pg_sys::Datum>]| rows.iter().map(|&i| column[i]).collect::<Vec<_>>();
-        FIELDS
+        self.fields()
             .iter()
             .map(|field| {
                 let array = match *field {
@@ -91,6 +148,7 @@ impl Rows {
                     }
                     Field::Done => bool_array(&rows.iter().map(|&i| self.done[i]).collect::<Vec<_>>()),
                     Field::Timestamp => int8_array(&rows.iter().map(|&i| self.timestamp[i]).collect::<Vec<_>>()),
+                    Field::Updated => int8_array(&rows.iter().map(|&i| self.updated[i]).collect::<Vec<_>>()),
                 };
                 // SAFETY: `array` is an array of exactly `array_type()`'s element type.
                 unsafe { DatumWithOid::new(array, field.array_type()) }
@@ -125,6 +183,10 @@ impl Rows {
         for (col, name) in jsons.iter().enumerate() {
             out.push_str(&format!("\"{name}\":{},", self.json(col, i)));
         }
+        if self.app {
+            let summary = self.text(6, i).map_or("null".to_owned(), |s| serde_json::Value::from(s).to_string());
+            out.push_str(&format!("\"meta\":{},\"context_summary\":{summary},", self.json(8, i)));
+        }
         let done = self.done[i].map_or("null".to_owned(), |b| b.to_string());
         out.push_str(&format!("\"done\":{done},\"created_at\":{}}}", self.timestamp[i]));
         out
@@ -144,7 +206,7 @@ impl CopySource for Rows {
     }
 
     fn write_line(&self, i: usize, out: &mut Vec<u8>) {
-        for (n, field) in FIELDS.into_iter().enumerate() {
+        for (n, &field) in self.fields().iter().enumerate() {
             if n > 0 {
                 out.push(b'\t');
             }
@@ -160,6 +222,7 @@ impl CopySource for Rows {
                     None => out.extend_from_slice(b"\\N"),
                 },
                 Field::Timestamp => out.extend_from_slice(self.timestamp[i].to_string().as_bytes()),
+                Field::Updated => out.extend_from_slice(self.updated[i].to_string().as_bytes()),
             }
         }
         out.push(b'\n');
@@ -175,11 +238,46 @@ pub enum Field {
     Json(usize),
     Done,
     Timestamp,
+    /// `Rows::updated`
+    Updated,
 }
+
+/// The fields of a run's rows: the migration's 17 columns, or the app's 19.
+pub fn fields(app: bool) -> &'static [Field] {
+    if app {
+        &APP_FIELDS
+    } else {
+        &FIELDS
+    }
+}
+
+/// `target_columns(true)`, same order: the migration's columns (updated_at is the run's
+/// clock), then meta and context_summary.
+const APP_FIELDS: [Field; 19] = [
+    Field::Text(0),
+    Field::Text(1),
+    Field::Text(2),
+    Field::Text(3),
+    Field::Text(4),
+    Field::Json(0),
+    Field::Json(1),
+    Field::Text(5),
+    Field::Json(2),
+    Field::Json(3),
+    Field::Json(4),
+    Field::Done,
+    Field::Json(5),
+    Field::Json(6),
+    Field::Json(7),
+    Field::Timestamp,
+    Field::Updated,
+    Field::Json(8),   // meta
+    Field::Text(6),   // context_summary
+];
 
 /// The target's columns (`TARGET_COLUMNS`, same order) as stored in `Rows`: the one
 /// layout that the INSERT, its parameters and the COPY lines all follow.
-pub const FIELDS: [Field; 17] = [
+const FIELDS: [Field; 17] = [
     Field::Text(0),   // id
     Field::Text(1),   // chat_id
     Field::Text(2),   // user_id
@@ -206,7 +304,7 @@ impl Field {
             Field::Text(_) => "pg_catalog.text",
             Field::Json(_) => "pg_catalog.json",
             Field::Done => "pg_catalog.bool",
-            Field::Timestamp => "pg_catalog.int8",
+            Field::Timestamp | Field::Updated => "pg_catalog.int8",
         }
     }
 
@@ -215,7 +313,7 @@ impl Field {
             Field::Text(_) => pg_sys::TEXTARRAYOID,
             Field::Json(_) => json_array_oid(),
             Field::Done => pg_sys::BOOLARRAYOID,
-            Field::Timestamp => pg_sys::INT8ARRAYOID,
+            Field::Timestamp | Field::Updated => pg_sys::INT8ARRAYOID,
         }
     }
 }

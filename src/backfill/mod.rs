@@ -11,12 +11,14 @@ mod batch;
 mod read;
 mod rejections;
 pub mod settings;
+pub mod verify;
 mod write;
 
 use std::time::Instant;
 
 use pgrx::prelude::*;
 
+use crate::app_rows::{self, AppEntry, AppSkip};
 use crate::datums::ChatText;
 use crate::error::Result;
 use crate::expand::{self, Body, Column, Document, Entry, Span};
@@ -91,6 +93,8 @@ impl Batch {
     /// Whether `chat` fits whole in what is left of the batch. A chat that does not is
     /// left for the next batch, so batches end at chat boundaries and a resume re-reads no
     /// partly written chat; only a chat bigger than a whole batch is split.
+    /// App rows go whole into a batch (all or nothing, as Open WebUI writes them): a chat
+    /// bigger than a batch is one batch of its own.
     fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
         let text = chat.text.as_ref().map_or(0, ChatText::len);
         let (messages, bytes) = self.held();
@@ -98,7 +102,7 @@ impl Batch {
     }
 
     /// Takes a fetched chat: `Some` when it has messages to expand.
-    fn open(&mut self, fetched: Fetched) -> Option<OpenChat> {
+    fn open(&mut self, fetched: Fetched, settings: &Settings) -> Option<OpenChat> {
         let Fetched { chat_id, user_id, chat } = fetched;
         let Some(chat_id) = chat_id else {
             self.report.chats_read += 1;
@@ -106,6 +110,9 @@ impl Batch {
             return None;
         };
         self.chat_bytes += chat.as_ref().map_or(0, ChatText::len);
+        if settings.rows.is_app() {
+            return self.open_app(chat_id, user_id, chat);
+        }
         let column = chat.as_ref().and_then(ChatText::as_str);
         let opened = match (&chat, column) {
             (Some(_), None) => Err(expand::ChatSkip::NotJson),
@@ -146,8 +153,96 @@ impl Batch {
         }
     }
 
+    /// `open` for app rows: the checks of the app's read path (`app_rows::open`, `index`).
+    fn open_app(&mut self, chat_id: String, user_id: Option<String>, chat: Option<ChatText>) -> Option<OpenChat> {
+        let column = chat.as_ref().and_then(ChatText::as_str);
+        let opened = match (&chat, column) {
+            (Some(_), None) => Err(AppSkip::NotObject),
+            _ => app_rows::open(column, user_id.as_deref(), app_rows::APP_MAX_DEPTH).and_then(|doc| {
+                let spans = app_rows::index(doc, &mut || {
+                    pgrx::check_for_interrupts!();
+                })?;
+                let start = doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
+                Ok((spans, Body::Within(start..start + doc.len())))
+            }),
+        };
+        match opened {
+            Ok((spans, body)) if !spans.is_empty() => {
+                return Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0 })
+            }
+            Ok(_) => {}
+            Err(skip) if skip.is_problem() => {
+                self.report.chats_skipped += 1;
+                self.rejections.push(Rejection {
+                    chat_id: chat_id.clone(),
+                    message_key: None,
+                    message_id: None,
+                    sqlstate: skip.sqlstate().to_owned(),
+                    error: skip.describe().to_owned(),
+                    detail: Some("Open WebUI writes no rows for this chat either and keeps reading its JSON.".into()),
+                    message: None,
+                });
+            }
+            Err(_) => {}
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat_id);
+        None
+    }
+
+    /// App rows: expands the whole chat and takes its rows only if the app writes them
+    /// all; otherwise records the messages the app fails on, and no row of the chat.
+    fn expand_app(&mut self, chat: OpenChat, settings: &Settings) {
+        let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+        let doc = chat.body.text(column);
+        let server = app_rows::Server { major: crate::version::major() };
+        let mut entries = Vec::with_capacity(chat.spans.len());
+        for (n, span) in chat.spans.iter().enumerate() {
+            if n % 1024 == 0 {
+                pgrx::check_for_interrupts!();
+            }
+            entries.push(app_rows::entry_at(doc, *span, settings.now, server));
+        }
+        let failed = entries.iter().filter(|e| matches!(e, AppEntry::Failed { .. })).count();
+        if failed == 0 {
+            for entry in &entries {
+                match entry {
+                    AppEntry::Row(m) => self.rows.push_app(&chat.chat_id, chat.user_id.as_deref(), m, settings.now),
+                    _ => self.report.messages_skipped += 1,
+                }
+            }
+        } else {
+            let held_back = entries.len() - failed;
+            self.report.messages_skipped += held_back as i64;
+            for entry in entries {
+                if let AppEntry::Failed { key, failure, raw } = entry {
+                    self.rejection_bytes += raw.len() + 2 * key.len() + chat.chat_id.len();
+                    self.rejections.push(Rejection {
+                        chat_id: chat.chat_id.clone(),
+                        message_id: Some(format!("{}-{key}", chat.chat_id)),
+                        message_key: Some(key),
+                        sqlstate: failure.sqlstate.to_owned(),
+                        error: format!("Open WebUI cannot write this message: {}", failure.reason),
+                        detail: Some(format!(
+                            "Column {}. No row of this chat was written: Open WebUI writes a chat's rows all or nothing \
+                             ({held_back} other message(s) held back), and keeps reading its JSON.",
+                            failure.column
+                        )),
+                        message: Some(raw.to_owned()),
+                    });
+                }
+            }
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat.chat_id);
+    }
+
     /// Expands the chat's next messages while the batch has room; `Some` if some are left.
     fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Option<OpenChat> {
+        if settings.rows.is_app() {
+            self.expand_app(chat, settings);
+            return None;
+        }
         let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
         let doc = chat.body.text(column);
         while chat.next < chat.spans.len() {
@@ -246,7 +341,7 @@ impl Backfill {
         }
         let began = Instant::now();
         let mut batch = Batch {
-            rows: Rows::new(),
+            rows: Rows::new(self.settings.rows.is_app()),
             rejections: Vec::new(),
             rejection_bytes: 0,
             report: BatchReport { batch: self.batch + 1, batch_size: self.settings.batch_size as i32, ..Default::default() },
@@ -260,7 +355,7 @@ impl Backfill {
             let (open_chat, exhausted) = Spi::connect(|client| -> Result<(Option<OpenChat>, bool)> {
                 while batch.room_for_chats(settings) {
                     let Some(fetched) = reader.next(client, settings)? else { return Ok((None, true)) };
-                    if let Some(chat) = batch.open(fetched) {
+                    if let Some(chat) = batch.open(fetched, settings) {
                         if !batch.fits(&chat, settings) {
                             return Ok((Some(chat), false));
                         }

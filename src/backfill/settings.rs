@@ -39,6 +39,8 @@ pub struct Settings {
     pub trial: bool,
     /// `batch_time`: `batch_size` is then only the first batch's size.
     pub tuner: Option<Tuner>,
+    /// Which rows to write.
+    pub rows: RowsMode,
 }
 
 /// The SQL arguments, as given.
@@ -54,6 +56,42 @@ pub struct Request<'a> {
     pub dry_run: bool,
     /// Microseconds, as given (negative included, to be refused as it was written).
     pub batch_time: Option<i128>,
+    /// `'migration'` or `'app'` (see `RowsMode`).
+    pub rows: &'a str,
+}
+
+/// Which rows to write: exactly what Open WebUI's migration 8452d01d26d7 writes, or what
+/// Open WebUI 0.12.4 itself writes when it opens a chat without rows (`app_rows`).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum RowsMode {
+    Migration,
+    App,
+}
+
+impl RowsMode {
+    pub fn parse(rows: &str) -> Result<RowsMode> {
+        match rows {
+            "migration" => Ok(RowsMode::Migration),
+            "app" => Ok(RowsMode::App),
+            other => Err(Error::new(
+                ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("rows must be 'migration' or 'app', not {other:?}"),
+                "'migration' writes exactly what Open WebUI's migration writes; 'app' writes what Open WebUI 0.12.4 \
+                 writes when it opens a chat (needs its chat_message.meta and context_summary columns).",
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RowsMode::Migration => "migration",
+            RowsMode::App => "app",
+        }
+    }
+
+    pub fn is_app(self) -> bool {
+        self == RowsMode::App
+    }
 }
 
 impl Request<'_> {
@@ -90,7 +128,8 @@ impl Request<'_> {
         let source = resolve(self.source, "chat", "source")?;
         let target = resolve(self.target, "chat_message", "target")?;
         let (id_type, chat_type) = check_source(&source, self.id_column, self.user_id_column, self.chat_column)?;
-        check_target(&target)?;
+        let rows = RowsMode::parse(self.rows)?;
+        check_target(&target, rows.is_app())?;
         check_privileges(&source, (!self.dry_run).then_some(&target))?;
         let source_filter = self.source_filter.filter(|f| !f.trim().is_empty()).map(str::to_owned);
         if let Some(filter) = &source_filter {
@@ -112,6 +151,7 @@ impl Request<'_> {
             sample_percent: None,
             trial: false,
             tuner,
+            rows,
         })
     }
 }
