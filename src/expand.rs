@@ -525,24 +525,48 @@ fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut(), keys: Keys) 
     out
 }
 
-/// The message fields the reference reads, as raw JSON (last duplicate wins), taken in
-/// one pass over the message without building anything for the other keys.
-#[derive(Default)]
-struct Fields<'a> {
-    role: Option<&'a str>,
-    parent_id: Option<&'a str>,
-    content: Option<&'a str>,
-    output: Option<&'a str>,
-    model: Option<&'a str>,
-    files: Option<&'a str>,
-    sources: Option<&'a str>,
-    embeds: Option<&'a str>,
-    done: Option<&'a str>,
-    status_history: Option<&'a str>,
-    error: Option<&'a str>,
-    usage: Option<&'a str>,
-    timestamp: Option<&'a str>,
+/// Declares a set of message fields read in one pass by `read_fields`: a struct of the
+/// raw values and the key each comes from.
+macro_rules! message_fields {
+    ($(#[$meta:meta])* $name:ident, $keys:expr, { $($field:ident: $key:literal),* $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Default)]
+        struct $name<'a> {
+            $($field: Option<&'a str>,)*
+        }
+
+        impl<'a> $crate::expand::FieldSlots<'a> for $name<'a> {
+            const KEYS: $crate::expand::Keys = $keys;
+            fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>> {
+                Some(match key {
+                    $($key => &mut self.$field,)*
+                    _ => return None,
+                })
+            }
+        }
+    };
 }
+pub(crate) use message_fields;
+
+message_fields!(
+    /// The message fields the reference reads, as raw JSON (last duplicate wins), taken in
+    /// one pass over the message without building anything for the other keys.
+    Fields, Keys::Exact, {
+        role: b"role",
+        parent_id: b"parentId",
+        content: b"content",
+        output: b"output",
+        model: b"model",
+        files: b"files",
+        sources: b"sources",
+        embeds: b"embeds",
+        done: b"done",
+        status_history: b"statusHistory",
+        error: b"error",
+        usage: b"usage",
+        timestamp: b"timestamp",
+    }
+);
 
 /// A set of message fields read in one pass: each key's slot (last duplicate wins),
 /// keys compared as `KEYS` says.
@@ -576,27 +600,6 @@ pub(crate) fn read_fields<'a, F: FieldSlots<'a>>(raw: &'a str) -> Option<F> {
     serde_json::Deserializer::from_str(raw).deserialize_map(FieldsVisitor(std::marker::PhantomData)).ok()
 }
 
-impl<'a> FieldSlots<'a> for Fields<'a> {
-    const KEYS: Keys = Keys::Exact;
-    fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>> {
-        Some(match key {
-            b"role" => &mut self.role,
-            b"parentId" => &mut self.parent_id,
-            b"content" => &mut self.content,
-            b"output" => &mut self.output,
-            b"model" => &mut self.model,
-            b"files" => &mut self.files,
-            b"sources" => &mut self.sources,
-            b"embeds" => &mut self.embeds,
-            b"done" => &mut self.done,
-            b"statusHistory" => &mut self.status_history,
-            b"error" => &mut self.error,
-            b"usage" => &mut self.usage,
-            b"timestamp" => &mut self.timestamp,
-            _ => return None,
-        })
-    }
-}
 
 fn expand_message<'a>(key: Decoded<'a>, raw: &'a str, now: i64) -> Entry<'a> {
     let shown_key = || key.display();

@@ -62,6 +62,8 @@ struct OpenChat {
     body: Body,
     spans: Vec<Span>,
     next: usize,
+    /// App rows: how the app's codec reads the chat.
+    codec: app_rows::Codec,
 }
 
 /// A batch being filled.
@@ -126,7 +128,7 @@ impl Batch {
         match opened {
             // Counted as read when its last message is in a batch.
             Ok((spans, body)) if !spans.is_empty() => {
-                Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0 })
+                Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0, codec: app_rows::Codec { exact_ints: false } })
             }
             Ok(_) => {
                 self.report.chats_read += 1;
@@ -158,17 +160,17 @@ impl Batch {
         let column = chat.as_ref().and_then(ChatText::as_str);
         let opened = match (&chat, column) {
             (Some(_), None) => Err(AppSkip::NotObject),
-            _ => app_rows::open(column, user_id.as_deref(), app_rows::APP_MAX_DEPTH).and_then(|doc| {
-                let spans = app_rows::index(doc, &mut || {
+            _ => app_rows::open(column, user_id.as_deref(), app_rows::APP_MAX_DEPTH).and_then(|opened| {
+                let spans = app_rows::index(opened.doc, &mut || {
                     pgrx::check_for_interrupts!();
                 })?;
-                let start = doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
-                Ok((spans, Body::Within(start..start + doc.len())))
+                let start = opened.doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
+                Ok((spans, Body::Within(start..start + opened.doc.len()), opened.codec))
             }),
         };
         match opened {
-            Ok((spans, body)) if !spans.is_empty() => {
-                return Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0 })
+            Ok((spans, body, codec)) if !spans.is_empty() => {
+                return Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0, codec })
             }
             Ok(_) => {}
             Err(skip) if skip.is_problem() => {
@@ -201,7 +203,7 @@ impl Batch {
             if n % 1024 == 0 {
                 pgrx::check_for_interrupts!();
             }
-            entries.push(app_rows::entry_at(doc, *span, settings.now, server));
+            entries.push(app_rows::entry_at(doc, *span, settings.now, server, chat.codec));
         }
         let failed = entries.iter().filter(|e| matches!(e, AppEntry::Failed { .. })).count();
         if failed == 0 {

@@ -141,8 +141,38 @@ def hostile_chats() -> list[Chat]:
     add("messages null", '{"history":{"messages":null}}')
     add("history duplicated: last wins", '{"history":{"messages":{"a":%s}},"history":{"messages":{"b":%s}}}' % (ok, ok))
     add("history escaped key", '{"hist\\u006fry":{"messages":{"esc":%s}}}' % ok)
+    lists = _entry_lists()
     # Rule 4: entries of history.messages.
-    msgs = ",".join(
+    msgs = ",".join(lists["message entries"])
+    add("message entries", _history("{%s}" % msgs))
+    cols = ",".join(lists["columns"])
+    add("columns", _history("{%s}" % cols))
+    bad = ",".join(lists["unstorable messages"])
+    add("unstorable messages", _history("{%s}" % bad))
+    ts_msgs = ",".join(lists["timestamps"])
+    add("timestamps", _history("{%s}" % ts_msgs))
+    # Rule 8: nesting deep enough to crash Python's json module (the reference).
+    deep = "[" * 5000 + "]" * 5000
+    add("deep nesting", _one('"deep"', '{"role":"user","content":%s}' % deep), crashes=True)
+    return out
+
+
+def hostile_message_chats(prefix: str = "solo") -> list[Chat]:
+    """One chat per hostile message entry (key and value as raw JSON), so that a rule that
+    judges a chat by its worst message (Open WebUI's app writes a chat all or nothing)
+    still sees every case on its own."""
+    out = []
+    for tag, entries in _entry_lists().items():
+        for n, entry in enumerate(entries):
+            out.append(Chat(f"{prefix}-{len(out):03d}", "u-hostile", _history("{%s}" % entry), f"{tag} #{n}", False))
+    return out
+
+
+def _entry_lists() -> dict[str, list[str]]:
+    """The raw `"key":value` entries of the hostile chats' history.messages, by chat tag."""
+    ok = '{"role":"user","content":"hi","timestamp":1700000000}'
+    lists = {}
+    lists["message entries"] = (
         [
             '"str":"just a string"',
             '"num":42',
@@ -165,9 +195,8 @@ def hostile_chats() -> list[Chat]:
             '"esc\\"quote":%s' % ok,
         ]
     )
-    add("message entries", _history("{%s}" % msgs))
     # Rule 5 and 7: columns.
-    cols = ",".join(
+    lists["columns"] = (
         [
             '"role_int":{"role":1}',
             '"role_float":{"role":1.5}',
@@ -206,9 +235,8 @@ def hostile_chats() -> list[Chat]:
             '"escaped_field_name":{"r\\u006fle":"user","content":"escaped key"}',
         ]
     )
-    add("columns", _history("{%s}" % cols))
     # Rule 7: messages that cannot be stored.
-    bad = ",".join(
+    lists["unstorable messages"] = (
         [
             '"role_obj":{"role":{"a":1}}',
             '"parent_obj":{"role":"user","parentId":{"x":1}}',
@@ -227,7 +255,6 @@ def hostile_chats() -> list[Chat]:
             '"fine_neighbour":%s' % ok,
         ]
     )
-    add("unstorable messages", _history("{%s}" % bad))
     # Rule 6: timestamps.
     ts_cases = {
         "ts_missing": None,
@@ -257,14 +284,10 @@ def hostile_chats() -> list[Chat]:
         "ts_400_digits": "9" * 400,
         "ts_ms_float": "1700000000123.9",
     }
-    ts_msgs = ",".join(
+    lists["timestamps"] = [
         '"%s":{"role":"user"%s}' % (k, "" if v is None else ',"timestamp":' + v) for k, v in ts_cases.items()
-    )
-    add("timestamps", _history("{%s}" % ts_msgs))
-    # Rule 8: nesting deep enough to crash Python's json module (the reference).
-    deep = "[" * 5000 + "]" * 5000
-    add("deep nesting", _one('"deep"', '{"role":"user","content":%s}' % deep), crashes=True)
-    return out
+    ]
+    return lists
 
 
 def realistic_chats(seed: int, count: int, content_bytes=(400, 6000), messages=(1, 16)) -> list[Chat]:

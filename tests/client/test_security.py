@@ -309,6 +309,8 @@ def assert_no_shadow_ran(cluster, db, attacker):
 HIJACK_TARGET_DDL = TARGET_DDL + """
 ALTER TABLE chat_message ADD CONSTRAINT no_boom CHECK (role <> 'boom');
 CREATE TABLE cm_oneshot (LIKE chat_message INCLUDING ALL);
+CREATE TABLE cm_app (LIKE chat_message INCLUDING ALL);
+ALTER TABLE cm_app ADD COLUMN meta json, ADD COLUMN context_summary text;
 """
 
 
@@ -336,6 +338,9 @@ VICTIM_STATEMENTS = [
     f"CALL backfill_chat_messages_resumable(batch_size => 25, now => {NOW}, restart => true)",
     f"SELECT * FROM backfill_chat_messages(batch_size => 25, now => {NOW})",
     "SELECT * FROM chat_backfill.status",
+    f"CALL backfill_chat_messages_resumable(target => 'cm_app', batch_size => 25, now => {NOW}, rows => 'app')",
+    "SELECT * FROM chat_backfill.verify()",
+    "SELECT * FROM chat_backfill.verify(target => 'cm_app', rows => 'app')",
 ]
 FUNCTION_QUERIES = {
     form: f"SELECT c.id::text, m.* FROM public.chat c, chat_messages(c.id::text, c.user_id::text, c.chat{cast}, {NOW}) m"
@@ -365,8 +370,9 @@ def hijack_expected(cluster):
     load(cluster, db, hijack_chats(), ddl=HIJACK_TARGET_DDL)
     with connect(cluster, db) as conn, conn.cursor() as cur:
         cur.execute(f"SELECT * FROM backfill_chat_messages(batch_size => 25, now => {NOW})")
+        cur.execute(f"SELECT * FROM backfill_chat_messages(target => 'cm_app', batch_size => 25, now => {NOW}, rows => 'app')")
         functions = function_results(conn)
-    want = (message_rows(cluster, db), query(cluster, db, REJECTIONS), functions)
+    want = (message_rows(cluster, db), query(cluster, db, REJECTIONS), functions, message_rows(cluster, db, "cm_app"))
     query(cluster, "postgres", f"DROP DATABASE {db} WITH (FORCE)")
     assert want[1], "the data exercises the rejection path"
     return want
@@ -384,7 +390,7 @@ def test_search_path_hijack(cluster, scratch, hijack_expected, id_type, search_p
 
     then a superuser installs the extension and calls every entry point. Contract: every
     SQL string the extension runs or installs is schema-qualified, so no shadow runs."""
-    rows_want, rejections_want, functions_want = hijack_expected
+    rows_want, rejections_want, functions_want, app_rows_want = hijack_expected
     attacker = scratch.role("owner_x", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
     db = scratch.database("sec_hijack", owner=attacker)
     # The application's tables (a superuser's, so only the extension's SQL can reach a shadow).
@@ -407,9 +413,10 @@ def test_search_path_hijack(cluster, scratch, hijack_expected, id_type, search_p
     # And the backfill is still right, in both forms and every function.
     assert message_rows(cluster, db) == rows_want
     assert message_rows(cluster, db, "cm_oneshot") == rows_want
+    assert message_rows(cluster, db, "cm_app") == app_rows_want and app_rows_want
     assert query(cluster, db, REJECTIONS) == rejections_want
     assert functions_got == functions_want
-    assert query(cluster, db, "SELECT state FROM chat_backfill.status ORDER BY run_id") == [("finished",), ("finished",)]
+    assert query(cluster, db, "SELECT state FROM chat_backfill.status ORDER BY run_id") == [("finished",)] * 3
 
 
 # ======================================================================================

@@ -33,8 +33,9 @@ RELEASES = [
     ("0.2.0", "86bb366"),
     ("0.3.0", "d72af31"),
     ("0.4.0", "6ea4be5"),
+    ("0.5.0", "fc234fd"),
 ]
-NEW_VERSION = "0.5.0"
+NEW_VERSION = "0.6.0"
 LIB = Path(pg_config("--pkglibdir")) / "chat_backfill.so"
 EXTDIR = Path(pg_config("--sharedir")) / "extension"
 
