@@ -202,14 +202,14 @@ fn ranges_of_pair(first: usize) -> String {
     )
 }
 
-/// The condition that a lock `l` is held by a chat_backfill worker: its backend holds the
-/// workers' mark (the shared advisory lock (1667329894, 0), which pg_locks shows every role)
-/// and is not, where pg_stat_activity shows it (its own role's backends, or to
-/// pg_read_all_stats), anything but a worker.
-const BY_A_WORKER: &str = "(EXISTS (SELECT FROM pg_catalog.pg_locks m WHERE m.pid OPERATOR(pg_catalog.=) l.pid \
-       AND m.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND m.granted \
-       AND m.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
-       AND m.classid OPERATOR(pg_catalog.=) 1667329894::pg_catalog.oid AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid) \
+/// The condition that a lock `l` of `advisory` is held by a chat_backfill worker: its
+/// backend holds the workers' mark (the shared advisory lock (1667329894, 0), which pg_locks
+/// shows every role) and is not, where pg_stat_activity shows it (its own role's backends, or
+/// to pg_read_all_stats), anything but a worker. The mark is looked up in the same snapshot
+/// of the lock table as the range lock: each read of pg_locks is a new snapshot, and a worker
+/// that exits between two reads would hold the range in one and no mark in the other.
+const BY_A_WORKER: &str = "(EXISTS (SELECT FROM advisory m WHERE m.pid OPERATOR(pg_catalog.=) l.pid \
+       AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid) \
      AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) l.pid \
        AND a.backend_type OPERATOR(pg_catalog.<>) 'chat_backfill worker'::pg_catalog.text))";
 
@@ -241,11 +241,13 @@ pub fn workers_on_server() -> Result<usize> {
 fn lockers(ranges: &str, workers: bool, args: Vec<DatumWithOid<'_>>) -> Result<Vec<i32>> {
     let not = if workers { "" } else { "NOT " };
     let query = format!(
-        "SELECT DISTINCT l.pid FROM pg_catalog.pg_locks l \
-         WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted \
-           AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
-           AND l.classid OPERATOR(pg_catalog.=) $1::pg_catalog.int4::pg_catalog.oid \
-           AND l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
+        "WITH advisory AS MATERIALIZED ( \
+             SELECT l.pid, l.database, l.objid FROM pg_catalog.pg_locks l \
+             WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted \
+               AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
+               AND l.classid OPERATOR(pg_catalog.=) $1::pg_catalog.int4::pg_catalog.oid) \
+         SELECT DISTINCT l.pid FROM advisory l \
+         WHERE l.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
            AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d \
                                                   WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()) \
            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT x.range_id::pg_catalog.oid FROM ({ranges}) x)) \

@@ -306,3 +306,23 @@ def test_rows_argument_and_target_columns(cluster):
         with pytest.raises(psycopg2.Error) as e:
             cur.execute("SELECT * FROM chat_backfill.verify(rows => 'app')")
         assert e.value.pgcode == "42703"
+
+
+def test_app_rows_with_workers_equal_one_session(cluster, head_db):
+    one = copy_of(cluster, head_db, "app_one")
+    two = copy_of(cluster, head_db, "app_two")
+    with cluster.connect(one) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM backfill_chat_messages(now => %s, rows => 'app')", (NOW,))
+    with cluster.connect(two) as conn, conn.cursor() as cur:
+        cur.execute("CALL backfill_chat_messages_resumable(now => %s, rows => 'app', batch_size => 20, workers => 2)",
+                    (NOW,))
+        cur.execute("SELECT state, rows FROM chat_backfill.status")
+        assert cur.fetchall() == [("finished", "app")]
+    with cluster.connect(one) as a, cluster.connect(two) as b:
+        want, got = message_rows(a), message_rows(b)
+        rejections = "SELECT chat_id, message_key, sqlstate FROM chat_backfill.rejected_messages ORDER BY 1, 2, 3"
+        with a.cursor() as ca, b.cursor() as cb:
+            ca.execute(rejections)
+            cb.execute(rejections)
+            assert ca.fetchall() == cb.fetchall()
+    assert want and got == want
