@@ -23,11 +23,12 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::expand::{find_messages, message_fields, read_fields, ChatSkip, Found, Keys, Span};
+use crate::expand::{find_messages_and_current, message_fields, read_fields, Found, Keys, Span};
 use crate::scalar::{self, decode_string, kind, Kind};
 
 /// What the app's read path makes of a whole chat, when it writes no rows.
@@ -107,6 +108,10 @@ const ORJSON_MAX_DEPTH: usize = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Codec {
     pub exact_ints: bool,
+    /// Nothing in the document changes on the way through the app's codec (no NUL or
+    /// surrogate escape, no number beyond double range, no integer beyond 64 bits): JSON
+    /// values keep their text without a second look. Nearly every real chat.
+    pub plain: bool,
 }
 
 /// A chat document as the app's model loads it.
@@ -133,36 +138,59 @@ pub fn open<'a>(text: Option<&'a str>, user_id: Option<&str>, max_depth: usize) 
     if shape.depth > max_depth || (fallback && shape.longest_integer > 100) {
         return Err(AppSkip::Unloadable);
     }
-    Ok(Opened { doc, codec: Codec { exact_ints: fallback } })
+    let plain = !shape.overflow && !shape.rewritten_strings && !shape.wide_integer;
+    Ok(Opened { doc, codec: Codec { exact_ints: fallback, plain } })
+}
+
+/// Where a chat's messages and its `history.currentId` lie.
+pub struct Indexed {
+    pub spans: Vec<Span>,
+    pub current_id: Option<Range<usize>>,
 }
 
 /// Locates the messages the app would write, keys compared as sanitized.
-pub fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Vec<Span>, AppSkip> {
-    match find_messages(doc, poll, Keys::Sanitized) {
-        Err(ChatSkip::NotJson) | Err(_) => Err(AppSkip::NotObject),
-        Ok(Found::NoHistory | Found::NoMessages) => Ok(Vec::new()),
-        Ok(Found::HistoryNotObject) => Err(AppSkip::HistoryNotObject),
-        Ok(Found::MessagesNotObject { truthy: false }) => Ok(Vec::new()),
-        Ok(Found::MessagesNotObject { truthy: true }) => Err(AppSkip::MessagesNotObject),
-        Ok(Found::Messages(spans)) => {
-            repair(doc, &spans)?;
-            Ok(spans)
-        }
-    }
+pub fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Indexed, AppSkip> {
+    let (found, current_id) = find_messages_and_current(doc, poll, Keys::Sanitized).map_err(|_| AppSkip::NotObject)?;
+    let spans = match found {
+        Found::NoHistory | Found::NoMessages => Vec::new(),
+        Found::HistoryNotObject => return Err(AppSkip::HistoryNotObject),
+        Found::MessagesNotObject { truthy: false } => Vec::new(),
+        Found::MessagesNotObject { truthy: true } => return Err(AppSkip::MessagesNotObject),
+        Found::Messages(spans) => spans,
+    };
+    Ok(Indexed { spans, current_id })
 }
 
-message_fields!(
-    /// The fields `_repair_chat_current_id` reads of a message.
-    RepairFields, Keys::Sanitized, {
-        id: b"id",
-        role: b"role",
-        parent_id: b"parentId",
-        children_ids: b"childrenIds",
-        timestamp: b"timestamp",
-        output: b"output",
+/// Every message of an indexed chat the app's way, each message read once: the read
+/// path's repair of `currentId` first (its failure loses the whole chat), then each entry.
+pub fn expand<'a>(
+    doc: &'a str,
+    indexed: &Indexed,
+    now: i64,
+    server: Server,
+    codec: Codec,
+    poll: &mut dyn FnMut(),
+) -> Result<Vec<AppEntry<'a>>, AppSkip> {
+    let mut keys = Vec::with_capacity(indexed.spans.len());
+    let mut fields = Vec::with_capacity(indexed.spans.len());
+    for (n, span) in indexed.spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        keys.push(sanitized(decode_string(span.key(doc))));
+        let raw = span.value(doc);
+        fields.push((kind(raw) == Kind::Object).then(|| read_fields::<Fields>(raw)).flatten());
     }
-);
-
+    let current_id = indexed.current_id.clone().map(|r| &doc[r]);
+    repair(current_id, &keys, &fields)?;
+    Ok(indexed
+        .spans
+        .iter()
+        .zip(keys)
+        .zip(fields)
+        .map(|((span, key), fields)| entry(key, span.value(doc), fields, now, server, codec))
+        .collect())
+}
 
 /// A value as Python's `>` sees it in the repair's leaf search.
 enum Ordered {
@@ -203,21 +231,13 @@ impl Ordered {
 /// message's `output` (a number is not iterable) and, when there is no usable current
 /// message, picks the latest leaf by comparing timestamps (a string and a number do not
 /// compare). What it changes (`childrenIds`, `currentId`) is never written to a row.
-fn repair(doc: &str, spans: &[Span]) -> Result<(), AppSkip> {
-    let messages: Vec<(Vec<u8>, Option<RepairFields<'_>>)> = spans
-        .iter()
-        .map(|span| {
-            let value = span.value(doc);
-            let fields = (kind(value) == Kind::Object).then(|| read_fields::<RepairFields>(value)).flatten();
-            (Keys::Sanitized.of(span.key(doc)).into_owned(), fields)
-        })
-        .collect();
+fn repair(current_id: Option<&str>, keys: &[Cow<'_, str>], messages: &[Option<Fields<'_>>]) -> Result<(), AppSkip> {
     let position: std::collections::HashMap<&[u8], usize> =
-        messages.iter().enumerate().map(|(n, (key, _))| (key.as_slice(), n)).collect();
-    let dict_at = |key: &[u8]| position.get(key).copied().filter(|&n| messages[n].1.is_some());
+        keys.iter().enumerate().map(|(n, key)| (key.as_bytes(), n)).collect();
+    let dict_at = |key: &[u8]| position.get(key).copied().filter(|&n| messages[n].is_some());
     let mut has_child = vec![false; messages.len()];
-    for (_, fields) in &messages {
-        let Some(parent) = fields.as_ref().and_then(|f| f.parent_id).filter(|p| truthy(p)) else { continue };
+    for fields in messages {
+        let Some(parent) = fields.as_ref().and_then(|f| f.parent_id_camel).filter(|p| truthy(p)) else { continue };
         match kind(parent) {
             Kind::Array | Kind::Object => return Err(AppSkip::RepairFails),
             Kind::String => {
@@ -228,13 +248,12 @@ fn repair(doc: &str, spans: &[Span]) -> Result<(), AppSkip> {
             _ => {}
         }
     }
-    let history = member(doc, "history").unwrap_or("{}");
-    let current = match member(history, "currentId") {
+    let current = match current_id {
         Some(id) if matches!(kind(id), Kind::Array | Kind::Object) => return Err(AppSkip::RepairFails),
         Some(id) if kind(id) == Kind::String => dict_at(decode_string(id).sanitized().as_bytes()),
         _ => None,
     };
-    if let Some(current) = current.and_then(|n| messages[n].1.as_ref()) {
+    if let Some(current) = current.and_then(|n| messages[n].as_ref()) {
         let output = current.output.filter(|o| truthy(o));
         let output_role = match output.map(kind) {
             Some(Kind::Number | Kind::True) => return Err(AppSkip::RepairFails),
@@ -244,7 +263,7 @@ fn repair(doc: &str, spans: &[Span]) -> Result<(), AppSkip> {
             _ => None,
         };
         let bad_leaf = output_role.is_some_and(|r| kind(r) == Kind::String && decode_string(r).sanitized() == "assistant")
-            && current.parent_id.map_or(true, |p| kind(p) == Kind::Null)
+            && current.parent_id_camel.map_or(true, |p| kind(p) == Kind::Null)
             && !current.timestamp.is_some_and(truthy)
             && messages.len() > 1;
         if current.id.is_some_and(truthy) && current.role.is_some_and(truthy) && !bad_leaf {
@@ -252,7 +271,7 @@ fn repair(doc: &str, spans: &[Span]) -> Result<(), AppSkip> {
         }
     }
     let mut latest = Ordered::Number(-1.0);
-    for (n, (_, fields)) in messages.iter().enumerate() {
+    for (n, fields) in messages.iter().enumerate() {
         let Some(f) = fields.as_ref().filter(|f| f.role.is_some_and(truthy)) else { continue };
         let listed_children = f.children_ids.is_some_and(|c| kind(c) == Kind::Array && truthy(c));
         if listed_children || has_child[n] {
@@ -296,18 +315,23 @@ struct Shape {
     overflow: bool,
     /// A string with a lone surrogate escape (orjson refuses it).
     lone_surrogate: bool,
+    /// A string with a NUL or surrogate escape, which the sanitizer may rewrite.
+    rewritten_strings: bool,
+    /// An integer literal outside [-2^63, 2^64-1].
+    wide_integer: bool,
 }
 
 fn scan(doc: &str) -> Shape {
     let bytes = doc.as_bytes();
     let (mut depth, mut deepest, mut longest) = (0usize, 0usize, 0usize);
-    let (mut overflow, mut lone_surrogate) = (false, false);
+    let (mut overflow, mut lone_surrogate, mut rewritten_strings, mut wide_integer) = (false, false, false, false);
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'"' => {
                 let end = string_end(bytes, i);
                 if !lone_surrogate && needs_sanitizing(&doc[i..end]) {
+                    rewritten_strings = true;
                     lone_surrogate = matches!(decode_string(&doc[i..end]).storable(), Err(scalar::Unstorable::UnpairedSurrogate));
                 }
                 i = end;
@@ -325,6 +349,7 @@ fn scan(doc: &str) -> Shape {
                 let end = number_end(bytes, i);
                 if !bytes[i..end].iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
                     longest = longest.max(end - i);
+                    wide_integer = wide_integer || !fits_64_bits(&doc[i..end]);
                 }
                 overflow = overflow || doc[i..end].parse::<f64>().map_or(false, f64::is_infinite);
                 i = end;
@@ -332,7 +357,7 @@ fn scan(doc: &str) -> Shape {
             _ => i += 1,
         }
     }
-    Shape { depth: deepest, longest_integer: longest, overflow, lone_surrogate }
+    Shape { depth: deepest, longest_integer: longest, overflow, lone_surrogate, rewritten_strings, wide_integer }
 }
 
 /// The index just past the string token starting at `start` (its opening quote).
@@ -363,6 +388,9 @@ fn number_end(bytes: &[u8], start: usize) -> usize {
 /// over 64 bits, or nesting over 255 levels) and the standard library writes `Infinity`,
 /// which `json` refuses: then `Err`. Borrowed when nothing changes, which is nearly always.
 pub fn json_value(raw: &str, codec: Codec) -> Result<Cow<'_, str>, ()> {
+    if codec.plain {
+        return Ok(Cow::Borrowed(raw));
+    }
     let bytes = raw.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
@@ -530,14 +558,9 @@ pub struct Server {
     pub major: u32,
 }
 
-/// Expands the entry at `span` of `doc` the app's way.
-pub fn entry_at<'a>(doc: &'a str, span: Span, now: i64, server: Server, codec: Codec) -> AppEntry<'a> {
-    let key = sanitized(decode_string(span.key(doc)));
-    let raw = span.value(doc);
-    let fields = match kind(raw) {
-        Kind::Object => read_fields::<Fields>(raw),
-        _ => None,
-    };
+/// One entry the app's way, from its sanitized key, its JSON and its fields (`None`: not
+/// an object).
+fn entry<'a>(key: Cow<'a, str>, raw: &'a str, fields: Option<Fields<'a>>, now: i64, server: Server, codec: Codec) -> AppEntry<'a> {
     let Some(fields) = fields else {
         return AppEntry::Skipped { key: key.into_owned(), reason: "skipped: the message is not a JSON object" };
     };
@@ -1044,6 +1067,8 @@ fn normalize_usage(usage: &str, codec: Codec) -> Result<String, String> {
 message_fields!(
     /// The message fields the app reads (last duplicate wins, keys compared sanitized).
     Fields, Keys::Sanitized, {
+        id: b"id",
+        children_ids: b"childrenIds",
         role: b"role",
         user_id: b"user_id",
         parent_id: b"parent_id",
@@ -1085,8 +1110,8 @@ mod tests {
         let doc = format!(r#"{{"history":{{"currentId":"m","messages":{{"m":{message}}}}}}}"#);
         let doc: &'static str = Box::leak(doc.into_boxed_str());
         let opened = open(Some(doc), Some("u"), APP_MAX_DEPTH).unwrap();
-        let spans = index(opened.doc, &mut || {}).unwrap();
-        entry_at(opened.doc, spans[0], NOW, PG15, opened.codec)
+        let indexed = index(opened.doc, &mut || {}).unwrap();
+        expand(opened.doc, &indexed, NOW, PG15, opened.codec, &mut || {}).unwrap().remove(0)
     }
 
     fn row(message: &str) -> AppMessage<'static> {
@@ -1176,8 +1201,8 @@ mod tests {
 
     #[test]
     fn sanitizing() {
-        const ORJSON: Codec = Codec { exact_ints: false };
-        const STDLIB: Codec = Codec { exact_ints: true };
+        const ORJSON: Codec = Codec { exact_ints: false, plain: false };
+        const STDLIB: Codec = Codec { exact_ints: true, plain: false };
         assert_eq!(json_value(r#"{"a\u0000b":"x\u0000"}"#, ORJSON).unwrap(), r#"{"ab":"x"}"#);
         assert_eq!(json_value(r#"["\ud800x", "\\u0000"]"#, STDLIB).unwrap(), r#"["x", "\\u0000"]"#);
         assert_eq!(json_value(r#"[1e400, 1.5, 12]"#, STDLIB).unwrap(), r#"[null, 1.5, 12]"#);
@@ -1194,24 +1219,28 @@ mod tests {
 
     #[test]
     fn chat_level() {
-        let verdict = |text: &str, user: Option<&str>| open(Some(text), user, APP_MAX_DEPTH).map(|o| o.codec);
+        let verdict = |text: &str, user: Option<&str>| open(Some(text), user, APP_MAX_DEPTH).map(|o| o.codec.exact_ints);
         assert_eq!(verdict("\"{}\"", Some("u")), Err(AppSkip::NotObject));
         assert_eq!(verdict("null", Some("u")), Err(AppSkip::Empty));
         assert_eq!(verdict("{}", None), Err(AppSkip::NoUser));
         // A long integer is a float to orjson; only the fallback codec refuses it.
         let long = format!(r#"{{"a":{}}}"#, "1".repeat(101));
-        assert_eq!(verdict(&long, Some("u")), Ok(Codec { exact_ints: false }));
+        assert_eq!(verdict(&long, Some("u")), Ok(false));
         let long_and_lone = format!(r#"{{"a":{},"b":"\ud800"}}"#, "1".repeat(101));
         assert_eq!(verdict(&long_and_lone, Some("u")), Err(AppSkip::Unloadable));
         let huge = format!(r#"{{"a":{}}}"#, "1".repeat(400));
         assert_eq!(verdict(&huge, Some("u")), Err(AppSkip::Unloadable));
-        assert_eq!(verdict(r#"{"a":1e400}"#, Some("u")), Ok(Codec { exact_ints: true }));
+        assert_eq!(verdict(r#"{"a":1e400}"#, Some("u")), Ok(true));
         let deep = format!(r#"{{"a":{}{}}}"#, "[".repeat(1000), "]".repeat(1000));
         assert_eq!(verdict(&deep, Some("u")), Err(AppSkip::Unloadable));
-        assert_eq!(index(r#"{"history":null}"#, &mut || {}), Err(AppSkip::HistoryNotObject));
-        assert_eq!(index(r#"{"history":{"messages":[1]}}"#, &mut || {}), Err(AppSkip::MessagesNotObject));
-        assert_eq!(index(r#"{"history":{"messages":[]}}"#, &mut || {}), Ok(vec![]));
-        assert_eq!(index(r#"{"history":{"messages":null}}"#, &mut || {}), Ok(vec![]));
+        let all = |doc: &str| {
+            let indexed = index(doc, &mut || {})?;
+            expand(doc, &indexed, NOW, PG15, Codec { exact_ints: false, plain: true }, &mut || {}).map(|e| e.len())
+        };
+        assert_eq!(all(r#"{"history":null}"#), Err(AppSkip::HistoryNotObject));
+        assert_eq!(all(r#"{"history":{"messages":[1]}}"#), Err(AppSkip::MessagesNotObject));
+        assert_eq!(all(r#"{"history":{"messages":[]}}"#), Ok(0));
+        assert_eq!(all(r#"{"history":{"messages":null}}"#), Ok(0));
         // The repair of currentId raises on these, so the app loads nothing.
         for doc in [
             r#"{"history":{"messages":{"a":{"role":"u","parentId":["x"]}}}}"#,
@@ -1220,7 +1249,7 @@ mod tests {
             r#"{"history":{"messages":{"a":{"role":"u","timestamp":"1"}}}}"#,
             r#"{"history":{"messages":{"a":{"role":"u","timestamp":2},"b":{"role":"u","timestamp":"1"}}}}"#,
         ] {
-            assert_eq!(index(doc, &mut || {}), Err(AppSkip::RepairFails), "{doc}");
+            assert_eq!(all(doc), Err(AppSkip::RepairFails), "{doc}");
         }
         for doc in [
             // A usable current message: no leaf search.
@@ -1228,7 +1257,7 @@ mod tests {
             // Not a leaf: its timestamp is never compared.
             r#"{"history":{"messages":{"a":{"role":"u","timestamp":"1"},"b":{"role":"u","parentId":"a"}}}}"#,
         ] {
-            assert!(index(doc, &mut || {}).is_ok(), "{doc}");
+            assert!(all(doc).is_ok(), "{doc}");
         }
     }
 

@@ -307,19 +307,41 @@ pub enum Found {
 
 /// Validates the whole document in one pass and locates `chat.history.messages`.
 pub fn find_messages(doc: &str, poll: &mut dyn FnMut(), keys: Keys) -> Result<Found, ChatSkip> {
+    find_messages_and_current(doc, poll, keys).map(|(found, _)| found)
+}
+
+/// The same, and where `chat.history.currentId` lies (last duplicate wins), if present.
+pub fn find_messages_and_current(
+    doc: &str,
+    poll: &mut dyn FnMut(),
+    keys: Keys,
+) -> Result<(Found, Option<Range<usize>>), ChatSkip> {
     if doc.len() > MAX_DOCUMENT_BYTES {
         return Err(ChatSkip::NotJson);
     }
     let mut de = serde_json::Deserializer::from_str(doc);
     let found = de.deserialize_map(ChatVisitor { base: doc, poll: &mut *poll, keys }).map_err(|_| ChatSkip::NotJson)?;
     de.end().map_err(|_| ChatSkip::NotJson)?;
-    Ok(match found {
+    let current = match &found {
+        Some(Level::Object(h)) => h.current_id.clone(),
+        _ => None,
+    };
+    let found = match found {
         None => Found::NoHistory,
-        Some(Level::Object(None)) => Found::NoMessages,
         Some(Level::NotObject { .. }) => Found::HistoryNotObject,
-        Some(Level::Object(Some(Level::NotObject { truthy }))) => Found::MessagesNotObject { truthy },
-        Some(Level::Object(Some(Level::Object(spans)))) => Found::Messages(dedupe_keys(doc, spans, poll, keys)),
-    })
+        Some(Level::Object(History { messages: None, .. })) => Found::NoMessages,
+        Some(Level::Object(History { messages: Some(Level::NotObject { truthy }), .. })) => Found::MessagesNotObject { truthy },
+        Some(Level::Object(History { messages: Some(Level::Object(spans)), .. })) => {
+            Found::Messages(dedupe_keys(doc, spans, poll, keys))
+        }
+    };
+    Ok((found, current))
+}
+
+/// What the history level holds: its messages, and where its currentId is.
+struct History {
+    messages: Option<Level<Vec<Span>>>,
+    current_id: Option<Range<usize>>,
 }
 
 /// Expands the entry at `span` of `doc` (a document's text, as given to `index`).
@@ -374,7 +396,7 @@ struct ChatVisitor<'d, 'p> {
 }
 
 impl<'de> Visitor<'de> for ChatVisitor<'de, '_> {
-    type Value = Option<Level<Option<Level<Vec<Span>>>>>;
+    type Value = Option<Level<History>>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a chat object")
     }
@@ -391,15 +413,27 @@ struct HistoryVisitor<'d, 'p> {
 }
 
 impl<'de> Visitor<'de> for HistoryVisitor<'de, '_> {
-    type Value = Option<Level<Vec<Span>>>;
+    type Value = History;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a history object")
     }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let (base, poll, keys) = (self.base, self.poll, self.keys);
-        walk_level(map, "messages", keys, |m| {
-            m.next_value_seed(LevelSeed(MessagesVisitor { base, poll: &mut *poll }))
-        })
+        let mut out = History { messages: None, current_id: None };
+        // Last duplicate wins, for both.
+        while let Some(key) = map.next_key::<&'de RawValue>()? {
+            let key = keys.of(key.get());
+            if key.as_ref() == b"messages" {
+                out.messages = Some(map.next_value_seed(LevelSeed(MessagesVisitor { base, poll: &mut *poll }))?);
+            } else if key.as_ref() == b"currentId" {
+                let value = map.next_value::<&'de RawValue>()?.get();
+                let start = value.as_ptr() as usize - base.as_ptr() as usize;
+                out.current_id = Some(start..start + value.len());
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -62,8 +62,9 @@ struct OpenChat {
     body: Body,
     spans: Vec<Span>,
     next: usize,
-    /// App rows: how the app's codec reads the chat.
+    /// App rows: how the app's codec reads the chat, and where its currentId is.
     codec: app_rows::Codec,
+    current_id: Option<std::ops::Range<usize>>,
 }
 
 /// A batch being filled.
@@ -128,7 +129,16 @@ impl Batch {
         match opened {
             // Counted as read when its last message is in a batch.
             Ok((spans, body)) if !spans.is_empty() => {
-                Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0, codec: app_rows::Codec { exact_ints: false } })
+                Some(OpenChat {
+                    chat_id,
+                    user_id,
+                    text: chat,
+                    body,
+                    spans,
+                    next: 0,
+                    codec: app_rows::Codec { exact_ints: false, plain: true },
+                    current_id: None,
+                })
             }
             Ok(_) => {
                 self.report.chats_read += 1;
@@ -161,35 +171,39 @@ impl Batch {
         let opened = match (&chat, column) {
             (Some(_), None) => Err(AppSkip::NotObject),
             _ => app_rows::open(column, user_id.as_deref(), app_rows::APP_MAX_DEPTH).and_then(|opened| {
-                let spans = app_rows::index(opened.doc, &mut || {
+                let indexed = app_rows::index(opened.doc, &mut || {
                     pgrx::check_for_interrupts!();
                 })?;
                 let start = opened.doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
-                Ok((spans, Body::Within(start..start + opened.doc.len()), opened.codec))
+                Ok((indexed.spans, Body::Within(start..start + opened.doc.len()), opened.codec, indexed.current_id))
             }),
         };
         match opened {
-            Ok((spans, body, codec)) if !spans.is_empty() => {
-                return Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0, codec })
+            Ok((spans, body, codec, current_id)) if !spans.is_empty() => {
+                return Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0, codec, current_id })
             }
             Ok(_) => {}
-            Err(skip) if skip.is_problem() => {
-                self.report.chats_skipped += 1;
-                self.rejections.push(Rejection {
-                    chat_id: chat_id.clone(),
-                    message_key: None,
-                    message_id: None,
-                    sqlstate: skip.sqlstate().to_owned(),
-                    error: skip.describe().to_owned(),
-                    detail: Some("Open WebUI writes no rows for this chat either and keeps reading its JSON.".into()),
-                    message: None,
-                });
-            }
-            Err(_) => {}
+            Err(skip) => self.skip_app_chat(&chat_id, skip),
         }
         self.report.chats_read += 1;
         self.report.last_chat_id = Some(chat_id);
         None
+    }
+
+    /// A chat the app loads no messages from; recorded unless it is simply empty.
+    fn skip_app_chat(&mut self, chat_id: &str, skip: AppSkip) {
+        if skip.is_problem() {
+            self.report.chats_skipped += 1;
+            self.rejections.push(Rejection {
+                chat_id: chat_id.to_owned(),
+                message_key: None,
+                message_id: None,
+                sqlstate: skip.sqlstate().to_owned(),
+                error: skip.describe().to_owned(),
+                detail: Some("Open WebUI writes no rows for this chat either and keeps reading its JSON.".into()),
+                message: None,
+            });
+        }
     }
 
     /// App rows: expands the whole chat and takes its rows only if the app writes them
@@ -198,13 +212,19 @@ impl Batch {
         let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
         let doc = chat.body.text(column);
         let server = app_rows::Server { major: crate::version::major() };
-        let mut entries = Vec::with_capacity(chat.spans.len());
-        for (n, span) in chat.spans.iter().enumerate() {
-            if n % 1024 == 0 {
-                pgrx::check_for_interrupts!();
+        // Spans and currentId are offsets within the document, as for the migration's rows.
+        let indexed = app_rows::Indexed { spans: chat.spans.clone(), current_id: chat.current_id.clone() };
+        let entries = match app_rows::expand(doc, &indexed, settings.now, server, chat.codec, &mut || {
+            pgrx::check_for_interrupts!();
+        }) {
+            Ok(entries) => entries,
+            Err(skip) => {
+                self.skip_app_chat(&chat.chat_id, skip);
+                self.report.chats_read += 1;
+                self.report.last_chat_id = Some(chat.chat_id);
+                return;
             }
-            entries.push(app_rows::entry_at(doc, *span, settings.now, server, chat.codec));
-        }
+        };
         let failed = entries.iter().filter(|e| matches!(e, AppEntry::Failed { .. })).count();
         if failed == 0 {
             for entry in &entries {

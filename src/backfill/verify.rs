@@ -204,12 +204,19 @@ impl Verifier {
         if self.settings.rows.is_app() {
             let Ok(opened) = app_rows::open(column, chat.user_id.as_deref(), app_rows::APP_MAX_DEPTH) else { return out };
             let (doc, codec) = (opened.doc, opened.codec);
-            let Ok(spans) = app_rows::index(doc, &mut || {
+            let mut poll = || {
                 pgrx::check_for_interrupts!();
-            }) else { return out };
+            };
+            let Ok(indexed) = app_rows::index(doc, &mut poll) else { return out };
             let server = app_rows::Server { major: crate::version::major() };
-            for span in spans {
-                match (app_rows::entry_at(doc, span, now, server, codec), app_rows::entry_at(doc, span, later, server, codec)) {
+            let (Ok(at_now), Ok(later_entries)) = (
+                app_rows::expand(doc, &indexed, now, server, codec, &mut poll),
+                app_rows::expand(doc, &indexed, later, server, codec, &mut poll),
+            ) else {
+                return out;
+            };
+            for (entry, later_entry) in at_now.into_iter().zip(later_entries) {
+                match (entry, later_entry) {
                     (AppEntry::Row(m), AppEntry::Row(m2)) => {
                         let user = m.user_id.as_deref().or(chat.user_id.as_deref()).map(str::to_owned);
                         let row = Row {
