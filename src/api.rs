@@ -289,6 +289,7 @@ fn verify(
     }
     .check()
     .or_raise();
+    crate::relations::check_readable(&settings.target, "verify()").or_raise();
     let mut verifier = crate::backfill::verify::Verifier::start(settings).or_raise();
     TableIterator::new(std::iter::from_fn(move || verifier.next().or_raise()).map(|f| (f.chat_id, f.message_key, f.kind.to_owned(), f.columns)))
 }

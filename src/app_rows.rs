@@ -92,10 +92,17 @@ impl AppSkip {
 }
 
 /// Nesting the app loads: the sanitizer re-serializes every document, with orjson up to
-/// 255 levels and beyond that with the standard library, whose recursion fails at about
-/// 970 levels under Python's default limit of 1000 frames (measured through the app's own
-/// read path; under a web server's deeper stack it is a little less).
-pub const APP_MAX_DEPTH: usize = 970;
+/// 255 levels and beyond that with the standard library, whose recursion fails under
+/// Python's default limit of 1000 frames (measured through the app's own read path: 964
+/// nested lists in a message's content load, 968 do not; under a web server's deeper stack
+/// it is a little less).
+pub const APP_MAX_DEPTH: usize = 968;
+
+/// The same where the sanitizer's recursive walk runs (the document holds a NUL escape, a
+/// `\\u0000` text, or a lone surrogate): about two Python frames a level (measured from a
+/// plain script: 488 nested lists in a message's content load, 492 do not; called from
+/// deeper in a stack, as under pytest or a web server, somewhat less).
+pub const APP_MAX_DEPTH_STRIPPED: usize = 492;
 
 /// orjson's own nesting limit on reading; deeper documents go to the fallback codec.
 const ORJSON_MAX_DEPTH: usize = 1024;
@@ -135,6 +142,8 @@ pub fn open<'a>(text: Option<&'a str>, user_id: Option<&str>, max_depth: usize) 
     }
     let shape = scan(doc);
     let fallback = shape.overflow || shape.lone_surrogate || shape.depth > ORJSON_MAX_DEPTH;
+    let stripped = shape.lone_surrogate || doc.contains("\\u0000");
+    let max_depth = if stripped { max_depth.min(APP_MAX_DEPTH_STRIPPED) } else { max_depth };
     if shape.depth > max_depth || (fallback && shape.longest_integer > 100) {
         return Err(AppSkip::Unloadable);
     }
@@ -1233,6 +1242,11 @@ mod tests {
         assert_eq!(verdict(r#"{"a":1e400}"#, Some("u")), Ok(true));
         let deep = format!(r#"{{"a":{}{}}}"#, "[".repeat(1000), "]".repeat(1000));
         assert_eq!(verdict(&deep, Some("u")), Err(AppSkip::Unloadable));
+        // Where the sanitizer walks the document, half as deep.
+        let deep = format!(r#"{{"a":{}{},"b":"\u0000"}}"#, "[".repeat(600), "]".repeat(600));
+        assert_eq!(verdict(&deep, Some("u")), Err(AppSkip::Unloadable));
+        let deep = format!(r#"{{"a":{}{}}}"#, "[".repeat(600), "]".repeat(600));
+        assert_eq!(verdict(&deep, Some("u")), Ok(false));
         let all = |doc: &str| {
             let indexed = index(doc, &mut || {})?;
             expand(doc, &indexed, NOW, PG15, Codec { exact_ints: false, plain: true }, &mut || {}).map(|e| e.len())

@@ -331,3 +331,20 @@ pub fn check_privileges(source: &Relation, target: Option<&Relation>) -> Result<
     }
     Ok(())
 }
+
+/// `verify()` reads the target too: SELECT on it, checked before anything is read.
+pub fn check_readable(relation: &Relation, purpose: &str) -> Result<()> {
+    // SAFETY: a pure catalog lookup on an existing relation oid for the current user.
+    let granted = unsafe {
+        pg_sys::pg_class_aclcheck(relation.oid, pg_sys::GetUserId(), pg_sys::ACL_SELECT as pg_sys::AclMode)
+            == pg_sys::AclResult::ACLCHECK_OK
+    };
+    if granted {
+        return Ok(());
+    }
+    Err(Error::new(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("permission denied: {purpose} needs SELECT on table {}", relation.name),
+        format!("Run it as the tables' owner, or GRANT SELECT ON {} TO the role that runs it.", relation.name),
+    ))
+}

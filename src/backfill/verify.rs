@@ -7,7 +7,7 @@
 //! compared exactly, JSON columns as values; `updated_at`, and `created_at` where it came
 //! from the clock (the rules give `now`), are not compared.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use pgrx::datum::DatumWithOid;
@@ -23,6 +23,8 @@ use crate::expand::{self, Document, Entry, Span};
 /// A batch of the check ends after this many chats or this much chat text.
 const CHATS_PER_BATCH: usize = 500;
 const BYTES_PER_BATCH: usize = 16 << 20;
+/// Target rows per fetch of the cursor over a batch's chats.
+const TARGET_ROWS_PER_FETCH: i64 = 1000;
 
 /// Columns compared, in the order of `Row::values` (text-valued) after the fixed ones.
 const TEXT_COLUMNS: [&str; 5] = ["user_id", "role", "parent_id", "model_id", "context_summary"];
@@ -46,6 +48,12 @@ struct Row {
     created_at: Option<i64>,
     /// Where the message is, to work out its created_at under another clock.
     span: Option<Span>,
+}
+
+/// A target row: one the rules give (kept whole, to compare), or one they do not (its key).
+enum Found {
+    Row(Row),
+    Extra(String),
 }
 
 #[derive(Default)]
@@ -148,11 +156,18 @@ impl Verifier {
         if chats.is_empty() {
             return Ok(());
         }
-        let mut found = self.target_rows(&chats)?;
-        for chat in &chats {
+        let expected: Vec<Vec<(String, Row)>> = chats
+            .iter()
+            .map(|chat| {
+                pgrx::check_for_interrupts!();
+                self.expected(chat)
+            })
+            .collect();
+        let wanted: HashSet<&str> = expected.iter().flatten().map(|(id, _)| id.as_str()).collect();
+        let mut found = self.target_rows(&chats, &wanted)?;
+        for (chat, expected) in chats.iter().zip(expected) {
             pgrx::check_for_interrupts!();
             let chat_id = chat.chat_id.clone().unwrap_or_default();
-            let expected = self.expected(chat);
             let present = found.remove(&chat_id).unwrap_or_default();
             // The migration's rules bound a timestamp by the run's clock (now + 1 day), and
             // verify's clock is later than the run's: a row is right if some clock explains it.
@@ -167,28 +182,42 @@ impl Verifier {
         Ok(())
     }
 
-    /// The target's rows of these chats, by chat id, then row id.
-    fn target_rows(&self, chats: &[Fetched]) -> Result<HashMap<String, HashMap<String, Row>>> {
+    /// The target's rows of these chats, by chat id, then row id: read through a cursor a
+    /// chunk at a time, and kept whole only where the rules give the row (`wanted`); of the
+    /// others only the key, so memory follows the source's batch, not the target's size.
+    fn target_rows(&self, chats: &[Fetched], wanted: &HashSet<&str>) -> Result<HashMap<String, HashMap<String, Found>>> {
         let ids = chats.iter().map(|c| c.chat_id.as_deref());
         // SAFETY: a text[] of the batch's chat ids.
         let ids = unsafe { DatumWithOid::new(varlena_array(ids, pg_sys::TEXTOID), pg_sys::TEXTARRAYOID) };
-        let mut out: HashMap<String, HashMap<String, Row>> = HashMap::new();
+        let mut out: HashMap<String, HashMap<String, Found>> = HashMap::new();
         Spi::connect(|client| -> Result<()> {
-            let table = client.select(&self.target_sql, None, &[ids])?;
-            for row in table {
-                let id = row.get::<String>(1)?.unwrap_or_default();
-                let chat_id = row.get::<String>(2)?.unwrap_or_default();
-                let mut text: [Option<String>; 5] = Default::default();
-                for (n, slot) in text.iter_mut().enumerate() {
-                    *slot = row.get::<String>(3 + n)?;
+            let mut cursor = client.try_open_cursor(&self.target_sql, &[ids])?;
+            loop {
+                pgrx::check_for_interrupts!();
+                let table = cursor.fetch(TARGET_ROWS_PER_FETCH)?;
+                if table.is_empty() {
+                    break;
                 }
-                let mut json: [Option<String>; 9] = Default::default();
-                for (n, slot) in json.iter_mut().enumerate() {
-                    *slot = row.get::<String>(8 + n)?;
+                for row in table {
+                    let id = row.get::<String>(1)?.unwrap_or_default();
+                    let chat_id = row.get::<String>(2)?.unwrap_or_default();
+                    let key = id.strip_prefix(&format!("{chat_id}-")).unwrap_or(&id).to_owned();
+                    if !wanted.contains(id.as_str()) {
+                        out.entry(chat_id).or_default().insert(id, Found::Extra(key));
+                        continue;
+                    }
+                    let mut text: [Option<String>; 5] = Default::default();
+                    for (n, slot) in text.iter_mut().enumerate() {
+                        *slot = row.get::<String>(3 + n)?;
+                    }
+                    let mut json: [Option<String>; 9] = Default::default();
+                    for (n, slot) in json.iter_mut().enumerate() {
+                        *slot = row.get::<String>(8 + n)?;
+                    }
+                    let (done, created_at) = (row.get::<bool>(17)?, row.get::<i64>(18)?);
+                    let found = Row { key, text, json, done, created_at, span: None };
+                    out.entry(chat_id).or_default().insert(id, Found::Row(found));
                 }
-                let key = id.strip_prefix(&format!("{chat_id}-")).unwrap_or(&id).to_owned();
-                let found = Row { key, text, json, done: row.get::<bool>(17)?, created_at: row.get::<i64>(18)?, span: None };
-                out.entry(chat_id).or_default().insert(id, found);
             }
             Ok(())
         })?;
@@ -265,7 +294,7 @@ impl Verifier {
         &mut self,
         chat_id: String,
         expected: Vec<(String, Row)>,
-        mut present: HashMap<String, Row>,
+        mut present: HashMap<String, Found>,
         retime: &dyn Fn(Span, i64) -> Option<i64>,
     ) {
         self.counts.chats += 1;
@@ -274,7 +303,7 @@ impl Verifier {
         let mut missing = Vec::new();
         let mut found_any = false;
         for (id, want) in expected {
-            let Some(got) = present.remove(&id) else {
+            let Some(Found::Row(got)) = present.remove(&id) else {
                 missing.push(want.key);
                 continue;
             };
@@ -315,11 +344,20 @@ impl Verifier {
             self.counts.missing += 1;
             self.pending.push_back(Finding { chat_id: chat_id.clone(), message_key: Some(key), kind: "missing", columns: None });
         }
-        let mut extra: Vec<Row> = present.into_values().collect();
-        extra.sort_by(|a, b| a.key.cmp(&b.key));
-        for row in extra {
+        let mut extra: Vec<String> = present
+            .into_values()
+            .map(|f| match f {
+                Found::Extra(key) => key,
+                Found::Row(row) => row.key,
+            })
+            .collect();
+        extra.sort();
+        for (n, key) in extra.into_iter().enumerate() {
+            if n % 1024 == 0 {
+                pgrx::check_for_interrupts!();
+            }
             self.counts.extra += 1;
-            self.pending.push_back(Finding { chat_id: chat_id.clone(), message_key: Some(row.key), kind: "extra", columns: None });
+            self.pending.push_back(Finding { chat_id: chat_id.clone(), message_key: Some(key), kind: "extra", columns: None });
         }
     }
 }
@@ -341,7 +379,7 @@ pub fn same_json(a: Option<&str>, b: Option<&str>) -> bool {
         (Some(a), Some(b)) if a == b => true,
         (Some(a), Some(b)) => match (serde_json::from_str::<serde_json::Value>(a), serde_json::from_str::<serde_json::Value>(b)) {
             (Ok(x), Ok(y)) => same_value(&x, &y),
-            _ => a.trim() == b.trim(),
+            _ => minified(a) == minified(b),
         },
         _ => false,
     }
@@ -359,4 +397,30 @@ fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
         (Object(x), Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w))),
         _ => a == b,
     }
+}
+
+/// A JSON text without its insignificant whitespace (outside strings), for values too deep
+/// to parse: the app's fallback writer puts spaces after `,` and `:`, a jsonb target
+/// prints its own spacing. Linear, no recursion.
+fn minified(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in text.chars() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+            out.push(c);
+        } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+            out.push(c);
+        }
+    }
+    out
 }

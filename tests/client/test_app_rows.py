@@ -122,6 +122,10 @@ def app_cases() -> list[tuple[str, str]]:
                 _chat('{"a":{"role":"user","timestamp":5},"b":{"role":"user","timestamp":7.5,"parentId":null}}')))
     out.append(("current message output a number",
                 '{"history":{"currentId":"m","messages":{"m":{"id":"m","role":"user","output":3}}}}'))
+    # Where the app's sanitizer walks the document (a NUL anywhere), half as deep.
+    for depth in (400, 500):
+        out.append((f"nesting {depth} with a NUL",
+                    _chat('{"m":{"role":"user","content":%s,"x":"a\\u0000"}}' % ("[" * depth + "]" * depth))))
     for depth in (250, 900, 1030):
         out.append((f"nesting {depth}", _chat('{"m":{"role":"user","content":%s}}' % ("[" * depth + "]" * depth))))
     return out
@@ -200,6 +204,11 @@ def test_app_rows_equal_what_open_webui_writes(cluster, head_db):
         want, got = message_rows(a), message_rows(b)
     diff = differences(want, got)
     assert not diff, f"{len(diff)} differences, first ones:\n" + "\n".join(diff[:40])
+    # The rows the app wrote itself verify clean too (JSON nested deeper than a parser's
+    # limit compared without its spacing: the app's fallback writer adds spaces).
+    with cluster.connect(theirs) as conn, conn.cursor() as cur:
+        cur.execute("SELECT chat_id, message_key, kind, columns FROM chat_backfill.verify(rows => 'app')")
+        assert cur.fetchall() == []
     assert inserted == len(got) and rejected > 0
     # Every chat the app leaves without rows is one we leave without rows, and says why
     # unless it is simply empty.
@@ -214,7 +223,8 @@ def test_app_rows_equal_what_open_webui_writes(cluster, head_db):
     for chat_id, tag in tags.items():
         if tag in ("usage a string", "usage a list", "info a string", "done 'true'", "timestamp non-integer string",
                    "parentId a list", "one bad message of three", "101 characters and a lone surrogate",
-                   "string timestamp, no currentId", "current message output a number", "nesting 1030"):
+                   "string timestamp, no currentId", "current message output a number", "nesting 1030",
+                   "nesting 500 with a NUL"):
             assert chat_id not in with_rows and chat_id in recorded, tag
 
 
@@ -306,6 +316,13 @@ def test_rows_argument_and_target_columns(cluster):
         with pytest.raises(psycopg2.Error) as e:
             cur.execute("SELECT * FROM chat_backfill.verify(rows => 'app')")
         assert e.value.pgcode == "42703"
+        # verify() needs SELECT on both tables, said up front.
+        role = f"vr_{db[-8:]}"
+        cur.execute(f"CREATE ROLE {role}; GRANT SELECT ON chat TO {role}; SET ROLE {role}")
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("SELECT * FROM chat_backfill.verify()")
+        assert e.value.pgcode == "42501" and "GRANT SELECT ON" in e.value.diag.message_hint
+        cur.execute("RESET ROLE")
 
 
 def test_app_rows_with_workers_equal_one_session(cluster, head_db):
@@ -326,3 +343,26 @@ def test_app_rows_with_workers_equal_one_session(cluster, head_db):
             cb.execute(rejections)
             assert ca.fetchall() == cb.fetchall()
     assert want and got == want
+
+
+def test_verify_reports_hand_edits(cluster, head_db):
+    db = copy_of(cluster, head_db, "app_edits")
+    chat_id = next(c.id for c in realistic() if not c.user_id.startswith("shared-") and c.chat.count('"role"') >= 3)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM backfill_chat_messages(now => %s, rows => 'app')", (NOW,))
+        cur.execute("SELECT id FROM chat_message WHERE chat_id = %s ORDER BY id", (chat_id,))
+        ids = [r[0] for r in cur.fetchall()]
+        assert len(ids) >= 2
+        cur.execute("UPDATE chat_message SET role = 'tampered', content = '{\"x\": 1}' WHERE id = %s", (ids[0],))
+        cur.execute("DELETE FROM chat_message WHERE id = %s", (ids[1],))
+        # A thousand rows of messages the document does not hold, read a chunk at a time.
+        cur.execute("INSERT INTO chat_message (id, chat_id, role, created_at, updated_at) "
+                    "SELECT %s || '-ghost' || g, %s, 'user', 1, 1 FROM generate_series(1, 1000) g", (chat_id, chat_id))
+        cur.execute("SELECT kind, message_key, columns FROM chat_backfill.verify(rows => 'app') ORDER BY 1, 2")
+        found = cur.fetchall()
+    prefix = len(chat_id) + 1
+    assert ("different", ids[0][prefix:], ["role", "content"]) in found
+    assert ("missing", ids[1][prefix:], None) in found
+    assert ("partial_chat", None, None) in found
+    assert sum(1 for kind, _, _ in found if kind == "extra") == 1000
+    assert len(found) == 1003
