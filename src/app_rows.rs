@@ -744,13 +744,22 @@ fn bigint(raw: &str, server: Server) -> Result<i64, Failure> {
             let d = decode_string(raw);
             let s = d.sanitized();
             int8_in(&s, server.major).ok_or_else(|| {
-                Failure::new("created_at", "22P02", format!("timestamp {s:?} is not an integer (invalid input syntax for type bigint)"))
+                Failure::new("created_at", "22P02", format!("timestamp {} is not an integer (invalid input syntax for type bigint)", shown(&s)))
             })
         }
         Kind::True | Kind::False => {
             Err(Failure::new("created_at", "42846", "timestamp is a boolean, which cannot be cast to bigint"))
         }
         _ => Err(Failure::new("created_at", "22023", "timestamp is a list or an object, which the app cannot store")),
+    }
+}
+
+/// A value quoted for an error message, cut at 80 characters (the message's JSON is in
+/// the rejection anyway).
+fn shown(s: &str) -> String {
+    match s.char_indices().nth(80) {
+        None => format!("{s:?}"),
+        Some((at, _)) => format!("{:?}... ({} characters)", &s[..at], s.chars().count()),
     }
 }
 
@@ -896,7 +905,7 @@ impl Py {
             Py::Int(i) => Ok(i.clone()),
             Py::Float(f) if f.is_finite() => Ok(Int::parse(&format!("{:.0}", f.trunc())).unwrap_or_default()),
             Py::Float(_) => Err("a token count is infinite (int() raises)".into()),
-            Py::Str(s) => python_int(s).ok_or_else(|| format!("a token count {s:?} is not an integer (int() raises)")),
+            Py::Str(s) => python_int(s).ok_or_else(|| format!("a token count {} is not an integer (int() raises)", shown(s))),
             Py::None | Py::List(_) | Py::Dict(_) => Err("a token count is not a number (int() raises)".into()),
         }
     }
@@ -1173,6 +1182,9 @@ mod tests {
         assert_eq!(failure(r#"{"role":"u","timestamp":true}"#).column, "created_at");
         assert_eq!(failure(r#"{"role":{"a":1}}"#).column, "role");
         assert_eq!(failure(r#"{"role":"u","timestamp":1e30}"#).sqlstate, "22003");
+        // A long value is cut in the message (the message's JSON is recorded whole).
+        let long = failure(&format!(r#"{{"role":"u","usage":{{"input_tokens":"{}"}}}}"#, "x".repeat(5000)));
+        assert!(long.reason.len() < 200 && long.reason.contains("(5000 characters)"), "{}", long.reason);
         // A falsy info or usage is no usage.
         assert_eq!(row(r#"{"role":"u","usage":{},"info":0}"#).usage, "null");
     }

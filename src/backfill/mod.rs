@@ -5,7 +5,9 @@
 //! Memory is bounded by the batch, not by the largest chat: a batch ends once it holds
 //! `batch_size` messages or `MAX_BATCH_ROW_BYTES` of them, even in the middle of a chat,
 //! and the next batch goes on with that chat's next message. Only the chat being expanded
-//! is held (once, detoasted), with a 16-byte index entry per message.
+//! is held (once, detoasted), with a 16-byte index entry per message. App rows
+//! (`rows => 'app'`) are the exception: a chat is written all or nothing, as the app
+//! writes it, so it is never split, and memory is bounded by the largest chat's rows.
 
 mod batch;
 mod read;
