@@ -1183,7 +1183,7 @@ mod tests {
         assert_eq!(failure(r#"{"role":{"a":1}}"#).column, "role");
         assert_eq!(failure(r#"{"role":"u","timestamp":1e30}"#).sqlstate, "22003");
         // A long value is cut in the message (the message's JSON is recorded whole).
-        let long = failure(&format!(r#"{{"role":"u","usage":{{"input_tokens":"{}"}}}}"#, "x".repeat(5000)));
+        let long = failure(&format!(r#"{{"role":"u","usage":{{"input_tokens":"{}","output_tokens":"1"}}}}"#, "x".repeat(5000)));
         assert!(long.reason.len() < 200 && long.reason.contains("(5000 characters)"), "{}", long.reason);
         // A falsy info or usage is no usage.
         assert_eq!(row(r#"{"role":"u","usage":{},"info":0}"#).usage, "null");
