@@ -331,18 +331,48 @@ struct Shape {
 }
 
 fn scan(doc: &str) -> Shape {
-    let bytes = doc.as_bytes();
-    let (mut depth, mut deepest, mut longest) = (0usize, 0usize, 0usize);
-    let (mut overflow, mut lone_surrogate, mut rewritten_strings, mut wide_integer) = (false, false, false, false);
+    let (mut longest, mut overflow, mut lone_surrogate, mut rewritten_strings, mut wide_integer) = (0, false, false, false, false);
+    let depth = walk_tokens(doc, |token, range| match token {
+        Token::String if !lone_surrogate && needs_sanitizing(&doc[range.clone()]) => {
+            rewritten_strings = true;
+            lone_surrogate = matches!(decode_string(&doc[range]).storable(), Err(scalar::Unstorable::UnpairedSurrogate));
+        }
+        Token::String => {}
+        Token::Number => {
+            let text = &doc[range];
+            if is_integer(text) {
+                longest = longest.max(text.len());
+                wide_integer = wide_integer || !fits_64_bits(text);
+            }
+            overflow = overflow || text.parse::<f64>().map_or(false, f64::is_infinite);
+        }
+    });
+    Shape { depth, longest_integer: longest, overflow, lone_surrogate, rewritten_strings, wide_integer }
+}
+
+/// The tokens of a JSON text that the app's codec may treat differently.
+enum Token {
+    String,
+    Number,
+}
+
+/// Walks a JSON text once, linearly (no recursion), handing each string (keys included)
+/// and number token's byte range to `each`; returns the deepest nesting of arrays and
+/// objects.
+fn walk_tokens(text: &str, mut each: impl FnMut(Token, Range<usize>)) -> usize {
+    let bytes = text.as_bytes();
+    let (mut depth, mut deepest) = (0usize, 0usize);
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
             b'"' => {
                 let end = string_end(bytes, i);
-                if !lone_surrogate && needs_sanitizing(&doc[i..end]) {
-                    rewritten_strings = true;
-                    lone_surrogate = matches!(decode_string(&doc[i..end]).storable(), Err(scalar::Unstorable::UnpairedSurrogate));
-                }
+                each(Token::String, i..end);
+                i = end;
+            }
+            b'-' | b'0'..=b'9' => {
+                let end = number_end(bytes, i);
+                each(Token::Number, i..end);
                 i = end;
             }
             b'[' | b'{' => {
@@ -354,19 +384,10 @@ fn scan(doc: &str) -> Shape {
                 depth = depth.saturating_sub(1);
                 i += 1;
             }
-            b'-' | b'0'..=b'9' => {
-                let end = number_end(bytes, i);
-                if !bytes[i..end].iter().any(|b| matches!(b, b'.' | b'e' | b'E')) {
-                    longest = longest.max(end - i);
-                    wide_integer = wide_integer || !fits_64_bits(&doc[i..end]);
-                }
-                overflow = overflow || doc[i..end].parse::<f64>().map_or(false, f64::is_infinite);
-                i = end;
-            }
             _ => i += 1,
         }
     }
-    Shape { depth: deepest, longest_integer: longest, overflow, lone_surrogate, rewritten_strings, wide_integer }
+    deepest
 }
 
 /// The index just past the string token starting at `start` (its opening quote).
@@ -400,57 +421,33 @@ pub fn json_value(raw: &str, codec: Codec) -> Result<Cow<'_, str>, ()> {
     if codec.plain {
         return Ok(Cow::Borrowed(raw));
     }
-    let bytes = raw.as_bytes();
     let mut out: Option<String> = None;
     let mut copied = 0;
-    let mut i = 0;
-    let (mut depth, mut deepest, mut infinite, mut wide) = (0usize, 0usize, false, false);
-    while i < bytes.len() {
-        match bytes[i] {
-            b'[' | b'{' => {
-                depth += 1;
-                deepest = deepest.max(depth);
-                i += 1;
+    let (mut infinite, mut wide) = (false, false);
+    let deepest = walk_tokens(raw, |token, range| {
+        let text = &raw[range.clone()];
+        let replacement = match token {
+            Token::String if needs_sanitizing(text) => {
+                Some(serde_json::Value::String(decode_string(text).sanitized().into_owned()).to_string())
             }
-            b']' | b'}' => {
-                depth = depth.saturating_sub(1);
-                i += 1;
+            Token::String => None,
+            Token::Number if text.parse::<f64>().map_or(false, f64::is_infinite) => {
+                infinite = true;
+                Some("null".to_owned())
             }
-            b'"' => {
-                let end = string_end(bytes, i);
-                let token = &raw[i..end];
-                if needs_sanitizing(token) {
-                    let o = out.get_or_insert_with(|| String::with_capacity(raw.len()));
-                    o.push_str(&raw[copied..i]);
-                    let clean = decode_string(token).sanitized().into_owned();
-                    o.push_str(&serde_json::Value::String(clean).to_string());
-                    copied = end;
-                }
-                i = end;
+            Token::Number if is_integer(text) && !fits_64_bits(text) => {
+                wide = true;
+                (!codec.exact_ints).then(|| format!("{:e}", text.parse::<f64>().unwrap_or_default()))
             }
-            b'-' | b'0'..=b'9' => {
-                let end = number_end(bytes, i);
-                let token = &raw[i..end];
-                let replacement = if token.parse::<f64>().map_or(false, f64::is_infinite) {
-                    infinite = true;
-                    Some("null".to_owned())
-                } else if is_integer(token) && !fits_64_bits(token) {
-                    wide = true;
-                    (!codec.exact_ints).then(|| format!("{:e}", token.parse::<f64>().unwrap_or_default()))
-                } else {
-                    None
-                };
-                if let Some(r) = replacement {
-                    let o = out.get_or_insert_with(|| String::with_capacity(raw.len()));
-                    o.push_str(&raw[copied..i]);
-                    o.push_str(&r);
-                    copied = end;
-                }
-                i = end;
-            }
-            _ => i += 1,
+            Token::Number => None,
+        };
+        if let Some(r) = replacement {
+            let o = out.get_or_insert_with(|| String::with_capacity(raw.len()));
+            o.push_str(&raw[copied..range.start]);
+            o.push_str(&r);
+            copied = range.end;
         }
-    }
+    });
     if infinite && (wide || deepest > 255) {
         return Err(());
     }
