@@ -13,6 +13,9 @@ CREATE TABLE chat_backfill.run_ranges (
     chat_bytes pg_catalog.int8 NOT NULL,           -- stored chat bytes in it at the split
     last_key   pg_catalog.text,                    -- the last chat completed by a committed batch
     finished   pg_catalog.bool NOT NULL DEFAULT false,
+    partial_key pg_catalog.text,                   -- as in chat_backfill.runs: the chat a batch left
+    partial_done pg_catalog.int8,                  -- unfinished, its messages handled,
+    partial_fingerprint pg_catalog.int8,           -- and its text's fingerprint
     UNIQUE (run_id, range_no)
 );
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.run_ranges', '');
@@ -20,7 +23,7 @@ SELECT pg_catalog.pg_extension_config_dump('chat_backfill.run_ranges_range_id_se
 REVOKE ALL ON chat_backfill.run_ranges FROM PUBLIC;
 GRANT SELECT ON chat_backfill.run_ranges TO PUBLIC;
 GRANT INSERT (run_id, range_no, low_key, high_key, chat_bytes) ON chat_backfill.run_ranges TO PUBLIC;
-GRANT UPDATE (last_key, finished) ON chat_backfill.run_ranges TO PUBLIC;
+GRANT UPDATE (last_key, finished, partial_key, partial_done, partial_fingerprint) ON chat_backfill.run_ranges TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.run_ranges_range_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.run_ranges ENABLE ROW LEVEL SECURITY;
 -- A range is seen with its run (the runs policies apply inside), and made or advanced by who
@@ -126,7 +129,8 @@ SELECT r.run_id, r.source, r.target,
        r.started_at, r.updated_at, r.finished_at, r.last_error, r.started_by,
        CASE WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
             THEN r.replica_lag_bytes END AS replica_lag_bytes,
-       CASE WHEN h.workers OPERATOR(pg_catalog.>) 0::pg_catalog.int4 THEN h.workers END AS workers, r.batch_size, r.rows
+       CASE WHEN h.workers OPERATOR(pg_catalog.>) 0::pg_catalog.int4 THEN h.workers END AS workers, r.batch_size, r.rows,
+       r.messages_dropped
 FROM chat_backfill.runs r
 LEFT JOIN LATERAL (
     SELECT COALESCE(pg_catalog.min(l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2),

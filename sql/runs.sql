@@ -28,7 +28,11 @@ CREATE TABLE chat_backfill.runs (
     started_by        pg_catalog.text NOT NULL DEFAULT CURRENT_USER,  -- for audit; any runner may resume
     replica_lag_bytes pg_catalog.int8,              -- while throttled: how far behind the replicas are
     batch_size        pg_catalog.int4,              -- the size the last batch used (batch_time tunes it)
-    rows              pg_catalog.text NOT NULL DEFAULT 'migration'  -- which rows: 'migration' or 'app'
+    rows              pg_catalog.text NOT NULL DEFAULT 'migration',  -- which rows: 'migration' or 'app'
+    partial_key       pg_catalog.text,              -- a chat bigger than a batch that the last batch left unfinished,
+    partial_done      pg_catalog.int8,              -- how many of its messages are handled,
+    partial_fingerprint pg_catalog.int8,            -- and its text's fingerprint (a changed chat is read whole again)
+    messages_dropped  pg_catalog.int8 NOT NULL DEFAULT 0   -- a BEFORE trigger on the target returned NULL for them
 );
 CREATE INDEX ON chat_backfill.runs (source_oid, target_oid, run_id DESC);
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs', '');
@@ -44,7 +48,8 @@ GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water,
     ON chat_backfill.runs TO PUBLIC;
 GRANT UPDATE (last_key, chats_read, messages_inserted, messages_rejected, messages_existing, messages_skipped,
               chats_skipped, chats_vanished, batches, active_ms, status, updated_at, finished_at, last_error,
-              replica_lag_bytes, batch_size)
+              replica_lag_bytes, batch_size, partial_key, partial_done, partial_fingerprint,
+              messages_dropped)
     ON chat_backfill.runs TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.runs_run_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.runs ENABLE ROW LEVEL SECURITY;

@@ -208,6 +208,7 @@ fn backfill_chat_messages(
         name!(chats_skipped, i64),
         name!(chats_vanished, i64),
         name!(batch_size, i32),
+        name!(messages_dropped, i64),
     ),
 > {
     let mut settings = Request {
@@ -230,7 +231,7 @@ fn backfill_chat_messages(
     }
     settings.run_id = next_run_id().or_raise();
     let mut run = Backfill::start(settings).or_raise();
-    TableIterator::new(std::iter::from_fn(move || run.next_batch().or_raise()).map(|b| {
+    TableIterator::new(std::iter::from_fn(move || crate::key_text::pinned(|| run.next_batch()).or_raise()).map(|b| {
         (
             b.batch,
             b.chats_read,
@@ -243,6 +244,7 @@ fn backfill_chat_messages(
             b.chats_skipped,
             b.chats_vanished,
             b.batch_size,
+            b.messages_dropped,
         )
     }))
 }
@@ -291,7 +293,7 @@ fn verify(
     .or_raise();
     crate::relations::check_readable(&settings.target, "verify()").or_raise();
     let mut verifier = crate::backfill::verify::Verifier::start(settings).or_raise();
-    TableIterator::new(std::iter::from_fn(move || verifier.next().or_raise()).map(|f| (f.chat_id, f.message_key, f.kind.to_owned(), f.columns)))
+    TableIterator::new(std::iter::from_fn(move || crate::key_text::pinned(|| verifier.next()).or_raise()).map(|f| (f.chat_id, f.message_key, f.kind.to_owned(), f.columns)))
 }
 
 /// The migration's own filter: shared chats (user_id 'shared-...') are copies, left out.

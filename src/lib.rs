@@ -20,6 +20,7 @@ mod datums;
 mod error;
 mod estimate;
 mod gucs;
+mod key_text;
 mod plan;
 mod ranges;
 mod relations;

@@ -130,6 +130,7 @@ fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
     out.push(finding("target", "ok", format!("{}: every column, and a unique index on id", target.name)));
     out.push(secondary_indexes(&target, &estimate)?);
     out.push(foreign_keys(&target)?);
+    out.extend(deferred_constraints(&target)?);
     out.push(triggers(&target)?);
     out.push(wal_size(&estimate)?);
     out.push(admission(&estimate)?);
@@ -290,6 +291,27 @@ fn foreign_keys(target: &Relation) -> Result<Finding> {
                 target.name
             )),
     })
+}
+
+/// The target's INITIALLY DEFERRED constraints, when it has any: the backfill checks them at
+/// the end of each write instead of at COMMIT, so one violating chat is rejected, not the run.
+fn deferred_constraints(target: &Relation) -> Result<Option<Finding>> {
+    let names = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.string_agg(pg_catalog.format('%I %s'::pg_catalog.text, conname, \
+                pg_catalog.pg_get_constraintdef(oid)), '; '::pg_catalog.text ORDER BY conname) \
+           FROM pg_catalog.pg_constraint WHERE conrelid OPERATOR(pg_catalog.=) $1 AND condeferred",
+        &[target.oid.into()],
+    )?;
+    Ok(names.map(|names| {
+        finding(
+            "deferred_constraints",
+            "info",
+            format!(
+                "deferred constraints are checked at the end of each batch's write, not at COMMIT, so a row that \
+                 violates one is rejected and recorded and the others are written: {names}"
+            ),
+        )
+    }))
 }
 
 /// Triggers that fire on the backfill's INSERT (row or statement level) in this session's

@@ -5,7 +5,8 @@
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
-use crate::backfill::{source_where, Settings};
+use crate::backfill::{source_where, Partial, Settings};
+use crate::run_state::{partial_args, partial_of};
 use crate::error::Result;
 
 /// The first half of a range's advisory lock key (two-int4 form; the second half is the
@@ -23,6 +24,8 @@ pub struct Range {
     pub range_id: i32,
     pub after: Option<String>,
     pub high_key: String,
+    /// The chat a batch of this range left unfinished.
+    pub partial: Option<Partial>,
 }
 
 fn text_or_null(value: Option<&str>) -> DatumWithOid<'_> {
@@ -43,24 +46,23 @@ pub fn is_split(run_id: i64) -> Result<bool> {
 /// and records them; returns how many. The last range ends at `high_water` itself, so a
 /// chat inserted meanwhile below it is read, as a one-worker run would.
 pub fn split(settings: &Settings, run_id: i64, after: Option<&str>, high_water: &str, n: usize) -> Result<usize> {
-    let key = pgrx::spi::quote_identifier(&settings.id_column);
+    let key = settings.key_column();
     let chat = pgrx::spi::quote_identifier(&settings.chat_column);
-    let t = &settings.id_type;
-    let condition = format!(
-        "($1::pg_catalog.text IS NULL OR {key} OPERATOR(pg_catalog.>) CAST($1::pg_catalog.text AS {t})) \
-         AND {key} OPERATOR(pg_catalog.<=) CAST($2::pg_catalog.text AS {t})"
-    );
+    let condition = settings.key_range_condition(1, 2);
     // Each chat counts its bytes plus one, so a run of empty chats still spreads. A chat's
-    // bucket is where its running total started: a huge chat fills its own range.
+    // bucket is where its running total started: a huge chat fills its own range. A
+    // bucket's last key is found by ordering, in the key's own order: max() does not exist
+    // for every type that sorts (uuid, bytea).
     let query = format!(
-        "SELECT pg_catalog.max(w.k)::pg_catalog.text, pg_catalog.sum(w.b)::pg_catalog.int8 FROM ( \
+        "SELECT DISTINCT ON (w.bucket) w.k::pg_catalog.text, \
+                (pg_catalog.sum(w.b) OVER (PARTITION BY w.bucket))::pg_catalog.int8 FROM ( \
            SELECT c.k, c.b, pg_catalog.floor(((pg_catalog.sum(c.b) OVER (ORDER BY c.k ROWS UNBOUNDED PRECEDING)) \
                     OPERATOR(pg_catalog.-) c.b)::pg_catalog.float8 OPERATOR(pg_catalog.*) $3::pg_catalog.float8 \
                     OPERATOR(pg_catalog./) (pg_catalog.sum(c.b) OVER ())::pg_catalog.float8) AS bucket \
            FROM (SELECT {key} AS k, (COALESCE(pg_catalog.pg_column_size({chat}), 0::pg_catalog.int4) \
                         OPERATOR(pg_catalog.+) 1::pg_catalog.int4)::pg_catalog.int8 AS b \
                  FROM {}{}) c) w \
-         GROUP BY w.bucket ORDER BY w.bucket",
+         ORDER BY w.bucket, w.k DESC",
         settings.source.name,
         source_where(settings, Some(&condition)),
     );
@@ -134,7 +136,8 @@ pub fn claim(run_id: i64) -> Result<Option<Range>> {
         // Read again under the lock: whoever held it last may have finished it or moved on.
         let range = Spi::connect(|client| {
             let table = client.select(
-                "SELECT COALESCE(g.last_key, g.low_key), g.high_key, g.finished \
+                "SELECT COALESCE(g.last_key, g.low_key), g.high_key, g.finished, \
+                        g.partial_key, g.partial_done, g.partial_fingerprint \
                  FROM chat_backfill.run_ranges g WHERE g.range_id OPERATOR(pg_catalog.=) $1::pg_catalog.int4",
                 None,
                 &[range_id.into()],
@@ -143,7 +146,12 @@ pub fn claim(run_id: i64) -> Result<Option<Range>> {
             if row.get::<bool>(3)?.unwrap_or(true) {
                 return Ok(None);
             }
-            Ok(Some(Range { range_id, after: row.get::<String>(1)?, high_key: row.get::<String>(2)?.unwrap_or_default() }))
+            Ok(Some(Range {
+                range_id,
+                after: row.get::<String>(1)?,
+                high_key: row.get::<String>(2)?.unwrap_or_default(),
+                partial: partial_of(row.get::<String>(4)?, row.get::<i64>(5)?, row.get::<i64>(6)?),
+            }))
         })?;
         match range {
             Some(range) => return Ok(Some(range)),
@@ -166,11 +174,14 @@ pub fn release(range_id: i32) {
 }
 
 /// The range's checkpoint, in the batch's transaction.
-pub fn checkpoint(range_id: i32, last_key: Option<&str>) -> Result<()> {
+pub fn checkpoint(range_id: i32, last_key: Option<&str>, partial: Option<&Partial>) -> Result<()> {
+    let [partial_key, partial_done, partial_fingerprint] = partial_args(partial);
     Spi::run_with_args(
-        "UPDATE chat_backfill.run_ranges SET last_key = COALESCE($2::pg_catalog.text, last_key) \
+        "UPDATE chat_backfill.run_ranges SET last_key = COALESCE($2::pg_catalog.text, last_key), \
+             partial_key = $3::pg_catalog.text, partial_done = $4::pg_catalog.int8, \
+             partial_fingerprint = $5::pg_catalog.int8 \
          WHERE range_id OPERATOR(pg_catalog.=) $1::pg_catalog.int4",
-        &[range_id.into(), text_or_null(last_key)],
+        &[range_id.into(), text_or_null(last_key), partial_key, partial_done, partial_fingerprint],
     )?;
     Ok(())
 }

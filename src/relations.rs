@@ -231,6 +231,53 @@ pub fn check_source_key(source: &Relation, id_column: &str) -> Result<()> {
     ))
 }
 
+/// How keys of one type are ordered and compared: the operators of the type's default
+/// btree operator class, each named with its own schema (`OPERATOR(pg_catalog.>)` for the
+/// built-in types), so that `key > last_key` and `ORDER BY key` agree for every type and a
+/// search_path cannot swap either.
+#[derive(Clone, Debug)]
+pub struct KeyOps {
+    pub gt: String,
+    pub eq: String,
+}
+
+/// The key operators of `type_oid`, or `None` when it has no default btree operator class
+/// (json, point, xml, ...): such a key cannot be read in order.
+pub fn key_operators(type_oid: pg_sys::Oid) -> Result<Option<KeyOps>> {
+    // SAFETY: the type cache entry lives for the backend; only two oids are read from it.
+    let (gt, eq) = unsafe {
+        let entry = pg_sys::lookup_type_cache(type_oid, (pg_sys::TYPECACHE_GT_OPR | pg_sys::TYPECACHE_EQ_OPR) as i32);
+        ((*entry).gt_opr, (*entry).eq_opr)
+    };
+    if gt == pg_sys::InvalidOid || eq == pg_sys::InvalidOid {
+        return Ok(None);
+    }
+    let name = |oid: pg_sys::Oid| -> Result<String> {
+        Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.format('OPERATOR(%I.%s)'::pg_catalog.text, n.nspname, o.oprname) \
+             FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.oprnamespace \
+             WHERE o.oid OPERATOR(pg_catalog.=) $1",
+            &[oid.into()],
+        )?
+        .ok_or_else(|| Error::from(pgrx::spi::Error::InvalidPosition))
+    };
+    Ok(Some(KeyOps { gt: name(gt)?, eq: name(eq)? }))
+}
+
+/// The committing form orders chats by key: refuses a key type without a btree order.
+pub fn check_key_order(source: &Relation, id_column: &str, ops: Option<&KeyOps>, type_name: &str) -> Result<()> {
+    if ops.is_some() {
+        return Ok(());
+    }
+    Err(Error::new(
+        ERRCODE_DATATYPE_MISMATCH,
+        format!("column \"{id_column}\" of source table {} has type {type_name}, which has no btree order", source.name),
+        "The committing form reads chats in key order and resumes after the last key: use a key column of a type \
+         with a default btree operator class (text, integers, numeric, timestamps, uuid, ...), or the one-transaction \
+         form SELECT * FROM backfill_chat_messages(), which needs no order.",
+    ))
+}
+
 /// The source must have the three columns the backfill reads, the document in json,
 /// jsonb or text. Returns the id column's type and the document's.
 pub fn check_source(source: &Relation, id: &str, user_id: &str, chat: &str) -> Result<(pg_sys::Oid, pg_sys::Oid)> {

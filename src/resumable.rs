@@ -92,7 +92,7 @@ fn backfill_chat_messages_resumable(
         pg_sys::SPI_connect_ext(pg_sys::SPI_OPT_NONATOMIC as i32);
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
-    let styles = key_styles();
+    let styles = crate::key_text::session_values();
     iso_keys();
     let settings = Request {
         source,
@@ -109,6 +109,7 @@ fn backfill_chat_messages_resumable(
     }
     .check()
     .or_raise();
+    crate::relations::check_key_order(&settings.source, &settings.id_column, settings.key_ops.as_ref(), &settings.id_type).or_raise();
     crate::relations::check_source_key(&settings.source, &settings.id_column).or_raise();
     let mut throttle = Throttle::new(max_replica_lag.as_deref(), replica_slot.as_deref(), max_wal_rate).or_raise();
     let throttle_args = ThrottleArgs { max_replica_lag, replica_slot, max_wal_rate: max_wal_rate.map(|(mib, _)| mib) };
@@ -228,7 +229,8 @@ pub(crate) enum Ended {
     /// Its keys are exhausted.
     Finished,
     /// max_runtime was reached (while throttled, or after a batch).
-    OutOfTime { throttled: bool },
+    /// `idle`: before this stretch wrote any batch (the throttle held it the whole time).
+    OutOfTime { throttled: bool, idle: bool },
     /// A batch waited longer than lock_timeout and was rolled back.
     Yielded(String),
     /// Told to stop by the run (another worker failed or stopped, or the CALL is gone).
@@ -261,7 +263,7 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parall
             }
         }
     }
-    let (run_id, last_key, high_water) = match run_state::start_point(&settings, restart)? {
+    let (run_id, last_key, high_water, partial) = match run_state::start_point(&settings, restart)? {
         Start::Finished { run_id, finished_at } => {
             notice!(
                 "chat_backfill: the backfill of {} into {} is already complete (run {run_id}, finished {finished_at}); \
@@ -271,13 +273,21 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parall
             );
             return Ok(());
         }
-        Start::Resume { run_id, last_key, high_water, now } => {
-            notice!("chat_backfill: resuming run {run_id} after key {}", last_key.as_deref().unwrap_or("(start)"));
+        Start::Resume { run_id, last_key, high_water, now, partial } => {
+            match &partial {
+                Some(p) => notice!(
+                    "chat_backfill: resuming run {run_id} after key {}, inside chat {} after its first {} messages",
+                    last_key.as_deref().unwrap_or("(start)"),
+                    p.chat_id,
+                    p.done
+                ),
+                None => notice!("chat_backfill: resuming run {run_id} after key {}", last_key.as_deref().unwrap_or("(start)")),
+            }
             settings.now = now;
-            (run_id, last_key, high_water)
+            (run_id, last_key, high_water, partial)
         }
         Start::New => match run_state::new_run(&settings)? {
-            Some((run_id, high_water)) => (run_id, None, high_water),
+            Some((run_id, high_water)) => (run_id, None, high_water, None),
             None => {
                 notice!("chat_backfill: {} has no chats to backfill", settings.source.name);
                 commit();
@@ -293,7 +303,7 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parall
     if !split && parallel.workers == 1 {
         // Preparing the INSERT locks the target: do not queue there without a limit either.
         set_lock_timeout(limits)?;
-        let mut backfill = Backfill::keyset(settings, last_key, high_water)?;
+        let mut backfill = Backfill::keyset(settings, last_key, high_water, partial)?;
         let ended = drive(&mut backfill, run_id, None, limits, deadline, &commit, &|| Ok(false))?;
         return settle(run_id, ended, false);
     }
@@ -345,7 +355,8 @@ pub(crate) fn work_ranges(
         // error when this session goes on (see release_on_error).
         let ended = PgTryBuilder::new(AssertUnwindSafe(|| -> Result<Ended> {
             set_lock_timeout(limits)?;
-            let mut backfill = Backfill::keyset(Settings { batch_size, ..settings.clone() }, range.after, range.high_key)?;
+            let mut backfill =
+                Backfill::keyset(Settings { batch_size, ..settings.clone() }, range.after, range.high_key, range.partial)?;
             let ended = drive(&mut backfill, run_id, Some(range_id), limits, deadline, commit, halted);
             batch_size = backfill.batch_size();
             let ended = ended?;
@@ -390,6 +401,7 @@ fn drive(
     commit: &dyn Fn(),
     halted: &dyn Fn() -> Result<bool>,
 ) -> Result<Ended> {
+    let mut batches = 0;
     loop {
         pgrx::check_for_interrupts!();
         if halted()? {
@@ -399,7 +411,7 @@ fn drive(
         // max_runtime ends a wait too.
         match limits.throttle.before_batch(run_id, commit, deadline, halted)? {
             Go::Ahead => {}
-            Go::OutOfTime => return Ok(Ended::OutOfTime { throttled: true }),
+            Go::OutOfTime => return Ok(Ended::OutOfTime { throttled: true, idle: batches == 0 }),
             Go::Halted => return Ok(Ended::Halted),
         }
         set_lock_timeout(limits)?;
@@ -408,24 +420,31 @@ fn drive(
                 let Some(report) = backfill.next_batch()? else { return Ok(None) };
                 match range_id {
                     Some(range_id) => {
-                        ranges::checkpoint(range_id, report.last_chat_id.as_deref())?;
-                        run_state::checkpoint(run_id, None, &report)?;
+                        ranges::checkpoint(range_id, report.last_chat_id.as_deref(), report.partial.as_ref())?;
+                        run_state::checkpoint(run_id, None, None, &report)?;
                     }
-                    None => run_state::checkpoint(run_id, report.last_chat_id.as_deref(), &report)?,
+                    None => run_state::checkpoint(run_id, report.last_chat_id.as_deref(), report.partial.as_ref(), &report)?,
                 }
                 Ok(Some(BatchDone))
             }),
             |sqlstate| sqlstate == "55P03",
         );
         match outcome {
-            Ok(Ok(Some(BatchDone))) => commit(),
+            Ok(Ok(Some(BatchDone))) => {
+                commit();
+                batches += 1;
+            }
             Ok(Ok(None)) => return Ok(Ended::Finished),
             Ok(Err(e)) => return Err(e),
             Err(failure) => return Ok(Ended::Yielded(failure.message)),
         }
+        // A batch that read the last key ends the run now, not at the next CALL.
+        if backfill.is_done() {
+            return Ok(Ended::Finished);
+        }
         // Checked after a batch, so every CALL makes progress however small max_runtime is.
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Ok(Ended::OutOfTime { throttled: false });
+            return Ok(Ended::OutOfTime { throttled: false, idle: false });
         }
         if !limits.pause.is_zero() {
             sleep_interruptibly(limits.pause);
@@ -439,8 +458,14 @@ pub(crate) fn record(run_id: i64, ended: &Ended, split: bool) -> Result<()> {
     let (status, why) = match ended {
         Ended::Finished if split => return Ok(()),
         Ended::Finished => ("finished", None),
-        Ended::OutOfTime { throttled: true } => ("stopped", Some("max_runtime reached while throttled; the next CALL resumes here".to_owned())),
-        Ended::OutOfTime { throttled: false } => ("stopped", Some("max_runtime reached; the next CALL resumes here".to_owned())),
+        Ended::OutOfTime { throttled: true, idle: true } => (
+            "stopped",
+            Some("no progress: max_runtime reached while throttled, before any batch; the next CALL resumes here".to_owned()),
+        ),
+        Ended::OutOfTime { throttled: true, idle: false } => {
+            ("stopped", Some("max_runtime reached while throttled; the next CALL resumes here".to_owned()))
+        }
+        Ended::OutOfTime { throttled: false, .. } => ("stopped", Some("max_runtime reached; the next CALL resumes here".to_owned())),
         Ended::Yielded(message) => ("yielded", Some(format!("lock_timeout: {message}"))),
         Ended::Halted => return Ok(()),
     };
@@ -462,10 +487,14 @@ fn settle(run_id: i64, ended: Ended, split: bool) -> Result<()> {
 pub(crate) fn say(run_id: i64, ended: &Ended) {
     match ended {
         Ended::Finished | Ended::Halted => {}
-        Ended::OutOfTime { throttled: true } => {
+        Ended::OutOfTime { throttled: true, idle: true } => notice!(
+            "chat_backfill: no progress: max_runtime reached while throttled before any batch was written; run {run_id} \
+             stopped where it was (see chat_backfill.status for the replica lag), CALL again to resume"
+        ),
+        Ended::OutOfTime { throttled: true, idle: false } => {
             notice!("chat_backfill: max_runtime reached while throttled; run {run_id} stopped, CALL again to resume")
         }
-        Ended::OutOfTime { throttled: false } => {
+        Ended::OutOfTime { throttled: false, .. } => {
             notice!("chat_backfill: max_runtime reached; run {run_id} stopped after a committed batch, CALL again to resume")
         }
         Ended::Yielded(message) => notice!(
@@ -525,42 +554,15 @@ pub(crate) fn commit() {
 }
 
 /// Keys are kept as text (the high-water mark, checkpoints, ranges) and cast back in later
-/// transactions, other sessions and workers. Dates and intervals print, for this
-/// transaction, in the styles every session reads back alike (ISO dates are read the same
-/// whatever DateStyle's field order; floats in full); the session's input order stays as it is.
+/// transactions, other sessions and workers: each transaction prints them alike.
 pub(crate) fn iso_keys() {
-    let _ = Spi::run(
-        "SELECT pg_catalog.set_config('datestyle'::pg_catalog.text, 'ISO'::pg_catalog.text, true), \
-                pg_catalog.set_config('intervalstyle'::pg_catalog.text, 'postgres'::pg_catalog.text, true), \
-                pg_catalog.set_config('extra_float_digits'::pg_catalog.text, '1'::pg_catalog.text, true)",
-    );
-}
-
-/// The styles iso_keys sets, as the session has them.
-fn key_styles() -> Vec<(String, String)> {
-    ["datestyle", "intervalstyle", "extra_float_digits"]
-        .iter()
-        .filter_map(|name| {
-            let value = Spi::get_one_with_args::<String>(
-                "SELECT pg_catalog.current_setting($1::pg_catalog.text)",
-                &[(*name).into()],
-            )
-            .ok()
-            .flatten()?;
-            Some(((*name).to_owned(), value))
-        })
-        .collect()
+    crate::key_text::pin_for_transaction();
 }
 
 fn finish_call(styles: &[(String, String)]) {
     // The caller's transaction (a DO block's, say) goes on after the CALL: give it back its
-    // own styles, which iso_keys changed for the transaction.
-    for (name, value) in styles {
-        let _ = Spi::run_with_args(
-            "SELECT pg_catalog.set_config($1::pg_catalog.text, $2::pg_catalog.text, true)",
-            &[name.as_str().into(), value.as_str().into()],
-        );
-    }
+    // own settings, which iso_keys changed for the transaction.
+    crate::key_text::restore_local(styles);
     // SAFETY: pops only a snapshot that is set, and ends the SPI connection made at the start.
     unsafe {
         if pg_sys::ActiveSnapshotSet() {

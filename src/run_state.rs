@@ -5,13 +5,13 @@
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
-use crate::backfill::{source_where, BatchReport, Settings};
+use crate::backfill::{source_where, BatchReport, Partial, Settings};
 use crate::error::Result;
 
 /// Where a CALL starts from.
 pub enum Start {
     New,
-    Resume { run_id: i64, last_key: Option<String>, high_water: String, now: i64 },
+    Resume { run_id: i64, last_key: Option<String>, high_water: String, now: i64, partial: Option<Partial> },
     Finished { run_id: i64, finished_at: String },
 }
 
@@ -24,7 +24,7 @@ pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
     let latest = Spi::connect(|client| {
         let table = client.select(
             "SELECT r.run_id, r.status, coalesce(r.finished_at::pg_catalog.text, ''::pg_catalog.text), \
-                    r.last_key, r.high_water, r.now \
+                    r.last_key, r.high_water, r.now, r.partial_key, r.partial_done, r.partial_fingerprint \
              FROM chat_backfill.runs r \
              WHERE r.source_oid OPERATOR(pg_catalog.=) $1 AND r.target_oid OPERATOR(pg_catalog.=) $2 \
                AND r.rows OPERATOR(pg_catalog.=) $3::pg_catalog.text \
@@ -40,24 +40,46 @@ pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
             row.get::<String>(4)?,
             row.get::<String>(5)?.unwrap_or_default(),
             row.get::<i64>(6)?.unwrap_or_default(),
+            partial_of(row.get::<String>(7)?, row.get::<i64>(8)?, row.get::<i64>(9)?),
         )))
     })?;
     Ok(match latest {
         None => Start::New,
         Some(_) if restart => Start::New,
         Some((run_id, status, finished_at, ..)) if status == "finished" => Start::Finished { run_id, finished_at },
-        Some((run_id, _, _, last_key, high_water, now)) => Start::Resume { run_id, last_key, high_water, now },
+        Some((run_id, _, _, last_key, high_water, now, partial)) => Start::Resume { run_id, last_key, high_water, now, partial },
     })
+}
+
+/// A checkpoint's unfinished chat, from its three columns.
+pub fn partial_of(chat_id: Option<String>, done: Option<i64>, fingerprint: Option<i64>) -> Option<Partial> {
+    Some(Partial { chat_id: chat_id?, done: done?, fingerprint: fingerprint? })
+}
+
+/// The three columns of a checkpoint's unfinished chat (NULLs when there is none).
+pub fn partial_args(partial: Option<&Partial>) -> [DatumWithOid<'_>; 3] {
+    match partial {
+        Some(p) => [p.chat_id.as_str().into(), p.done.into(), p.fingerprint.into()],
+        None => [
+            DatumWithOid::null_oid(pg_sys::TEXTOID),
+            DatumWithOid::null_oid(pg_sys::INT8OID),
+            DatumWithOid::null_oid(pg_sys::INT8OID),
+        ],
+    }
 }
 
 /// Captures the high-water mark and the size of the job and records the run; `None` when
 /// there is nothing to do. Runs through a portal, which holds exactly one statement.
 pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
-    let key = pgrx::spi::quote_identifier(&settings.id_column);
+    // The greatest key in the key's own order: max() does not exist for every type that
+    // sorts (uuid, bytea), and it would not order by the same operator class anyway.
+    let key = settings.key_column();
     let measure = format!(
-        "SELECT pg_catalog.max({key})::pg_catalog.text, pg_catalog.count(*) FROM {}{}",
-        settings.source.name,
-        source_where(settings, None)
+        "SELECT (SELECT {key}::pg_catalog.text FROM {source}{where_high} ORDER BY {key} DESC LIMIT 1), \
+                (SELECT pg_catalog.count(*) FROM {source}{where_all})",
+        source = settings.source.name,
+        where_high = source_where(settings, Some(&format!("{key} IS NOT NULL"))),
+        where_all = source_where(settings, None),
     );
     let (high_water, total) = Spi::connect(|client| {
         let mut cursor = client.try_open_cursor(measure.as_str(), &[])?;
@@ -93,7 +115,10 @@ pub fn resumed(run_id: i64) -> Result<()> {
     set_status(run_id, "running", None)
 }
 
-pub fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) -> Result<()> {
+/// Adds a committed batch to the run. `partial`: the chat the batch left unfinished (the
+/// run's own, unsplit; a split run keeps it on the range).
+pub fn checkpoint(run_id: i64, last_key: Option<&str>, partial: Option<&Partial>, r: &BatchReport) -> Result<()> {
+    let [partial_text, partial_done, partial_fingerprint] = partial_args(partial);
     Spi::run_with_args(
         "UPDATE chat_backfill.runs SET last_key = coalesce($2, last_key), \
              chats_read = chats_read OPERATOR(pg_catalog.+) $3, \
@@ -105,6 +130,9 @@ pub fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) -> Resul
              chats_vanished = chats_vanished OPERATOR(pg_catalog.+) $9, \
              batches = batches OPERATOR(pg_catalog.+) 1::pg_catalog.int4, \
              active_ms = active_ms OPERATOR(pg_catalog.+) $10, batch_size = $11, \
+             partial_key = $12::pg_catalog.text, partial_done = $13::pg_catalog.int8, \
+             partial_fingerprint = $14::pg_catalog.int8, \
+             messages_dropped = messages_dropped OPERATOR(pg_catalog.+) $15::pg_catalog.int8, \
              updated_at = pg_catalog.clock_timestamp() \
          WHERE run_id OPERATOR(pg_catalog.=) $1",
         &[
@@ -119,6 +147,10 @@ pub fn checkpoint(run_id: i64, last_key: Option<&str>, r: &BatchReport) -> Resul
             r.chats_vanished.into(),
             r.elapsed_ms.into(),
             r.batch_size.into(),
+            partial_text,
+            partial_done,
+            partial_fingerprint,
+            r.messages_dropped.into(),
         ],
     )?;
     Ok(())

@@ -600,6 +600,7 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
     .check()?;
     let mut settings = settings;
     settings.run_id = run_id;
+    crate::relations::check_key_order(&settings.source, &settings.id_column, settings.key_ops.as_ref(), &settings.id_type)?;
     crate::relations::check_source_key(&settings.source, &settings.id_column)?;
     let mut throttle = Throttle::new(
         launch.max_replica_lag.as_deref(),

@@ -54,6 +54,38 @@ pub struct BatchReport {
     pub chats_vanished: i64,
     /// The batch_size this batch used (it changes with batch_time).
     pub batch_size: i32,
+    /// The chat this batch left unfinished, if any: a resume goes on inside it.
+    pub partial: Option<Partial>,
+    /// Rows a BEFORE trigger on the target dropped (returned NULL for).
+    pub messages_dropped: i64,
+}
+
+/// Where a committed batch left a chat bigger than a batch: its first `done` messages are
+/// handled (written, recorded or skipped by rule). A resume that finds the same chat again,
+/// unchanged (`fingerprint` of its text), goes on with the next message instead of reading
+/// it from the first, so every CALL moves the run on however small its max_runtime; a chat
+/// changed meanwhile is read whole again (what is there is then counted as existing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partial {
+    pub chat_id: String,
+    pub done: i64,
+    pub fingerprint: i64,
+}
+
+/// A fingerprint of a chat's text, stable across processes and releases (a checkpoint
+/// outlives both): a multiply-rotate hash over 8-byte words, and the length.
+pub fn fingerprint(text: &[u8]) -> i64 {
+    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+    let mut h = text.len() as u64;
+    let mut words = text.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    (h ^ (h >> 29)) as i64
 }
 
 /// A chat whose messages are being expanded, possibly over several batches.
@@ -67,6 +99,31 @@ struct OpenChat {
     /// App rows: how the app's codec reads the chat, and where its currentId is.
     codec: app_rows::Codec,
     current_id: Option<std::ops::Range<usize>>,
+    /// The text's fingerprint, computed once for a chat that spans batches.
+    fingerprint: std::cell::Cell<Option<i64>>,
+}
+
+impl OpenChat {
+    fn partial(&self) -> Partial {
+        let fingerprint = self.fingerprint.get().unwrap_or_else(|| {
+            let text = self.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+            let f = fingerprint(text.as_bytes());
+            self.fingerprint.set(Some(f));
+            f
+        });
+        Partial { chat_id: self.chat_id.clone(), done: self.next as i64, fingerprint }
+    }
+
+    /// Resumes inside this chat where `partial` says an earlier CALL left it, if it is the
+    /// same chat with the same text.
+    fn resume(&mut self, partial: &Partial) {
+        if partial.chat_id == self.chat_id
+            && (0..=self.spans.len() as i64).contains(&partial.done)
+            && self.partial().fingerprint == partial.fingerprint
+        {
+            self.next = partial.done as usize;
+        }
+    }
 }
 
 /// A batch being filled.
@@ -103,7 +160,7 @@ impl Batch {
     fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
         let text = chat.text.as_ref().map_or(0, ChatText::len);
         let (messages, bytes) = self.held();
-        messages == 0 || (messages + chat.spans.len() <= settings.batch_size && bytes + text <= MAX_BATCH_ROW_BYTES)
+        messages == 0 || (messages + chat.spans.len() - chat.next <= settings.batch_size && bytes + text <= MAX_BATCH_ROW_BYTES)
     }
 
     /// Takes a fetched chat: `Some` when it has messages to expand.
@@ -140,6 +197,7 @@ impl Batch {
                     next: 0,
                     codec: app_rows::Codec { exact_ints: false, plain: true },
                     current_id: None,
+                    fingerprint: Default::default(),
                 })
             }
             Ok(_) => {
@@ -182,7 +240,17 @@ impl Batch {
         };
         match opened {
             Ok((spans, body, codec, current_id)) if !spans.is_empty() => {
-                return Some(OpenChat { chat_id, user_id, text: chat, body, spans, next: 0, codec, current_id })
+                return Some(OpenChat {
+                    chat_id,
+                    user_id,
+                    text: chat,
+                    body,
+                    spans,
+                    next: 0,
+                    codec,
+                    current_id,
+                    fingerprint: Default::default(),
+                })
             }
             Ok(_) => {}
             Err(skip) => self.skip_app_chat(&chat_id, skip),
@@ -313,6 +381,8 @@ pub struct Backfill {
     recorder: Recorder,
     /// The chat a full batch left unfinished.
     open_chat: Option<OpenChat>,
+    /// Where an earlier CALL left the first chat this one reads.
+    resume: Option<Partial>,
     exhausted: bool,
     /// The chat last counted as vanished, so a chat spanning batches counts once.
     last_vanished: Option<String>,
@@ -332,10 +402,13 @@ impl Backfill {
     }
 
     /// The committing form: reads after `last_key` (all when `None`) up to `high_water`,
-    /// a portal per batch, so the caller may COMMIT between batches.
-    pub fn keyset(settings: Settings, last_key: Option<String>, high_water: String) -> Result<Backfill> {
+    /// a portal per batch, so the caller may COMMIT between batches; inside the chat that
+    /// `resume` names, if an earlier CALL left one unfinished.
+    pub fn keyset(settings: Settings, last_key: Option<String>, high_water: String, resume: Option<Partial>) -> Result<Backfill> {
         let reader = Reader::keyset(&settings, last_key, high_water);
-        Backfill::new(settings, reader)
+        let mut backfill = Backfill::new(settings, reader)?;
+        backfill.resume = resume;
+        Ok(backfill)
     }
 
     fn new(settings: Settings, reader: Reader) -> Result<Backfill> {
@@ -348,6 +421,7 @@ impl Backfill {
             writer,
             recorder,
             open_chat: None,
+            resume: None,
             exhausted: false,
             last_vanished: None,
             batch: 0,
@@ -375,11 +449,16 @@ impl Backfill {
             self.open_chat = batch.expand(chat, &self.settings);
         }
         if self.open_chat.is_none() && !self.exhausted {
-            let (settings, reader) = (&self.settings, &mut self.reader);
+            let (settings, reader, resume) = (&self.settings, &mut self.reader, &mut self.resume);
             let (open_chat, exhausted) = Spi::connect(|client| -> Result<(Option<OpenChat>, bool)> {
                 while batch.room_for_chats(settings) {
                     let Some(fetched) = reader.next(client, settings)? else { return Ok((None, true)) };
-                    if let Some(chat) = batch.open(fetched, settings) {
+                    // Only the first chat read can be the one an earlier CALL left.
+                    let resume = resume.take();
+                    if let Some(mut chat) = batch.open(fetched, settings) {
+                        if let Some(partial) = &resume {
+                            chat.resume(partial);
+                        }
                         if !batch.fits(&chat, settings) {
                             return Ok((Some(chat), false));
                         }
@@ -396,6 +475,7 @@ impl Backfill {
         }
         let finished = self.exhausted && self.open_chat.is_none();
         let Batch { rows, mut rejections, mut report, chat_bytes, .. } = batch;
+        report.partial = self.open_chat.as_ref().map(OpenChat::partial);
         self.chat_bytes_read += chat_bytes;
         if report.chats_read == 0 && rows.len() == 0 && rejections.is_empty() && report.messages_skipped == 0 && finished {
             self.finish();
@@ -424,7 +504,11 @@ impl Backfill {
         }
         report.elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
         if let Some(tuner) = self.settings.tuner {
-            let handled = report.messages_inserted + report.messages_rejected + report.messages_existing + report.messages_skipped;
+            let handled = report.messages_inserted
+                + report.messages_rejected
+                + report.messages_existing
+                + report.messages_skipped
+                + report.messages_dropped;
             self.settings.batch_size = tuner.next(self.settings.batch_size, handled as usize, began.elapsed());
         }
         self.batch += 1;
@@ -436,6 +520,11 @@ impl Backfill {
             notice!("chat_backfill: {}", self.summary("so far"));
         }
         Ok(Some(report))
+    }
+
+    /// Whether the source is read to its end and nothing of it is left to write.
+    pub fn is_done(&self) -> bool {
+        self.exhausted && self.open_chat.is_none()
     }
 
     /// The run so far, and its number of batches.
@@ -474,6 +563,7 @@ impl Backfill {
         t.messages_skipped += b.messages_skipped;
         t.chats_skipped += b.chats_skipped;
         t.chats_vanished += b.chats_vanished;
+        t.messages_dropped += b.messages_dropped;
     }
 
     fn summary(&self, state: &str) -> String {
@@ -482,7 +572,8 @@ impl Backfill {
         let verb = if self.settings.dry_run { "would insert" } else { "inserted" };
         format!(
             "{state} after {} batches, {:.1} s: {} chats read, {} messages {verb}, {} rejected, {} already present, \
-             {} skipped by rule, {} chats unusable, {} chats deleted meanwhile ({:.0} messages/s); rejected rows: \
+             {} skipped by rule, {} dropped by a trigger, {} chats unusable, {} chats deleted meanwhile \
+             ({:.0} messages/s); rejected rows: \
              SELECT * FROM chat_backfill.rejected_messages WHERE run_id = {}",
             self.batch,
             secs,
@@ -491,6 +582,7 @@ impl Backfill {
             t.messages_rejected,
             t.messages_existing,
             t.messages_skipped,
+            t.messages_dropped,
             t.chats_skipped,
             t.chats_vanished,
             (t.messages_inserted as f64) / secs.max(1e-9),

@@ -44,15 +44,10 @@ impl Reader {
     /// Reads the source in key order after `after` (all of it when `None`) up to
     /// `high_water`, one portal per batch, so the caller may COMMIT between batches.
     pub fn keyset(settings: &Settings, after: Option<String>, high_water: String) -> Reader {
-        let key = pgrx::spi::quote_identifier(&settings.id_column);
-        let t = &settings.id_type;
-        let condition = format!(
-            "($1::pg_catalog.text IS NULL OR {key} OPERATOR(pg_catalog.>) CAST($1::pg_catalog.text AS {t})) \
-             AND {key} OPERATOR(pg_catalog.<=) CAST($2::pg_catalog.text AS {t})"
-        );
+        let condition = settings.key_range_condition(1, 2);
         // A batch rarely needs more chats than messages; the LIMIT keeps the plan an index scan.
         let limit = settings.batch_size;
-        let query = select_sql(settings, Some(&condition), &format!(" ORDER BY {key} LIMIT {limit}"));
+        let query = select_sql(settings, Some(&condition), &format!(" ORDER BY {} LIMIT {limit}", settings.key_column()));
         Reader { reading: Reading::Keyset { query, high_water, portal: None, fetched: 0 }, read_key: after, limit }
     }
 

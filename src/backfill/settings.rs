@@ -9,7 +9,7 @@ use pgrx::PgSqlErrorCode::*;
 
 use crate::error::{Error, Result};
 use crate::tuning::Tuner;
-use crate::relations::{check_privileges, check_source, check_target, qualified_type_name, resolve, Relation};
+use crate::relations::{check_privileges, check_source, check_target, key_operators, qualified_type_name, resolve, KeyOps, Relation};
 
 pub const MAX_BATCH_SIZE: i32 = 1_000_000;
 
@@ -29,6 +29,9 @@ pub struct Settings {
     pub run_id: i64,
     /// The id column's type, schema-qualified, for keyset reading.
     pub id_type: String,
+    /// How that type orders and compares (`None`: it has no btree order; only the
+    /// one-transaction form, which reads in no order, can use such a key).
+    pub key_ops: Option<KeyOps>,
     /// Whether the document is jsonb, which is read through its text form (json and text
     /// columns are read as they are stored).
     pub chat_is_jsonb: bool,
@@ -147,12 +150,40 @@ impl Request<'_> {
             dry_run: self.dry_run,
             run_id: 0,
             id_type: qualified_type_name(id_type)?,
+            key_ops: key_operators(id_type)?,
             chat_is_jsonb: chat_type == pg_sys::JSONBOID,
             sample_percent: None,
             trial: false,
             tuner,
             rows,
         })
+    }
+}
+
+impl Settings {
+    /// The id column qualified with the source's name: in `ORDER BY`, a bare name would
+    /// bind to the SELECT's output column of that name, the key printed as text, and sort
+    /// integers as '1', '10', '2'.
+    pub fn key_column(&self) -> String {
+        format!("{}.{}", self.source.name, pgrx::spi::quote_identifier(&self.id_column))
+    }
+
+    /// `key > $after AND NOT key > $high` in the key's own type and order ($after NULL:
+    /// from the first key), with parameters numbered `after` and `high`.
+    pub fn key_range_condition(&self, after: u32, high: u32) -> String {
+        let key = self.key_column();
+        let t = &self.id_type;
+        let gt = self.key_ops.as_ref().map_or("OPERATOR(pg_catalog.>)", |ops| ops.gt.as_str());
+        format!(
+            "(${after}::pg_catalog.text IS NULL OR {key} {gt} CAST(${after}::pg_catalog.text AS {t})) \
+             AND NOT {key} {gt} CAST(${high}::pg_catalog.text AS {t})"
+        )
+    }
+
+    /// `key = $n` in the key's own type.
+    pub fn key_equals(&self, n: u32) -> String {
+        let eq = self.key_ops.as_ref().map_or("OPERATOR(pg_catalog.=)", |ops| ops.eq.as_str());
+        format!("{} {eq} CAST(${n}::pg_catalog.text AS {})", self.key_column(), self.id_type)
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Writer {
     missing: Option<String>,
     /// Whether a chat id is still in the source (typed like the source's id column).
     exists: String,
+    /// How many of the given message ids the target holds.
+    present: String,
     /// Whether to try COPY first (if `copy_allowed` still agrees); given up after a few
     /// batches in a row that it could not write (e.g. a re-run, where ids are already present).
     copy_first: bool,
@@ -37,6 +39,28 @@ pub struct Writer {
     /// App rows: a chat's rows are written all or nothing.
     app: bool,
     columns: Vec<&'static str>,
+    /// The target's INITIALLY DEFERRED constraints, checked at the end of each write (set
+    /// IMMEDIATE, which fires the checks pending, then DEFERRED again, their own mode): a
+    /// violating row then fails its write and is found and recorded like any other bad row,
+    /// instead of failing the COMMIT and with it every row. Checks that pass stay done, so
+    /// each row is checked once.
+    deferred: Option<String>,
+}
+
+/// What one INSERT did with the rows sent.
+struct Sent {
+    inserted: usize,
+    /// Dropped by a BEFORE trigger (it returned NULL).
+    dropped: usize,
+}
+
+impl Sent {
+    /// Counts `len` rows sent: inserted, dropped, and the rest already there.
+    fn count(&self, len: usize, report: &mut BatchReport) {
+        report.messages_inserted += self.inserted as i64;
+        report.messages_dropped += self.dropped as i64;
+        report.messages_existing += len.saturating_sub(self.inserted + self.dropped) as i64;
+    }
 }
 
 /// What writing a batch found besides rows written.
@@ -61,14 +85,34 @@ impl Writer {
                 settings.target.name
             )
         });
-        let exists = format!(
-            "SELECT EXISTS (SELECT FROM {} WHERE {} OPERATOR(pg_catalog.=) CAST($1::pg_catalog.text AS {}))",
-            settings.source.name,
-            pgrx::spi::quote_identifier(&settings.id_column),
-            settings.id_type
+        let exists = format!("SELECT EXISTS (SELECT FROM {} WHERE {})", settings.source.name, settings.key_equals(1));
+        // Counted per id sent: an id twice in a batch (ids of two chats can collide) is there twice.
+        let present = format!(
+            "SELECT pg_catalog.count(*) FROM pg_catalog.unnest($1::pg_catalog.text[]) AS u(id) \
+             WHERE EXISTS (SELECT FROM {} t WHERE t.id OPERATOR(pg_catalog.=) u.id)",
+            settings.target.name
         );
         let columns = target_columns(app).into_iter().map(|(n, _)| n).collect();
-        Ok(Writer { target: settings.target.oid, insert, missing, exists, copy_first: !settings.dry_run, copy_misses: 0, app, columns })
+        let deferred = deferred_constraints(settings.target.oid)?;
+        if let Some(names) = &deferred {
+            // Checks the caller's transaction has pending on these constraints are its own:
+            // fired here, before any batch, a violation of theirs fails their statement and
+            // is never taken for a bad row of ours.
+            Spi::run(&format!("SET CONSTRAINTS {names} IMMEDIATE"))?;
+            Spi::run(&format!("SET CONSTRAINTS {names} DEFERRED"))?;
+        }
+        Ok(Writer {
+            target: settings.target.oid,
+            insert,
+            missing,
+            exists,
+            present,
+            copy_first: !settings.dry_run,
+            copy_misses: 0,
+            app,
+            columns,
+            deferred,
+        })
     }
 
     pub fn write(&mut self, rows: &Rows, report: &mut BatchReport, outcome: &mut Outcome) -> Result<()> {
@@ -89,10 +133,7 @@ impl Writer {
         let (Some(first), Some(last)) = (chats.first(), chats.last()) else { return Ok(()) };
         let all = first.start..last.end;
         match in_subtransaction(|| self.send(rows, all.clone())) {
-            Ok(Ok(inserted)) => {
-                report.messages_inserted += inserted as i64;
-                report.messages_existing += (all.len() - inserted) as i64;
-            }
+            Ok(Ok(sent)) => sent.count(all.len(), report),
             Ok(Err(e)) => return Err(e.into()),
             Err(_) if chats.len() > 1 => {
                 let middle = chats.len() / 2;
@@ -139,7 +180,7 @@ impl Writer {
     }
 
     /// Sends rows `r` to the INSERT (only the missing ones to a target with rules).
-    fn send(&self, rows: &Rows, r: Range<usize>) -> std::result::Result<usize, pgrx::spi::Error> {
+    fn send(&self, rows: &Rows, r: Range<usize>) -> std::result::Result<Sent, pgrx::spi::Error> {
         let (arguments, sent) = match &self.missing {
             None => (rows.arguments(r.clone()), None),
             Some(missing) => {
@@ -152,7 +193,27 @@ impl Writer {
             }
         };
         // What rules do is theirs to count: with rules, the rows sent are the rows inserted.
-        Spi::connect_mut(|client| client.update(&self.insert, None, &arguments).map(|t| sent.unwrap_or(t.len())))
+        let inserted = Spi::connect_mut(|client| client.update(&self.insert, None, &arguments).map(|t| sent.unwrap_or(t.len())))?;
+        self.check_deferred()?;
+        // Rows not inserted are there already, or a BEFORE trigger dropped them (returned
+        // NULL): the ids now in the target tell which. Rules are theirs to count.
+        let dropped = if sent.is_none() && inserted < r.len() { r.len() - self.present(rows, r)? } else { 0 };
+        Ok(Sent { inserted, dropped })
+    }
+
+    /// How many of the ids of rows `r` the target holds.
+    fn present(&self, rows: &Rows, r: Range<usize>) -> std::result::Result<usize, pgrx::spi::Error> {
+        let ids: Vec<Option<&str>> = r.map(|i| Some(rows.ids(i).0)).collect();
+        // SAFETY: a text[] of the batch's ids.
+        let ids = unsafe { DatumWithOid::new(varlena_array(ids.into_iter(), pg_sys::TEXTOID), pg_sys::TEXTARRAYOID) };
+        Ok(Spi::get_one_with_args::<i64>(&self.present, &[ids])?.unwrap_or(0) as usize)
+    }
+
+    /// Checks the target's deferred constraints on what this subtransaction wrote.
+    fn check_deferred(&self) -> std::result::Result<(), pgrx::spi::Error> {
+        let Some(names) = &self.deferred else { return Ok(()) };
+        Spi::run(&format!("SET CONSTRAINTS {names} IMMEDIATE"))?;
+        Spi::run(&format!("SET CONSTRAINTS {names} DEFERRED"))
     }
 
     /// The fast path: the whole batch through COPY in one subtransaction. False when COPY
@@ -161,13 +222,20 @@ impl Writer {
         if !self.copy_first || !copy_allowed(self.target) {
             return false;
         }
-        match in_subtransaction(AssertUnwindSafe(|| copy_rows(self.target, rows, &self.columns))) {
-            Ok(written) => {
+        let copied = in_subtransaction(AssertUnwindSafe(|| {
+            let written = copy_rows(self.target, rows, &self.columns);
+            self.check_deferred().map(|()| written)
+        }));
+        match copied {
+            Ok(Ok(written)) => {
+                // COPY stops at an id already there: a row it did not write was dropped by a
+                // BEFORE trigger.
                 report.messages_inserted += written as i64;
+                report.messages_dropped += (rows.len() as u64).saturating_sub(written) as i64;
                 self.copy_misses = 0;
                 true
             }
-            Err(_) => {
+            Ok(Err(_)) | Err(_) => {
                 self.copy_misses += 1;
                 self.copy_first = self.copy_misses < 3;
                 false
@@ -181,10 +249,7 @@ impl Writer {
         pgrx::check_for_interrupts!();
         let written = in_subtransaction(|| self.send(rows, r.clone()));
         match written {
-            Ok(Ok(inserted)) => {
-                report.messages_inserted += inserted as i64;
-                report.messages_existing += (r.len() - inserted) as i64;
-            }
+            Ok(Ok(sent)) => sent.count(r.len(), report),
             Ok(Err(e)) => return Err(e.into()),
             Err(failure) if r.len() == 1 => {
                 let (id, chat_id) = rows.ids(r.start);
@@ -214,6 +279,19 @@ impl Writer {
     fn chat_exists(&self, chat_id: &str) -> Result<bool> {
         Ok(Spi::get_one_with_args::<bool>(&self.exists, &[chat_id.into()])?.unwrap_or(false))
     }
+}
+
+/// The target's INITIALLY DEFERRED constraints (foreign keys, unique and exclusion
+/// constraints, constraint triggers), schema-qualified for SET CONSTRAINTS, which also
+/// reaches their copies on partitions; `None` when it has none.
+fn deferred_constraints(target: pg_sys::Oid) -> Result<Option<String>> {
+    Ok(Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.string_agg(pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, c.conname), \
+                                      ', '::pg_catalog.text ORDER BY c.conname) \
+         FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.connamespace \
+         WHERE c.conrelid OPERATOR(pg_catalog.=) $1 AND c.condeferred",
+        &[target.into()],
+    )?)
 }
 
 /// The batch INSERT. PostgreSQL refuses ON CONFLICT on a table with INSERT rules (0A000);
