@@ -3,11 +3,10 @@
 
 use pgrx::prelude::*;
 use pgrx::datum::Interval;
-use pgrx::PgRelation;
 
 use crate::backfill::settings::{next_run_id, transaction_start_epoch, Request};
 use crate::backfill::Backfill;
-use crate::datums::RawJson;
+use crate::datums::{server_takes_utf8, to_server, ArgText, RawJson, RegClass, ServerText};
 use crate::error::OrRaise;
 use crate::expand::{self, Document, Entry, Span};
 
@@ -59,21 +58,21 @@ fn open_chat(chat: Option<&str>) -> Result<(String, Vec<Span>), expand::ChatSkip
 /// PostgreSQL inlines.
 #[pg_extern(name = "chat_messages", stable, parallel_safe)]
 fn chat_messages_text(
-    chat_id: Option<&str>,
-    user_id: Option<&str>,
-    chat: Option<&str>,
+    chat_id: Option<ArgText>,
+    user_id: Option<ArgText>,
+    chat: Option<ArgText>,
     now: default!(Option<i64>, "NULL"),
 ) -> TableIterator<
     'static,
     (
-        name!(id, String),
-        name!(chat_id, String),
-        name!(user_id, Option<String>),
-        name!(role, String),
-        name!(parent_id, Option<String>),
+        name!(id, ServerText),
+        name!(chat_id, ServerText),
+        name!(user_id, Option<ServerText>),
+        name!(role, ServerText),
+        name!(parent_id, Option<ServerText>),
         name!(content, RawJson),
         name!(output, RawJson),
-        name!(model_id, Option<String>),
+        name!(model_id, Option<ServerText>),
         name!(files, RawJson),
         name!(sources, RawJson),
         name!(embeds, RawJson),
@@ -85,13 +84,16 @@ fn chat_messages_text(
         name!(updated_at, i64),
     ),
 > {
-    let doc = match chat_id {
-        Some(_) => open_chat(chat).ok(),
-        None => None,
+    // In a database that is not UTF8, arguments that cannot be read as UTF-8 give no rows
+    // (chat_message_problems says why), as a document that is not JSON does.
+    let (chat_id, user_id) = (chat_id.and_then(|t| t.0), user_id.map(|t| t.0));
+    let doc = match (&chat_id, &user_id) {
+        (Some(_), None | Some(Some(_))) => open_chat(readable(chat).ok().flatten().as_deref()).ok(),
+        _ => None,
     };
     TableIterator::new(ChatEntries {
-        chat_id: chat_id.unwrap_or_default().to_owned(),
-        user_id: user_id.map(str::to_owned),
+        chat_id: chat_id.unwrap_or_default(),
+        user_id: user_id.flatten(),
         doc,
         next: 0,
         now: now.unwrap_or_else(transaction_start_epoch),
@@ -100,16 +102,26 @@ fn chat_messages_text(
     })
 }
 
+/// A text argument as UTF-8: `Err` when the database's encoding holds it in bytes that are
+/// not.
+fn readable(arg: Option<ArgText>) -> Result<Option<String>, expand::ChatSkip> {
+    match arg {
+        None => Ok(None),
+        Some(ArgText(Some(text))) => Ok(Some(text)),
+        Some(ArgText(None)) => Err(expand::ChatSkip::NotJson),
+    }
+}
+
 /// One `chat_message` row, in the table's column order.
 type MessageRow = (
-    String,
-    String,
-    Option<String>,
-    String,
-    Option<String>,
+    ServerText,
+    ServerText,
+    Option<ServerText>,
+    ServerText,
+    Option<ServerText>,
     RawJson,
     RawJson,
-    Option<String>,
+    Option<ServerText>,
     RawJson,
     RawJson,
     RawJson,
@@ -123,30 +135,53 @@ type MessageRow = (
 
 fn message_row(chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) -> Option<MessageRow> {
     let Entry::Row(m) = entry else { return None };
-    let json = |s: &str| RawJson(s.to_owned());
-    Some((
-        m.id(chat_id),
-        chat_id.to_owned(),
-        user_id.map(str::to_owned),
-        m.role.into_owned(),
-        m.parent_id.map(|s| s.into_owned()),
-        json(m.content),
-        json(m.output),
-        m.model_id.map(|s| s.into_owned()),
-        json(m.files),
-        json(m.sources),
-        json(m.embeds),
+    server_row(chat_id, user_id, &m).ok()
+}
+
+/// The row in the database's encoding; `Err` names the first column with a character the
+/// encoding lacks (a `\u` escape in the JSON can name any character; a UTF8 database takes
+/// every one).
+fn server_row(chat_id: &str, user_id: Option<&str>, m: &expand::Message<'_>) -> Result<MessageRow, &'static str> {
+    let text = |s: &str, column: &'static str| to_server(s).map(ServerText).ok_or(column);
+    let optional = |s: Option<&str>, column| s.map(|s| text(s, column)).transpose();
+    let json = |s: &str, column: &'static str| to_server(s).map(RawJson).ok_or(column);
+    Ok((
+        text(&m.id(chat_id), "id")?,
+        text(chat_id, "chat_id")?,
+        optional(user_id, "user_id")?,
+        text(&m.role, "role")?,
+        optional(m.parent_id.as_deref(), "parent_id")?,
+        json(m.content, "content")?,
+        json(m.output, "output")?,
+        optional(m.model_id.as_deref(), "model_id")?,
+        json(m.files, "files")?,
+        json(m.sources, "sources")?,
+        json(m.embeds, "embeds")?,
         m.done,
-        json(m.status_history),
-        json(m.error),
-        json(m.usage),
+        json(m.status_history, "status_history")?,
+        json(m.error, "error")?,
+        json(m.usage, "usage")?,
         m.timestamp,
         m.timestamp,
     ))
 }
 
 fn problem_row(_: &str, _: Option<&str>, entry: Entry<'_>) -> Option<(Option<String>, String)> {
-    entry.problem().map(|(key, reason)| (Some(key), reason))
+    match entry {
+        Entry::Row(_) if server_takes_utf8() => None,
+        Entry::Row(m) => server_row("", None, &m).err().map(|column| {
+            // SAFETY: the encoding's name is a static string of PostgreSQL's.
+            let encoding = unsafe { core::ffi::CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) };
+            (
+                Some(m.key.into_owned()),
+                format!(
+                    "message skipped: column {column} holds a character that the database encoding {} cannot hold",
+                    encoding.to_string_lossy()
+                ),
+            )
+        }),
+        entry => entry.problem().map(|(key, reason)| (Some(key), reason)),
+    }
 }
 
 /// Why messages of one chat are left out by `chat_messages`: one row per message
@@ -154,14 +189,19 @@ fn problem_row(_: &str, _: Option<&str>, entry: Entry<'_>) -> Option<(Option<Str
 /// chat is unusable.
 #[pg_extern(name = "chat_message_problems", immutable, parallel_safe)]
 fn chat_message_problems_text(
-    chat_id: Option<&str>,
-    chat: Option<&str>,
+    chat_id: Option<ArgText>,
+    chat: Option<ArgText>,
 ) -> TableIterator<'static, (name!(message_key, Option<String>), name!(reason, String))> {
+    let unreadable = |what: &str| Some((None, format!("chat skipped: its {what} is not valid UTF-8 in this database's encoding")));
     let (doc, tail) = match chat_id {
         None => (None, Some((None, "chat skipped: chat_id is NULL, so no message id can be formed".to_owned()))),
-        Some(_) => match open_chat(chat) {
-            Ok(doc) => (Some(doc), None),
-            Err(skip) => (None, skip.is_problem().then(|| (None, skip.describe().to_owned()))),
+        Some(ArgText(None)) => (None, unreadable("id")),
+        Some(ArgText(Some(_))) => match readable(chat) {
+            Err(_) => (None, unreadable("document")),
+            Ok(chat) => match open_chat(chat.as_deref()) {
+                Ok(doc) => (Some(doc), None),
+                Err(skip) => (None, skip.is_problem().then(|| (None, skip.describe().to_owned()))),
+            },
         },
     };
     // `now` does not change which messages are left out.
@@ -182,18 +222,18 @@ extension_sql_file!(
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(volatile)]
 fn backfill_chat_messages(
-    source: default!(Option<PgRelation>, "NULL"),
-    target: default!(Option<PgRelation>, "NULL"),
+    source: default!(Option<RegClass>, "NULL"),
+    target: default!(Option<RegClass>, "NULL"),
     batch_size: default!(Option<i32>, "NULL"),
     now: default!(Option<i64>, "NULL"),
     source_filter: default!(Option<&str>, "$$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$"),
-    id_column: default!(&str, "'id'"),
-    user_id_column: default!(&str, "'user_id'"),
-    chat_column: default!(&str, "'chat'"),
-    dry_run: default!(bool, false),
-    force: default!(bool, false),
+    id_column: default!(Option<&str>, "'id'"),
+    user_id_column: default!(Option<&str>, "'user_id'"),
+    chat_column: default!(Option<&str>, "'chat'"),
+    dry_run: default!(Option<bool>, false),
+    force: default!(Option<bool>, false),
     batch_time: default!(Option<Interval>, "NULL"),
-    rows: default!(&str, "'migration'"),
+    rows: default!(Option<&str>, "'migration'"),
 ) -> TableIterator<
     'static,
     (
@@ -211,18 +251,20 @@ fn backfill_chat_messages(
         name!(messages_dropped, i64),
     ),
 > {
+    // NULL means the default, as in the CALL and plan().
+    let (dry_run, force) = (dry_run.unwrap_or(false), force.unwrap_or(false));
     let mut settings = Request {
-        source: source.map(|r| r.oid()),
-        target: target.map(|r| r.oid()),
+        source: source.map(|r| r.0),
+        target: target.map(|r| r.0),
         batch_size,
         now,
         source_filter,
-        id_column,
-        user_id_column,
-        chat_column,
+        id_column: id_column.unwrap_or("id"),
+        user_id_column: user_id_column.unwrap_or("user_id"),
+        chat_column: chat_column.unwrap_or("chat"),
         dry_run,
         batch_time: batch_time.map(|t| t.as_micros()),
-        rows,
+        rows: rows.unwrap_or("migration"),
     }
     .check()
     .or_raise();

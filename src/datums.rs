@@ -16,32 +16,178 @@ use pgrx::pgrx_sql_entity_graph::metadata::{
 };
 use pgrx::{FromDatum, IntoDatum};
 
-pub struct RawJson(pub String);
+/// `json` handed to PostgreSQL as it is, in the database's encoding (`to_server`).
+pub struct RawJson(pub Vec<u8>);
 
-impl IntoDatum for RawJson {
-    fn into_datum(self) -> Option<pg_sys::Datum> {
-        self.0.as_str().into_datum()
-    }
+/// `text` handed to PostgreSQL as it is, in the database's encoding (`to_server`).
+pub struct ServerText(pub Vec<u8>);
 
-    fn type_oid() -> pg_sys::Oid {
-        pg_sys::JSONOID
-    }
-}
+macro_rules! bytes_out {
+    ($type:ident, $oid:expr, $sql:literal) => {
+        impl IntoDatum for $type {
+            fn into_datum(self) -> Option<pg_sys::Datum> {
+                // SAFETY: copies the bytes of a live Vec into a new palloc'd varlena.
+                Some(pg_sys::Datum::from(unsafe {
+                    pg_sys::cstring_to_text_with_len(self.0.as_ptr() as *const c_char, self.0.len() as i32)
+                }))
+            }
 
-unsafe impl SqlTranslatable for RawJson {
-    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(RawJson);
-    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
-    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("json"));
-    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("json")));
-}
-
-unsafe impl BoxRet for RawJson {
-    unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
-        match self.into_datum() {
-            Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
-            None => fcinfo.return_null(),
+            fn type_oid() -> pg_sys::Oid {
+                $oid
+            }
         }
+
+        unsafe impl SqlTranslatable for $type {
+            const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!($type);
+            const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
+            const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal($sql));
+            const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal($sql)));
+        }
+
+        unsafe impl BoxRet for $type {
+            unsafe fn box_into<'fcx>(self, fcinfo: &mut FcInfo<'fcx>) -> Datum<'fcx> {
+                match self.into_datum() {
+                    Some(datum) => unsafe { fcinfo.return_raw_datum(datum) },
+                    None => fcinfo.return_null(),
+                }
+            }
+        }
+    };
+}
+bytes_out!(RawJson, pg_sys::JSONOID, "json");
+bytes_out!(ServerText, pg_sys::TEXTOID, "text");
+
+/// A `text` argument as UTF-8, whatever the database's encoding: `None` inside when it cannot
+/// be read as UTF-8 (a SQL_ASCII database holds any bytes), so the caller can say so
+/// instead of failing on the value.
+pub struct ArgText(pub Option<String>);
+
+impl FromDatum for ArgText {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: a non-null text datum; detoasting allocates in the current memory context,
+        // and the bytes are copied out before it goes.
+        let bytes = unsafe {
+            let own = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr::<pg_sys::varlena>());
+            std::slice::from_raw_parts(pgrx::varlena::vardata_any(own) as *const u8, pgrx::varlena::varsize_any_exhdr(own))
+        };
+        Some(ArgText(from_server(bytes)))
     }
+}
+
+unsafe impl SqlTranslatable for ArgText {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(ArgText);
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("TEXT"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("TEXT")));
+}
+
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for ArgText {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        // SAFETY: the argument is a text datum, as the SQL signature says.
+        unsafe { arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null")) }
+    }
+}
+
+/// A `regclass` argument as the oid it holds, unchecked: the engine resolves it and says
+/// 42P01 when nothing has that oid (any more), where opening it here would fail with XX000.
+pub struct RegClass(pub pg_sys::Oid);
+
+impl FromDatum for RegClass {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        (!is_null).then(|| RegClass(pg_sys::Oid::from(datum.value() as u32)))
+    }
+}
+
+unsafe impl SqlTranslatable for RegClass {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(RegClass);
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("regclass"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("regclass")));
+}
+
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for RegClass {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        // SAFETY: the argument is a regclass datum (an oid, by value), as the SQL signature says.
+        unsafe { arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null")) }
+    }
+}
+
+/// The database's encoding.
+fn server_encoding() -> i32 {
+    // SAFETY: reads a backend global that is fixed for the session.
+    unsafe { pg_sys::GetDatabaseEncoding() }
+}
+
+/// Whether the database takes any UTF-8 text as it is (UTF8, or SQL_ASCII, which holds bytes).
+pub fn server_takes_utf8() -> bool {
+    [pg_sys::pg_enc::PG_UTF8 as i32, pg_sys::pg_enc::PG_SQL_ASCII as i32].contains(&server_encoding())
+}
+
+/// `s` in the database's encoding; `None` when a character of it has no equivalent there.
+/// (A UTF8 or SQL_ASCII database takes Rust's UTF-8 as it is.)
+pub fn to_server(s: &str) -> Option<Vec<u8>> {
+    convert(s.as_bytes(), pg_sys::pg_enc::PG_UTF8 as i32, server_encoding())
+}
+
+/// Text in the database's encoding as UTF-8; `None` when it is not valid UTF-8 after that.
+pub fn from_server(bytes: &[u8]) -> Option<String> {
+    let utf8 = convert(bytes, server_encoding(), pg_sys::pg_enc::PG_UTF8 as i32)?;
+    String::from_utf8(utf8).ok()
+}
+
+/// `src` converted from encoding `from` to `to` by PostgreSQL's own conversion, without
+/// raising: `None` where a character does not convert. In slices of 64 kB (the conversion
+/// needs four times its input in one buffer), each ending on a character of `from`.
+fn convert(src: &[u8], from: i32, to: i32) -> Option<Vec<u8>> {
+    let sql_ascii = pg_sys::pg_enc::PG_SQL_ASCII as i32;
+    if from == to || from == sql_ascii || to == sql_ascii {
+        return Some(src.to_vec());
+    }
+    // SAFETY: a catalog lookup by two encoding numbers.
+    let proc = unsafe { pg_sys::FindDefaultConversionProc(from, to) };
+    if proc == pg_sys::InvalidOid {
+        return None;
+    }
+    const SLICE: usize = 1 << 16;
+    let mut buffer = vec![0u8; 4 * (SLICE + 8) + 8];
+    let mut out = Vec::with_capacity(src.len());
+    let mut rest = src;
+    while !rest.is_empty() {
+        pgrx::check_for_interrupts!();
+        let mut n = 0;
+        while n < rest.len().min(SLICE) {
+            // SAFETY: reads the lead byte of a character inside `rest`.
+            n += unsafe { pg_sys::pg_encoding_mblen(from, rest[n..].as_ptr() as *const c_char) }.max(1) as usize;
+        }
+        let n = n.min(rest.len());
+        // SAFETY: the conversion reads `n` bytes of `rest` and writes at most 4n + 1 bytes,
+        // NUL-terminated, into `buffer`, which holds more; with noError it stops at the first
+        // character it cannot convert and returns how far it got instead of raising.
+        let converted = unsafe {
+            pg_sys::pg_do_encoding_conversion_buf(
+                proc,
+                from,
+                to,
+                rest.as_ptr() as *mut u8,
+                n as i32,
+                buffer.as_mut_ptr(),
+                buffer.len() as i32,
+                true,
+            )
+        };
+        if converted as usize != n {
+            return None;
+        }
+        let len = buffer.iter().position(|&b| b == 0).unwrap_or(0);
+        out.extend_from_slice(&buffer[..len]);
+        rest = &rest[n..];
+    }
+    Some(out)
 }
 
 /// A chat document held in a memory context of its own: detoasted there once (or, when

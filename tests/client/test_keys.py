@@ -279,3 +279,56 @@ def test_rows_a_trigger_drops_are_counted(cluster):
         cur.execute("CALL backfill_chat_messages_resumable('src', now => %s, source_filter => NULL, batch_size => 5)", (NOW,))
         cur.execute("SELECT state, messages_inserted, messages_dropped, messages_existing FROM chat_backfill.status")
         assert cur.fetchone() == ("finished", 12, 12, 0)
+
+
+def encoded_db(cluster, encoding: str) -> str:
+    db = f"enc_{encoding.lower()}"
+    with cluster.connect() as conn, conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS {db}")
+        cur.execute(f"CREATE DATABASE {db} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION chat_backfill")
+    return db
+
+
+def test_chat_functions_in_a_latin1_database_convert_and_report_what_the_encoding_lacks(cluster):
+    """Text is read in the database's encoding and rows are given back in it; a message whose
+    JSON escapes name a character LATIN1 lacks is left out and reported, never an error."""
+    db = encoded_db(cluster, "LATIN1")
+    doc = json.dumps({"history": {"messages": {
+        "café": {"role": "user", "content": "déjà vu", "model": "modèle"},
+        "han": {"role": "assistant", "content": "ok", "parentId": "\u4e2d"},
+        "plain": {"role": "user", "content": {"text": "\u4e2d"}},
+    }}}, ensure_ascii=False).replace("\u4e2d", "\\u4e2d")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        conn.set_client_encoding("UTF8")
+        # (jsonb itself refuses, on input, an escape the database encoding cannot hold.)
+        for cast in ("text", "json"):
+            cur.execute(f"SELECT id, role, content::text, model_id FROM chat_messages('ché', 'ü', %s::{cast}, 1) ORDER BY id",
+                        (doc,))
+            rows = cur.fetchall()
+            assert [r[0] for r in rows] == ["ché-café", "ché-plain"], cast
+            assert rows[0][2] in ('"déjà vu"',) and rows[0][3] == "modèle"
+            cur.execute(f"SELECT message_key, reason FROM chat_message_problems('ché', %s::{cast})", (doc,))
+            [(key, reason)] = cur.fetchall()
+            assert key == "han" and "parent_id" in reason and "LATIN1" in reason
+        cur.execute("SELECT id, content::text, model_id FROM chat_messages('ché', 'ü', %s::jsonb, 1)",
+                    (json.dumps({"history": {"messages": {"café": {"role": "user", "content": "déjà vu", "model": "modèle"}}}}),))
+        assert cur.fetchall() == [("ché-café", '"déjà vu"', "modèle")]
+
+
+def test_chat_functions_in_a_sql_ascii_database_report_bytes_that_are_not_utf8(cluster):
+    db = encoded_db(cluster, "SQL_ASCII")
+    bad = r"""E'{"history":{"messages":{"a":{"role":"user","content":"caf\xe9"}}}}'"""
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        conn.set_client_encoding("UTF8")
+        cur.execute(f"SELECT count(*) FROM chat_messages('c', 'u', {bad}::text)")
+        assert cur.fetchone() == (0,)
+        cur.execute(f"SELECT message_key, reason FROM chat_message_problems('c', {bad}::text)")
+        assert cur.fetchall() == [(None, "chat skipped: its document is not valid UTF-8 in this database's encoding")]
+        cur.execute(r"SELECT count(*) FROM chat_message_problems(E'c\xe9', '{}')")
+        assert cur.fetchone() == (1,)
+        # UTF-8 bytes in a SQL_ASCII database are read as they are.
+        cur.execute("SELECT content::text FROM chat_messages('c', 'u', %s::text)",
+                    ('{"history":{"messages":{"a":{"role":"user","content":"café"}}}}',))
+        assert cur.fetchone() == ('"café"',)
