@@ -253,6 +253,9 @@ fn backfill_chat_messages(
 > {
     // NULL means the default, as in the CALL and plan().
     let (dry_run, force) = (dry_run.unwrap_or(false), force.unwrap_or(false));
+    if !dry_run {
+        crate::read_only::refuse("run the backfill", crate::read_only::WRITES_HINT).or_raise();
+    }
     let mut settings = Request {
         source: source.map(|r| r.0),
         target: target.map(|r| r.0),
@@ -271,7 +274,10 @@ fn backfill_chat_messages(
     if !dry_run && !force {
         crate::admission::admit(&settings).or_raise();
     }
-    settings.run_id = next_run_id().or_raise();
+    // A dry run writes nothing and records nothing: on a standby it draws no run id either.
+    if crate::read_only::cannot_write().is_none() {
+        settings.run_id = next_run_id().or_raise();
+    }
     let mut run = Backfill::start(settings).or_raise();
     TableIterator::new(std::iter::from_fn(move || crate::key_text::pinned(|| run.next_batch()).or_raise()).map(|b| {
         (

@@ -261,20 +261,15 @@ fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: boo
 
 /// The trial writes (and rolls back): a standby or a read-only transaction cannot run it.
 /// Said up front, with what to do, rather than as the INSERT's own error.
-fn refuse_read_only() -> Result<()> {
-    let (recovery, read_only) = Spi::get_two::<bool, bool>(
-        "SELECT pg_catalog.pg_is_in_recovery(), \
-                pg_catalog.current_setting('transaction_read_only'::pg_catalog.text)::pg_catalog.bool",
-    )?;
-    if recovery.unwrap_or(false) || read_only.unwrap_or(false) {
-        let place = if recovery.unwrap_or(false) { "on a standby" } else { "in a read-only transaction" };
-        return Err(Error::new(
+pub fn refuse_read_only() -> Result<()> {
+    match crate::read_only::cannot_write() {
+        None => Ok(()),
+        Some(place) => Err(Error::new(
             ERRCODE_READ_ONLY_SQL_TRANSACTION,
             format!("cannot estimate a backfill {place}: the estimate writes a sample into the target and rolls it back"),
             "Run chat_backfill.plan() and the backfill on the primary, in a read-write transaction.",
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// The source as the catalog knows it: with a partitioned table or an inheritance parent,
@@ -438,7 +433,7 @@ pub fn atomic_wal_limit() -> Result<(i64, &'static str)> {
 
 /// Bytes as PostgreSQL prints them.
 pub fn pretty(bytes: f64) -> String {
-    Spi::get_one_with_args::<String>(
+    crate::read_only::get_one::<String>(
         "SELECT pg_catalog.pg_size_pretty($1::pg_catalog.int8)",
         &[(bytes.round().clamp(0.0, i64::MAX as f64) as i64).into()],
     )

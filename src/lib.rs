@@ -22,6 +22,7 @@ mod estimate;
 mod gucs;
 mod key_text;
 mod plan;
+mod read_only;
 mod ranges;
 mod relations;
 mod resumable;

@@ -103,6 +103,8 @@ fn plan(
 }
 
 fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
+    // Said before anything else: every estimate is a trial that writes.
+    estimate::refuse_read_only()?;
     let source = resolve(request.source, "chat", "source")?;
     let stored = estimate::source_bytes(source.oid)?;
     let mut out = vec![];

@@ -234,6 +234,20 @@ pub fn mark_as_worker() -> Result<()> {
     Ok(())
 }
 
+/// Whether backend `pid` holds the workers' mark.
+pub fn is_marked(pid: i32) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks m \
+         WHERE m.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND m.granted \
+           AND m.pid OPERATOR(pg_catalog.=) $2::pg_catalog.int4 \
+           AND m.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
+           AND m.classid OPERATOR(pg_catalog.=) $1::pg_catalog.int4::pg_catalog.oid \
+           AND m.objid OPERATOR(pg_catalog.=) 0::pg_catalog.oid)",
+        &[LOCK_CLASS.into(), pid.into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// chat_backfill workers running on the whole server.
 pub fn workers_on_server() -> Result<usize> {
     Ok(Spi::get_one_with_args::<i64>(

@@ -87,7 +87,7 @@ pub struct Relation {
 pub fn resolve(given: Option<pg_sys::Oid>, default_name: &str, role: &str) -> Result<Relation> {
     let oid = match given {
         Some(oid) => Some(oid),
-        None => optional(Spi::get_one_with_args::<pg_sys::Oid>(
+        None => optional(crate::read_only::get_one::<pg_sys::Oid>(
             "SELECT pg_catalog.to_regclass($1::pg_catalog.text)::pg_catalog.oid",
             &[default_name.into()],
         ))?,
@@ -118,7 +118,7 @@ fn optional<T>(found: std::result::Result<Option<T>, pgrx::spi::Error>) -> Resul
 /// `schema.name` of the object `oid` in `catalog` (pg_class or pg_type), quoted by
 /// PostgreSQL's own `%I` (as `chat_backfill.table_name`, which the run state's policies compare with).
 fn qualified_name(catalog: &str, name: &str, namespace: &str, oid: pg_sys::Oid) -> Option<String> {
-    Spi::get_one_with_args::<String>(
+    crate::read_only::get_one::<String>(
         &format!(
             "SELECT pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, o.{name}) FROM pg_catalog.{catalog} o \
              JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.{namespace} \
@@ -136,7 +136,7 @@ fn column_types(relation: &Relation, columns: &[&str]) -> Result<Vec<Option<pg_s
     columns
         .iter()
         .map(|column| {
-            optional(Spi::get_one_with_args::<pg_sys::Oid>(
+            optional(crate::read_only::get_one::<pg_sys::Oid>(
                 "SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) $1 \
                  AND a.attname OPERATOR(pg_catalog.=) $2::pg_catalog.name AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 \
                  AND NOT a.attisdropped",
@@ -204,7 +204,7 @@ pub const UNIQUE_ON_COLUMN: &str = "(i.indisunique AND i.indisvalid AND i.indpre
 
 /// Whether `column` alone has a valid, unique, non-partial index.
 fn has_unique_index(relation: &Relation, column: &str) -> Result<bool> {
-    Ok(Spi::get_one_with_args::<bool>(
+    Ok(crate::read_only::get_one::<bool>(
         &format!(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_index i WHERE i.indrelid OPERATOR(pg_catalog.=) $1 AND {UNIQUE_ON_COLUMN})"
         ),
@@ -253,7 +253,7 @@ pub fn key_operators(type_oid: pg_sys::Oid) -> Result<Option<KeyOps>> {
         return Ok(None);
     }
     let name = |oid: pg_sys::Oid| -> Result<String> {
-        Spi::get_one_with_args::<String>(
+        crate::read_only::get_one::<String>(
             "SELECT pg_catalog.format('OPERATOR(%I.%s)'::pg_catalog.text, n.nspname, o.oprname) \
              FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) o.oprnamespace \
              WHERE o.oid OPERATOR(pg_catalog.=) $1",
@@ -315,7 +315,7 @@ pub fn qualified_type_name(oid: pg_sys::Oid) -> Result<String> {
 
 /// The type's name for messages: `character varying`.
 fn type_name(oid: pg_sys::Oid) -> Result<String> {
-    Ok(optional(Spi::get_one_with_args::<String>("SELECT pg_catalog.format_type($1, NULL::pg_catalog.int4)", &[oid.into()]))?
+    Ok(optional(crate::read_only::get_one::<String>("SELECT pg_catalog.format_type($1, NULL::pg_catalog.int4)", &[oid.into()]))?
         .unwrap_or_else(|| format!("type {oid:?}")))
 }
 
@@ -355,7 +355,7 @@ pub fn check_privileges(source: &Relation, target: Option<&Relation>) -> Result<
                 pg_sys::pg_class_aclcheck(relation.oid, pg_sys::GetUserId(), mode as pg_sys::AclMode)
                     == pg_sys::AclResult::ACLCHECK_OK
             },
-            Some(column) => Spi::get_one_with_args::<bool>(
+            Some(column) => crate::read_only::get_one::<bool>(
                 "SELECT pg_catalog.has_column_privilege($1::pg_catalog.oid, $2::pg_catalog.text, 'SELECT'::pg_catalog.text)",
                 &[relation.oid.into(), column.into()],
             )?

@@ -73,6 +73,7 @@ fn backfill_chat_messages_resumable(
     fcinfo: pg_sys::FunctionCallInfo,
 ) {
     refuse_atomic_call(fcinfo).or_raise();
+    crate::read_only::refuse("run the backfill", crate::read_only::WRITES_HINT).or_raise();
     let if_busy = IfBusy::parse(if_busy.unwrap_or("skip")).or_raise();
     let parallel = Parallel::check(workers.unwrap_or(1), wait_for_workers.unwrap_or(true)).or_raise();
     // NULL arguments take the chat_backfill.* settings; the GUC's slot only applies where a
@@ -274,14 +275,13 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parall
             return Ok(());
         }
         Start::Resume { run_id, last_key, high_water, now, partial } => {
-            match &partial {
-                Some(p) => notice!(
-                    "chat_backfill: resuming run {run_id} after key {}, inside chat {} after its first {} messages",
-                    last_key.as_deref().unwrap_or("(start)"),
+            notice!("chat_backfill: resuming run {run_id} after key {}", last_key.as_deref().unwrap_or("(start)"));
+            if let Some(p) = &partial {
+                notice!(
+                    "chat_backfill: run {run_id} goes on inside chat {} after its first {} messages, if it is unchanged",
                     p.chat_id,
                     p.done
-                ),
-                None => notice!("chat_backfill: resuming run {run_id} after key {}", last_key.as_deref().unwrap_or("(start)")),
+                );
             }
             settings.now = now;
             (run_id, last_key, high_water, partial)

@@ -26,3 +26,19 @@ pub unsafe fn require_insert(_pstate: *mut pg_sys::ParseState, item: *mut pg_sys
 pub fn major() -> u32 {
     pg_sys::PG_VERSION_NUM / 10000
 }
+
+/// Every GUC variable this backend knows, placeholders for custom settings included, in the
+/// GUC table's order (by name). 16 changed the call to return a sorted copy and its length.
+pub fn guc_variables() -> Vec<*mut pg_sys::config_generic> {
+    #[cfg(any(feature = "pg13", feature = "pg14", feature = "pg15"))]
+    // SAFETY: the backend's own GUC table and its length, read without changing either.
+    let (vars, n) = unsafe { (pg_sys::get_guc_variables(), pg_sys::GetNumConfigOptions()) };
+    #[cfg(not(any(feature = "pg13", feature = "pg14", feature = "pg15")))]
+    let (vars, n) = {
+        let mut n = 0;
+        // SAFETY: returns a palloc'd array of `n` pointers into the backend's GUC table.
+        (unsafe { pg_sys::get_guc_variables(&mut n) }, n)
+    };
+    // SAFETY: `vars` holds `n` valid pointers (both calls above say so).
+    (0..n.max(0) as usize).map(|i| unsafe { *vars.add(i) }).collect()
+}

@@ -87,7 +87,10 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     }
     check_can_connect()?;
     let session = session_settings()?;
-    // The cap is the server's: workers of every CALL, in every database, count.
+    // The cap is the server's: workers of every CALL, in every database, count. Counting and
+    // starting happen under one server-wide lock, held until the new workers are counted
+    // (they hold their mark) or gone: CALLs started at the same instant take turns.
+    let cap_lock = CapLock::take();
     let running = ranges::workers_on_server()?;
     let wanted = if running + wanted > cap {
         let free = cap.saturating_sub(running);
@@ -154,6 +157,10 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
             None => break,
         }
     }
+    for worker in &started {
+        worker.wait_counted();
+    }
+    drop(cap_lock);
     if started.is_empty() {
         notice!("chat_backfill: no background worker slot is free (see max_worker_processes); this CALL works run {run_id} itself");
         return Ok(false);
@@ -179,6 +186,39 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     Ok(true)
 }
 
+/// The server-wide lock under which a CALL counts the running workers and starts its own: an
+/// advisory lock tag of database 0, which no SQL call can take (pg_advisory_lock always names
+/// its own database), so no role can hold it to keep others from starting workers. A session
+/// lock (the CALL commits the launch before starting them), released when this is dropped,
+/// on every way out; at backend exit PostgreSQL releases it anyway.
+struct CapLock {
+    tag: pg_sys::LOCKTAG,
+}
+
+impl CapLock {
+    fn take() -> CapLock {
+        let tag = pg_sys::LOCKTAG {
+            locktag_field1: 0,
+            locktag_field2: ranges::LOCK_CLASS as u32,
+            locktag_field3: 1,
+            locktag_field4: 2,
+            locktag_type: pg_sys::LockTagType::LOCKTAG_ADVISORY as u8,
+            locktag_lockmethodid: pg_sys::USER_LOCKMETHOD as u8,
+        };
+        // SAFETY: an ordinary lock wait (interruptible) on a tag of our own.
+        unsafe { pg_sys::LockAcquire(&tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true, false) };
+        CapLock { tag }
+    }
+}
+
+impl Drop for CapLock {
+    fn drop(&mut self) {
+        // SAFETY: releases the session lock `take` acquired; LockRelease only warns if it is
+        // not held.
+        unsafe { pg_sys::LockRelease(&self.tag, pg_sys::ExclusiveLock as pg_sys::LOCKMODE, true) };
+    }
+}
+
 /// A started worker, by its registration handle.
 struct Worker {
     handle: *mut pg_sys::BackgroundWorkerHandle,
@@ -195,6 +235,22 @@ impl Worker {
             PgMemoryContexts::TopMemoryContext.switch_to(|_| pg_sys::RegisterDynamicBackgroundWorker(&mut bgw, &mut handle))
         };
         (ok && !handle.is_null()).then_some(Worker { handle })
+    }
+
+    /// Waits until the worker holds its mark (`ranges::mark_as_worker`), so the next CALL's
+    /// count includes it, or has stopped.
+    fn wait_counted(&self) {
+        loop {
+            pgrx::check_for_interrupts!();
+            let mut pid: pg_sys::pid_t = 0;
+            // SAFETY: a live handle from RegisterDynamicBackgroundWorker; only reads its slot.
+            let status = unsafe { pg_sys::GetBackgroundWorkerPid(self.handle, &mut pid) };
+            match status {
+                pg_sys::BgwHandleStatus::BGWH_STOPPED | pg_sys::BgwHandleStatus::BGWH_POSTMASTER_DIED => return,
+                pg_sys::BgwHandleStatus::BGWH_STARTED if ranges::is_marked(pid).unwrap_or(true) => return,
+                _ => crate::throttle::sleep_interruptibly(std::time::Duration::from_millis(5)),
+            }
+        }
     }
 
     fn stopped(&self) -> bool {
@@ -393,28 +449,44 @@ fn unfinished_at_end(run_id: i64) -> Result<Option<Error>> {
     )))
 }
 
-/// The settings a worker takes from the CALL's session.
-const SESSION_SETTINGS: [&str; 8] = [
-    "search_path",
-    "datestyle",
-    "intervalstyle",
-    "timezone",
-    "standard_conforming_strings",
-    "extra_float_digits",
-    "session_replication_role",
-    "synchronous_commit",
+/// Settings a worker never takes from the CALL's session: who it is (it connects as the
+/// CALL's role), its name and client, and what belongs to one transaction.
+const NOT_CARRIED: [&str; 8] = [
+    "application_name",
+    "client_encoding",
+    "role",
+    "session_authorization",
+    "transaction_isolation",
+    "transaction_read_only",
+    "transaction_deferrable",
+    "is_superuser",
 ];
 
+/// Every setting the CALL's session changed (SET, or the client at connection start),
+/// placeholders for custom settings such as `app.tenant` included, in the GUC table's order:
+/// a worker must see what the session sees (a row-level security policy, a source_filter or
+/// a trigger reading `current_setting('app.tenant', true)`). What the server's files, the
+/// database and the role set, the worker gets by connecting as the same role.
 fn session_settings() -> Result<Vec<(String, String)>> {
-    SESSION_SETTINGS
-        .iter()
+    let names: Vec<String> = crate::version::guc_variables()
+        .into_iter()
+        .filter_map(|var| {
+            // SAFETY: a live entry of the GUC table; its name is a NUL-terminated string.
+            let (name, source) = unsafe { (core::ffi::CStr::from_ptr((*var).name), (*var).source) };
+            let changed = source == pg_sys::GucSource::PGC_S_CLIENT || source == pg_sys::GucSource::PGC_S_SESSION;
+            let name = name.to_string_lossy().into_owned();
+            (changed && !NOT_CARRIED.contains(&name.to_ascii_lowercase().as_str())).then_some(name)
+        })
+        .collect();
+    names
+        .into_iter()
         .map(|name| {
             let value = Spi::get_one_with_args::<String>(
                 "SELECT pg_catalog.current_setting($1::pg_catalog.text)",
-                &[(*name).into()],
+                &[name.as_str().into()],
             )?
             .unwrap_or_default();
-            Ok(((*name).to_owned(), value))
+            Ok((name, value))
         })
         .collect()
 }
@@ -565,9 +637,9 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
     })?;
     for (name, value) in &launch.session {
         // Only what differs: setting session_replication_role needs rights the CALL's role
-        // has only if it could set it there.
+        // has only if it could set it there. A custom setting is unknown here until set.
         let differs = Spi::get_one_with_args::<bool>(
-            "SELECT pg_catalog.current_setting($1::pg_catalog.text) OPERATOR(pg_catalog.<>) $2::pg_catalog.text",
+            "SELECT pg_catalog.current_setting($1::pg_catalog.text, true) OPERATOR(pg_catalog.<>) $2::pg_catalog.text",
             &[name.as_str().into(), value.as_str().into()],
         )?
         .unwrap_or(true);

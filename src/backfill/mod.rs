@@ -590,3 +590,27 @@ impl Backfill {
         )
     }
 }
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::fingerprint;
+
+    /// Checkpoints keep fingerprints across releases: the function must never change. The
+    /// values were computed by an independent implementation of the same definition.
+    #[test]
+    fn fingerprints_are_stable() {
+        assert_eq!(fingerprint(b""), 0);
+        assert_eq!(fingerprint(b"a"), -5_715_860_101_994_261_550);
+        assert_eq!(fingerprint(b"12345678"), -6_136_387_933_679_464_117);
+        assert_eq!(fingerprint(br#"{"history":{"messages":{}}}"#), -1_574_588_376_558_343_103);
+    }
+
+    #[test]
+    fn one_byte_changes_the_fingerprint() {
+        let a = br#"{"history":{"messages":{"a":{"content":"hello"}}}}"#.to_vec();
+        let mut b = a.clone();
+        b[40] ^= 1;
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&a[..a.len() - 1]));
+    }
+}

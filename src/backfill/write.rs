@@ -94,7 +94,7 @@ impl Writer {
         );
         let columns = target_columns(app).into_iter().map(|(n, _)| n).collect();
         let deferred = deferred_constraints(settings.target.oid)?;
-        if let Some(names) = &deferred {
+        if let Some(names) = deferred.as_ref().filter(|_| !settings.dry_run) {
             // Checks the caller's transaction has pending on these constraints are its own:
             // fired here, before any batch, a violation of theirs fails their statement and
             // is never taken for a bad row of ours.
@@ -285,7 +285,7 @@ impl Writer {
 /// constraints, constraint triggers), schema-qualified for SET CONSTRAINTS, which also
 /// reaches their copies on partitions; `None` when it has none.
 fn deferred_constraints(target: pg_sys::Oid) -> Result<Option<String>> {
-    Ok(Spi::get_one_with_args::<String>(
+    Ok(crate::read_only::get_one::<String>(
         "SELECT pg_catalog.string_agg(pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, c.conname), \
                                       ', '::pg_catalog.text ORDER BY c.conname) \
          FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.connamespace \

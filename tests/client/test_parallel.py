@@ -6,6 +6,7 @@ once (wait_for_workers => false), slots and caps, and the role the workers run a
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 
 import psycopg2
@@ -422,6 +423,65 @@ def test_the_worker_cap_is_the_servers_not_one_calls(cluster, expected):
         cap("RESET chat_backfill.max_workers")
 
 
+def test_the_worker_cap_holds_for_calls_started_at_the_same_instant(cluster, expected):
+    """Three roles' CALLs, released together, each asking for 3 workers that return at once,
+    under chat_backfill.max_workers = 4: the check and the start happen under one server-wide
+    lock, so at no time do more than 4 workers run (on 0.6.0 the CALLs all counted before any
+    worker took its mark: 7 of 4)."""
+    chats, _ = expected
+    dbs = [make_db(cluster, chats) for _ in range(3)]
+    stamp = int(time.time() * 1000) % 10**8
+    roles = [f"capper_{stamp}_{n}" for n in range(3)]
+    for db, role in zip(dbs, roles):
+        query(cluster, db, f"CREATE ROLE {role} LOGIN; GRANT SELECT ON chat TO {role};"
+                           f" GRANT SELECT, INSERT ON chat_message TO {role}")
+    with cluster.connect("postgres") as conn, conn.cursor() as cur:
+        cur.execute("LOAD 'chat_backfill'")
+        cur.execute("ALTER SYSTEM SET chat_backfill.max_workers = 4")
+        cur.execute("SELECT pg_reload_conf()")
+    wait_until(lambda: query(cluster, "postgres", "SELECT current_setting('chat_backfill.max_workers', true)") == [("4",)])
+    barrier = threading.Barrier(3)
+    errors = []
+
+    def start(db, role):
+        try:
+            with cluster.connect(db) as conn, conn.cursor() as cur:
+                cur.execute(f"SET ROLE {role}")
+                barrier.wait()
+                cur.execute(CALL.format(extra="batch_size => 20, pause => '200 milliseconds', workers => 3, "
+                                              "wait_for_workers => false"), {"now": chatgen.NOW})
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    peak = 0
+    try:
+        threads = [threading.Thread(target=start, args=pair) for pair in zip(dbs, roles)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while (any(t.is_alive() for t in threads) or peak == 0) and time.monotonic() < deadline:
+            [(n,)] = query(cluster, "postgres", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'chat_backfill worker'")
+            peak = max(peak, n)
+            time.sleep(0.01)
+        for t in threads:
+            t.join()
+        for _ in range(20):
+            [(n,)] = query(cluster, "postgres", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'chat_backfill worker'")
+            peak = max(peak, n)
+            time.sleep(0.05)
+        assert not errors, errors
+        assert 0 < peak <= 4, peak
+    finally:
+        query(cluster, "postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'chat_backfill worker'")
+        with cluster.connect("postgres") as conn, conn.cursor() as cur:
+            cur.execute("ALTER SYSTEM RESET chat_backfill.max_workers")
+            cur.execute("SELECT pg_reload_conf()")
+        wait_until(lambda: not query(cluster, "postgres",
+                                     "SELECT FROM pg_stat_activity WHERE backend_type = 'chat_backfill worker'"))
+        for db, role in zip(dbs, roles):
+            query(cluster, db, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
 def test_the_callers_transaction_keeps_its_own_datestyle(cluster, expected):
     """The committing form prints keys as ISO in its own transactions; a DO block that CALLs
     it goes on, after the CALL, with the DateStyle the session had."""
@@ -433,3 +493,33 @@ def test_the_callers_transaction_keeps_its_own_datestyle(cluster, expected):
                     " RAISE NOTICE 'after: %%', current_setting('datestyle'); END $$" % chatgen.NOW)
         assert any("after: SQL, DMY" in n for n in conn.notices), conn.notices
     assert_exactly_once(cluster, db, want)
+
+
+def test_workers_see_the_sessions_custom_settings(cluster):
+    """Multi-tenant row-level security on the source reads a custom setting; the CALL's
+    session set it. Workers take every setting the session changed, placeholders included,
+    so two workers write exactly one session's rows (on 0.6.0 they wrote none and said
+    finished)."""
+    chats = chatgen.realistic_chats(seed=21, count=60, content_bytes=(100, 400), messages=(1, 5))
+    role = f"tenant_app_{int(time.time() * 1000) % 10**8}"
+    results = []
+    for workers in (1, 2):
+        db = make_db(cluster, chats)
+        query(cluster, db, f"CREATE ROLE {role}_{workers} LOGIN; GRANT SELECT ON chat TO {role}_{workers};"
+                           f" GRANT SELECT, INSERT ON chat_message TO {role}_{workers};"
+                           " ALTER TABLE chat ENABLE ROW LEVEL SECURITY;"
+                           " CREATE POLICY tenant ON chat USING (user_id <= current_setting('app.tenant', true))")
+        tenant = sorted(c.user_id for c in chats)[len(chats) // 2]
+        try:
+            with cluster.connect(db) as conn, conn.cursor() as cur:
+                cur.execute("SET app.tenant = %s", (tenant,))
+                cur.execute(f"SET ROLE {role}_{workers}")
+                cur.execute(CALL.format(extra=f"batch_size => 10, workers => {workers}"), {"now": chatgen.NOW})
+                cur.execute("RESET ROLE")
+                cur.execute("SELECT state, chats_done, total_chats FROM chat_backfill.status")
+                [(state, done, total)] = cur.fetchall()
+            assert state == "finished" and done == total > 10
+            results.append(rows_of(cluster, db))
+        finally:
+            query(cluster, db, f"DROP OWNED BY {role}_{workers}; DROP ROLE {role}_{workers}")
+    assert results[0] == results[1] and len(results[0]) > 0

@@ -16,6 +16,7 @@ import threading
 import time
 
 import psycopg2
+import psycopg2.errors
 import pytest
 
 import chatgen
@@ -297,3 +298,36 @@ def test_a_role_that_cannot_see_the_standbys_is_told_to_grant_pg_monitor(pair):
         finally:
             cur.execute("RESET ROLE")
             cur.execute("DROP OWNED BY blind_runner; DROP ROLE blind_runner")
+
+
+def test_on_a_hot_standby_reads_work_and_writes_are_refused_with_25006(pair):
+    """verify(), chat_messages(), chat_message_problems(), the status view and dry_run work on
+    the standby (read-only, no transaction id); plan() and the writing forms refuse with
+    25006 and a hint. On 0.6.0 every entry point but the pure functions failed with XX000
+    "cannot assign TransactionIds during recovery" (pgrx's Spi::get_one assigns one)."""
+    primary, standby = pair
+    db = make_db(primary)
+    with primary.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CALL.format(extra="batch_size => 100"), {"now": chatgen.NOW})
+        cur.execute("SELECT pg_current_wal_lsn()")
+        [(lsn,)] = cur.fetchall()
+        cur.execute("SELECT count(*) FROM chat_message")
+        [(rows,)] = cur.fetchall()
+    wait_until(lambda: _replayed(standby, lsn), "the standby to replay the backfill")
+    with standby.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chat_backfill.verify()")
+        assert cur.fetchone() == (0,)
+        cur.execute("SELECT count(*) FROM chat_messages('c', 'u', '{\"history\":{\"messages\":{\"a\":{\"role\":\"user\"}}}}')")
+        assert cur.fetchone() == (1,)
+        cur.execute("SELECT count(*) FROM chat_message_problems('c', '{\"history\":{\"messages\":{\"a\":{\"role\":{}}}}}')")
+        assert cur.fetchone() == (1,)
+        cur.execute("SELECT state, chats_done = total_chats FROM chat_backfill.status")
+        assert cur.fetchall() == [("finished", True)]
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, dry_run => true)", (chatgen.NOW,))
+        assert cur.fetchone() == (rows,)
+        for sql in ("SELECT * FROM backfill_chat_messages()", "CALL backfill_chat_messages_resumable()",
+                    "SELECT * FROM chat_backfill.plan()"):
+            with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction) as e:
+                cur.execute(sql)
+            assert "standby" in e.value.diag.message_primary and e.value.diag.message_hint, sql
+
