@@ -38,6 +38,8 @@ start)
       echo "unix_socket_directories = '$dir'"
       echo "fsync = off"
       echo "max_wal_size = '4GB'"
+      # Every log line names its SQLSTATE: the client suite's last test reads them.
+      echo "log_line_prefix = '%m [%p] %e '"
       for line in "$@"; do echo "$line"; done
     } >>"$dir/postgresql.conf"
     as_pg "$BIN/pg_ctl" -D "$dir" -l "$dir/server.log" -w start >/dev/null

@@ -139,6 +139,10 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     .unwrap_or_default();
     // The workers read the launch and the ranges from their own sessions.
     commit();
+    // The run's totals before any worker starts: they work while this CALL waits for them to
+    // be counted, and what this CALL's workers did is measured from here.
+    let before = run_state::totals(run_id)?;
+    let began = Instant::now();
     // SAFETY: backend globals fixed for the session; GetUserId is the role the CALL runs as.
     let (db, role, me) = unsafe { (u32::from(pg_sys::MyDatabaseId), u32::from(pg_sys::GetUserId()), pg_sys::MyProcPid) };
     let mut started = Vec::new();
@@ -157,9 +161,13 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
             None => break,
         }
     }
-    for worker in &started {
-        worker.wait_counted();
-    }
+    // A cancel while waiting for them to be counted stops them, as a cancel of the wait does.
+    PgTryBuilder::new(AssertUnwindSafe(|| started.iter().for_each(Worker::wait_counted)))
+        .catch_others(|caught| {
+            stop_all(&started);
+            caught.rethrow()
+        })
+        .execute();
     drop(cap_lock);
     if started.is_empty() {
         notice!("chat_backfill: no background worker slot is free (see max_worker_processes); this CALL works run {run_id} itself");
@@ -175,7 +183,7 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     let n = started.len();
     if parallel.wait {
         notice!("chat_backfill: run {run_id}: {n} workers started; waiting for them");
-        wait(started, run_id, launch_id)?;
+        wait(started, run_id, launch_id, before, began)?;
     } else {
         settle_in(started, settings, run_id)?;
         notice!(
@@ -342,9 +350,7 @@ const CONNECT_FLAGS: u32 = pg_sys::BGWORKER_BYPASS_ROLELOGINCHECK;
 
 /// Waits for every worker to stop, and reports: their totals in a NOTICE, or the first
 /// failure as this CALL's error. Cancelling or terminating the CALL stops its workers.
-fn wait(workers: Vec<Worker>, run_id: i64, launch_id: i64) -> Result<()> {
-    let before = run_state::totals(run_id)?;
-    let began = Instant::now();
+fn wait(workers: Vec<Worker>, run_id: i64, launch_id: i64, before: [i64; 4], began: Instant) -> Result<()> {
     lead(&workers);
     let cell = RefCell::new(workers);
     let live = AssertUnwindSafe(&cell);

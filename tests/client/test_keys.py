@@ -182,6 +182,14 @@ def test_a_pg_cron_loop_with_zero_runtime_finishes_chats_bigger_than_a_batch(clu
         assert table_rows(cur, "tgt") == want
         cur.execute("SELECT messages_inserted, messages_existing, batches, partial_key FROM chat_backfill.runs")
         assert cur.fetchone() == (125, 0, 15, None)
+        # Split over two workers, each stopping after a batch: each range keeps its own
+        # unfinished chat, and the loop ends within the same 15 batches.
+        cur.execute("TRUNCATE tgt; DELETE FROM chat_backfill.runs")
+        calls = call_until_finished(cur, "batch_size => 10, workers => 2", limit=100)
+        assert calls <= 15
+        assert table_rows(cur, "tgt") == want
+        cur.execute("SELECT messages_inserted, messages_existing FROM chat_backfill.runs ORDER BY run_id DESC LIMIT 1")
+        assert cur.fetchone() == (125, 0)
 
 
 def test_a_chat_changed_between_calls_is_read_whole_again(cluster):
