@@ -23,12 +23,19 @@ pub const PINNED: [(&CStr, &CStr); 6] = [
 /// Pins the settings for the rest of the current transaction (`SET LOCAL`): the committing
 /// form, which owns its transactions, calls this after each COMMIT.
 pub fn pin_for_transaction() {
-    for (name, value) in PINNED {
-        let _ = Spi::run_with_args(
-            "SELECT pg_catalog.set_config($1::pg_catalog.text, $2::pg_catalog.text, true)",
-            &[name.to_str().unwrap_or_default().into(), value.to_str().unwrap_or_default().into()],
-        );
-    }
+    // One statement per transaction (this runs after every batch's COMMIT); the names and
+    // values are the constants above.
+    let calls: Vec<String> = PINNED
+        .iter()
+        .map(|(name, value)| {
+            format!(
+                "pg_catalog.set_config('{}'::pg_catalog.text, '{}'::pg_catalog.text, true)",
+                name.to_string_lossy(),
+                value.to_string_lossy()
+            )
+        })
+        .collect();
+    let _ = Spi::run(&format!("SELECT {}", calls.join(", ")));
 }
 
 /// The pinned settings' values as the session has them, to give back with `restore_local`.

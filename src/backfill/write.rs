@@ -44,7 +44,7 @@ pub struct Writer {
     /// violating row then fails its write and is found and recorded like any other bad row,
     /// instead of failing the COMMIT and with it every row. Checks that pass stay done, so
     /// each row is checked once.
-    deferred: Option<String>,
+    deferred: Option<[String; 2]>,
 }
 
 /// What one INSERT did with the rows sent.
@@ -93,15 +93,9 @@ impl Writer {
             settings.target.name
         );
         let columns = target_columns(app).into_iter().map(|(n, _)| n).collect();
-        let deferred = deferred_constraints(settings.target.oid)?;
-        if let Some(names) = deferred.as_ref().filter(|_| !settings.dry_run) {
-            // Checks the caller's transaction has pending on these constraints are its own:
-            // fired here, before any batch, a violation of theirs fails their statement and
-            // is never taken for a bad row of ours.
-            Spi::run(&format!("SET CONSTRAINTS {names} IMMEDIATE"))?;
-            Spi::run(&format!("SET CONSTRAINTS {names} DEFERRED"))?;
-        }
-        Ok(Writer {
+        let deferred = deferred_constraints(settings.target.oid)?
+            .map(|names| [format!("SET CONSTRAINTS {names} IMMEDIATE"), format!("SET CONSTRAINTS {names} DEFERRED")]);
+        let writer = Writer {
             target: settings.target.oid,
             insert,
             missing,
@@ -112,7 +106,14 @@ impl Writer {
             app,
             columns,
             deferred,
-        })
+        };
+        if !settings.dry_run {
+            // Checks the caller's transaction has pending on these constraints are its own:
+            // fired here, before any batch, a violation of theirs fails their statement and
+            // is never taken for a bad row of ours.
+            writer.check_deferred()?;
+        }
+        Ok(writer)
     }
 
     pub fn write(&mut self, rows: &Rows, report: &mut BatchReport, outcome: &mut Outcome) -> Result<()> {
@@ -211,9 +212,9 @@ impl Writer {
 
     /// Checks the target's deferred constraints on what this subtransaction wrote.
     fn check_deferred(&self) -> std::result::Result<(), pgrx::spi::Error> {
-        let Some(names) = &self.deferred else { return Ok(()) };
-        Spi::run(&format!("SET CONSTRAINTS {names} IMMEDIATE"))?;
-        Spi::run(&format!("SET CONSTRAINTS {names} DEFERRED"))
+        let Some([immediate, deferred]) = &self.deferred else { return Ok(()) };
+        Spi::run(immediate)?;
+        Spi::run(deferred)
     }
 
     /// The fast path: the whole batch through COPY in one subtransaction. False when COPY
