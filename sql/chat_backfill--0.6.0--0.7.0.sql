@@ -1,8 +1,11 @@
 -- chat_backfill 0.6.0 -> 0.7.0: checkpoints that go on inside a chat bigger than a batch, so
 -- every CALL moves a run on however small its max_runtime (runs and key ranges keep the chat
 -- a batch left unfinished, how many of its messages are handled, and its text's fingerprint);
--- rows a BEFORE trigger drops counted (messages_dropped). The definitions are the install
--- script's, word for word (the upgrade test compares them).
+-- rows a BEFORE trigger drops counted (messages_dropped); run state identified by table names,
+-- which a restore keeps, instead of oids, which it does not; the source's row-level security
+-- honoured by the state; the state owned by the extension's owner, so that role's pg_dump and
+-- pg_restore of its database work. The definitions are the install script's, word for word
+-- (the upgrade test compares them).
 
 -- 1. Checkpoints inside a chat.
 ALTER TABLE chat_backfill.runs
@@ -83,7 +86,8 @@ LEFT JOIN LATERAL (
                AS workers
     FROM held l
     WHERE (l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
-           AND l.classid OPERATOR(pg_catalog.=) r.source_oid AND l.objid OPERATOR(pg_catalog.=) r.target_oid)
+           AND l.classid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.source)::pg_catalog.oid
+           AND l.objid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.target)::pg_catalog.oid)
        OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id)))
@@ -125,3 +129,135 @@ CREATE FUNCTION backfill_chat_messages(
 VOLATILE
 LANGUAGE c
 AS 'MODULE_PATHNAME', 'backfill_chat_messages_wrapper';
+
+-- 4. State identified by names (a restore keeps them; oids become a cache), shown only to who
+--    could read the chats it is about (the source's row-level security included).
+ALTER TABLE chat_backfill.runs ADD COLUMN id_column pg_catalog.text;
+GRANT INSERT (id_column) ON chat_backfill.runs TO PUBLIC;
+GRANT UPDATE (source_oid, target_oid) ON chat_backfill.runs TO PUBLIC;
+ALTER TABLE chat_backfill.rejected_messages ADD COLUMN id_column pg_catalog.text;
+GRANT INSERT (id_column) ON chat_backfill.rejected_messages TO PUBLIC;
+
+-- Names become the key: each row gets its tables' names as the catalog spells them now (runs
+-- of 0.1.0 recorded them as the caller's search_path showed them), while its oids are still
+-- this database's own.
+UPDATE chat_backfill.runs
+   SET source = chat_backfill.table_name(source_oid), target = chat_backfill.table_name(target_oid)
+ WHERE chat_backfill.table_name(source_oid) IS NOT NULL AND chat_backfill.table_name(target_oid) IS NOT NULL;
+UPDATE chat_backfill.rejected_messages
+   SET source = chat_backfill.table_name(source_oid), target = chat_backfill.table_name(target_oid)
+ WHERE chat_backfill.table_name(source_oid) IS NOT NULL AND chat_backfill.table_name(target_oid) IS NOT NULL;
+
+DROP INDEX chat_backfill.runs_source_oid_target_oid_run_id_idx;
+CREATE INDEX ON chat_backfill.runs (source, target, run_id DESC);
+-- A table dropped and made again under its name left the same rejection twice: keep the first.
+DELETE FROM chat_backfill.rejected_messages a USING chat_backfill.rejected_messages b
+ WHERE a.id OPERATOR(pg_catalog.>) b.id AND a.target OPERATOR(pg_catalog.=) b.target
+   AND a.source OPERATOR(pg_catalog.=) b.source AND a.sqlstate OPERATOR(pg_catalog.=) b.sqlstate
+   AND pg_catalog.hashtextextended(a.chat_id, 0::pg_catalog.int8)
+       OPERATOR(pg_catalog.=) pg_catalog.hashtextextended(b.chat_id, 0::pg_catalog.int8)
+   AND pg_catalog.hashtextextended(a.message_id, 0::pg_catalog.int8)
+       IS NOT DISTINCT FROM pg_catalog.hashtextextended(b.message_id, 0::pg_catalog.int8);
+DROP INDEX chat_backfill.rejected_messages_once;
+CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
+    (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
+     pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8)) NULLS NOT DISTINCT;
+
+CREATE FUNCTION chat_backfill.may_run(source pg_catalog.text, target pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid, 'SELECT'::pg_catalog.text)
+                    AND pg_catalog.has_table_privilege(pg_catalog.to_regclass(target)::pg_catalog.oid, 'INSERT'::pg_catalog.text),
+                    false);
+END;
+CREATE OR REPLACE FUNCTION chat_backfill.may_add(source_oid pg_catalog.oid, target_oid pg_catalog.oid,
+                                                 source pg_catalog.text, target pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(chat_backfill.may_run(source, target)
+                    AND source_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid
+                    AND target_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(target)::pg_catalog.oid, false);
+END;
+CREATE FUNCTION chat_backfill.restricted(source pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(pg_catalog.row_security_active(pg_catalog.to_regclass(source)::pg_catalog.oid), false);
+END;
+CREATE FUNCTION chat_backfill.chat_visible(source pg_catalog.oid, id_column pg_catalog.text, chat_id pg_catalog.text)
+RETURNS pg_catalog.bool STRICT STABLE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'chat_visible_wrapper';
+CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_catalog.text, chat_id pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid,
+                                                                 'SELECT'::pg_catalog.text), false)
+                THEN false
+                WHEN NOT chat_backfill.restricted(source) THEN true
+                ELSE coalesce(chat_backfill.chat_visible(pg_catalog.to_regclass(source)::pg_catalog.oid, id_column, chat_id),
+                              false) END;
+END;
+
+-- A run shows its keys (chat ids) and counts: where the source's row-level security applies to
+-- the role, only its own runs, and only while it can read the run's last chat.
+CREATE FUNCTION chat_backfill.may_see_run(source pg_catalog.text, id_column pg_catalog.text,
+                                          high_water pg_catalog.text, started_by pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT chat_backfill.may_read(source, id_column, high_water)
+           AND (NOT chat_backfill.restricted(source) OR started_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);
+END;
+
+DROP POLICY runs_visible_to_readers ON chat_backfill.runs;
+DROP POLICY runs_advanced_by_runners ON chat_backfill.runs;
+DROP POLICY runs_deleted_by_runners ON chat_backfill.runs;
+DROP POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages;
+DROP POLICY rejections_by_runners ON chat_backfill.rejected_messages;
+DROP POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages;
+DROP POLICY ranges_made_by_runners ON chat_backfill.run_ranges;
+DROP POLICY ranges_advanced_by_runners ON chat_backfill.run_ranges;
+DROP POLICY launches_made_by_runners ON chat_backfill.launches;
+CREATE POLICY runs_visible_to_readers ON chat_backfill.runs FOR SELECT
+    USING (chat_backfill.may_see_run(source, id_column, high_water, started_by));
+CREATE POLICY runs_advanced_by_runners ON chat_backfill.runs FOR UPDATE
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by))
+    WITH CHECK (chat_backfill.may_run(source, target));
+CREATE POLICY runs_deleted_by_runners ON chat_backfill.runs FOR DELETE
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by));
+CREATE POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages FOR SELECT
+    USING (chat_backfill.may_read(source, id_column, chat_id));
+CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSERT
+    WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
+                AND CASE WHEN EXISTS (SELECT FROM chat_backfill.runs r
+                                      WHERE r.run_id OPERATOR(pg_catalog.=) rejected_messages.run_id
+                                        AND r.source OPERATOR(pg_catalog.=) rejected_messages.source
+                                        AND r.target OPERATOR(pg_catalog.=) rejected_messages.target)
+                         THEN true
+                         ELSE run_id OPERATOR(pg_catalog.=)
+                              pg_catalog.currval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass) END);
+CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages FOR DELETE
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, id_column, chat_id));
+CREATE POLICY ranges_made_by_runners ON chat_backfill.run_ranges FOR INSERT
+    WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
+                          AND chat_backfill.may_run(r.source, r.target)));
+CREATE POLICY ranges_advanced_by_runners ON chat_backfill.run_ranges FOR UPDATE
+    USING (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
+                     AND chat_backfill.may_run(r.source, r.target)))
+    WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
+                          AND chat_backfill.may_run(r.source, r.target)));
+CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
+    WITH CHECK (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
+                AND EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) launches.run_id
+                              AND chat_backfill.may_run(r.source, r.target)));
+DROP FUNCTION chat_backfill.may_run(pg_catalog.oid, pg_catalog.oid);
+
+-- 5. The state belongs to the extension's owner (the install script says why). ALTER EXTENSION
+--    UPDATE's @extowner@ would be whoever runs the update, so the owner is read instead.
+DO $$
+DECLARE
+    owner pg_catalog.text := (SELECT e.extowner::pg_catalog.regrole::pg_catalog.text FROM pg_catalog.pg_extension e
+                              WHERE e.extname OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.name);
+BEGIN
+    EXECUTE pg_catalog.format('ALTER TABLE chat_backfill.rejected_messages OWNER TO %s', owner);
+    EXECUTE pg_catalog.format('ALTER TABLE chat_backfill.runs OWNER TO %s', owner);
+    EXECUTE pg_catalog.format('ALTER TABLE chat_backfill.run_ranges OWNER TO %s', owner);
+END
+$$;

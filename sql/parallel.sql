@@ -26,18 +26,19 @@ GRANT INSERT (run_id, range_no, low_key, high_key, chat_bytes) ON chat_backfill.
 GRANT UPDATE (last_key, finished, partial_key, partial_done, partial_fingerprint) ON chat_backfill.run_ranges TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.run_ranges_range_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.run_ranges ENABLE ROW LEVEL SECURITY;
+ALTER TABLE chat_backfill.run_ranges OWNER TO @extowner@;
 -- A range is seen with its run (the runs policies apply inside), and made or advanced by who
 -- may run that backfill.
 CREATE POLICY ranges_visible_with_their_run ON chat_backfill.run_ranges FOR SELECT
     USING (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id));
 CREATE POLICY ranges_made_by_runners ON chat_backfill.run_ranges FOR INSERT
     WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
-                          AND chat_backfill.may_run(r.source_oid, r.target_oid)));
+                          AND chat_backfill.may_run(r.source, r.target)));
 CREATE POLICY ranges_advanced_by_runners ON chat_backfill.run_ranges FOR UPDATE
     USING (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
-                     AND chat_backfill.may_run(r.source_oid, r.target_oid)))
+                     AND chat_backfill.may_run(r.source, r.target)))
     WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
-                          AND chat_backfill.may_run(r.source_oid, r.target_oid)));
+                          AND chat_backfill.may_run(r.source, r.target)));
 
 -- What a CALL hands its workers: its arguments, as JSON. A worker connects as the role that
 -- made the CALL and reads only a launch that role made itself (launched_by is never given
@@ -67,7 +68,7 @@ CREATE POLICY launches_failed_by_their_role ON chat_backfill.launches FOR UPDATE
 CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
     WITH CHECK (launched_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
                 AND EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) launches.run_id
-                              AND chat_backfill.may_run(r.source_oid, r.target_oid)));
+                              AND chat_backfill.may_run(r.source, r.target)));
 
 -- Progress of every resumable run the caller may see (security_invoker: the policies above
 -- apply to whoever reads it). A run is running while its CALL holds the runner lock or a
@@ -139,7 +140,8 @@ LEFT JOIN LATERAL (
                AS workers
     FROM held l
     WHERE (l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
-           AND l.classid OPERATOR(pg_catalog.=) r.source_oid AND l.objid OPERATOR(pg_catalog.=) r.target_oid)
+           AND l.classid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.source)::pg_catalog.oid
+           AND l.objid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.target)::pg_catalog.oid)
        OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id)))

@@ -32,49 +32,80 @@ CREATE TABLE chat_backfill.runs (
     partial_key       pg_catalog.text,              -- a chat bigger than a batch that the last batch left unfinished,
     partial_done      pg_catalog.int8,              -- how many of its messages are handled,
     partial_fingerprint pg_catalog.int8,            -- and its text's fingerprint (a changed chat is read whole again)
-    messages_dropped  pg_catalog.int8 NOT NULL DEFAULT 0   -- a BEFORE trigger on the target returned NULL for them
+    messages_dropped  pg_catalog.int8 NOT NULL DEFAULT 0,  -- a BEFORE trigger on the target returned NULL for them
+    id_column         pg_catalog.text               -- the source's key column, to check a reader can see the chats
 );
-CREATE INDEX ON chat_backfill.runs (source_oid, target_oid, run_id DESC);
+CREATE INDEX ON chat_backfill.runs (source, target, run_id DESC);
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs', '');
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.runs_run_id_seq', '');
 
 -- Runs are written by the procedure with the caller's own rights. Row-level security lets a
--- role see a run only if it can read the run's source, and start, advance or delete one only
--- if it could run that backfill (chat_backfill.may_run, may_add). The columns a run is identified and
--- audited by cannot be changed.
+-- role see a run only if it can read what the run shows: its source, and, where the source's
+-- own row-level security applies to the role, the run's last chat (high_water) and the run
+-- must be its own; it may start, advance or delete one only if it could run that backfill
+-- (chat_backfill.may_run, may_add). The columns a run is identified and audited by cannot
+-- be changed; the oid cache is refreshed by whoever resumes the run.
 REVOKE ALL ON chat_backfill.runs FROM PUBLIC;
 GRANT SELECT, DELETE ON chat_backfill.runs TO PUBLIC;
-GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water, total_chats, now, status, rows)
+GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water, total_chats, now, status, rows,
+              id_column)
     ON chat_backfill.runs TO PUBLIC;
 GRANT UPDATE (last_key, chats_read, messages_inserted, messages_rejected, messages_existing, messages_skipped,
               chats_skipped, chats_vanished, batches, active_ms, status, updated_at, finished_at, last_error,
               replica_lag_bytes, batch_size, partial_key, partial_done, partial_fingerprint,
-              messages_dropped)
+              messages_dropped, source_oid, target_oid)
     ON chat_backfill.runs TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.runs_run_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.runs ENABLE ROW LEVEL SECURITY;
+ALTER TABLE chat_backfill.runs OWNER TO @extowner@;
+
+-- Whether the calling role may see state about one chat of a source: it may read the source,
+-- and where the source's row-level security applies to it, that chat is one the policies show
+-- it (chat_backfill.chat_visible looks, with the role's own rights).
+CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_catalog.text, chat_id pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid,
+                                                                 'SELECT'::pg_catalog.text), false)
+                THEN false
+                WHEN NOT chat_backfill.restricted(source) THEN true
+                ELSE coalesce(chat_backfill.chat_visible(pg_catalog.to_regclass(source)::pg_catalog.oid, id_column, chat_id),
+                              false) END;
+END;
+
+-- A run shows its keys (chat ids) and counts: where the source's row-level security applies to
+-- the role, only its own runs, and only while it can read the run's last chat.
+CREATE FUNCTION chat_backfill.may_see_run(source pg_catalog.text, id_column pg_catalog.text,
+                                          high_water pg_catalog.text, started_by pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT chat_backfill.may_read(source, id_column, high_water)
+           AND (NOT chat_backfill.restricted(source) OR started_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);
+END;
+
 CREATE POLICY runs_visible_to_readers ON chat_backfill.runs FOR SELECT
-    USING (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text));
+    USING (chat_backfill.may_see_run(source, id_column, high_water, started_by));
 CREATE POLICY runs_started_by_runners ON chat_backfill.runs FOR INSERT
     WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target));
 CREATE POLICY runs_advanced_by_runners ON chat_backfill.runs FOR UPDATE
-    USING (chat_backfill.may_run(source_oid, target_oid))
-    WITH CHECK (chat_backfill.may_run(source_oid, target_oid));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by))
+    WITH CHECK (chat_backfill.may_run(source, target));
 CREATE POLICY runs_deleted_by_runners ON chat_backfill.runs FOR DELETE
-    USING (chat_backfill.may_run(source_oid, target_oid));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by));
 
 -- A rejection belongs to a run of the same tables: a resumable run in chat_backfill.runs, or the
--- one-transaction run that drew its id from the sequence in this very session.
+-- one-transaction run that drew its id from the sequence in this very session. It holds a
+-- chat's content: a role sees it only if it could read that chat.
 CREATE POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages FOR SELECT
-    USING (pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text));
+    USING (chat_backfill.may_read(source, id_column, chat_id));
 CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSERT
     WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
                 AND CASE WHEN EXISTS (SELECT FROM chat_backfill.runs r
                                       WHERE r.run_id OPERATOR(pg_catalog.=) rejected_messages.run_id
-                                        AND r.source_oid OPERATOR(pg_catalog.=) rejected_messages.source_oid
-                                        AND r.target_oid OPERATOR(pg_catalog.=) rejected_messages.target_oid)
+                                        AND r.source OPERATOR(pg_catalog.=) rejected_messages.source
+                                        AND r.target OPERATOR(pg_catalog.=) rejected_messages.target)
                          THEN true
                          ELSE run_id OPERATOR(pg_catalog.=)
                               pg_catalog.currval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass) END);
 CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages FOR DELETE
-    USING (chat_backfill.may_run(source_oid, target_oid));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, id_column, chat_id));

@@ -14,23 +14,38 @@ BEGIN ATOMIC
 END;
 
 
+-- Run state names its tables by schema-qualified name, which a dump and restore keep; oids are
+-- not kept, and after a restore an old oid can belong to anybody's table. Every right below is
+-- therefore worked out from the name, resolved now (to_regclass: NULL when nothing has that
+-- name any more, and a missing table grants nothing); the oid columns are only a cache.
+
 -- Who may write a run's state: a role that could run that backfill (read its source, write its
--- target). Rows it adds must also name the tables as the catalog does, so that no row can claim
--- to be about tables other than the ones its oids (which this checks) are. Parsed once, here.
-CREATE FUNCTION chat_backfill.may_run(source_oid pg_catalog.oid, target_oid pg_catalog.oid)
+-- target). Parsed once, here.
+CREATE FUNCTION chat_backfill.may_run(source pg_catalog.text, target pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(pg_catalog.has_table_privilege(source_oid, 'SELECT'::pg_catalog.text)
-                    AND pg_catalog.has_table_privilege(target_oid, 'INSERT'::pg_catalog.text), false);
+    SELECT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid, 'SELECT'::pg_catalog.text)
+                    AND pg_catalog.has_table_privilege(pg_catalog.to_regclass(target)::pg_catalog.oid, 'INSERT'::pg_catalog.text),
+                    false);
 END;
 
+-- Rows a role adds must also carry the oids the names have now, so that the cache is right
+-- when written.
 CREATE FUNCTION chat_backfill.may_add(source_oid pg_catalog.oid, target_oid pg_catalog.oid,
                                       source pg_catalog.text, target pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(chat_backfill.may_run(source_oid, target_oid)
-                    AND source OPERATOR(pg_catalog.=) chat_backfill.table_name(source_oid)
-                    AND target OPERATOR(pg_catalog.=) chat_backfill.table_name(target_oid), false);
+    SELECT coalesce(chat_backfill.may_run(source, target)
+                    AND source_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid
+                    AND target_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(target)::pg_catalog.oid, false);
+END;
+
+-- Whether the source's row-level security applies to the calling role (it does not to the
+-- source's owner, to a role with BYPASSRLS, or where the source has none).
+CREATE FUNCTION chat_backfill.restricted(source pg_catalog.text)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(pg_catalog.row_security_active(pg_catalog.to_regclass(source)::pg_catalog.oid), false);
 END;
 
 -- Messages and chats a backfill could not write, and why. It holds users' chat content, so a
@@ -48,14 +63,15 @@ CREATE TABLE chat_backfill.rejected_messages (
     detail      pg_catalog.text,
     message     pg_catalog.json,
     rejected_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-    source_oid  pg_catalog.oid,
-    target_oid  pg_catalog.oid
+    source_oid  pg_catalog.oid,            -- a cache: the names are what identify the tables
+    target_oid  pg_catalog.oid,
+    id_column   pg_catalog.text            -- the source's key column, to check a reader can see the chat
 );
 CREATE INDEX ON chat_backfill.rejected_messages (run_id);
 -- A re-run does not record the same rejection again (its INSERT says ON CONFLICT DO NOTHING).
 -- Ids come from user data and may be longer than an index row can hold: index their hashes.
 CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
-    (target_oid, source_oid, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
+    (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
      pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8)) NULLS NOT DISTINCT;
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages', '');
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_seq', '');
@@ -63,6 +79,11 @@ SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_s
 REVOKE ALL ON chat_backfill.rejected_messages FROM PUBLIC;
 GRANT SELECT, DELETE ON chat_backfill.rejected_messages TO PUBLIC;
 GRANT INSERT (run_id, source, target, source_oid, target_oid, chat_id, message_key, message_id, sqlstate,
-              error, detail, message) ON chat_backfill.rejected_messages TO PUBLIC;
+              error, detail, message, id_column) ON chat_backfill.rejected_messages TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.rejected_messages_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.rejected_messages ENABLE ROW LEVEL SECURITY;
+-- The state belongs to the extension's owner (the role that ran CREATE EXTENSION; in a trusted
+-- install, the database owner, not the bootstrap superuser that ran this script), as the
+-- application's own tables do: so the whole database's pg_dump by that role, and its
+-- pg_restore, read and write the state like any table of theirs, row-level security included.
+ALTER TABLE chat_backfill.rejected_messages OWNER TO @extowner@;

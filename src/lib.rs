@@ -31,6 +31,7 @@ mod subxact;
 mod throttle;
 mod tuning;
 mod version;
+mod visibility;
 mod workers;
 
 ::pgrx::pg_module_magic!();

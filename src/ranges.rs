@@ -202,13 +202,14 @@ pub fn finish(run_id: i64, range_id: i32) -> Result<bool> {
 }
 
 /// The ranges of every run of this source and target, by id.
-/// Its parameters are the source and target oids, numbered from `first`.
+/// Its parameters are the source and target names (what identifies a run's tables), numbered
+/// from `first`.
 fn ranges_of_pair(first: usize) -> String {
     format!(
         "SELECT g.range_id FROM chat_backfill.run_ranges g \
          JOIN chat_backfill.runs r ON r.run_id OPERATOR(pg_catalog.=) g.run_id \
-         WHERE r.source_oid OPERATOR(pg_catalog.=) ${first}::pg_catalog.oid \
-           AND r.target_oid OPERATOR(pg_catalog.=) ${}::pg_catalog.oid",
+         WHERE r.source OPERATOR(pg_catalog.=) ${first}::pg_catalog.text \
+           AND r.target OPERATOR(pg_catalog.=) ${}::pg_catalog.text",
         first + 1
     )
 }
@@ -291,13 +292,13 @@ fn lockers(ranges: &str, workers: bool, args: Vec<DatumWithOid<'_>>) -> Result<V
 /// those an earlier CALL left running with wait_for_workers => false. Only chat_backfill
 /// workers count: any session can take an advisory lock, and one that holds a range's lock
 /// is reported as in the way (`strangers`), not taken for a runner.
-pub fn holders(source: pg_sys::Oid, target: pg_sys::Oid) -> Result<Vec<i32>> {
+pub fn holders(source: &str, target: &str) -> Result<Vec<i32>> {
     lockers(&ranges_of_pair(2), true, vec![source.into(), target.into()])
 }
 
 /// Waits, as an ordinary lock wait (cancel, statement_timeout and lock_timeout end it),
 /// until nobody holds a range of any run of this source and target.
-pub fn wait_for_holders(source: pg_sys::Oid, target: pg_sys::Oid) -> Result<()> {
+pub fn wait_for_holders(source: &str, target: &str) -> Result<()> {
     let ranges = Spi::connect(|client| {
         let table = client.select(&ranges_of_pair(1), None, &[source.into(), target.into()])?;
         table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect::<std::result::Result<Vec<i32>, pgrx::spi::Error>>()

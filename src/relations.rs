@@ -132,7 +132,7 @@ fn qualified_name(catalog: &str, name: &str, namespace: &str, oid: pg_sys::Oid) 
 
 
 /// The type of each named column, or `None` where the table has no such column.
-fn column_types(relation: &Relation, columns: &[&str]) -> Result<Vec<Option<pg_sys::Oid>>> {
+pub fn column_types(relation: &Relation, columns: &[&str]) -> Result<Vec<Option<pg_sys::Oid>>> {
     columns
         .iter()
         .map(|column| {

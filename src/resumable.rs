@@ -241,10 +241,10 @@ pub(crate) enum Ended {
 fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parallel, if_busy: IfBusy) -> Result<()> {
     // Workers of an earlier CALL (wait_for_workers => false) may still be at it: they hold
     // its key ranges, not the runner lock.
-    let holders = ranges::holders(settings.source.oid, settings.target.oid)?;
+    let holders = ranges::holders(&settings.source.name, &settings.target.name)?;
     if !holders.is_empty() {
         match if_busy {
-            IfBusy::Wait => ranges::wait_for_holders(settings.source.oid, settings.target.oid)?,
+            IfBusy::Wait => ranges::wait_for_holders(&settings.source.name, &settings.target.name)?,
             IfBusy::Error => {
                 return Err(Error::new(
                     ERRCODE_LOCK_NOT_AVAILABLE,
@@ -296,7 +296,7 @@ fn run(mut settings: Settings, limits: &Limits, restart: bool, parallel: &Parall
         },
     };
     settings.run_id = run_id;
-    run_state::resumed(run_id)?;
+    run_state::resumed(run_id, &settings)?;
     commit();
     let deadline = limits.max_runtime.map(|max| Instant::now() + max);
     let split = ranges::is_split(run_id)?;
@@ -592,4 +592,8 @@ pub(crate) fn duration_of(interval: Interval) -> Duration {
 }
 
 
-extension_sql_file!("../sql/runs.sql", name = "runs_state", requires = ["state_schema"]);
+extension_sql_file!(
+    "../sql/runs.sql",
+    name = "runs_state",
+    requires = ["state_schema", visibility::chat_visible]
+);

@@ -26,11 +26,11 @@ pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
             "SELECT r.run_id, r.status, coalesce(r.finished_at::pg_catalog.text, ''::pg_catalog.text), \
                     r.last_key, r.high_water, r.now, r.partial_key, r.partial_done, r.partial_fingerprint \
              FROM chat_backfill.runs r \
-             WHERE r.source_oid OPERATOR(pg_catalog.=) $1 AND r.target_oid OPERATOR(pg_catalog.=) $2 \
+             WHERE r.source OPERATOR(pg_catalog.=) $1::pg_catalog.text AND r.target OPERATOR(pg_catalog.=) $2::pg_catalog.text \
                AND r.rows OPERATOR(pg_catalog.=) $3::pg_catalog.text \
              ORDER BY r.run_id DESC LIMIT 1",
             None,
-            &[settings.source.oid.into(), settings.target.oid.into(), settings.rows.name().into()],
+            &[settings.source.name.as_str().into(), settings.target.name.as_str().into(), settings.rows.name().into()],
         )?;
         let Some(row) = table.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(None) };
         Ok(Some((
@@ -93,8 +93,9 @@ pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
     let Some(high_water) = high_water else { return Ok(None) };
     let run_id = Spi::get_one_with_args::<i64>(
         "INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, total_chats, now, \
-                                         source_filter, status, rows) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running'::pg_catalog.text, $9::pg_catalog.text) RETURNING run_id",
+                                         source_filter, status, rows, id_column) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running'::pg_catalog.text, $9::pg_catalog.text, $10::pg_catalog.text) \
+         RETURNING run_id",
         &[
             settings.source.oid.into(),
             settings.target.oid.into(),
@@ -105,14 +106,24 @@ pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
             settings.now.into(),
             text_or_null(settings.source_filter.as_deref()),
             settings.rows.name().into(),
+            settings.id_column.as_str().into(),
         ],
     )?
     .unwrap_or_default();
     Ok(Some((run_id, high_water)))
 }
 
-pub fn resumed(run_id: i64) -> Result<()> {
-    set_status(run_id, "running", None)
+/// Marks a run resumed, and refreshes its oid cache: after a restore the names (which found
+/// the run) belong to tables with new oids.
+pub fn resumed(run_id: i64, settings: &Settings) -> Result<()> {
+    set_status(run_id, "running", None)?;
+    Spi::run_with_args(
+        "UPDATE chat_backfill.runs SET source_oid = $2::pg_catalog.oid, target_oid = $3::pg_catalog.oid \
+         WHERE run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 \
+           AND (source_oid OPERATOR(pg_catalog.<>) $2::pg_catalog.oid OR target_oid OPERATOR(pg_catalog.<>) $3::pg_catalog.oid)",
+        &[run_id.into(), settings.source.oid.into(), settings.target.oid.into()],
+    )?;
+    Ok(())
 }
 
 /// Adds a committed batch to the run. `partial`: the chat the batch left unfinished (the

@@ -514,7 +514,7 @@ fn settle_in(workers: Vec<Worker>, settings: &Settings, run_id: i64) -> Result<(
     let until = Instant::now() + Duration::from_secs(30);
     while Instant::now() < until {
         let live = workers.iter().filter(|w| !w.stopped()).count();
-        let holding = ranges::holders(settings.source.oid, settings.target.oid)?.len();
+        let holding = ranges::holders(&settings.source.name, &settings.target.name)?.len();
         if holding >= live.min(ranges::unfinished(run_id)? as usize) {
             break;
         }

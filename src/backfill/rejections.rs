@@ -43,8 +43,9 @@ pub fn chat_sqlstate(skip: ChatSkip) -> &'static str {
 }
 
 const RECORD_SQL: &str = "INSERT INTO chat_backfill.rejected_messages \
-     (run_id, source, target, source_oid, target_oid, chat_id, message_key, message_id, sqlstate, error, detail, message) \
-     SELECT $1, $2, $3, $4, $5, u.* FROM ROWS FROM (pg_catalog.unnest($6::pg_catalog.text[]), \
+     (run_id, source, target, source_oid, target_oid, id_column, chat_id, message_key, message_id, sqlstate, error, \
+      detail, message) \
+     SELECT $1, $2, $3, $4, $5, $13, u.* FROM ROWS FROM (pg_catalog.unnest($6::pg_catalog.text[]), \
      pg_catalog.unnest($7::pg_catalog.text[]), pg_catalog.unnest($8::pg_catalog.text[]), \
      pg_catalog.unnest($9::pg_catalog.text[]), pg_catalog.unnest($10::pg_catalog.text[]), \
      pg_catalog.unnest($11::pg_catalog.text[]), pg_catalog.unnest($12::pg_catalog.json[])) AS u \
@@ -70,6 +71,7 @@ impl Recorder {
             text,
             text,
             PgOid::from(json_array_oid()),
+            PgOid::from(pg_sys::TEXTOID),
         ];
         let statement = Spi::connect(|client| client.prepare_mut(RECORD_SQL, &types).map(|s| s.keep()))?;
         Ok(Recorder { statement })
@@ -98,6 +100,7 @@ impl Recorder {
             text(&|r| r.detail.as_deref()),
             // SAFETY: a json[] of the messages' own JSON text (or rows we wrote as JSON).
             unsafe { DatumWithOid::new(messages, json_array_oid()) },
+            DatumWithOid::from(settings.id_column.as_str()),
         ];
         Spi::connect_mut(|client| client.update(&self.statement, None, &args).map(drop))?;
         Ok(())
