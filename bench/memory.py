@@ -1,6 +1,6 @@
 """Peak private memory of the backend during a backfill, on the shapes that cost memory.
 
-    .venv/bin/python bench/memory.py [--out FILE] [--cases a,b,c,c2] [--seed 7]
+    [PG_MAJOR=16] .venv/bin/python bench/memory.py [--out FILE] [--cases a,b,c,c2] [--seed 7] [--verify]
 
 Cases (the target has Open WebUI's DDL, tests/client/load_sample.py TARGET_DDL):
   a   one chat of 1,000,000 tiny messages (~22 MB), batch_size 1000
@@ -12,7 +12,8 @@ Cases (the target has Open WebUI's DDL, tests/client/load_sample.py TARGET_DDL):
       in chat_backfill.rejected_messages a batch at a time, none written
 Each case runs twice: a first run into the empty target (the COPY path), then, after a
 few rows are deleted, a re-run (COPY meets existing rows, the INSERT path writes the
-missing ones).
+missing ones). With --verify, 10 more rows are deleted and chat_backfill.verify() (the
+migration's rows) is measured the same way.
 
 While the backfill runs, /proc/<backend pid>/status is sampled every 20 ms: peak RssAnon
 (the backend's private memory: what the backfill allocates, not shared buffers) and
@@ -279,7 +280,13 @@ def load(server: Server, db: str, chunks) -> None:
         conn.close()
 
 
-def measure(server: Server, db: str, batch_size: int) -> dict:
+BACKFILL = ("SELECT count(*), coalesce(sum(messages_inserted), 0), coalesce(sum(messages_existing), 0),"
+            " coalesce(sum(messages_rejected), 0) FROM backfill_chat_messages(batch_size => %s, now => %s)")
+# verify() in the shape of a backfill's result: its findings, then three zeros.
+VERIFY = "SELECT count(*), 0, 0, 0 FROM chat_backfill.verify()"
+
+
+def measure(server: Server, db: str, batch_size: int, sql: str = BACKFILL) -> dict:
     conn = server.connect(db)
     try:
         with conn.cursor() as cur:
@@ -290,11 +297,7 @@ def measure(server: Server, db: str, batch_size: int) -> dict:
             sampler = Sampler(pid)
             sampler.start()
             t0 = time.perf_counter()
-            cur.execute(
-                "SELECT count(*), coalesce(sum(messages_inserted), 0), coalesce(sum(messages_existing), 0),"
-                " coalesce(sum(messages_rejected), 0) FROM backfill_chat_messages(batch_size => %s, now => %s)",
-                (batch_size, NOW),
-            )
+            cur.execute(sql, (batch_size, NOW) if sql == BACKFILL else None)
             batches, inserted, existing, rejected = cur.fetchone()
             seconds = time.perf_counter() - t0
             sampler.finish()
@@ -305,7 +308,7 @@ def measure(server: Server, db: str, batch_size: int) -> dict:
             "idle_rss_anon_mb": idle.rss_anon_kb / 1024, "samples": sampler.samples}
 
 
-def run_case(server: Server, key: str, seed: int) -> list[dict]:
+def run_case(server: Server, key: str, seed: int, verify: bool) -> list[dict]:
     label, batch_size, chunks = CASES[key]
     db = f"mem_{key}"
     log(f"{label}: generating and loading ...")
@@ -327,13 +330,21 @@ def run_case(server: Server, key: str, seed: int) -> list[dict]:
             f"existing {again['existing']} (expected {messages - len(deleted)})")
     rows.append(dict(again, case=label, path=f"re-run (INSERT; {len(deleted)} rows missing)", chats=chats,
                      messages=messages, chat_mb=chat_bytes / MB))
+    if verify:
+        # Rows the target lacks, for verify() to find: 10 missing, the chats they were in partial.
+        server.run(db, "DELETE FROM chat_message WHERE id IN (SELECT id FROM chat_message ORDER BY md5(id) LIMIT 10)")
+        checked = measure(server, db, batch_size, VERIFY)
+        log(f"  verify() after deleting 10 rows: {json.dumps(checked)}")
+        rows.append(dict(checked, case=label, path=f"verify() ({checked['batches']} findings)", chats=chats,
+                         messages=messages, chat_mb=chat_bytes / MB))
     server.run("postgres", f'DROP DATABASE "{db}"')
     return rows
 
 
 def build_info(server: Server) -> str:
-    pkglibdir = subprocess.run(["/usr/lib/postgresql/15/bin/pg_config", "--pkglibdir"],
-                               capture_output=True, text=True).stdout.strip()
+    pg_config = subprocess.run(["bash", str(ROOT / "scripts/pg_majors.sh"), "pg_config", os.environ.get("PG_MAJOR", "15")],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    pkglibdir = subprocess.run([pg_config, "--pkglibdir"], capture_output=True, text=True).stdout.strip()
     so = Path(pkglibdir) / "chat_backfill.so"
     digest = hashlib.sha256(so.read_bytes()).hexdigest()[:12] if so.exists() else "?"
     mtime = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(so.stat().st_mtime)) if so.exists() else "?"
@@ -374,6 +385,7 @@ def main() -> None:
     ap.add_argument("--cases", default="a,b,c,c2,d")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--verify", action="store_true", help="also measure chat_backfill.verify() after each case's re-run")
     args = ap.parse_args()
     keys = [k for k in args.cases.split(",") if k]
     unknown = [k for k in keys if k not in CASES]
@@ -385,7 +397,7 @@ def main() -> None:
         log(info)
         rows = []
         for key in keys:
-            rows += run_case(server, key, args.seed)
+            rows += run_case(server, key, args.seed, args.verify)
         report = render(rows, info, args.seed)
     finally:
         subprocess.run(["bash", str(CLUSTER), "stop", DATADIR], check=False)

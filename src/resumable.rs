@@ -361,10 +361,11 @@ pub(crate) fn work_ranges(
             batch_size = backfill.batch_size();
             let ended = ended?;
             if let Ended::Finished = ended {
-                if ranges::finish(run_id, range_id)? {
-                    run_state::set_status(run_id, "finished", None)?;
-                }
+                let failure = if ranges::finish(run_id, range_id)? { run_state::finish(run_id)? } else { None };
                 commit();
+                if let Some(error) = failure {
+                    return Err(error);
+                }
                 return Ok(Ended::Finished);
             }
             // The run's state is recorded (and committed) before the range is free, so a
@@ -456,8 +457,8 @@ fn drive(
 /// only while it is active: the first worker to fail or stop sets it, and it halts the rest.
 pub(crate) fn record(run_id: i64, ended: &Ended, split: bool) -> Result<()> {
     let (status, why) = match ended {
-        Ended::Finished if split => return Ok(()),
-        Ended::Finished => ("finished", None),
+        // A run that read its last key ends through run_state::finish.
+        Ended::Finished => return Ok(()),
         Ended::OutOfTime { throttled: true, idle: true } => (
             "stopped",
             Some("no progress: max_runtime reached while throttled, before any batch; the next CALL resumes here".to_owned()),
@@ -478,8 +479,17 @@ pub(crate) fn record(run_id: i64, ended: &Ended, split: bool) -> Result<()> {
 
 /// Records the end in this session, commits, and says what happened.
 fn settle(run_id: i64, ended: Ended, split: bool) -> Result<()> {
-    record(run_id, &ended, split)?;
+    let failure = match ended {
+        Ended::Finished if !split => run_state::finish(run_id)?,
+        _ => {
+            record(run_id, &ended, split)?;
+            None
+        }
+    };
     commit();
+    if let Some(error) = failure {
+        return Err(error);
+    }
     say(run_id, &ended);
     Ok(())
 }

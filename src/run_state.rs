@@ -6,7 +6,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
 use crate::backfill::{source_where, BatchReport, Partial, Settings};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Where a CALL starts from.
 pub enum Start {
@@ -177,6 +177,46 @@ pub fn set_status(run_id: i64, status: &str, error: Option<&str>) -> Result<()> 
         &[run_id.into(), status.into(), text_or_null(error)],
     )?;
     Ok(())
+}
+
+/// Whether this session sees the run (the policies of `chat_backfill.runs`).
+pub fn visible(run_id: i64) -> Result<bool> {
+    Ok(crate::read_only::get_one::<bool>(
+        "SELECT EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8)",
+        &[run_id.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Ends a run that has read its last key: `finished`, unless it read no chat at all although
+/// its start counted some and none vanished while being read. Then the sessions that read it
+/// saw none of what the CALL counted (workers without a setting a row-level security policy
+/// or the filter reads, say): the run is `failed`, with the counts, and the error comes back
+/// to be raised once that is committed.
+pub fn finish(run_id: i64) -> Result<Option<Error>> {
+    let counts = Spi::connect(|client| {
+        let table = client.select(
+            "SELECT r.total_chats, r.chats_read, r.chats_vanished FROM chat_backfill.runs r \
+             WHERE r.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8",
+            None,
+            &[run_id.into()],
+        )?;
+        let Some(row) = table.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(None) };
+        Ok(Some((row.get::<i64>(1)?.unwrap_or(0), row.get::<i64>(2)?.unwrap_or(0), row.get::<i64>(3)?.unwrap_or(0))))
+    })?;
+    if let Some((total, 0, 0)) = counts.filter(|&(total, _, _)| total > 0) {
+        let error = Error::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("run {run_id} read its last key without reading any chat, although {total} were counted when it started"),
+            "The sessions that read the source saw none of its chats: a row-level security policy, source_filter or \
+             trigger that reads a setting or a role they do not have? If the chats were deleted meanwhile, CALL with \
+             restart => true.",
+        );
+        set_status(run_id, "failed", Some(&format!("55000: {}", error.message)))?;
+        return Ok(Some(error));
+    }
+    set_status(run_id, "finished", None)?;
+    Ok(None)
 }
 
 /// The same, only while the run is active (running or throttled): of a split run's workers,

@@ -416,6 +416,11 @@ fn failure_of(run_id: i64, launch_id: i64) -> Result<Option<Error>> {
     )?;
     if launch_error.is_some() || status == "failed" {
         let text = launch_error.or(last_error).unwrap_or_default();
+        // A worker that could not record it on the run (it may not see the run at all).
+        if matches!(status.as_str(), "running" | "throttled") {
+            run_state::set_status_if_active(run_id, "failed", Some(&text))?;
+            commit();
+        }
         let code = text.get(..5).filter(|_| text.as_bytes().get(5) == Some(&b':')).map_or(ERRCODE_INTERNAL_ERROR, crate::error::sqlstate_code);
         return Ok(Some(
             Error::new(
@@ -680,6 +685,19 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
     settings.run_id = run_id;
     crate::relations::check_key_order(&settings.source, &settings.id_column, settings.key_ops.as_ref(), &settings.id_type)?;
     crate::relations::check_source_key(&settings.source, &settings.id_column)?;
+    // The run's state shows this session the run only if the source's row-level security
+    // shows it the run's last chat (chat_backfill.may_see_run): a worker that cannot see it
+    // would find no range to work and stop as if another had taken them all.
+    if !run_state::visible(run_id)? {
+        return Err(Error::new(
+            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("chat_backfill worker: run {run_id} is not visible to this worker: the source's row-level security \
+                     does not show it the run's last chat"),
+            "The workers read the source as the CALL's role with the CALL's settings, but a policy tells them apart \
+             (pg_backend_pid, backend_type, application_name?). CALL with workers => 1, or make the policy show them \
+             the same rows.",
+        ));
+    }
     let mut throttle = Throttle::new(
         launch.max_replica_lag.as_deref(),
         launch.replica_slot.as_deref(),

@@ -3,7 +3,10 @@
 //! after a crashed or skipped migration, before and after running the backfill.
 //!
 //! The source is read through one portal and the target a batch of chats at a time
-//! (by `chat_id`), so memory is bounded by a batch. Text, boolean and bigint columns are
+//! (by `chat_id`), so memory is bounded by a batch. A chat of more than `SLICE` messages is
+//! checked on its own, a slice of its messages at a time (the target's rows looked up by id),
+//! its extra rows last by their ids alone: memory follows the slice and the chat's text, not
+//! the chat's rows (migration rows; app rows are all or nothing, so a chat's are checked whole). Text, boolean and bigint columns are
 //! compared exactly, JSON columns as values; `updated_at`, and `created_at` where it came
 //! from the clock (the rules give `now`), are not compared.
 
@@ -18,13 +21,15 @@ use super::settings::Settings;
 use crate::app_rows::{self, AppEntry};
 use crate::datums::varlena_array;
 use crate::error::Result;
-use crate::expand::{self, Document, Entry, Span};
+use crate::expand::{self, Body, Document, Entry, Span};
 
 /// A batch of the check ends after this many chats or this much chat text.
 const CHATS_PER_BATCH: usize = 500;
 const BYTES_PER_BATCH: usize = 16 << 20;
 /// Target rows per fetch of the cursor over a batch's chats.
 const TARGET_ROWS_PER_FETCH: i64 = 1000;
+/// Messages of a long chat checked at a time.
+const SLICE: usize = 2000;
 
 /// Columns compared, in the order of `Row::values` (text-valued) after the fixed ones.
 const TEXT_COLUMNS: [&str; 5] = ["user_id", "role", "parent_id", "model_id", "context_summary"];
@@ -73,7 +78,27 @@ pub struct Verifier {
     exhausted: bool,
     counts: Counts,
     target_sql: String,
+    /// The same columns, for the rows of one chat with the given ids.
+    slice_sql: String,
     started: Instant,
+    /// A chat of more than `SLICE` messages being checked, and the chats fetched after it.
+    long: Option<LongChat>,
+    carried: VecDeque<Fetched>,
+}
+
+/// A long chat part way through its check.
+struct LongChat {
+    chat: Fetched,
+    chat_id: String,
+    body: Body,
+    spans: Vec<Span>,
+    /// The first message not checked yet.
+    next: usize,
+    /// Hashes of the row ids the rules give (8 bytes a row, reserved once), sorted before
+    /// the extra rows are told by them.
+    expected: Vec<u64>,
+    found_any: bool,
+    missing_any: bool,
 }
 
 impl Verifier {
@@ -95,6 +120,12 @@ impl Verifier {
             columns.join(", "),
             settings.target.name
         );
+        let slice_sql = format!(
+            "SELECT {} FROM {} t WHERE t.chat_id OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+             AND t.id OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[])",
+            columns.join(", "),
+            settings.target.name
+        );
         Ok(Verifier {
             settings,
             reader,
@@ -102,7 +133,10 @@ impl Verifier {
             exhausted: false,
             counts: Counts::default(),
             target_sql,
+            slice_sql,
             started: Instant::now(),
+            long: None,
+            carried: VecDeque::new(),
         })
     }
 
@@ -111,34 +145,48 @@ impl Verifier {
             if let Some(f) = self.pending.pop_front() {
                 return Ok(Some(f));
             }
-            if self.exhausted {
+            if self.long.is_some() {
+                self.long_slice()?;
+                continue;
+            }
+            if self.exhausted && self.carried.is_empty() {
                 return Ok(None);
             }
             self.batch()?;
-            if self.exhausted {
-                self.reader.close();
-                let c = &self.counts;
-                notice!(
-                    "chat_backfill.verify ({} rows): {} chats checked in {:.1} s, {} rows expected: {} missing, {} \
-                     different, {} extra, {} partial chats",
-                    self.settings.rows.name(),
-                    c.chats,
-                    self.started.elapsed().as_secs_f64(),
-                    c.expected,
-                    c.missing,
-                    c.different,
-                    c.extra,
-                    c.partial
-                );
+            if self.exhausted && self.carried.is_empty() && self.long.is_none() {
+                self.summarize();
             }
         }
+    }
+
+    /// The portal closed and the summary NOTICE, once every chat is checked.
+    fn summarize(&mut self) {
+        self.reader.close();
+        let c = &self.counts;
+        notice!(
+            "chat_backfill.verify ({} rows): {} chats checked in {:.1} s, {} rows expected: {} missing, {} \
+             different, {} extra, {} partial chats",
+            self.settings.rows.name(),
+            c.chats,
+            self.started.elapsed().as_secs_f64(),
+            c.expected,
+            c.missing,
+            c.different,
+            c.extra,
+            c.partial
+        );
     }
 
     fn batch(&mut self) -> Result<()> {
         let mut chats: Vec<Fetched> = Vec::new();
         let mut bytes = 0;
         let (settings, reader) = (&self.settings, &mut self.reader);
-        let exhausted = Spi::connect(|client| -> Result<bool> {
+        while chats.len() < CHATS_PER_BATCH && bytes < BYTES_PER_BATCH {
+            let Some(f) = self.carried.pop_front() else { break };
+            bytes += f.chat.as_ref().map_or(0, |c| c.len());
+            chats.push(f);
+        }
+        let exhausted = self.exhausted || Spi::connect(|client| -> Result<bool> {
             while chats.len() < CHATS_PER_BATCH && bytes < BYTES_PER_BATCH {
                 pgrx::check_for_interrupts!();
                 match reader.next(client, settings)? {
@@ -156,13 +204,38 @@ impl Verifier {
         if chats.is_empty() {
             return Ok(());
         }
-        let expected: Vec<Vec<(String, Row)>> = chats
-            .iter()
-            .map(|chat| {
-                pgrx::check_for_interrupts!();
-                self.expected(chat)
-            })
-            .collect();
+        let mut expected: Vec<Vec<(String, Row)>> = Vec::with_capacity(chats.len());
+        for (n, chat) in chats.iter().enumerate() {
+            pgrx::check_for_interrupts!();
+            match self.expected(chat) {
+                Expected::Rows(rows) => expected.push(rows),
+                // A long chat is checked on its own, after the chats before it; the chats
+                // after it wait for its end.
+                Expected::Long { body, spans } => {
+                    let mut rest = chats.split_off(n);
+                    let chat = rest.remove(0);
+                    for later in rest.into_iter().rev() {
+                        self.carried.push_front(later);
+                    }
+                    let chat_id = chat.chat_id.clone().unwrap_or_default();
+                    let expected = Vec::with_capacity(spans.len());
+                    self.long = Some(LongChat {
+                        chat,
+                        chat_id,
+                        body,
+                        spans,
+                        next: 0,
+                        expected,
+                        found_any: false,
+                        missing_any: false,
+                    });
+                    break;
+                }
+            }
+        }
+        if chats.is_empty() {
+            return Ok(());
+        }
         let wanted: HashSet<&str> = expected.iter().flatten().map(|(id, _)| id.as_str()).collect();
         let mut found = self.target_rows(&chats, &wanted)?;
         for (chat, expected) in chats.iter().zip(expected) {
@@ -182,67 +255,36 @@ impl Verifier {
         Ok(())
     }
 
-    /// The target's rows of these chats, by chat id, then row id: read through a cursor a
-    /// chunk at a time, and kept whole only where the rules give the row (`wanted`); of the
-    /// others only the key, so memory follows the source's batch, not the target's size.
+    /// The target's rows of these chats, by chat id, then row id (see `fetch_rows`).
     fn target_rows(&self, chats: &[Fetched], wanted: &HashSet<&str>) -> Result<HashMap<String, HashMap<String, Found>>> {
         let ids = chats.iter().map(|c| c.chat_id.as_deref());
         // SAFETY: a text[] of the batch's chat ids.
         let ids = unsafe { DatumWithOid::new(varlena_array(ids, pg_sys::TEXTOID), pg_sys::TEXTARRAYOID) };
-        let mut out: HashMap<String, HashMap<String, Found>> = HashMap::new();
-        Spi::connect(|client| -> Result<()> {
-            let mut cursor = client.try_open_cursor(&self.target_sql, &[ids])?;
-            loop {
-                pgrx::check_for_interrupts!();
-                let table = cursor.fetch(TARGET_ROWS_PER_FETCH)?;
-                if table.is_empty() {
-                    break;
-                }
-                for row in table {
-                    let id = row.get::<String>(1)?.unwrap_or_default();
-                    let chat_id = row.get::<String>(2)?.unwrap_or_default();
-                    let key = id.strip_prefix(&format!("{chat_id}-")).unwrap_or(&id).to_owned();
-                    if !wanted.contains(id.as_str()) {
-                        out.entry(chat_id).or_default().insert(id, Found::Extra(key));
-                        continue;
-                    }
-                    let mut text: [Option<String>; 5] = Default::default();
-                    for (n, slot) in text.iter_mut().enumerate() {
-                        *slot = row.get::<String>(3 + n)?;
-                    }
-                    let mut json: [Option<String>; 9] = Default::default();
-                    for (n, slot) in json.iter_mut().enumerate() {
-                        *slot = row.get::<String>(8 + n)?;
-                    }
-                    let (done, created_at) = (row.get::<bool>(17)?, row.get::<i64>(18)?);
-                    let found = Row { key, text, json, done, created_at, span: None };
-                    out.entry(chat_id).or_default().insert(id, Found::Row(found));
-                }
-            }
-            Ok(())
-        })?;
-        Ok(out)
+        fetch_rows(&self.target_sql, vec![ids], wanted)
     }
 
-    /// The rows the rules give for one chat, by row id.
-    fn expected(&self, chat: &Fetched) -> Vec<(String, Row)> {
+    /// The rows the rules give for one chat, by row id; or, for a chat of more than `SLICE`
+    /// messages (migration rows), where its messages lie, to be checked a slice at a time.
+    fn expected(&self, chat: &Fetched) -> Expected {
         let chat_id = chat.chat_id.as_deref().unwrap_or_default();
         let column = chat.chat.as_ref().and_then(|c| c.as_str());
         let (now, later) = (self.settings.now, self.settings.now + 7919);
         let mut out = Vec::new();
         if self.settings.rows.is_app() {
-            let Ok(opened) = app_rows::open(column, chat.user_id.as_deref(), app_rows::APP_MAX_DEPTH) else { return out };
+            let Ok(opened) = app_rows::open(column, chat.user_id.as_deref(), app_rows::APP_MAX_DEPTH) else {
+                return Expected::Rows(out);
+            };
             let (doc, codec) = (opened.doc, opened.codec);
             let mut poll = || {
                 pgrx::check_for_interrupts!();
             };
-            let Ok(indexed) = app_rows::index(doc, &mut poll) else { return out };
+            let Ok(indexed) = app_rows::index(doc, &mut poll) else { return Expected::Rows(out) };
             let server = app_rows::Server { major: crate::version::major() };
             let (Ok(at_now), Ok(later_entries)) = (
                 app_rows::expand(doc, &indexed, now, server, codec, &mut poll),
                 app_rows::expand(doc, &indexed, later, server, codec, &mut poll),
             ) else {
-                return out;
+                return Expected::Rows(out);
             };
             for (entry, later_entry) in at_now.into_iter().zip(later_entries) {
                 match (entry, later_entry) {
@@ -260,36 +302,100 @@ impl Verifier {
                         out.push((format!("{chat_id}-{}", m.key), row));
                     }
                     // A message the app fails on: the app writes no row of the chat.
-                    (AppEntry::Failed { .. }, _) => return Vec::new(),
+                    (AppEntry::Failed { .. }, _) => return Expected::Rows(Vec::new()),
                     _ => {}
                 }
             }
         } else {
-            let Ok(doc) = Document::open(column) else { return out };
+            let Some(column) = column else { return Expected::Rows(out) };
+            let Ok(doc) = Document::open(Some(column)) else { return Expected::Rows(out) };
             let Ok(spans) = doc.index_polling(&mut || {
                 pgrx::check_for_interrupts!();
-            }) else { return out };
-            for span in spans {
-                if let (Entry::Row(m), Entry::Row(m2)) = (expand::entry_at(doc.text(), span, now), expand::entry_at(doc.text(), span, later)) {
-                    let json = [m.content, m.output, m.files, m.sources, m.embeds, m.status_history, m.error, m.usage];
-                    let mut row = Row {
-                        key: m.key.to_string(),
-                        text: [chat.user_id.clone(), Some(m.role.to_string()), owned(&m.parent_id), owned(&m.model_id), None],
-                        json: Default::default(),
-                        done: m.done,
-                        created_at: (m.timestamp == m2.timestamp).then_some(m.timestamp),
-                        span: Some(span),
-                    };
-                    for (slot, value) in row.json.iter_mut().zip(json) {
-                        *slot = Some(value.to_owned());
-                    }
-                    out.push((m.id(chat_id), row));
-                }
+            }) else {
+                return Expected::Rows(out);
+            };
+            if spans.len() > SLICE {
+                return Expected::Long { body: doc.into_body(column), spans };
             }
+            out = migration_rows(chat_id, chat.user_id.as_deref(), doc.text(), &spans, now);
         }
-        out
+        Expected::Rows(out)
     }
 
+    /// One slice of a long chat's messages: its rows checked against the target's rows of
+    /// those ids; after the last slice, the target's other rows of the chat are the extras.
+    fn long_slice(&mut self) -> Result<()> {
+        let Some(long) = self.long.as_mut() else { return Ok(()) };
+        let now = self.settings.now;
+        let column = long.chat.chat.as_ref().and_then(|c| c.as_str()).unwrap_or_default();
+        let text = long.body.text(column);
+        if long.next < long.spans.len() {
+            let end = (long.next + SLICE).min(long.spans.len());
+            let expected = migration_rows(&long.chat_id, long.chat.user_id.as_deref(), text, &long.spans[long.next..end], now);
+            long.next = end;
+            long.expected.extend(expected.iter().map(|(id, _)| id_hash(id)));
+            let ids = expected.iter().map(|(id, _)| Some(id.as_str()));
+            // SAFETY: a text[] of the slice's row ids.
+            let ids = unsafe { DatumWithOid::new(varlena_array(ids, pg_sys::TEXTOID), pg_sys::TEXTARRAYOID) };
+            let args = vec![DatumWithOid::from(long.chat_id.as_str()), ids];
+            let wanted: HashSet<&str> = expected.iter().map(|(id, _)| id.as_str()).collect();
+            let mut found = fetch_rows(&self.slice_sql, args, &wanted)?;
+            let present = found.remove(&long.chat_id).unwrap_or_default();
+            let retime = |span: Span, now: i64| match expand::entry_at(text, span, now) {
+                Entry::Row(m) => Some(m.timestamp),
+                _ => None,
+            };
+            let chat_id = long.chat_id.clone();
+            let mut present = present;
+            let (found_any, missing) =
+                compare_rows(&self.settings, &mut self.counts, &mut self.pending, &chat_id, expected, &mut present, &retime);
+            let long = self.long.as_mut().expect("the long chat being checked");
+            long.found_any |= found_any;
+            long.missing_any |= !missing.is_empty();
+            push_missing(&mut self.pending, &chat_id, missing);
+            return Ok(());
+        }
+        // The target's rows of this chat that the rules do not give, by id alone.
+        let Some(mut long) = self.long.take() else { return Ok(()) };
+        // The text and the message positions are no longer needed; the hashes are looked up.
+        long.spans = Vec::new();
+        long.chat.chat = None;
+        long.expected.sort_unstable();
+        let mut extra = Vec::new();
+        Spi::connect(|client| -> Result<()> {
+            let sql = format!(
+                "SELECT t.id FROM {} t WHERE t.chat_id OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+                self.settings.target.name
+            );
+            let mut cursor = client.try_open_cursor(&sql, &[long.chat_id.as_str().into()])?;
+            loop {
+                pgrx::check_for_interrupts!();
+                let table = cursor.fetch(TARGET_ROWS_PER_FETCH)?;
+                if table.is_empty() {
+                    break;
+                }
+                for row in table {
+                    let id = row.get::<String>(1)?.unwrap_or_default();
+                    if long.expected.binary_search(&id_hash(&id)).is_err() {
+                        extra.push(id.strip_prefix(&format!("{}-", long.chat_id)).unwrap_or(&id).to_owned());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        self.counts.chats += 1;
+        if long.found_any && long.missing_any {
+            self.counts.partial += 1;
+            self.pending.push_back(Finding { chat_id: long.chat_id.clone(), message_key: None, kind: "partial_chat", columns: None });
+        }
+        push_extras(&mut self.counts, &mut self.pending, &long.chat_id, extra);
+        if self.exhausted && self.carried.is_empty() {
+            self.summarize();
+        }
+        Ok(())
+    }
+
+    /// A whole chat: its rows, whether it is partly there, and the target's other rows.
     fn compare(
         &mut self,
         chat_id: String,
@@ -298,67 +404,172 @@ impl Verifier {
         retime: &dyn Fn(Span, i64) -> Option<i64>,
     ) {
         self.counts.chats += 1;
-        self.counts.expected += expected.len() as i64;
-        let app = self.settings.rows.is_app();
-        let mut missing = Vec::new();
-        let mut found_any = false;
-        for (id, want) in expected {
-            let Some(Found::Row(got)) = present.remove(&id) else {
-                missing.push(want.key);
-                continue;
-            };
-            found_any = true;
-            let mut columns = Vec::new();
-            for (n, name) in TEXT_COLUMNS.iter().enumerate() {
-                if (app || *name != "context_summary") && want.text[n] != got.text[n] {
-                    columns.push(name.to_string());
-                }
-            }
-            for (n, name) in JSON_COLUMNS.iter().enumerate() {
-                if (app || *name != "meta") && !same_json(want.json[n].as_deref(), got.json[n].as_deref()) {
-                    columns.push(name.to_string());
-                }
-            }
-            if want.done != got.done {
-                columns.push("done".into());
-            }
-            let explained = |span: Span| got.created_at.is_some_and(|t| retime(span, t) == Some(t));
-            if want.created_at.is_some() && want.created_at != got.created_at && !want.span.is_some_and(explained) {
-                columns.push("created_at".into());
-            }
-            if !columns.is_empty() {
-                self.counts.different += 1;
-                self.pending.push_back(Finding {
-                    chat_id: chat_id.clone(),
-                    message_key: Some(want.key),
-                    kind: "different",
-                    columns: Some(columns),
-                });
-            }
-        }
+        let (found_any, missing) = compare_rows(&self.settings, &mut self.counts, &mut self.pending, &chat_id, expected, &mut present, retime);
         if found_any && !missing.is_empty() {
             self.counts.partial += 1;
             self.pending.push_back(Finding { chat_id: chat_id.clone(), message_key: None, kind: "partial_chat", columns: None });
         }
-        for key in missing {
-            self.counts.missing += 1;
-            self.pending.push_back(Finding { chat_id: chat_id.clone(), message_key: Some(key), kind: "missing", columns: None });
-        }
-        let mut extra: Vec<String> = present
+        push_missing(&mut self.pending, &chat_id, missing);
+        let extra = present
             .into_values()
             .map(|f| match f {
                 Found::Extra(key) => key,
                 Found::Row(row) => row.key,
             })
             .collect();
-        extra.sort();
-        for (n, key) in extra.into_iter().enumerate() {
-            if n % 1024 == 0 {
-                pgrx::check_for_interrupts!();
-            }
-            self.counts.extra += 1;
-            self.pending.push_back(Finding { chat_id: chat_id.clone(), message_key: Some(key), kind: "extra", columns: None });
+        push_extras(&mut self.counts, &mut self.pending, &chat_id, extra);
+    }
+}
+
+/// What the rules give for one chat: its rows, or (a long chat) where its messages lie.
+enum Expected {
+    Rows(Vec<(String, Row)>),
+    Long { body: Body, spans: Vec<Span> },
+}
+
+/// The migration's rows of these messages of one chat, by row id. Each is expanded under
+/// two clocks: a created_at the clock does not move is compared, one it moves is not.
+fn migration_rows(chat_id: &str, user_id: Option<&str>, doc: &str, spans: &[Span], now: i64) -> Vec<(String, Row)> {
+    let later = now + 7919;
+    let mut out = Vec::with_capacity(spans.len());
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            pgrx::check_for_interrupts!();
         }
+        if let (Entry::Row(m), Entry::Row(m2)) = (expand::entry_at(doc, span, now), expand::entry_at(doc, span, later)) {
+            let json = [m.content, m.output, m.files, m.sources, m.embeds, m.status_history, m.error, m.usage];
+            let mut row = Row {
+                key: m.key.to_string(),
+                text: [user_id.map(str::to_owned), Some(m.role.to_string()), owned(&m.parent_id), owned(&m.model_id), None],
+                json: Default::default(),
+                done: m.done,
+                created_at: (m.timestamp == m2.timestamp).then_some(m.timestamp),
+                span: Some(span),
+            };
+            for (slot, value) in row.json.iter_mut().zip(json) {
+                *slot = Some(value.to_owned());
+            }
+            out.push((m.id(chat_id), row));
+        }
+    }
+    out
+}
+
+/// A row id's hash, to tell a long chat's extra rows without keeping its ids.
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// The target's rows that `sql` selects (the columns of `Verifier::start`), by chat id, then
+/// row id: read through a cursor a chunk at a time, and kept whole only where the rules give
+/// the row (`wanted`); of the others only the key, so memory follows the source's batch, not
+/// the target's size.
+fn fetch_rows(sql: &str, args: Vec<DatumWithOid<'_>>, wanted: &HashSet<&str>) -> Result<HashMap<String, HashMap<String, Found>>> {
+    let mut out: HashMap<String, HashMap<String, Found>> = HashMap::new();
+    Spi::connect(|client| -> Result<()> {
+        let mut cursor = client.try_open_cursor(sql, &args)?;
+        loop {
+            pgrx::check_for_interrupts!();
+            let table = cursor.fetch(TARGET_ROWS_PER_FETCH)?;
+            if table.is_empty() {
+                break;
+            }
+            for row in table {
+                let id = row.get::<String>(1)?.unwrap_or_default();
+                let chat_id = row.get::<String>(2)?.unwrap_or_default();
+                let key = id.strip_prefix(&format!("{chat_id}-")).unwrap_or(&id).to_owned();
+                if !wanted.contains(id.as_str()) {
+                    out.entry(chat_id).or_default().insert(id, Found::Extra(key));
+                    continue;
+                }
+                let mut text: [Option<String>; 5] = Default::default();
+                for (n, slot) in text.iter_mut().enumerate() {
+                    *slot = row.get::<String>(3 + n)?;
+                }
+                let mut json: [Option<String>; 9] = Default::default();
+                for (n, slot) in json.iter_mut().enumerate() {
+                    *slot = row.get::<String>(8 + n)?;
+                }
+                let (done, created_at) = (row.get::<bool>(17)?, row.get::<i64>(18)?);
+                let found = Row { key, text, json, done, created_at, span: None };
+                out.entry(chat_id).or_default().insert(id, Found::Row(found));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Compares the rules' rows with the target's (taking each found one out of `present`),
+/// queueing a `different` finding for each row that differs. Returns whether any row was
+/// there, and the keys of those missing (counted here, queued by the caller).
+fn compare_rows(
+    settings: &Settings,
+    counts: &mut Counts,
+    pending: &mut VecDeque<Finding>,
+    chat_id: &str,
+    expected: Vec<(String, Row)>,
+    present: &mut HashMap<String, Found>,
+    retime: &dyn Fn(Span, i64) -> Option<i64>,
+) -> (bool, Vec<String>) {
+    counts.expected += expected.len() as i64;
+    let app = settings.rows.is_app();
+    let mut missing = Vec::new();
+    let mut found_any = false;
+    for (n, (id, want)) in expected.into_iter().enumerate() {
+        if n % 1024 == 0 {
+            pgrx::check_for_interrupts!();
+        }
+        let Some(Found::Row(got)) = present.remove(&id) else {
+            missing.push(want.key);
+            continue;
+        };
+        found_any = true;
+        let mut columns = Vec::new();
+        for (n, name) in TEXT_COLUMNS.iter().enumerate() {
+            if (app || *name != "context_summary") && want.text[n] != got.text[n] {
+                columns.push(name.to_string());
+            }
+        }
+        for (n, name) in JSON_COLUMNS.iter().enumerate() {
+            if (app || *name != "meta") && !same_json(want.json[n].as_deref(), got.json[n].as_deref()) {
+                columns.push(name.to_string());
+            }
+        }
+        if want.done != got.done {
+            columns.push("done".into());
+        }
+        let explained = |span: Span| got.created_at.is_some_and(|t| retime(span, t) == Some(t));
+        if want.created_at.is_some() && want.created_at != got.created_at && !want.span.is_some_and(explained) {
+            columns.push("created_at".into());
+        }
+        if !columns.is_empty() {
+            counts.different += 1;
+            pending.push_back(Finding { chat_id: chat_id.to_owned(), message_key: Some(want.key), kind: "different", columns: Some(columns) });
+        }
+    }
+    counts.missing += missing.len() as i64;
+    (found_any, missing)
+}
+
+fn push_missing(pending: &mut VecDeque<Finding>, chat_id: &str, missing: Vec<String>) {
+    for key in missing {
+        pending.push_back(Finding { chat_id: chat_id.to_owned(), message_key: Some(key), kind: "missing", columns: None });
+    }
+}
+
+/// A chat's extra rows, sorted by key.
+fn push_extras(counts: &mut Counts, pending: &mut VecDeque<Finding>, chat_id: &str, mut extra: Vec<String>) {
+    extra.sort();
+    for (n, key) in extra.into_iter().enumerate() {
+        if n % 1024 == 0 {
+            pgrx::check_for_interrupts!();
+        }
+        counts.extra += 1;
+        pending.push_back(Finding { chat_id: chat_id.to_owned(), message_key: Some(key), kind: "extra", columns: None });
     }
 }
 

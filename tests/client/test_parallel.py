@@ -523,3 +523,45 @@ def test_workers_see_the_sessions_custom_settings(cluster):
         finally:
             query(cluster, db, f"DROP OWNED BY {role}_{workers}; DROP ROLE {role}_{workers}")
     assert results[0] == results[1] and len(results[0]) > 0
+
+
+WORKER = ("EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()"
+          " AND a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text)")
+
+
+@pytest.mark.parametrize("hidden_by, says", [
+    ("policy", "is not visible to this worker"),
+    ("source_filter", "without reading any chat, although 60 were counted"),
+])
+def test_workers_that_read_nothing_of_what_the_call_counted_fail_the_run(cluster, hidden_by, says):
+    """Independently of what workers carry: a run whose readers saw none of the chats its
+    CALL counted is never reported finished. Here the source's policy, or the source_filter,
+    hides every row from chat_backfill workers (whatever their settings), so the workers read
+    nothing. 0.6.0 reported the run finished with 0 of 60 chats; now the CALL fails with
+    55000, saying why, and the run is recorded as failed."""
+    chats = chatgen.realistic_chats(seed=22, count=60, content_bytes=(100, 400), messages=(1, 5))
+    chats = [c for c in chats if not c.user_id.startswith("shared-")]
+    chats += [chatgen.Chat(f"extra-{i}", "user-1", chats[0].chat) for i in range(60 - len(chats))]
+    db = make_db(cluster, chats)
+    role = f"blind_{int(time.time() * 1000) % 10**8}"
+    query(cluster, db, f"CREATE ROLE {role} LOGIN; GRANT SELECT ON chat TO {role};"
+                       f" GRANT SELECT, INSERT ON chat_message TO {role}")
+    extra = "batch_size => 10, workers => 2"
+    if hidden_by == "policy":
+        query(cluster, db, f"ALTER TABLE chat ENABLE ROW LEVEL SECURITY; CREATE POLICY not_to_workers ON chat USING (NOT {WORKER})")
+    else:
+        extra += f", source_filter => $f$NOT {WORKER}$f$"
+    try:
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute(f"SET ROLE {role}")
+            with pytest.raises(psycopg2.Error) as err:
+                cur.execute(CALL.format(extra=extra), {"now": chatgen.NOW})
+            assert err.value.pgcode == "55000", err.value.pgerror
+            assert says in err.value.pgerror
+            cur.execute("RESET ROLE")
+            cur.execute("SELECT state, chats_done, total_chats FROM chat_backfill.status")
+            [(state, done, total)] = cur.fetchall()
+        assert (state, done, total) == ("failed", 0, 60)
+        assert rows_of(cluster, db) == {}
+    finally:
+        query(cluster, db, f"DROP OWNED BY {role}; DROP ROLE {role}")
