@@ -565,3 +565,30 @@ def test_workers_that_read_nothing_of_what_the_call_counted_fail_the_run(cluster
         assert rows_of(cluster, db) == {}
     finally:
         query(cluster, db, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_drop_extension_while_workers_run(cluster):
+    """DROP EXTENSION while two background workers write: the DROP waits for their current
+    batch (they commit each one), the workers then stop on the missing state with 42P01 (never
+    XX000 or a crash: the suite's last test reads the server log), and after CREATE
+    EXTENSION the next CALL writes exactly the rows still missing, counting the rest as
+    existing."""
+    chats = chatgen.realistic_chats(seed=23, count=3000, content_bytes=(200, 800), messages=(4, 12))
+    want = one_shot_rows(cluster, chats)
+    db = make_db(cluster, chats)
+    query(cluster, db, f"CALL backfill_chat_messages_resumable(now => {chatgen.NOW}, batch_size => 50, workers => 2,"
+                       " wait_for_workers => false)")
+    deadline = time.time() + 60
+    while query(cluster, db, "SELECT count(*) FROM chat_message")[0][0] == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    query(cluster, db, "DROP EXTENSION chat_backfill")
+    while query(cluster, db, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'chat_backfill worker'"
+                             " AND datname = current_database()")[0][0] and time.time() < deadline:
+        time.sleep(0.05)
+    written = query(cluster, db, "SELECT count(*) FROM chat_message")[0][0]
+    assert 0 < written < len(want), "the DROP came while the workers were part way"
+    query(cluster, db, "CREATE EXTENSION chat_backfill")
+    query(cluster, db, f"CALL backfill_chat_messages_resumable(now => {chatgen.NOW}, workers => 2)")
+    assert rows_of(cluster, db) == want
+    s = latest(cluster, db)
+    assert (s["state"], s["messages_inserted"], s["messages_existing"]) == ("finished", len(want) - written, written)
