@@ -325,21 +325,41 @@ pub fn strangers(run_id: i64) -> Result<Vec<i32>> {
     lockers(ranges, false, vec![run_id.into()])
 }
 
-/// Unfinished ranges of the run that nobody holds. While the run is active this means a
-/// worker died: a worker stops on its own only when every unfinished range is held, and
-/// one that gives a range back unfinished first records why in the run's status.
-pub fn orphaned(run_id: i64) -> Result<i64> {
-    Ok(Spi::get_one_with_args::<i64>(
-        "SELECT pg_catalog.count(*) FROM chat_backfill.run_ranges g \
-         WHERE g.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 AND NOT g.finished \
-           AND NOT EXISTS (SELECT FROM pg_catalog.pg_locks l \
+/// The ranges of the run that some backend holds right now (pg_locks is read live, not in
+/// the statement's snapshot).
+pub fn held(run_id: i64) -> Result<Vec<i32>> {
+    Spi::connect(|client| {
+        let table = client.select(
+            "SELECT g.range_id FROM chat_backfill.run_ranges g \
+             WHERE g.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 \
+               AND EXISTS (SELECT FROM pg_catalog.pg_locks l \
                            WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'::pg_catalog.text AND l.granted \
                              AND l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2 \
                              AND l.classid OPERATOR(pg_catalog.=) $2::pg_catalog.int4::pg_catalog.oid \
                              AND l.objid OPERATOR(pg_catalog.=) g.range_id::pg_catalog.oid \
                              AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d \
                                  WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database()))",
-        &[run_id.into(), LOCK_CLASS.into()],
+            None,
+            &[run_id.into(), LOCK_CLASS.into()],
+        )?;
+        table.into_iter().map(|row| Ok(row.get::<i32>(1)?.unwrap_or_default())).collect::<std::result::Result<Vec<i32>, pgrx::spi::Error>>()
+    })
+    .map_err(Into::into)
+}
+
+/// Of the ranges `held` did not see held, those still unfinished. Called in a transaction
+/// that began after `held` read the locks: a worker commits a range's end before it gives
+/// the lock back, so a range finished meanwhile is seen finished here. Read in one
+/// statement, the snapshot predates the lock scan, and a range finished and released in
+/// between looked orphaned. While the run is active such a range means a worker died: a
+/// worker stops on its own only when every unfinished range is held, and one that gives a
+/// range back unfinished first records why in the run's status.
+pub fn orphaned(run_id: i64, held: &[i32]) -> Result<i64> {
+    Ok(Spi::get_one_with_args::<i64>(
+        "SELECT pg_catalog.count(*) FROM chat_backfill.run_ranges g \
+         WHERE g.run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 AND NOT g.finished \
+           AND g.range_id OPERATOR(pg_catalog.<>) ALL ($2::pg_catalog.int4[])",
+        &[run_id.into(), held.to_vec().into()],
     )?
     .unwrap_or(0))
 }

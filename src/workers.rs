@@ -431,7 +431,7 @@ fn failure_of(run_id: i64, launch_id: i64) -> Result<Option<Error>> {
             ),
         ));
     }
-    if matches!(status.as_str(), "running" | "throttled") && ranges::orphaned(run_id)? > 0 {
+    if matches!(status.as_str(), "running" | "throttled") && orphaned(run_id)? {
         let why = format!("a worker of run {run_id} stopped before finishing its key range");
         run_state::set_status_if_active(run_id, "failed", Some(&why))?;
         commit();
@@ -443,6 +443,14 @@ fn failure_of(run_id: i64, launch_id: i64) -> Result<Option<Error>> {
         )));
     }
     Ok(None)
+}
+
+/// Whether an unfinished range of the run has no holder: the locks are read first, the
+/// ranges in a later transaction (so a later snapshot, in any isolation level).
+fn orphaned(run_id: i64) -> Result<bool> {
+    let held = ranges::held(run_id)?;
+    commit();
+    Ok(ranges::orphaned(run_id, &held)? > 0)
 }
 
 /// Every worker has stopped without an error: the run must be finished, or stopped or
