@@ -1,6 +1,7 @@
 """Peak private memory of the backend during a backfill, on the shapes that cost memory.
 
     [PG_MAJOR=16] .venv/bin/python bench/memory.py [--out FILE] [--cases a,b,c,c2] [--seed 7] [--verify]
+                                                   [--rows migration|app]
 
 Cases (the target has Open WebUI's DDL, tests/client/load_sample.py TARGET_DDL):
   a   one chat of 1,000,000 tiny messages (~22 MB), batch_size 1000
@@ -13,7 +14,8 @@ Cases (the target has Open WebUI's DDL, tests/client/load_sample.py TARGET_DDL):
 Each case runs twice: a first run into the empty target (the COPY path), then, after a
 few rows are deleted, a re-run (COPY meets existing rows, the INSERT path writes the
 missing ones). With --verify, 10 more rows are deleted and chat_backfill.verify() (the
-migration's rows) is measured the same way.
+migration's rows) is measured the same way. With --rows app, every call (verify() too)
+makes the rows Open WebUI's app writes (`rows => 'app'`): a chat is all or nothing there.
 
 While the backfill runs, /proc/<backend pid>/status is sampled every 20 ms: peak RssAnon
 (the backend's private memory: what the backfill allocates, not shared buffers) and
@@ -274,16 +276,20 @@ def load(server: Server, db: str, chunks) -> None:
             for chunk in chunks:
                 copy_chats(conn, chunk)
             cur.execute(TARGET_DDL)
+            if ROWS == "app":  # the head's columns (revisions 856c5b02fb54, 4c5ce3d2f27f)
+                cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text")
             cur.execute("VACUUM ANALYZE chat")
             cur.execute("CHECKPOINT")
     finally:
         conn.close()
 
 
+ROWS = "migration"  # --rows
 BACKFILL = ("SELECT count(*), coalesce(sum(messages_inserted), 0), coalesce(sum(messages_existing), 0),"
-            " coalesce(sum(messages_rejected), 0) FROM backfill_chat_messages(batch_size => %s, now => %s)")
+            " coalesce(sum(messages_rejected), 0) FROM backfill_chat_messages(batch_size => %s, now => %s,"
+            " rows => %s)")
 # verify() in the shape of a backfill's result: its findings, then three zeros.
-VERIFY = "SELECT count(*), 0, 0, 0 FROM chat_backfill.verify()"
+VERIFY = "SELECT count(*), 0, 0, 0 FROM chat_backfill.verify(rows => %s)"
 
 
 def measure(server: Server, db: str, batch_size: int, sql: str = BACKFILL) -> dict:
@@ -297,7 +303,7 @@ def measure(server: Server, db: str, batch_size: int, sql: str = BACKFILL) -> di
             sampler = Sampler(pid)
             sampler.start()
             t0 = time.perf_counter()
-            cur.execute(sql, (batch_size, NOW) if sql == BACKFILL else None)
+            cur.execute(sql, (batch_size, NOW, ROWS) if sql == BACKFILL else (ROWS,))
             batches, inserted, existing, rejected = cur.fetchone()
             seconds = time.perf_counter() - t0
             sampler.finish()
@@ -358,7 +364,8 @@ def render(rows: list[dict], info: str, seed: int) -> str:
     lines = [
         "# Backend memory during a backfill",
         "",
-        f"`.venv/bin/python bench/memory.py` (seed {seed}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"`.venv/bin/python bench/memory.py --rows {ROWS}` (seed {seed}), "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         f"Build: {info}.",
         "",
         "| case | path | chats | messages | MB of chat | peak RssAnon MB | peak VmHWM MB | seconds |",
@@ -386,7 +393,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=None)
     ap.add_argument("--verify", action="store_true", help="also measure chat_backfill.verify() after each case's re-run")
+    ap.add_argument("--rows", choices=["migration", "app"], default="migration",
+                    help="whose rows every call makes: the migration's (default) or the app's")
     args = ap.parse_args()
+    global ROWS
+    ROWS = args.rows
     keys = [k for k in args.cases.split(",") if k]
     unknown = [k for k in keys if k not in CASES]
     if unknown:

@@ -9,6 +9,7 @@
 #
 #   bash scripts/package.sh            every supported major (scripts/pg_majors.sh list)
 #   bash scripts/package.sh 15 18      those majors
+# Release builds (fat LTO); CHAT_BACKFILL_PROFILE=ci packages the test command's build.
 #
 # Each is built by `cargo pgrx package` against that major's server headers (for 16 and 18
 # the PyPI servers from scripts/pg_majors.sh, whose own paths are under ~/.cache; the files
@@ -17,6 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 version=$(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)
+profile=${CHAT_BACKFILL_PROFILE:-release}
 majors=("$@")
 [ ${#majors[@]} -gt 0 ] || read -r -a majors < <(bash scripts/pg_majors.sh list)
 mkdir -p dist
@@ -39,7 +41,7 @@ for major in "${majors[@]}"; do
   stage=$(mktemp -d /tmp/chat_backfill_package.XXXXXX)
   trap 'rm -rf "$stage"' EXIT
   echo "== PostgreSQL $major: cargo pgrx package ($("$pg_config" --version))"
-  CARGO_TARGET_DIR="$root/target/pg$major" cargo pgrx package --pg-config "$pg_config" \
+  CARGO_TARGET_DIR="$root/target/pg$major" cargo pgrx package --profile "$profile" --pg-config "$pg_config" \
     --no-default-features --features "pg$major" --out-dir "$stage/raw" >"$stage/build.log" 2>&1 ||
     { tail -40 "$stage/build.log" >&2; exit 1; }
 

@@ -170,8 +170,9 @@ pub fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Indexed, AppSkip> {
     Ok(Indexed { spans, current_id })
 }
 
-/// Every message of an indexed chat the app's way, each message read once: the read
-/// path's repair of `currentId` first (its failure loses the whole chat), then each entry.
+/// Every message of an indexed chat the app's way: the read path's repair of `currentId`
+/// first (its failure loses the whole chat), then each entry. For a chat that goes whole
+/// into one batch; a longer one takes `check` and then `entry_at` a slice at a time.
 pub fn expand<'a>(
     doc: &'a str,
     indexed: &Indexed,
@@ -180,25 +181,97 @@ pub fn expand<'a>(
     codec: Codec,
     poll: &mut dyn FnMut(),
 ) -> Result<Vec<AppEntry<'a>>, AppSkip> {
-    let mut keys = Vec::with_capacity(indexed.spans.len());
-    let mut fields = Vec::with_capacity(indexed.spans.len());
-    for (n, span) in indexed.spans.iter().enumerate() {
+    check(doc, indexed, poll)?;
+    let mut entries = Vec::with_capacity(indexed.spans.len());
+    for (n, &span) in indexed.spans.iter().enumerate() {
         if n % 1024 == 0 {
             poll();
         }
-        keys.push(sanitized(decode_string(span.key(doc))));
-        let raw = span.value(doc);
-        fields.push((kind(raw) == Kind::Object).then(|| read_fields::<Fields>(raw)).flatten());
+        entries.push(entry_at(doc, span, now, server, codec));
     }
+    Ok(entries)
+}
+
+/// Whether the app's read path loads the chat at all (its repair of `currentId` does not
+/// raise). Reads the messages again rather than keeping what it read: memory stays at a
+/// bit per message, plus 12 bytes per message only when the repair must search for the
+/// latest leaf (no usable `currentId`).
+pub fn check(doc: &str, indexed: &Indexed, poll: &mut dyn FnMut()) -> Result<(), AppSkip> {
     let current_id = indexed.current_id.clone().map(|r| &doc[r]);
-    repair(current_id, &keys, &fields)?;
-    Ok(indexed
-        .spans
-        .iter()
-        .zip(keys)
-        .zip(fields)
-        .map(|((span, key), fields)| entry(key, span.value(doc), fields, now, server, codec))
-        .collect())
+    repair(doc, &indexed.spans, current_id, poll)
+}
+
+/// One entry of `history.messages` the app's way, read from the document on its own.
+pub fn entry_at(doc: &str, span: Span, now: i64, server: Server, codec: Codec) -> AppEntry<'_> {
+    entry(key_at(doc, span), span.value(doc), fields_at(doc, span), now, server, codec)
+}
+
+/// The sanitized key of a message, as the app's dict holds it.
+fn key_at(doc: &str, span: Span) -> Cow<'_, str> {
+    sanitized(decode_string(span.key(doc)))
+}
+
+/// The fields of a message the app reads; `None` if it is not an object.
+fn fields_at(doc: &str, span: Span) -> Option<Fields<'_>> {
+    let raw = span.value(doc);
+    (kind(raw) == Kind::Object).then(|| read_fields::<Fields>(raw)).flatten()
+}
+
+/// Looks messages up by sanitized key as the app's dict does: a key's last message wins.
+struct Lookup<'a> {
+    doc: &'a str,
+    spans: &'a [Span],
+    /// (hash of the key, message number), sorted; built only when the leaf search needs it.
+    by_hash: Vec<(u64, u32)>,
+}
+
+impl<'a> Lookup<'a> {
+    fn new(doc: &'a str, spans: &'a [Span], poll: &mut dyn FnMut()) -> Lookup<'a> {
+        let mut by_hash = Vec::with_capacity(spans.len());
+        for (n, &span) in spans.iter().enumerate() {
+            if n % 1024 == 0 {
+                poll();
+            }
+            by_hash.push((key_hash(&key_at(doc, span)), n as u32));
+        }
+        by_hash.sort_unstable();
+        Lookup { doc, spans, by_hash }
+    }
+
+    /// The message the app's dict holds under `key`, if it is an object (`dict_at`).
+    fn dict_at(&self, key: &str) -> Option<usize> {
+        let h = key_hash(key);
+        let from = self.by_hash.partition_point(|&(k, _)| k < h);
+        // Hashes equal: the key itself decides; the last message with it wins.
+        let to = from + self.by_hash[from..].partition_point(|&(k, _)| k == h);
+        let last = self.by_hash[from..to]
+            .iter()
+            .rev()
+            .map(|&(_, n)| n as usize)
+            .find(|&n| key_at(self.doc, self.spans[n]) == key)?;
+        fields_at(self.doc, self.spans[last]).is_some().then_some(last)
+    }
+}
+
+/// The last message whose sanitized key is `key`, if it is an object: one pass, no index.
+fn scan_dict_at(doc: &str, spans: &[Span], key: &str, poll: &mut dyn FnMut()) -> Option<usize> {
+    let mut last = None;
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        if key_at(doc, span) == key {
+            last = Some(n);
+        }
+    }
+    last.filter(|&n| fields_at(doc, spans[n]).is_some())
+}
+
+fn key_hash(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 /// A value as Python's `>` sees it in the repair's leaf search.
@@ -240,29 +313,27 @@ impl Ordered {
 /// message's `output` (a number is not iterable) and, when there is no usable current
 /// message, picks the latest leaf by comparing timestamps (a string and a number do not
 /// compare). What it changes (`childrenIds`, `currentId`) is never written to a row.
-fn repair(current_id: Option<&str>, keys: &[Cow<'_, str>], messages: &[Option<Fields<'_>>]) -> Result<(), AppSkip> {
-    let position: std::collections::HashMap<&[u8], usize> =
-        keys.iter().enumerate().map(|(n, key)| (key.as_bytes(), n)).collect();
-    let dict_at = |key: &[u8]| position.get(key).copied().filter(|&n| messages[n].is_some());
-    let mut has_child = vec![false; messages.len()];
-    for fields in messages {
-        let Some(parent) = fields.as_ref().and_then(|f| f.parent_id_camel).filter(|p| truthy(p)) else { continue };
-        match kind(parent) {
-            Kind::Array | Kind::Object => return Err(AppSkip::RepairFails),
-            Kind::String => {
-                if let Some(n) = dict_at(decode_string(parent).sanitized().as_bytes()) {
-                    has_child[n] = true;
-                }
-            }
-            _ => {}
+/// Each message's fields are read again where a step needs them, so nothing per message
+/// is kept but the leaf search's index.
+fn repair(doc: &str, spans: &[Span], current_id: Option<&str>, poll: &mut dyn FnMut()) -> Result<(), AppSkip> {
+    fn parent_of<'a>(f: &Fields<'a>) -> Option<&'a str> {
+        f.parent_id_camel.filter(|p| truthy(p))
+    }
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        let fields = fields_at(doc, span);
+        if fields.as_ref().and_then(parent_of).is_some_and(|p| matches!(kind(p), Kind::Array | Kind::Object)) {
+            return Err(AppSkip::RepairFails);
         }
     }
     let current = match current_id {
         Some(id) if matches!(kind(id), Kind::Array | Kind::Object) => return Err(AppSkip::RepairFails),
-        Some(id) if kind(id) == Kind::String => dict_at(decode_string(id).sanitized().as_bytes()),
+        Some(id) if kind(id) == Kind::String => scan_dict_at(doc, spans, &decode_string(id).sanitized(), poll),
         _ => None,
     };
-    if let Some(current) = current.and_then(|n| messages[n].as_ref()) {
+    if let Some(current) = current.and_then(|n| fields_at(doc, spans[n])) {
         let output = current.output.filter(|o| truthy(o));
         let output_role = match output.map(kind) {
             Some(Kind::Number | Kind::True) => return Err(AppSkip::RepairFails),
@@ -274,14 +345,32 @@ fn repair(current_id: Option<&str>, keys: &[Cow<'_, str>], messages: &[Option<Fi
         let bad_leaf = output_role.is_some_and(|r| kind(r) == Kind::String && decode_string(r).sanitized() == "assistant")
             && current.parent_id_camel.map_or(true, |p| kind(p) == Kind::Null)
             && !current.timestamp.is_some_and(truthy)
-            && messages.len() > 1;
+            && spans.len() > 1;
         if current.id.is_some_and(truthy) && current.role.is_some_and(truthy) && !bad_leaf {
             return Ok(());
         }
     }
+    // The latest leaf: a message no other message names as its parent.
+    let lookup = Lookup::new(doc, spans, poll);
+    let mut has_child = vec![false; spans.len()];
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        let Some(parent) = fields_at(doc, span).as_ref().and_then(parent_of) else { continue };
+        if kind(parent) == Kind::String {
+            if let Some(p) = lookup.dict_at(&decode_string(parent).sanitized()) {
+                has_child[p] = true;
+            }
+        }
+    }
+    drop(lookup);
     let mut latest = Ordered::Number(-1.0);
-    for (n, fields) in messages.iter().enumerate() {
-        let Some(f) = fields.as_ref().filter(|f| f.role.is_some_and(truthy)) else { continue };
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        let Some(f) = fields_at(doc, span).filter(|f| f.role.is_some_and(truthy)) else { continue };
         let listed_children = f.children_ids.is_some_and(|c| kind(c) == Kind::Array && truthy(c));
         if listed_children || has_child[n] {
             continue;

@@ -6,8 +6,9 @@
 //! `batch_size` messages or `MAX_BATCH_ROW_BYTES` of them, even in the middle of a chat,
 //! and the next batch goes on with that chat's next message. Only the chat being expanded
 //! is held (once, detoasted), with a 16-byte index entry per message. App rows
-//! (`rows => 'app'`) are the exception: a chat is written all or nothing, as the app
-//! writes it, so it is never split, and memory is bounded by the largest chat's rows.
+//! (`rows => 'app'`) are written all or nothing per chat, as the app writes them: a chat
+//! bigger than a batch is a batch of its own, written a slice of rows at a time inside one
+//! subtransaction (`Backfill::write_whole`), so memory is bounded the same way.
 
 mod batch;
 mod read;
@@ -16,6 +17,7 @@ pub mod settings;
 pub mod verify;
 mod write;
 
+use std::panic::AssertUnwindSafe;
 use std::time::Instant;
 
 use pgrx::prelude::*;
@@ -24,6 +26,7 @@ use pgrx::PgMemoryContexts;
 use crate::app_rows::{self, AppEntry, AppSkip};
 use crate::datums::ChatText;
 use crate::error::Result;
+use crate::subxact::in_subtransaction;
 use crate::expand::{self, Body, Column, Document, Entry, Span};
 use batch::Rows;
 use read::{Fetched, Reader};
@@ -135,6 +138,8 @@ struct Batch {
     rejection_bytes: usize,
     report: BatchReport,
     chat_bytes: usize,
+    /// App rows: a chat bigger than a batch, alone in this one (see `write_whole`).
+    whole: Option<OpenChat>,
 }
 
 impl Batch {
@@ -150,7 +155,12 @@ impl Batch {
     }
 
     fn room_for_chats(&self, settings: &Settings) -> bool {
-        self.room_for_rows(settings) && self.chat_bytes < MAX_BATCH_BYTES
+        self.whole.is_none() && self.room_for_rows(settings) && self.chat_bytes < MAX_BATCH_BYTES
+    }
+
+    /// App rows: whether the chat is bigger than a batch, so written a slice at a time.
+    fn too_big(chat: &OpenChat, settings: &Settings) -> bool {
+        chat.spans.len() > settings.batch_size || chat.text.as_ref().map_or(0, ChatText::len) > MAX_BATCH_ROW_BYTES
     }
 
     /// Whether `chat` fits whole in what is left of the batch. A chat that does not is
@@ -161,6 +171,9 @@ impl Batch {
     fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
         let text = chat.text.as_ref().map_or(0, ChatText::len);
         let (messages, bytes) = self.held();
+        if settings.rows.is_app() && Batch::too_big(chat, settings) {
+            return messages == 0 && self.report.chats_read == 0;
+        }
         messages == 0 || (messages + chat.spans.len() - chat.next <= settings.batch_size && bytes + text <= MAX_BATCH_ROW_BYTES)
     }
 
@@ -333,7 +346,11 @@ impl Batch {
     /// Expands the chat's next messages while the batch has room; `Some` if some are left.
     fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Option<OpenChat> {
         if settings.rows.is_app() {
-            self.expand_app(chat, settings);
+            if Batch::too_big(&chat, settings) {
+                self.whole = Some(chat);
+            } else {
+                self.expand_app(chat, settings);
+            }
             return None;
         }
         let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
@@ -445,6 +462,7 @@ impl Backfill {
             rejection_bytes: 0,
             report: BatchReport { batch: self.batch + 1, batch_size: self.settings.batch_size as i32, ..Default::default() },
             chat_bytes: 0,
+            whole: None,
         };
         if let Some(chat) = self.open_chat.take() {
             self.open_chat = batch.expand(chat, &self.settings);
@@ -475,10 +493,16 @@ impl Backfill {
             self.exhausted = exhausted;
         }
         let finished = self.exhausted && self.open_chat.is_none();
-        let Batch { rows, mut rejections, mut report, chat_bytes, .. } = batch;
+        let Batch { rows, mut rejections, mut report, chat_bytes, whole, .. } = batch;
         report.partial = self.open_chat.as_ref().map(OpenChat::partial);
         self.chat_bytes_read += chat_bytes;
-        if report.chats_read == 0 && rows.len() == 0 && rejections.is_empty() && report.messages_skipped == 0 && finished {
+        if report.chats_read == 0
+            && rows.len() == 0
+            && rejections.is_empty()
+            && report.messages_skipped == 0
+            && whole.is_none()
+            && finished
+        {
             self.finish();
             return Ok(None);
         }
@@ -499,6 +523,9 @@ impl Backfill {
             rejections.append(&mut outcome.rejections);
         }
         drop(rows);
+        if let Some(chat) = whole {
+            self.write_whole(chat, &mut report)?;
+        }
         report.messages_rejected += rejections.iter().filter(|r| r.message_key.is_some()).count() as i64;
         if !self.settings.dry_run && !self.settings.trial {
             in_scratch(|| self.recorder.record(&self.settings, &rejections))?;
@@ -521,6 +548,181 @@ impl Backfill {
             notice!("chat_backfill: {}", self.summary("so far"));
         }
         Ok(Some(report))
+    }
+
+    /// App rows of a chat bigger than a batch, all or nothing as the app writes them, in
+    /// memory that follows a slice of rows, not the chat: the app's repair check and a
+    /// first pass over its messages (does the app fail on one?) read the text without
+    /// keeping anything; then its rows go in slices of a batch inside one subtransaction,
+    /// rolled back whole if a slice fails. The bad rows are then found a slice at a time,
+    /// each in a subtransaction rolled back, and recorded as they are found.
+    fn write_whole(&mut self, chat: OpenChat, report: &mut BatchReport) -> Result<()> {
+        let settings = &self.settings;
+        let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+        let doc = chat.body.text(column);
+        let (now, codec) = (settings.now, chat.codec);
+        let server = app_rows::Server { major: crate::version::major() };
+        let mut poll = || {
+            pgrx::check_for_interrupts!();
+        };
+        let indexed = app_rows::Indexed { spans: chat.spans, current_id: chat.current_id };
+        let spans = &indexed.spans;
+        let record = !settings.dry_run && !settings.trial;
+        report.chats_read += 1;
+        report.last_chat_id = Some(chat.chat_id.clone());
+        if let Err(skip) = app_rows::check(doc, &indexed, &mut poll) {
+            if skip.is_problem() {
+                report.chats_skipped += 1;
+                let rejection = Rejection {
+                    chat_id: chat.chat_id.clone(),
+                    message_key: None,
+                    message_id: None,
+                    sqlstate: skip.sqlstate().to_owned(),
+                    error: skip.describe().to_owned(),
+                    detail: Some("Open WebUI writes no rows for this chat either and keeps reading its JSON.".into()),
+                    message: None,
+                };
+                if record {
+                    in_scratch(|| self.recorder.record(settings, &[rejection]))?;
+                }
+            }
+            return Ok(());
+        }
+        let (mut rows_total, mut failed) = (0usize, 0usize);
+        for (n, &span) in spans.iter().enumerate() {
+            if n % 1024 == 0 {
+                poll();
+            }
+            match app_rows::entry_at(doc, span, now, server, codec) {
+                AppEntry::Row(_) => rows_total += 1,
+                AppEntry::Failed { .. } => failed += 1,
+                AppEntry::Skipped { .. } => {}
+            }
+        }
+        let skipped = spans.len() - rows_total - failed;
+        if failed > 0 {
+            // The app fails on these messages, so writes none of the chat.
+            let held_back = spans.len() - failed;
+            report.messages_skipped += held_back as i64;
+            let mut pending = Vec::new();
+            let mut bytes = 0;
+            for &span in spans {
+                poll();
+                let AppEntry::Failed { key, failure, raw } = app_rows::entry_at(doc, span, now, server, codec) else { continue };
+                bytes += raw.len() + 2 * key.len() + chat.chat_id.len();
+                pending.push(Rejection {
+                    chat_id: chat.chat_id.clone(),
+                    message_id: Some(format!("{}-{key}", chat.chat_id)),
+                    message_key: Some(key),
+                    sqlstate: failure.sqlstate.to_owned(),
+                    error: format!("Open WebUI cannot write this message: {}", failure.reason),
+                    detail: Some(format!(
+                        "Column {}. No row of this chat was written: Open WebUI writes a chat's rows all or nothing \
+                         ({held_back} other message(s) held back), and keeps reading its JSON.",
+                        failure.column
+                    )),
+                    message: Some(raw.to_owned()),
+                });
+                if pending.len() >= settings.batch_size || bytes >= MAX_BATCH_ROW_BYTES {
+                    report.messages_rejected += pending.len() as i64;
+                    if record {
+                        in_scratch(|| self.recorder.record(settings, &pending))?;
+                    }
+                    pending.clear();
+                    bytes = 0;
+                }
+            }
+            report.messages_rejected += pending.len() as i64;
+            if record {
+                in_scratch(|| self.recorder.record(settings, &pending))?;
+            }
+            return Ok(());
+        }
+        report.messages_skipped += skipped as i64;
+        if settings.dry_run {
+            report.messages_inserted += rows_total as i64;
+            return Ok(());
+        }
+        // The rows of spans[range], a slice of at most a batch.
+        let (chat_id, user_id) = (chat.chat_id.as_str(), chat.user_id.as_deref());
+        let slices = || {
+            let mut start = 0;
+            std::iter::from_fn(move || {
+                (start < spans.len()).then(|| {
+                    let mut rows = Rows::new(true);
+                    while start < spans.len() && rows.len() < settings.batch_size && rows.bytes() < MAX_BATCH_ROW_BYTES {
+                        if start % 1024 == 0 {
+                            pgrx::check_for_interrupts!();
+                        }
+                        if let AppEntry::Row(m) = app_rows::entry_at(doc, spans[start], now, server, codec) {
+                            rows.push_app(chat_id, user_id, &m, now);
+                        }
+                        start += 1;
+                    }
+                    rows
+                })
+            })
+        };
+        let writer = &mut self.writer;
+        let written = in_subtransaction(AssertUnwindSafe(|| -> Result<BatchReport> {
+            let mut sub = BatchReport::default();
+            for rows in slices() {
+                in_scratch(|| writer.write_or_raise(&rows, &mut sub))?;
+            }
+            Ok(sub)
+        }));
+        let failure = match written {
+            Ok(sub) => {
+                let sub = sub?;
+                report.messages_inserted += sub.messages_inserted;
+                report.messages_existing += sub.messages_existing;
+                report.messages_dropped += sub.messages_dropped;
+                return Ok(());
+            }
+            Err(failure) => failure,
+        };
+        // Which rows failed: a slice at a time, each probe rolled back, recorded as found.
+        let mut bad = 0usize;
+        for rows in slices() {
+            let mut probe = Outcome::default();
+            in_scratch(|| self.writer.probe(&rows, &mut probe))?;
+            if !probe.vanished.is_empty() {
+                report.chats_vanished += 1;
+                return Ok(());
+            }
+            bad += probe.rejections.len();
+            let note = "No row of this chat was written: Open WebUI writes a chat's rows all or nothing, and keeps \
+                        reading its JSON.";
+            for r in &mut probe.rejections {
+                r.detail = Some(match r.detail.take() {
+                    Some(d) => format!("{d} {note}"),
+                    None => note.to_owned(),
+                });
+            }
+            report.messages_rejected += probe.rejections.len() as i64;
+            if record {
+                in_scratch(|| self.recorder.record(settings, &probe.rejections))?;
+            }
+        }
+        report.messages_skipped += (rows_total - bad) as i64;
+        if bad == 0 {
+            let rejection = Rejection {
+                chat_id: chat.chat_id.clone(),
+                message_key: None,
+                message_id: None,
+                sqlstate: failure.sqlstate,
+                error: format!("chat not written: {}", failure.message),
+                detail: Some(format!(
+                    "No row of this chat was written: Open WebUI writes a chat's rows all or nothing ({rows_total} \
+                     message(s) held back), and keeps reading its JSON."
+                )),
+                message: None,
+            };
+            if record {
+                in_scratch(|| self.recorder.record(settings, &[rejection]))?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether the source is read to its end and nothing of it is left to write.

@@ -6,8 +6,9 @@
 //! (by `chat_id`), so memory is bounded by a batch. A chat of more than `SLICE` messages is
 //! checked on its own, a slice of its messages at a time (the target's rows looked up by id),
 //! its extra rows last by their ids alone: memory follows the slice and the chat's text, not
-//! the chat's rows (migration rows; app rows are all or nothing, so a chat's are checked whole). Text, boolean and bigint columns are
-//! compared exactly, JSON columns as values; `updated_at`, and `created_at` where it came
+//! the chat's rows (app rows too: the app's repair check and whether it fails on a message,
+//! which leaves the chat without rows, are read off the text first, keeping nothing). Text,
+//! boolean and bigint columns are compared exactly, JSON columns as values; `updated_at`, and `created_at` where it came
 //! from the clock (the rules give `now`), are not compared.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -94,6 +95,8 @@ struct LongChat {
     spans: Vec<Span>,
     /// The first message not checked yet.
     next: usize,
+    /// App rows: how the app's codec reads the chat (`None`: the migration's rows).
+    app: Option<app_rows::Codec>,
     /// Hashes of the row ids the rules give (8 bytes a row, reserved once), sorted before
     /// the extra rows are told by them.
     expected: Vec<u64>,
@@ -211,7 +214,7 @@ impl Verifier {
                 Expected::Rows(rows) => expected.push(rows),
                 // A long chat is checked on its own, after the chats before it; the chats
                 // after it wait for its end.
-                Expected::Long { body, spans } => {
+                Expected::Long { body, spans, app } => {
                     let mut rest = chats.split_off(n);
                     let chat = rest.remove(0);
                     for later in rest.into_iter().rev() {
@@ -225,6 +228,7 @@ impl Verifier {
                         body,
                         spans,
                         next: 0,
+                        app,
                         expected,
                         found_any: false,
                         missing_any: false,
@@ -268,7 +272,7 @@ impl Verifier {
     fn expected(&self, chat: &Fetched) -> Expected {
         let chat_id = chat.chat_id.as_deref().unwrap_or_default();
         let column = chat.chat.as_ref().and_then(|c| c.as_str());
-        let (now, later) = (self.settings.now, self.settings.now + 7919);
+        let now = self.settings.now;
         let mut out = Vec::new();
         if self.settings.rows.is_app() {
             let Ok(opened) = app_rows::open(column, chat.user_id.as_deref(), app_rows::APP_MAX_DEPTH) else {
@@ -279,33 +283,24 @@ impl Verifier {
                 pgrx::check_for_interrupts!();
             };
             let Ok(indexed) = app_rows::index(doc, &mut poll) else { return Expected::Rows(out) };
-            let server = app_rows::Server { major: crate::version::major() };
-            let (Ok(at_now), Ok(later_entries)) = (
-                app_rows::expand(doc, &indexed, now, server, codec, &mut poll),
-                app_rows::expand(doc, &indexed, later, server, codec, &mut poll),
-            ) else {
+            if app_rows::check(doc, &indexed, &mut poll).is_err() {
                 return Expected::Rows(out);
-            };
-            for (entry, later_entry) in at_now.into_iter().zip(later_entries) {
-                match (entry, later_entry) {
-                    (AppEntry::Row(m), AppEntry::Row(m2)) => {
-                        let user = m.user_id.as_deref().or(chat.user_id.as_deref()).map(str::to_owned);
-                        let row = Row {
-                            key: m.key.to_string(),
-                            text: [user, Some(m.role.to_string()), owned(&m.parent_id), owned(&m.model_id), owned(&m.context_summary)],
-                            json: [&m.content, &m.output, &m.files, &m.sources, &m.embeds, &m.status_history, &m.error, &m.usage, &m.meta]
-                                .map(|v| Some(v.to_string())),
-                            done: m.done,
-                            created_at: (m.created_at == m2.created_at).then_some(m.created_at),
-                            span: None,
-                        };
-                        out.push((format!("{chat_id}-{}", m.key), row));
-                    }
-                    // A message the app fails on: the app writes no row of the chat.
-                    (AppEntry::Failed { .. }, _) => return Expected::Rows(Vec::new()),
-                    _ => {}
+            }
+            let server = app_rows::Server { major: crate::version::major() };
+            // A message the app fails on: the app writes no row of the chat.
+            for (n, &span) in indexed.spans.iter().enumerate() {
+                if n % 1024 == 0 {
+                    poll();
+                }
+                if let AppEntry::Failed { .. } = app_rows::entry_at(doc, span, now, server, codec) {
+                    return Expected::Rows(out);
                 }
             }
+            if indexed.spans.len() > SLICE {
+                let start = doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
+                return Expected::Long { body: Body::Within(start..start + doc.len()), spans: indexed.spans, app: Some(codec) };
+            }
+            out = app_rows_of(chat_id, chat.user_id.as_deref(), doc, &indexed.spans, now, codec);
         } else {
             let Some(column) = column else { return Expected::Rows(out) };
             let Ok(doc) = Document::open(Some(column)) else { return Expected::Rows(out) };
@@ -315,7 +310,7 @@ impl Verifier {
                 return Expected::Rows(out);
             };
             if spans.len() > SLICE {
-                return Expected::Long { body: doc.into_body(column), spans };
+                return Expected::Long { body: doc.into_body(column), spans, app: None };
             }
             out = migration_rows(chat_id, chat.user_id.as_deref(), doc.text(), &spans, now);
         }
@@ -331,7 +326,11 @@ impl Verifier {
         let text = long.body.text(column);
         if long.next < long.spans.len() {
             let end = (long.next + SLICE).min(long.spans.len());
-            let expected = migration_rows(&long.chat_id, long.chat.user_id.as_deref(), text, &long.spans[long.next..end], now);
+            let (user_id, slice) = (long.chat.user_id.as_deref(), &long.spans[long.next..end]);
+            let expected = match long.app {
+                Some(codec) => app_rows_of(&long.chat_id, user_id, text, slice, now, codec),
+                None => migration_rows(&long.chat_id, user_id, text, slice, now),
+            };
             long.next = end;
             long.expected.extend(expected.iter().map(|(id, _)| id_hash(id)));
             let ids = expected.iter().map(|(id, _)| Some(id.as_str()));
@@ -424,7 +423,7 @@ impl Verifier {
 /// What the rules give for one chat: its rows, or (a long chat) where its messages lie.
 enum Expected {
     Rows(Vec<(String, Row)>),
-    Long { body: Body, spans: Vec<Span> },
+    Long { body: Body, spans: Vec<Span>, app: Option<app_rows::Codec> },
 }
 
 /// The migration's rows of these messages of one chat, by row id. Each is expanded under
@@ -451,6 +450,36 @@ fn migration_rows(chat_id: &str, user_id: Option<&str>, doc: &str, spans: &[Span
             }
             out.push((m.id(chat_id), row));
         }
+    }
+    out
+}
+
+/// The app's rows of these messages of one chat (whose check passed and on none of whose
+/// messages the app fails), by row id, each under two clocks as `migration_rows`.
+fn app_rows_of(chat_id: &str, chat_user_id: Option<&str>, doc: &str, spans: &[Span], now: i64, codec: app_rows::Codec) -> Vec<(String, Row)> {
+    let later = now + 7919;
+    let server = app_rows::Server { major: crate::version::major() };
+    let mut out = Vec::with_capacity(spans.len());
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            pgrx::check_for_interrupts!();
+        }
+        let (AppEntry::Row(m), AppEntry::Row(m2)) =
+            (app_rows::entry_at(doc, span, now, server, codec), app_rows::entry_at(doc, span, later, server, codec))
+        else {
+            continue;
+        };
+        let user = m.user_id.as_deref().or(chat_user_id).map(str::to_owned);
+        let row = Row {
+            key: m.key.to_string(),
+            text: [user, Some(m.role.to_string()), owned(&m.parent_id), owned(&m.model_id), owned(&m.context_summary)],
+            json: [&m.content, &m.output, &m.files, &m.sources, &m.embeds, &m.status_history, &m.error, &m.usage, &m.meta]
+                .map(|v| Some(v.to_string())),
+            done: m.done,
+            created_at: (m.created_at == m2.created_at).then_some(m.created_at),
+            span: None,
+        };
+        out.push((format!("{chat_id}-{}", m.key), row));
     }
     out
 }

@@ -126,6 +126,26 @@ impl Writer {
         self.insert(rows, 0..rows.len(), report, outcome)
     }
 
+    /// One slice of a chat written all or nothing across several slices (app rows of a
+    /// chat bigger than a batch), inside the caller's subtransaction around the chat: COPY
+    /// first (in a subtransaction of its own), else the INSERT, whose error is not caught
+    /// here: it rolls back the caller's subtransaction, and with it the chat's other slices.
+    pub fn write_or_raise(&mut self, rows: &Rows, report: &mut BatchReport) -> Result<()> {
+        if rows.len() == 0 || self.copy(rows, report) {
+            return Ok(());
+        }
+        pgrx::check_for_interrupts!();
+        self.send(rows, 0..rows.len())?.count(rows.len(), report);
+        Ok(())
+    }
+
+    /// Finds the bad rows of a slice whose chat failed as a whole (see `write_or_raise`),
+    /// in a subtransaction that is rolled back: nothing of it stays written.
+    pub fn probe(&self, rows: &Rows, outcome: &mut Outcome) -> Result<()> {
+        let mut scratch = BatchReport::default();
+        in_rolled_back_subtransaction(AssertUnwindSafe(|| self.insert(rows, 0..rows.len(), &mut scratch, outcome)))
+    }
+
     /// App rows: chats whole, halving the list of chats on failure. A chat that fails
     /// alone gets no rows, as Open WebUI's one INSERT per chat would leave it; its bad
     /// rows are found in a subtransaction that is rolled back, and recorded.

@@ -366,3 +366,53 @@ def test_verify_reports_hand_edits(cluster, head_db):
     assert ("partial_chat", None, None) in found
     assert sum(1 for kind, _, _ in found if kind == "extra") == 1000
     assert len(found) == 1003
+
+
+def _long_chat(n: int, tag: str, **changes) -> str:
+    """A linear conversation of n messages; `changes` maps a message number to fields set on it."""
+    messages = {}
+    for i in range(n):
+        key = f"{tag}{i:03d}"
+        messages[key] = {"id": key, "parentId": f"{tag}{i - 1:03d}" if i else None,
+                         "role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}",
+                         "timestamp": 1_700_000_000 + i, **changes.get(f"m{i}", {})}
+    return json.dumps({"history": {"messages": messages, "currentId": f"{tag}{n - 1:03d}"}})
+
+
+@pytest.mark.parametrize("form", ["select", "call"])
+def test_a_chat_bigger_than_a_batch_is_written_all_or_nothing(cluster, form):
+    """App rows of a chat of more messages than a batch go in slices inside one
+    subtransaction: the same rows as a batch that holds the chat whole; none at all when the
+    app fails on its last message, or when the target refuses a row of a later slice (the
+    earlier slices are rolled back), with the bad message recorded either way."""
+    from load_sample import TARGET_DDL, copy_chats
+    chats = [chatgen.Chat("a-fine", "u1", _long_chat(50, "a")),
+             chatgen.Chat("b-app-fails", "u1", _long_chat(50, "b", m47={"usage": "lots"})),
+             chatgen.Chat("c-target-refuses", "u1", _long_chat(50, "c", m41={"content": "refused"})),
+             chatgen.Chat("d-small", "u2", _long_chat(3, "d"))]
+    dbs = {}
+    for size in (5000, 8):
+        db = dbs[size] = cluster.create_db("app_whole")
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            copy_chats(conn, chats)
+            cur.execute(TARGET_DDL)
+            cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text, "
+                        "ADD CONSTRAINT no_refused CHECK (content::text <> '\"refused\"')")
+            if form == "select" or size == 5000:
+                cur.execute("SELECT sum(messages_inserted), sum(messages_rejected), sum(messages_skipped), "
+                            "sum(chats_read) FROM backfill_chat_messages(now => %s, rows => 'app', batch_size => %s)",
+                            (NOW, size))
+                assert cur.fetchone() == (53, 2, 98, 4)
+            else:
+                cur.execute("CALL backfill_chat_messages_resumable(now => %s, rows => 'app', batch_size => %s)",
+                            (NOW, size))
+                cur.execute("SELECT state, messages_inserted, messages_rejected FROM chat_backfill.status")
+                assert cur.fetchone() == ("finished", 53, 2)
+            cur.execute("SELECT chat_id, message_key, sqlstate, detail LIKE '%%all or nothing%%' "
+                        "FROM chat_backfill.rejected_messages ORDER BY 1")
+            assert cur.fetchall() == [("b-app-fails", "b047", "22023", True), ("c-target-refuses", "c041", "23514", True)]
+            cur.execute("SELECT chat_id, count(*) FROM chat_message GROUP BY 1 ORDER BY 1")
+            assert cur.fetchall() == [("a-fine", 50), ("d-small", 3)]
+    with cluster.connect(dbs[5000]) as a, cluster.connect(dbs[8]) as b:
+        assert message_rows(a) == message_rows(b)

@@ -1,10 +1,13 @@
 """verify() on a chat longer than the slice it checks at a time (2000 messages): the findings
 are exactly those of the edits made, in that chat and in the chats around it, while memory
-follows the slice, not the chat (bench/memory.py measures it)."""
+follows the slice, not the chat (bench/memory.py measures it). Both modes: the migration's
+rows and the app's (rows => 'app', where a chat the app fails on has no rows at all)."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 import chatgen
 
@@ -22,18 +25,26 @@ def doc(n: int, tag: str) -> str:
     return json.dumps({"history": {"messages": messages, "currentId": f"{tag}{n - 1:05d}"}})
 
 
-def test_a_long_chat_is_checked_in_slices_and_its_neighbours_too(cluster):
+def load(cluster, db: str, chats: list, rows: str) -> None:
+    from load_sample import TARGET_DDL, copy_chats
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+        cur.execute(TARGET_DDL)
+        if rows == "app":  # the head's columns, which the app writes
+            cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text")
+
+
+@pytest.mark.parametrize("rows", ["migration", "app"])
+def test_a_long_chat_is_checked_in_slices_and_its_neighbours_too(cluster, rows):
     db = cluster.create_db("verify_long")
     chats = [chatgen.Chat("a-small", "u1", doc(10, "a")), chatgen.Chat("b-long", "u1", doc(5000, "b")),
              chatgen.Chat("c-small", "u2", doc(10, "c"))]
+    load(cluster, db, chats, rows)
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
-        from load_sample import TARGET_DDL, copy_chats
-        copy_chats(conn, chats)
-        cur.execute(TARGET_DDL)
-        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s)", (NOW,))
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, rows => %s)", (NOW, rows))
         assert cur.fetchone() == (5020,)
-        cur.execute("SELECT count(*) FROM chat_backfill.verify()")
+        cur.execute("SELECT count(*) FROM chat_backfill.verify(rows => %s)", (rows,))
         assert cur.fetchone() == (0,), "nothing to report before the edits"
         # a: one row gone. b: three rows gone (in the first, a middle and the last slice),
         # two rows changed (different slices), two rows the document does not hold.
@@ -45,7 +56,7 @@ def test_a_long_chat_is_checked_in_slices_and_its_neighbours_too(cluster):
         cur.execute("INSERT INTO chat_message (id, chat_id, user_id, role, created_at, updated_at) "
                     "VALUES ('b-long-ghost1', 'b-long', 'u1', 'user', 1, 1), ('b-long-ghost2', 'b-long', 'u1', 'user', 1, 1)")
         conn.notices.clear()
-        cur.execute("SELECT chat_id, kind, message_key, columns FROM chat_backfill.verify()")
+        cur.execute("SELECT chat_id, kind, message_key, columns FROM chat_backfill.verify(rows => %s)", (rows,))
         found = sorted(cur.fetchall(), key=lambda r: (r[0], r[1], r[2] or ""))
         summary = [n for n in conn.notices if "chats checked" in n]
     assert found == [
@@ -63,3 +74,26 @@ def test_a_long_chat_is_checked_in_slices_and_its_neighbours_too(cluster):
     ]
     assert summary and "3 chats checked" in summary[0] and "5020 rows expected: 4 missing, 3 different, 2 extra, " \
         "2 partial chats" in summary[0], summary
+
+
+def test_a_long_chat_the_app_fails_on_expects_no_rows(cluster):
+    """One message of 5000 the app cannot write (a string as usage): the app writes none of
+    the chat, so the backfill writes none, and verify() expects none: a row there is extra."""
+    db = cluster.create_db("verify_long_app")
+    bad = json.loads(doc(5000, "b"))
+    bad["history"]["messages"]["b04000"]["usage"] = "lots"
+    chats = [chatgen.Chat("a-small", "u1", doc(10, "a")), chatgen.Chat("b-long", "u1", json.dumps(bad)),
+             chatgen.Chat("c-small", "u2", doc(10, "c"))]
+    load(cluster, db, chats, "app")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected), sum(messages_skipped) "
+                    "FROM backfill_chat_messages(now => %s, rows => 'app')", (NOW,))
+        assert cur.fetchone() == (20, 1, 4999)
+        cur.execute("SELECT chat_id, message_key FROM chat_backfill.rejected_messages")
+        assert cur.fetchall() == [("b-long", "b04000")]
+        cur.execute("SELECT count(*) FROM chat_backfill.verify(rows => 'app')")
+        assert cur.fetchone() == (0,)
+        cur.execute("INSERT INTO chat_message (id, chat_id, user_id, role, created_at, updated_at) "
+                    "VALUES ('b-long-b00001', 'b-long', 'u1', 'user', 1, 1)")
+        cur.execute("SELECT chat_id, kind, message_key FROM chat_backfill.verify(rows => 'app')")
+        assert cur.fetchall() == [("b-long", "extra", "b00001")]
