@@ -323,19 +323,7 @@ impl Batch {
             for entry in entries {
                 if let AppEntry::Failed { key, failure, raw } = entry {
                     self.rejection_bytes += raw.len() + 2 * key.len() + chat.chat_id.len();
-                    self.rejections.push(Rejection {
-                        chat_id: chat.chat_id.clone(),
-                        message_id: Some(format!("{}-{key}", chat.chat_id)),
-                        message_key: Some(key),
-                        sqlstate: failure.sqlstate.to_owned(),
-                        error: format!("Open WebUI cannot write this message: {}", failure.reason),
-                        detail: Some(format!(
-                            "Column {}. No row of this chat was written: Open WebUI writes a chat's rows all or nothing \
-                             ({held_back} other message(s) held back), and keeps reading its JSON.",
-                            failure.column
-                        )),
-                        message: Some(raw.to_owned()),
-                    });
+                    self.rejections.push(app_failure(&chat.chat_id, key, &failure, raw, held_back));
                 }
             }
         }
@@ -389,6 +377,23 @@ impl Batch {
             })
             }
         }
+    }
+}
+
+/// The rejection of a message the app cannot write, which leaves its whole chat unwritten.
+fn app_failure(chat_id: &str, key: String, failure: &app_rows::Failure, raw: &str, held_back: usize) -> Rejection {
+    Rejection {
+        chat_id: chat_id.to_owned(),
+        message_id: Some(format!("{chat_id}-{key}")),
+        message_key: Some(key),
+        sqlstate: failure.sqlstate.to_owned(),
+        error: format!("Open WebUI cannot write this message: {}", failure.reason),
+        detail: Some(format!(
+            "Column {}. No row of this chat was written: Open WebUI writes a chat's rows all or nothing \
+             ({held_back} other message(s) held back), and keeps reading its JSON.",
+            failure.column
+        )),
+        message: Some(raw.to_owned()),
     }
 }
 
@@ -610,19 +615,7 @@ impl Backfill {
                 poll();
                 let AppEntry::Failed { key, failure, raw } = app_rows::entry_at(doc, span, now, server, codec) else { continue };
                 bytes += raw.len() + 2 * key.len() + chat.chat_id.len();
-                pending.push(Rejection {
-                    chat_id: chat.chat_id.clone(),
-                    message_id: Some(format!("{}-{key}", chat.chat_id)),
-                    message_key: Some(key),
-                    sqlstate: failure.sqlstate.to_owned(),
-                    error: format!("Open WebUI cannot write this message: {}", failure.reason),
-                    detail: Some(format!(
-                        "Column {}. No row of this chat was written: Open WebUI writes a chat's rows all or nothing \
-                         ({held_back} other message(s) held back), and keeps reading its JSON.",
-                        failure.column
-                    )),
-                    message: Some(raw.to_owned()),
-                });
+                pending.push(app_failure(&chat.chat_id, key, &failure, raw, held_back));
                 if pending.len() >= settings.batch_size || bytes >= MAX_BATCH_ROW_BYTES {
                     report.messages_rejected += pending.len() as i64;
                     if record {
