@@ -36,5 +36,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import alembic, sqlalchem
   echo "$req_sum" >.venv/.requirements.sha256
 fi
 
-echo "== cargo pgrx install --release (PostgreSQL 15)"
+echo "== cargo pgrx install (PostgreSQL 15, profile ${CHAT_BACKFILL_PROFILE:-release})"
 bash scripts/install.sh 15
