@@ -41,7 +41,7 @@ for major in "${majors[@]}"; do
   stage=$(mktemp -d /tmp/chat_backfill_package.XXXXXX)
   trap 'rm -rf "$stage"' EXIT
   echo "== PostgreSQL $major: cargo pgrx package ($("$pg_config" --version))"
-  CARGO_TARGET_DIR="$root/target/pg$major" cargo pgrx package --profile "$profile" --pg-config "$pg_config" \
+  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$root/target}" cargo pgrx package --profile "$profile" --pg-config "$pg_config" \
     --no-default-features --features "pg$major" --out-dir "$stage/raw" >"$stage/build.log" 2>&1 ||
     { tail -40 "$stage/build.log" >&2; exit 1; }
 

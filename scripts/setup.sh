@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for pkg in postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev clang sudo python3-venv python3-pip dpkg-dev; do
+for pkg in postgresql-15 postgresql-server-dev-15 postgresql-15-cron libclang-dev clang sudo python3-venv python3-pip dpkg-dev patchelf; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then

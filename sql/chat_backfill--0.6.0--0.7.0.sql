@@ -23,7 +23,21 @@ GRANT UPDATE (partial_key, partial_done, partial_fingerprint) ON chat_backfill.r
 --    (CREATE OR REPLACE: same columns, one appended, so views built on it and its grants stay).
 ALTER TABLE chat_backfill.runs ADD COLUMN messages_dropped pg_catalog.int8 NOT NULL DEFAULT 0;
 GRANT UPDATE (messages_dropped) ON chat_backfill.runs TO PUBLIC;
-CREATE OR REPLACE VIEW chat_backfill.status WITH (security_invoker = true) AS
+CREATE FUNCTION chat_backfill.status_rows()
+RETURNS TABLE (
+    run_id pg_catalog.int8, source pg_catalog.text, target pg_catalog.text, state pg_catalog.text,
+    chats_done pg_catalog.int8, total_chats pg_catalog.int8, percent_done pg_catalog.numeric,
+    messages_inserted pg_catalog.int8, messages_rejected pg_catalog.int8,
+    messages_existing pg_catalog.int8, messages_skipped pg_catalog.int8,
+    chats_skipped pg_catalog.int8, chats_vanished pg_catalog.int8, batches pg_catalog.int4,
+    messages_per_second pg_catalog.numeric, estimated_time_left pg_catalog.interval,
+    runner_pid pg_catalog.int4, last_key pg_catalog.text, high_water pg_catalog.text,
+    started_at pg_catalog.timestamptz, updated_at pg_catalog.timestamptz,
+    finished_at pg_catalog.timestamptz, last_error pg_catalog.text, started_by pg_catalog.text,
+    replica_lag_bytes pg_catalog.int8, workers pg_catalog.int4, batch_size pg_catalog.int4,
+    rows pg_catalog.text, messages_dropped pg_catalog.int8)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
 -- The lock table is read once (materialized), not once per run: read per run, its row
 -- estimates priced a few hundred runs above jit_above_cost, and JIT compilation made every
 -- read of the view take seconds.
@@ -92,6 +106,10 @@ LEFT JOIN LATERAL (
            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id)))
 ) h ON true;
+END;
+CREATE OR REPLACE VIEW chat_backfill.status AS SELECT * FROM chat_backfill.status_rows();
+-- The function checks as the reader now; the view keeps no option of its own, as when installed.
+ALTER VIEW chat_backfill.status RESET (security_invoker);
 
 -- 3. The one-transaction form: messages_dropped, appended last to its result. A new result
 --    type is a new function: the old one goes first, and the new one gets the default
@@ -160,8 +178,8 @@ DELETE FROM chat_backfill.rejected_messages a USING chat_backfill.rejected_messa
        IS NOT DISTINCT FROM pg_catalog.hashtextextended(b.message_id, 0::pg_catalog.int8);
 DROP INDEX chat_backfill.rejected_messages_once;
 CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
-    (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
-     pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8)) NULLS NOT DISTINCT;
+    (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8), (message_id IS NULL),
+     coalesce(pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8), 0::pg_catalog.int8));
 
 CREATE FUNCTION chat_backfill.may_run(source pg_catalog.text, target pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE

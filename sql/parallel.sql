@@ -70,14 +70,29 @@ CREATE POLICY launches_made_by_runners ON chat_backfill.launches FOR INSERT
                 AND EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) launches.run_id
                               AND chat_backfill.may_run(r.source, r.target)));
 
--- Progress of every resumable run the caller may see (security_invoker: the policies above
--- apply to whoever reads it). A run is running while its CALL holds the runner lock or a
+-- Progress of every resumable run the caller may see: a view over a SQL function, which runs
+-- as whoever reads the view, so the policies above apply to them (a view's own
+-- security_invoker exists from 15 on only). A run is running while its CALL holds the runner lock or a
 -- chat_backfill worker holds one of its ranges (any session can take an advisory lock: a
 -- range lock counts only if its backend holds the workers' mark, the shared lock
 -- (1667329894, 0), and pg_stat_activity, where it shows the backend, says it is a worker); one recorded as running that nobody
 -- holds was interrupted (crash, kill, restart): the next CALL resumes it. runner_pid is the
 -- CALL's, or a worker's; workers is NULL when none is at work.
-CREATE VIEW chat_backfill.status WITH (security_invoker = true) AS
+CREATE FUNCTION chat_backfill.status_rows()
+RETURNS TABLE (
+    run_id pg_catalog.int8, source pg_catalog.text, target pg_catalog.text, state pg_catalog.text,
+    chats_done pg_catalog.int8, total_chats pg_catalog.int8, percent_done pg_catalog.numeric,
+    messages_inserted pg_catalog.int8, messages_rejected pg_catalog.int8,
+    messages_existing pg_catalog.int8, messages_skipped pg_catalog.int8,
+    chats_skipped pg_catalog.int8, chats_vanished pg_catalog.int8, batches pg_catalog.int4,
+    messages_per_second pg_catalog.numeric, estimated_time_left pg_catalog.interval,
+    runner_pid pg_catalog.int4, last_key pg_catalog.text, high_water pg_catalog.text,
+    started_at pg_catalog.timestamptz, updated_at pg_catalog.timestamptz,
+    finished_at pg_catalog.timestamptz, last_error pg_catalog.text, started_by pg_catalog.text,
+    replica_lag_bytes pg_catalog.int8, workers pg_catalog.int4, batch_size pg_catalog.int4,
+    rows pg_catalog.text, messages_dropped pg_catalog.int8)
+LANGUAGE sql STABLE
+BEGIN ATOMIC
 -- The lock table is read once (materialized), not once per run: read per run, its row
 -- estimates priced a few hundred runs above jit_above_cost, and JIT compilation made every
 -- read of the view take seconds.
@@ -146,4 +161,6 @@ LEFT JOIN LATERAL (
            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id)))
 ) h ON true;
+END;
+CREATE VIEW chat_backfill.status AS SELECT * FROM chat_backfill.status_rows();
 GRANT SELECT ON chat_backfill.status TO PUBLIC;

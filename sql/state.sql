@@ -70,9 +70,11 @@ CREATE TABLE chat_backfill.rejected_messages (
 CREATE INDEX ON chat_backfill.rejected_messages (run_id);
 -- A re-run does not record the same rejection again (its INSERT says ON CONFLICT DO NOTHING).
 -- Ids come from user data and may be longer than an index row can hold: index their hashes.
+-- A chat's own rejection has no message id: the flag and coalesce make those equal too
+-- (NULLS NOT DISTINCT would say it, from 15 on only).
 CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
-    (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8),
-     pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8)) NULLS NOT DISTINCT;
+    (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8), (message_id IS NULL),
+     coalesce(pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8), 0::pg_catalog.int8));
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages', '');
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_seq', '');
 -- Backfills record rejections with the caller's own rights; the policies are in runs.sql.

@@ -42,3 +42,21 @@ pub fn guc_variables() -> Vec<*mut pg_sys::config_generic> {
     // SAFETY: `vars` holds `n` valid pointers (both calls above say so).
     (0..n.max(0) as usize).map(|i| unsafe { *vars.add(i) }).collect()
 }
+
+/// The characters of a raw parse tree's String node: 15 gave it its own struct, 14 keeps it in
+/// a `Value` union.
+///
+/// # Safety
+/// `node` must be a live node tagged `T_String`.
+pub unsafe fn string_node_chars(node: *mut pg_sys::Node) -> *const std::ffi::c_char {
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    // SAFETY: the caller says `node` is a String node, which 14 allocates as a `Value`.
+    unsafe {
+        (*(node as *mut pg_sys::Value)).val.str_
+    }
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    // SAFETY: the caller says `node` is a String node.
+    unsafe {
+        (*(node as *mut pg_sys::String)).sval
+    }
+}

@@ -284,6 +284,6 @@ unsafe fn ends_with_marker(clause: *mut pg_sys::Node, marker: &str) -> bool {
         if (*field).type_ != pg_sys::NodeTag::T_String {
             return false;
         }
-        std::ffi::CStr::from_ptr((*(field as *mut pg_sys::String)).sval).to_bytes() == marker.as_bytes()
+        std::ffi::CStr::from_ptr(crate::version::string_node_chars(field)).to_bytes() == marker.as_bytes()
     }
 }

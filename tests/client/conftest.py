@@ -24,14 +24,15 @@ def pg_config(flag: str) -> str:
                          check=True, capture_output=True, text=True).stdout.strip()
     return subprocess.run([exe, flag], check=True, capture_output=True, text=True).stdout.strip()
 
-# Which majors run which test files. The whole suite runs on the primary majors (15:
-# Debian's, which CI and the .deb use; 18: the newest); on the others, the files whose code
-# or PostgreSQL's behaviour differs by major: the reference rows (differential, app rows and
-# their ::bigint casts, 16's int8 input), the upgrade's last step, workers (17 lets them
-# connect as a NOLOGIN role), the standby, permissions and the server log. CHAT_BACKFILL_TIER
-# =full runs every file on every major (`FULL=1 bash scripts/test.sh`). The README's table
-# says the same: keep them together.
-PRIMARY_MAJORS = {"15", "18"}
+# Which majors run which tests. The whole suite runs on the primary major (15: Debian's,
+# which CI and the .deb use); on the others, the files whose code or PostgreSQL's behaviour
+# differs by major: the reference rows (differential, app rows and their ::bigint casts,
+# 16's int8 input), the upgrade's last step, workers (17 lets them connect as a NOLOGIN
+# role), the standby, permissions and the server log; within them, a test marked
+# `one_major` (locking and caps of our own, the same on every major) runs on the primary
+# only. CHAT_BACKFILL_TIER=full runs everything on every major (`FULL=1 bash
+# scripts/test.sh`). The README's table says the same: keep them together.
+PRIMARY_MAJORS = {"15"}
 EVERY_MAJOR = {
     "test_differential.py",
     "test_app_rows.py",
@@ -41,6 +42,12 @@ EVERY_MAJOR = {
     "test_security.py",
     "test_zz_server_log.py",
 }
+# Runs on the primary major only (where its file runs on every major).
+ONE_MAJOR = pytest.mark.one_major
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "one_major: runs on the primary major only, unless CHAT_BACKFILL_TIER=full")
 
 
 def tier() -> str:
@@ -58,14 +65,32 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(config, items):
     if tier() == "full":
         return
-    keep = [i for i in items if Path(str(i.fspath)).name in EVERY_MAJOR]
-    dropped = [i for i in items if Path(str(i.fspath)).name not in EVERY_MAJOR]
+    def runs(item) -> bool:
+        return Path(str(item.fspath)).name in EVERY_MAJOR and item.get_closest_marker("one_major") is None
+
+    keep = [i for i in items if runs(i)]
+    dropped = [i for i in items if not runs(i)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep
 
 
 # Open WebUI's chat table, reduced to what the migration reads (plus title, to look real).
+@pytest.fixture(scope="session", autouse=True)
+def pg_cron_run(request):
+    """The pg_cron test's run, started before the first test when that test is selected: it
+    waits on pg_cron's minute ticks while the rest of the suite runs."""
+    if PG_MAJOR != "15" or not any(i.name == "test_pg_cron_advances_it_a_slice_at_a_time" for i in request.session.items):
+        yield None
+        return
+    from test_resumable import PgCronRun
+    run = PgCronRun()
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
 CHAT_DDL = "CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)"
 
 

@@ -14,7 +14,7 @@ import psycopg2.errors
 import pytest
 
 import chatgen
-from conftest import PG_MAJOR, ROOT, Cluster, _start_cluster, pg_config
+from conftest import ONE_MAJOR, PG_MAJOR, ROOT, Cluster, _start_cluster, pg_config
 from load_sample import TARGET_DDL
 from test_resumable import CALL, chats_for_test, make_db, one_shot_rows, resumed_after, rows_of, run_in_background
 
@@ -218,6 +218,7 @@ def test_one_session_finishes_a_run_its_workers_began(cluster, expected):
     assert_exactly_once(cluster, db, want)
 
 
+@ONE_MAJOR
 def test_workers_are_capped_by_the_setting_and_by_free_slots(expected):
     chats, want = expected
     datadir = "/tmp/chat_backfill_parallel_slots"
@@ -394,6 +395,7 @@ def test_keys_that_are_dates_survive_any_datestyle(cluster):
         assert query(cluster, db, "SELECT count(*) FROM chat_message") == [(messages,)]
 
 
+@ONE_MAJOR
 def test_the_worker_cap_is_the_servers_not_one_calls(cluster, expected):
     """chat_backfill.max_workers bounds the workers of every CALL together: an ordinary role
     cannot take every worker slot with several CALLs that return at once."""
@@ -423,6 +425,7 @@ def test_the_worker_cap_is_the_servers_not_one_calls(cluster, expected):
         cap("RESET chat_backfill.max_workers")
 
 
+@ONE_MAJOR
 def test_the_worker_cap_holds_for_calls_started_at_the_same_instant(cluster, expected):
     """Three roles' CALLs, released together, each asking for 3 workers that return at once,
     under chat_backfill.max_workers = 4: the check and the start happen under one server-wide
@@ -567,6 +570,7 @@ def test_workers_that_read_nothing_of_what_the_call_counted_fail_the_run(cluster
         query(cluster, db, f"DROP OWNED BY {role}; DROP ROLE {role}")
 
 
+@ONE_MAJOR
 def test_drop_extension_while_workers_run(cluster):
     """DROP EXTENSION while two background workers write: the DROP waits for their current
     batch (they commit each one), the workers then stop on the missing state with 42P01 (never

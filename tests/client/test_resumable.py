@@ -338,45 +338,59 @@ def test_concurrent_application_writes(cluster):
         assert cur.fetchone() == (0,)
 
 
+CRON_DATADIR = "/tmp/chat_backfill_cron"
+
+
+class PgCronRun:
+    """A backfill scheduled with pg_cron in a cluster of its own. Debian's pg_cron 1.4.2
+    schedules by the minute, so it is started when the session starts (conftest's
+    `pg_cron_run`), and its test, which runs minutes later, mostly finds it done."""
+
+    def __init__(self):
+        self.chats = chats_for_test(count=20, hostile=True)
+        env = _start_cluster(CRON_DATADIR, "shared_preload_libraries = 'pg_cron'", "cron.database_name = 'crondb'",
+                             "cron.use_background_workers = on", "max_worker_processes = 16")
+        self.cluster = Cluster(env)
+        try:
+            self.want = one_shot_rows(self.cluster, self.chats)
+            with self.cluster.connect() as conn, conn.cursor() as cur:
+                cur.execute("CREATE DATABASE crondb")
+            with self.cluster.connect("crondb") as conn, conn.cursor() as cur:
+                cur.execute("CREATE EXTENSION pg_cron")
+                cur.execute("CREATE EXTENSION chat_backfill")
+                cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+                copy_chats(conn, self.chats)
+                cur.execute(TARGET_DDL)
+                # Each tick does one batch (max_runtime 0 stops after the first): two or three ticks.
+                cur.execute(
+                    "SELECT cron.schedule('chat-backfill', '* * * * *', $$CALL backfill_chat_messages_resumable("
+                    "batch_size => 120, now => %s, max_runtime => '0')$$)"
+                    % chatgen.NOW
+                )
+            self.deadline = time.monotonic() + 330
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self):
+        subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", CRON_DATADIR], check=False)
+
+
 @pytest.mark.skipif(PG_MAJOR != "15", reason="pg_cron is installed here only as Debian's postgresql-15-cron")
-def test_pg_cron_advances_it_a_slice_at_a_time():
-    """Debian's pg_cron 1.4.2 schedules by the minute: the data is small, and each tick
-    does one batch (max_runtime 0 stops after the first), so it takes two or three ticks."""
-    chats = chats_for_test(count=20, hostile=True)
-    datadir = "/tmp/chat_backfill_cron"
-    env = _start_cluster(datadir, "shared_preload_libraries = 'pg_cron'", "cron.database_name = 'crondb'",
-                         "cron.use_background_workers = on", "max_worker_processes = 16")
-    cron = Cluster(env)
-    try:
-        want = one_shot_rows(cron, chats)
-        with cron.connect() as conn, conn.cursor() as cur:
-            cur.execute("CREATE DATABASE crondb")
-        with cron.connect("crondb") as conn, conn.cursor() as cur:
-            cur.execute("CREATE EXTENSION pg_cron")
-            cur.execute("CREATE EXTENSION chat_backfill")
-            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
-            copy_chats(conn, chats)
-            cur.execute(TARGET_DDL)
-            cur.execute(
-                "SELECT cron.schedule('chat-backfill', '* * * * *', $$CALL backfill_chat_messages_resumable("
-                "batch_size => 120, now => %s, max_runtime => '0')$$)"
-                % chatgen.NOW
-            )
-        deadline = time.monotonic() + 330
-        while True:
-            rows = status(cron, "crondb")
-            if rows and rows[-1][1] == "finished":
-                break
-            assert time.monotonic() < deadline, rows
-            time.sleep(2)
-        with cron.connect("crondb") as conn, conn.cursor() as cur:
-            cur.execute("SELECT status, count(*) FROM cron.job_run_details GROUP BY 1")
-            runs = dict(cur.fetchall())
-            cur.execute("SELECT cron.unschedule('chat-backfill')")
-        assert runs.get("succeeded", 0) >= 2 and set(runs) <= {"succeeded", "running"}, runs
-        assert rows_of(cron, "crondb") == want
-    finally:
-        subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", datadir], check=False)
+def test_pg_cron_advances_it_a_slice_at_a_time(pg_cron_run):
+    cron = pg_cron_run.cluster
+    while True:
+        rows = status(cron, "crondb")
+        if rows and rows[-1][1] == "finished":
+            break
+        assert time.monotonic() < pg_cron_run.deadline, rows
+        time.sleep(2)
+    with cron.connect("crondb") as conn, conn.cursor() as cur:
+        cur.execute("SELECT status, count(*) FROM cron.job_run_details GROUP BY 1")
+        runs = dict(cur.fetchall())
+        cur.execute("SELECT cron.unschedule('chat-backfill')")
+    assert runs.get("succeeded", 0) >= 2 and set(runs) <= {"succeeded", "running"}, runs
+    assert rows_of(cron, "crondb") == pg_cron_run.want
 
 
 @pytest.mark.parametrize("style", ["committing", "transactional"])
