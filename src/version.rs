@@ -60,3 +60,42 @@ pub unsafe fn string_node_chars(node: *mut pg_sys::Node) -> *const std::ffi::c_c
         (*(node as *mut pg_sys::String)).sval
     }
 }
+
+/// From 17 a background worker may connect as a role without LOGIN (the CALL already acts as
+/// that role); before, it cannot, and the CALL says so instead of starting workers that fail.
+pub const WORKERS_MAY_BE_NOLOGIN: bool = cfg!(any(feature = "pg17", feature = "pg18"));
+
+/// The flags a worker connects with: from 17, the role's NOLOGIN is not checked (see above).
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+pub const WORKER_CONNECT_FLAGS: u32 = 0;
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+pub const WORKER_CONNECT_FLAGS: u32 = pg_sys::BGWORKER_BYPASS_ROLELOGINCHECK;
+
+/// Installs a SIGTERM handler in a background worker (18 renamed the backend's `pqsignal`).
+///
+/// # Safety
+/// Only in a background worker, before it unblocks signals.
+pub unsafe fn on_sigterm(handler: unsafe extern "C-unwind" fn(i32)) {
+    // SAFETY: the caller is a worker installing its handler, as PostgreSQL's own workers do.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(handler));
+        #[cfg(feature = "pg18")]
+        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(handler));
+    }
+}
+
+/// Reserves the `chat_backfill.` prefix: any other name in it is a typo. From 15 the server
+/// refuses such names from then on (42602); 14 can only warn of the ones already set.
+pub fn reserve_guc_prefix(prefix: &std::ffi::CStr) {
+    // SAFETY: called from _PG_init, with a NUL-terminated prefix, as extensions do.
+    #[cfg(not(any(feature = "pg13", feature = "pg14")))]
+    unsafe {
+        pg_sys::MarkGUCPrefixReserved(prefix.as_ptr())
+    };
+    // SAFETY: as above.
+    #[cfg(any(feature = "pg13", feature = "pg14"))]
+    unsafe {
+        pg_sys::EmitWarningsOnPlaceholders(prefix.as_ptr())
+    };
+}

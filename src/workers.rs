@@ -317,8 +317,10 @@ fn unlead() {
 
 /// Before 17 a background worker cannot connect as a role without LOGIN (a migration often
 /// runs as one, after SET ROLE); say so now rather than have every worker fail to start.
-#[cfg(not(any(feature = "pg17", feature = "pg18")))]
 fn check_can_connect() -> Result<()> {
+    if crate::version::WORKERS_MAY_BE_NOLOGIN {
+        return Ok(());
+    }
     // SAFETY: the role this CALL runs as.
     let role = unsafe { pg_sys::GetUserId() };
     let can = Spi::get_one_with_args::<bool>(
@@ -336,17 +338,6 @@ fn check_can_connect() -> Result<()> {
          (PostgreSQL 17 and later let workers connect as a NOLOGIN role).",
     ))
 }
-
-#[cfg(any(feature = "pg17", feature = "pg18"))]
-fn check_can_connect() -> Result<()> {
-    Ok(())
-}
-
-#[cfg(not(any(feature = "pg17", feature = "pg18")))]
-const CONNECT_FLAGS: u32 = 0;
-/// The CALL's role is used even when it has NOLOGIN: the CALL already acts as it.
-#[cfg(any(feature = "pg17", feature = "pg18"))]
-const CONNECT_FLAGS: u32 = pg_sys::BGWORKER_BYPASS_ROLELOGINCHECK;
 
 /// Waits for every worker to stop, and reports: their totals in a NOTICE, or the first
 /// failure as this CALL's error. Cancelling or terminating the CALL stops its workers.
@@ -583,10 +574,7 @@ pub extern "C-unwind" fn chat_backfill_worker(_arg: pg_sys::Datum) {
     // a stopping leader, shutdown) into an interrupt that the next CHECK_FOR_INTERRUPTS raises
     // as FATAL, rolling back the open batch, as in a client backend.
     unsafe {
-        #[cfg(not(feature = "pg18"))]
-        pg_sys::pqsignal(pg_sys::SIGTERM as i32, Some(on_sigterm));
-        #[cfg(feature = "pg18")]
-        pg_sys::pqsignal_be(pg_sys::SIGTERM as i32, Some(on_sigterm));
+        crate::version::on_sigterm(on_sigterm);
         pg_sys::BackgroundWorkerUnblockSignals();
     }
     let extra = BackgroundWorker::get_extra().to_owned();
@@ -596,7 +584,7 @@ pub extern "C-unwind" fn chat_backfill_worker(_arg: pg_sys::Datum) {
     };
     // SAFETY: once, before any SQL: the CALL's database, as the role the CALL ran as.
     unsafe {
-        pg_sys::BackgroundWorkerInitializeConnectionByOid(pg_sys::Oid::from(db as u32), pg_sys::Oid::from(role as u32), CONNECT_FLAGS);
+        pg_sys::BackgroundWorkerInitializeConnectionByOid(pg_sys::Oid::from(db as u32), pg_sys::Oid::from(role as u32), crate::version::WORKER_CONNECT_FLAGS);
     }
     // SAFETY: a non-atomic SPI connection keeps its memory under PortalContext, which a
     // worker does not have: the process's top context lives as long. Then the first

@@ -16,13 +16,14 @@ import contextlib
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 import chatgen
 from compare import fetch_rows
-from conftest import PG_MAJOR, ROOT, Cluster, pg_config
+from conftest import ONE_MAJOR, PG_MAJOR, ROOT, Cluster, pg_config
 from load_sample import TARGET_DDL, copy_chats
 
 # Every earlier release, by the commit it was released from; each is upgraded to this one.
@@ -104,6 +105,17 @@ def members(cluster: Cluster, db: str) -> dict[str, str]:
         return dict(cur.fetchall())
 
 
+def fresh_install_rows(cluster: Cluster, chats, prefix: str) -> tuple[str, list]:
+    """A database with this release freshly installed and the chats backfilled in one call: its name and rows."""
+    db = cluster.create_db(prefix)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        copy_chats(conn, chats)
+        cur.execute(TARGET_DDL)
+        cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (chatgen.NOW,))
+        return db, fetch_rows(conn, parse_json=False)
+
+
 @pytest.mark.parametrize("old_version, old_commit", RELEASES)
 def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(cluster, old_version, old_commit):
     chats = chatgen.realistic_chats(seed=11, count=90, content_bytes=(200, 1200), messages=(2, 9)) + chatgen.hostile_chats()
@@ -139,13 +151,7 @@ def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(clust
         upgraded_rows = fetch_rows(conn, parse_json=False)
     assert (state, done, existing) == ("finished", total, 0), "nothing was read twice"
 
-    fresh = cluster.create_db("fresh")
-    with cluster.connect(fresh) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
-        copy_chats(conn, chats)
-        cur.execute(TARGET_DDL)
-        cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (chatgen.NOW,))
-        fresh_rows = fetch_rows(conn, parse_json=False)
+    fresh, fresh_rows = fresh_install_rows(cluster, chats, "fresh")
     assert inserted == len(upgraded_rows)
     assert upgraded_rows == fresh_rows, "no duplicate, no missing message"
 
@@ -153,3 +159,55 @@ def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(clust
     assert updated.keys() == created.keys()
     for name in created:
         assert updated[name] == created[name], name
+
+
+@ONE_MAJOR
+def test_update_while_the_old_releases_workers_run(cluster):
+    """ALTER EXTENSION UPDATE from 0.6.0 while two of 0.6.0's background workers write: the
+    update waits for their batch, and whatever the old workers do next (finish, or stop on
+    the changed state with a named error: the suite's last test reads the server log for
+    XX000), the next CALL under this release finishes the run with exactly the reference
+    rows, none written twice."""
+    chats = chatgen.realistic_chats(seed=29, count=3000, content_bytes=(200, 800), messages=(4, 12))
+    _, want = fresh_install_rows(cluster, chats, "upd_ref")
+    db = cluster.create_db("upd_workers", extension=False)
+
+    def workers() -> int:
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'chat_backfill worker'"
+                        " AND datname = current_database()")
+            return cur.fetchone()[0]
+
+    with old_library("0.6.0", "1ecc158"):
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("CREATE EXTENSION chat_backfill VERSION '0.6.0'")
+            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            copy_chats(conn, chats)
+            cur.execute(TARGET_DDL)
+            cur.execute("CALL backfill_chat_messages_resumable(now => %s, batch_size => 50, workers => 2,"
+                        " wait_for_workers => false)", (chatgen.NOW,))
+        deadline = time.monotonic() + 60
+        while True:
+            with cluster.connect(db) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM chat_message")
+                if cur.fetchone()[0] > 0:
+                    break
+            assert time.monotonic() < deadline, "the old workers wrote nothing"
+            time.sleep(0.05)
+    # The current library is back on disk; the old workers keep the one they loaded.
+    assert workers() == 2, "the update comes while the old workers run"
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("ALTER EXTENSION chat_backfill UPDATE")
+        cur.execute("SELECT count(*) FROM chat_message")
+        written = cur.fetchone()[0]
+    assert 0 < written < len(want), "the update came part way"
+    deadline = time.monotonic() + 120
+    while workers():
+        assert time.monotonic() < deadline, "the old workers never stopped"
+        time.sleep(0.1)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CALL backfill_chat_messages_resumable(now => %s, workers => 2)", (chatgen.NOW,))
+        cur.execute("SELECT state FROM chat_backfill.status ORDER BY run_id DESC LIMIT 1")
+        assert cur.fetchone() == ("finished",)
+        got = fetch_rows(conn, parse_json=False)
+    assert got == want, "no duplicate, no missing message"
