@@ -155,6 +155,22 @@ GRANT INSERT (id_column) ON chat_backfill.runs TO PUBLIC;
 GRANT UPDATE (source_oid, target_oid) ON chat_backfill.runs TO PUBLIC;
 ALTER TABLE chat_backfill.rejected_messages ADD COLUMN id_column pg_catalog.text;
 GRANT INSERT (id_column) ON chat_backfill.rejected_messages TO PUBLIC;
+-- Who recorded a rejection (a reader under row-level security sees only its own and trusted
+-- roles'; the run's own rejection is never taken for another role's): for rows already there,
+-- the role that started their resumable run; a one-transaction run's stay NULL. Added without
+-- its default first, which would stamp every old row with the role running this update.
+ALTER TABLE chat_backfill.rejected_messages ADD COLUMN recorded_by pg_catalog.text;
+UPDATE chat_backfill.rejected_messages m SET recorded_by = r.started_by
+  FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) m.run_id;
+ALTER TABLE chat_backfill.rejected_messages ALTER COLUMN recorded_by SET DEFAULT CURRENT_USER;
+-- Whether the source's row-level security applied to the role that started a run: unknown
+-- (NULL) for the runs already there, which only their own role resumes from now on.
+ALTER TABLE chat_backfill.runs ADD COLUMN restricted pg_catalog.bool;
+GRANT INSERT (restricted) ON chat_backfill.runs TO PUBLIC;
+-- A CALL goes on only with a run of its own source_filter, compared as text: 0.1.0's default
+-- filter is 0.2.0's default spelt another way (the same chats), so its runs keep going on.
+UPDATE chat_backfill.runs SET source_filter = $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$
+ WHERE source_filter OPERATOR(pg_catalog.=) $$user_id NOT LIKE 'shared-%'$$;
 
 -- Names become the key: each row gets its tables' names as the catalog spells them now (runs
 -- of 0.1.0 recorded them as the caller's search_path showed them), while its oids are still
@@ -179,7 +195,7 @@ DELETE FROM chat_backfill.rejected_messages a USING chat_backfill.rejected_messa
 DROP INDEX chat_backfill.rejected_messages_once;
 CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
     (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8), (message_id IS NULL),
-     coalesce(pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8), 0::pg_catalog.int8));
+     coalesce(pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8), 0::pg_catalog.int8), recorded_by);
 
 CREATE FUNCTION chat_backfill.may_run(source pg_catalog.text, target pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
@@ -199,19 +215,52 @@ END;
 CREATE FUNCTION chat_backfill.restricted(source pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(pg_catalog.row_security_active(pg_catalog.to_regclass(source)::pg_catalog.oid), false);
+    SELECT coalesce((SELECT CASE WHEN c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+                                 THEN pg_catalog.row_security_active(c.oid)
+                                 ELSE c.relkind OPERATOR(pg_catalog.<>) 'm'::pg_catalog."char" END
+                     FROM pg_catalog.pg_class c
+                     WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid), false);
 END;
 CREATE FUNCTION chat_backfill.chat_visible(source pg_catalog.oid, id_column pg_catalog.text, chat_id pg_catalog.text)
 RETURNS pg_catalog.bool STRICT STABLE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'chat_visible_wrapper';
-CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_catalog.text, chat_id pg_catalog.text)
+-- Whether code that `role` wrote may run with the calling role's rights while the caller's
+-- reading of the state looks at a source: that role owns the state (its tables and their
+-- policies, which already run as every reader), or it can act as the caller anyway.
+CREATE FUNCTION chat_backfill.trusted(role pg_catalog.oid)
+RETURNS pg_catalog.bool LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT coalesce(role OPERATOR(pg_catalog.=) (SELECT c.relowner FROM pg_catalog.pg_class c
+                                                WHERE c.oid OPERATOR(pg_catalog.=)
+                                                      'chat_backfill.rejected_messages'::pg_catalog.regclass::pg_catalog.oid)
+                    OR pg_catalog.pg_has_role(role, CURRENT_USER, 'USAGE'::pg_catalog.text), false);
+END;
+
+-- Whether the calling role may see state that `author` wrote (a run it started, a rejection it
+-- recorded) about one chat of a source: it may read the source; and where what the source
+-- shows depends on the reader (chat_backfill.restricted), the state is its own or, where
+-- `others` allows, written by a trusted role about a source a trusted role owns, and the
+-- source shows it that chat (chat_backfill.chat_visible looks, with the role's own rights).
+-- The order is the point: looking runs the source's policies (or a view's functions) as the
+-- reader, so it happens only where that is code the reader ran itself or trusts, never for a
+-- row another role planted to name its own table.
+CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_catalog.text, chat_id pg_catalog.text,
+                                       author pg_catalog.text, others pg_catalog.bool)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid,
                                                                  'SELECT'::pg_catalog.text), false)
                 THEN false
                 WHEN NOT chat_backfill.restricted(source) THEN true
-                ELSE coalesce(chat_backfill.chat_visible(pg_catalog.to_regclass(source)::pg_catalog.oid, id_column, chat_id),
-                              false) END;
+                WHEN author OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
+                  OR (others
+                      AND coalesce((SELECT chat_backfill.trusted(a.oid) FROM pg_catalog.pg_roles a
+                                    WHERE a.rolname OPERATOR(pg_catalog.=) author::pg_catalog.name), false)
+                      AND coalesce((SELECT chat_backfill.trusted(c.relowner) FROM pg_catalog.pg_class c
+                                    WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid),
+                                   false))
+                THEN coalesce(chat_backfill.chat_visible(pg_catalog.to_regclass(source)::pg_catalog.oid, id_column, chat_id),
+                              false)
+                ELSE false END;
 END;
 
 -- A run shows its keys (chat ids) and counts: where the source's row-level security applies to
@@ -220,11 +269,11 @@ CREATE FUNCTION chat_backfill.may_see_run(source pg_catalog.text, id_column pg_c
                                           high_water pg_catalog.text, started_by pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT chat_backfill.may_read(source, id_column, high_water)
-           AND (NOT chat_backfill.restricted(source) OR started_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text);
+    SELECT chat_backfill.may_read(source, id_column, high_water, started_by, false);
 END;
 
 DROP POLICY runs_visible_to_readers ON chat_backfill.runs;
+DROP POLICY runs_started_by_runners ON chat_backfill.runs;
 DROP POLICY runs_advanced_by_runners ON chat_backfill.runs;
 DROP POLICY runs_deleted_by_runners ON chat_backfill.runs;
 DROP POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages;
@@ -235,13 +284,16 @@ DROP POLICY ranges_advanced_by_runners ON chat_backfill.run_ranges;
 DROP POLICY launches_made_by_runners ON chat_backfill.launches;
 CREATE POLICY runs_visible_to_readers ON chat_backfill.runs FOR SELECT
     USING (chat_backfill.may_see_run(source, id_column, high_water, started_by));
+CREATE POLICY runs_started_by_runners ON chat_backfill.runs FOR INSERT
+    WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
+                AND (restricted IS NULL OR restricted OPERATOR(pg_catalog.=) chat_backfill.restricted(source)));
 CREATE POLICY runs_advanced_by_runners ON chat_backfill.runs FOR UPDATE
     USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by))
     WITH CHECK (chat_backfill.may_run(source, target));
 CREATE POLICY runs_deleted_by_runners ON chat_backfill.runs FOR DELETE
     USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by));
 CREATE POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages FOR SELECT
-    USING (chat_backfill.may_read(source, id_column, chat_id));
+    USING (chat_backfill.may_read(source, id_column, chat_id, recorded_by, true));
 CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSERT
     WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
                 AND CASE WHEN EXISTS (SELECT FROM chat_backfill.runs r
@@ -252,7 +304,7 @@ CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSER
                          ELSE run_id OPERATOR(pg_catalog.=)
                               pg_catalog.currval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass) END);
 CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages FOR DELETE
-    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, id_column, chat_id));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, id_column, chat_id, recorded_by, true));
 CREATE POLICY ranges_made_by_runners ON chat_backfill.run_ranges FOR INSERT
     WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
                           AND chat_backfill.may_run(r.source, r.target)));

@@ -40,12 +40,19 @@ BEGIN ATOMIC
                     AND target_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(target)::pg_catalog.oid, false);
 END;
 
--- Whether the source's row-level security applies to the calling role (it does not to the
--- source's owner, to a role with BYPASSRLS, or where the source has none).
+-- Whether what the source shows depends on who reads it, for the calling role: a table's or
+-- a partitioned table's row-level security applies to it (not to the owner, to a role with
+-- BYPASSRLS, or where there is none); a view or a foreign table may show each role other rows
+-- (row_security_active says nothing of them), so they always count as restricted; a
+-- materialized view shows every row to whoever may read it.
 CREATE FUNCTION chat_backfill.restricted(source pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(pg_catalog.row_security_active(pg_catalog.to_regclass(source)::pg_catalog.oid), false);
+    SELECT coalesce((SELECT CASE WHEN c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+                                 THEN pg_catalog.row_security_active(c.oid)
+                                 ELSE c.relkind OPERATOR(pg_catalog.<>) 'm'::pg_catalog."char" END
+                     FROM pg_catalog.pg_class c
+                     WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid), false);
 END;
 
 -- Messages and chats a backfill could not write, and why. It holds users' chat content, so a
@@ -65,16 +72,18 @@ CREATE TABLE chat_backfill.rejected_messages (
     rejected_at pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     source_oid  pg_catalog.oid,            -- a cache: the names are what identify the tables
     target_oid  pg_catalog.oid,
-    id_column   pg_catalog.text            -- the source's key column, to check a reader can see the chat
+    id_column   pg_catalog.text,           -- the source's key column, to check a reader can see the chat
+    recorded_by pg_catalog.text DEFAULT CURRENT_USER  -- not insertable; NULL: before 0.7.0, by a one-transaction run
 );
 CREATE INDEX ON chat_backfill.rejected_messages (run_id);
 -- A re-run does not record the same rejection again (its INSERT says ON CONFLICT DO NOTHING).
 -- Ids come from user data and may be longer than an index row can hold: index their hashes.
 -- A chat's own rejection has no message id: the flag and coalesce make those equal too
--- (NULLS NOT DISTINCT would say it, from 15 on only).
+-- (NULLS NOT DISTINCT would say it, from 15 on only). The recorder is part of it: a row
+-- another role recorded first (a decoy, say) never stands in for a run's own.
 CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
     (target, source, sqlstate, pg_catalog.hashtextextended(chat_id, 0::pg_catalog.int8), (message_id IS NULL),
-     coalesce(pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8), 0::pg_catalog.int8));
+     coalesce(pg_catalog.hashtextextended(message_id, 0::pg_catalog.int8), 0::pg_catalog.int8), recorded_by);
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages', '');
 SELECT pg_catalog.pg_extension_config_dump('chat_backfill.rejected_messages_id_seq', '');
 -- Backfills record rejections with the caller's own rights; the policies are in runs.sql.

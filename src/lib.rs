@@ -27,6 +27,7 @@ mod ranges;
 mod relations;
 mod resumable;
 mod run_state;
+mod state_guard;
 mod subxact;
 mod throttle;
 mod tuning;
@@ -38,6 +39,13 @@ mod workers;
 
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // pgrx captures a Rust backtrace for every error that crosses our frames (a cancel
+    // included) and appends it to the DETAIL the client sees whenever the server was started
+    // with RUST_BACKTRACE set: internals no caller should be shown. RUST_LIB_BACKTRACE wins
+    // over RUST_BACKTRACE for captured backtraces, and is read once, at the first capture.
+    // At library load a backend (or worker) runs one thread: nothing reads the environment
+    // meanwhile.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     gucs::init();
 }
 

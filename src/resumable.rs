@@ -561,6 +561,10 @@ pub(crate) fn commit() {
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     iso_keys();
+    // Each transaction checks the state tables again: their owner may have added code since.
+    if let Err(e) = crate::state_guard::check() {
+        e.raise();
+    }
 }
 
 /// Keys are kept as text (the high-water mark, checkpoints, ranges) and cast back in later

@@ -19,18 +19,30 @@ fn text_or_null(value: Option<&str>) -> DatumWithOid<'_> {
     value.map_or(DatumWithOid::null_oid(pg_sys::TEXTOID), DatumWithOid::from)
 }
 
-/// The latest run of this source and target.
+/// The latest run of this source and target that this CALL may go on with: the same rows
+/// and source_filter (a run over other chats is not this one's, finished or not), and
+/// started by this role or by one that the source's row-level security did not limit (a
+/// run over the few chats a tenant sees, or one from before 0.7.0 that says nothing of it,
+/// would leave the rest unwritten under a `finished` status). Row-level security on the
+/// runs already hides other roles' runs from a role the source's policies limit.
 pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
+    let args = || -> [DatumWithOid<'_>; 4] {
+        [
+            settings.source.name.as_str().into(),
+            settings.target.name.as_str().into(),
+            settings.rows.name().into(),
+            text_or_null(settings.source_filter.as_deref()),
+        ]
+    };
     let latest = Spi::connect(|client| {
         let table = client.select(
-            "SELECT r.run_id, r.status, coalesce(r.finished_at::pg_catalog.text, ''::pg_catalog.text), \
-                    r.last_key, r.high_water, r.now, r.partial_key, r.partial_done, r.partial_fingerprint \
-             FROM chat_backfill.runs r \
-             WHERE r.source OPERATOR(pg_catalog.=) $1::pg_catalog.text AND r.target OPERATOR(pg_catalog.=) $2::pg_catalog.text \
-               AND r.rows OPERATOR(pg_catalog.=) $3::pg_catalog.text \
-             ORDER BY r.run_id DESC LIMIT 1",
+            &format!(
+                "SELECT r.run_id, r.status, coalesce(r.finished_at::pg_catalog.text, ''::pg_catalog.text), \
+                        r.last_key, r.high_water, r.now, r.partial_key, r.partial_done, r.partial_fingerprint \
+                 FROM chat_backfill.runs r WHERE {SAME_CHATS} AND {GOES_ON} ORDER BY r.run_id DESC LIMIT 1"
+            ),
             None,
-            &[settings.source.name.as_str().into(), settings.target.name.as_str().into(), settings.rows.name().into()],
+            &args(),
         )?;
         let Some(row) = table.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(None) };
         Ok(Some((
@@ -43,6 +55,33 @@ pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
             partial_of(row.get::<String>(7)?, row.get::<i64>(8)?, row.get::<i64>(9)?),
         )))
     })?;
+    if !restart {
+        // Say so when a later run of the same chats is passed over: the CALL starts again or
+        // goes on with an older one, and the operator sees why.
+        let [source, target, rows, filter] = args();
+        let passed = [source, target, rows, filter, latest.as_ref().map_or(0, |l| l.0).into()];
+        let newer = crate::read_only::get_one::<String>(
+            &format!(
+                "SELECT (SELECT pg_catalog.format('%s (started by %s)'::pg_catalog.text, r.run_id, r.started_by) \
+                 FROM chat_backfill.runs r WHERE {SAME_CHATS} AND NOT ({GOES_ON}) \
+                   AND r.run_id OPERATOR(pg_catalog.>) $5::pg_catalog.int8 ORDER BY r.run_id DESC LIMIT 1)"
+            ),
+            &passed,
+        )?;
+        if let Some(newer) = newer {
+            notice!(
+                "chat_backfill: run {newer} of {} into {} is not resumed: the source's row-level security limited \
+                 that role to some chats, or the run is from before 0.7.0 and does not say; this CALL goes on with \
+                 {}",
+                settings.source.name,
+                settings.target.name,
+                match &latest {
+                    Some(l) => format!("run {}, its own or one by a role that saw the whole source", l.0),
+                    None => "a new run".to_owned(),
+                }
+            );
+        }
+    }
     Ok(match latest {
         None => Start::New,
         Some(_) if restart => Start::New,
@@ -50,6 +89,18 @@ pub fn start_point(settings: &Settings, restart: bool) -> Result<Start> {
         Some((run_id, _, _, last_key, high_water, now, partial)) => Start::Resume { run_id, last_key, high_water, now, partial },
     })
 }
+
+/// Runs over the same chats as this CALL: its source, target, rows and source_filter ($1-$4;
+/// the filter compared as text, so one spelt differently starts a run of its own, which
+/// finds the rows already written and counts them as existing). Not IS NOT DISTINCT FROM:
+/// it takes `=` from the search_path.
+const SAME_CHATS: &str = "r.source OPERATOR(pg_catalog.=) $1::pg_catalog.text \
+    AND r.target OPERATOR(pg_catalog.=) $2::pg_catalog.text AND r.rows OPERATOR(pg_catalog.=) $3::pg_catalog.text \
+    AND (r.source_filter OPERATOR(pg_catalog.=) $4::pg_catalog.text OR (r.source_filter IS NULL AND $4 IS NULL))";
+
+/// Runs this role may go on with: its own, or another role's that the source's row-level
+/// security did not limit.
+const GOES_ON: &str = "(r.started_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text OR r.restricted IS FALSE)";
 
 /// A checkpoint's unfinished chat, from its three columns.
 pub fn partial_of(chat_id: Option<String>, done: Option<i64>, fingerprint: Option<i64>) -> Option<Partial> {
@@ -93,8 +144,9 @@ pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
     let Some(high_water) = high_water else { return Ok(None) };
     let run_id = Spi::get_one_with_args::<i64>(
         "INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, total_chats, now, \
-                                         source_filter, status, rows, id_column) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running'::pg_catalog.text, $9::pg_catalog.text, $10::pg_catalog.text) \
+                                         source_filter, status, rows, id_column, restricted) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'running'::pg_catalog.text, $9::pg_catalog.text, $10::pg_catalog.text, \
+                 chat_backfill.restricted($3::pg_catalog.text)) \
          RETURNING run_id",
         &[
             settings.source.oid.into(),

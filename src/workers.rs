@@ -162,12 +162,31 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
         }
     }
     // A cancel while waiting for them to be counted stops them, as a cancel of the wait does.
-    PgTryBuilder::new(AssertUnwindSafe(|| started.iter().for_each(Worker::wait_counted)))
+    // The wait is bounded: every other CALL with workers, in every database, queues behind
+    // the cap lock meanwhile. A worker not counted in time (its connection waits on
+    // something: a lock, the role's connection limit) is stopped, and the run goes on
+    // without it.
+    let until = Instant::now() + COUNTED_WITHIN;
+    let counted: Vec<bool> = PgTryBuilder::new(AssertUnwindSafe(|| started.iter().map(|w| w.wait_counted(until)).collect()))
         .catch_others(|caught| {
             stop_all(&started);
             caught.rethrow()
         })
         .execute();
+    let (mut on_time, mut late) = (Vec::new(), Vec::new());
+    for (worker, counted) in started.into_iter().zip(counted) {
+        if counted { on_time.push(worker) } else { late.push(worker) }
+    }
+    if !late.is_empty() {
+        stop_all(&late);
+        notice!(
+            "chat_backfill: {} of run {run_id}'s workers did not start within {} s and were stopped; the run goes on \
+             without them (see the server log for what they waited on)",
+            late.len(),
+            COUNTED_WITHIN.as_secs()
+        );
+    }
+    let started = on_time;
     drop(cap_lock);
     if started.is_empty() {
         notice!("chat_backfill: no background worker slot is free (see max_worker_processes); this CALL works run {run_id} itself");
@@ -193,6 +212,9 @@ pub fn launch(settings: &Settings, run_id: i64, limits: &Limits, deadline: Optio
     }
     Ok(true)
 }
+
+/// How long a CALL waits, holding the cap lock, for its workers to be counted.
+const COUNTED_WITHIN: Duration = Duration::from_secs(20);
 
 /// The server-wide lock under which a CALL counts the running workers and starts its own: an
 /// advisory lock tag of database 0, which no SQL call can take (pg_advisory_lock always names
@@ -246,16 +268,17 @@ impl Worker {
     }
 
     /// Waits until the worker holds its mark (`ranges::mark_as_worker`), so the next CALL's
-    /// count includes it, or has stopped.
-    fn wait_counted(&self) {
+    /// count includes it, or has stopped: true; false when `until` came first.
+    fn wait_counted(&self, until: Instant) -> bool {
         loop {
             pgrx::check_for_interrupts!();
             let mut pid: pg_sys::pid_t = 0;
             // SAFETY: a live handle from RegisterDynamicBackgroundWorker; only reads its slot.
             let status = unsafe { pg_sys::GetBackgroundWorkerPid(self.handle, &mut pid) };
             match status {
-                pg_sys::BgwHandleStatus::BGWH_STOPPED | pg_sys::BgwHandleStatus::BGWH_POSTMASTER_DIED => return,
-                pg_sys::BgwHandleStatus::BGWH_STARTED if ranges::is_marked(pid).unwrap_or(true) => return,
+                pg_sys::BgwHandleStatus::BGWH_STOPPED | pg_sys::BgwHandleStatus::BGWH_POSTMASTER_DIED => return true,
+                pg_sys::BgwHandleStatus::BGWH_STARTED if ranges::is_marked(pid).unwrap_or(true) => return true,
+                _ if Instant::now() >= until => return false,
                 _ => crate::throttle::sleep_interruptibly(std::time::Duration::from_millis(5)),
             }
         }
@@ -460,8 +483,9 @@ fn unfinished_at_end(run_id: i64) -> Result<Option<Error>> {
 }
 
 /// Settings a worker never takes from the CALL's session: who it is (it connects as the
-/// CALL's role), its name and client, and what belongs to one transaction.
-const NOT_CARRIED: [&str; 8] = [
+/// CALL's role), its name and client, what belongs to one transaction, and the transaction
+/// defaults it pins (`pin_transaction_defaults`).
+const NOT_CARRIED: [&str; 11] = [
     "application_name",
     "client_encoding",
     "role",
@@ -470,6 +494,9 @@ const NOT_CARRIED: [&str; 8] = [
     "transaction_read_only",
     "transaction_deferrable",
     "is_superuser",
+    "default_transaction_isolation",
+    "default_transaction_read_only",
+    "default_transaction_deferrable",
 ];
 
 /// Every setting the CALL's session changed (SET, or the client at connection start),
@@ -586,6 +613,7 @@ pub extern "C-unwind" fn chat_backfill_worker(_arg: pg_sys::Datum) {
     unsafe {
         pg_sys::BackgroundWorkerInitializeConnectionByOid(pg_sys::Oid::from(db as u32), pg_sys::Oid::from(role as u32), crate::version::WORKER_CONNECT_FLAGS);
     }
+    pin_transaction_defaults();
     // SAFETY: a non-atomic SPI connection keeps its memory under PortalContext, which a
     // worker does not have: the process's top context lives as long. Then the first
     // transaction, with a snapshot, as resumable::commit keeps one.
@@ -617,6 +645,38 @@ pub extern "C-unwind" fn chat_backfill_worker(_arg: pg_sys::Datum) {
         pg_sys::CommitTransactionCommand();
     }
 }
+
+/// A worker's transactions are READ COMMITTED, read-write and not deferrable, whatever the
+/// role's or the database's defaults say, set before its first transaction: a SERIALIZABLE
+/// READ ONLY DEFERRABLE default would make it wait for a safe snapshot (as long as any
+/// serializable transaction is open, anywhere) while its CALL waits for it to be counted,
+/// and each batch is correct on its own (ON CONFLICT against the target), so the workers'
+/// batches need no serializable snapshot; the CALL's session's own choice of these is not
+/// carried either (NOT_CARRIED).
+fn pin_transaction_defaults() {
+    for (name, value) in TRANSACTION_DEFAULTS {
+        // SAFETY: NUL-terminated constants for settings every role may set; outside any
+        // transaction, as a connection's startup options are applied.
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SET,
+                true,
+                0,
+                false,
+            );
+        }
+    }
+}
+
+const TRANSACTION_DEFAULTS: [(&core::ffi::CStr, &core::ffi::CStr); 3] = [
+    (c"default_transaction_isolation", c"read committed"),
+    (c"default_transaction_read_only", c"off"),
+    (c"default_transaction_deferrable", c"off"),
+];
 
 fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
     // Row-level security shows a role only its own launches; the condition says it again.

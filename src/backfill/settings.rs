@@ -134,6 +134,9 @@ impl Request<'_> {
         let rows = RowsMode::parse(self.rows)?;
         check_target(&target, rows.is_app())?;
         check_privileges(&source, (!self.dry_run).then_some(&target))?;
+        if !self.dry_run {
+            crate::state_guard::check()?;
+        }
         let source_filter = self.source_filter.filter(|f| !f.trim().is_empty()).map(str::to_owned);
         if let Some(filter) = &source_filter {
             check_filter(&source, filter)?;

@@ -125,9 +125,11 @@ class Cluster:
 
 
 def _start_cluster(datadir: str, *conf: str) -> dict[str, str]:
+    # RUST_BACKTRACE=1 in the server's environment: pgrx would then show a Rust backtrace in
+    # the DETAIL of every error crossing the extension's frames, and no test sees one.
     out = subprocess.run(
         ["bash", str(ROOT / "scripts/cluster.sh"), "start", datadir, *conf],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env={**os.environ, "RUST_BACKTRACE": "1"},
     ).stdout
     env = dict(kv.split("=", 1) for kv in out.replace("export ", "").split())
     return env

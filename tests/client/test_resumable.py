@@ -348,6 +348,7 @@ class PgCronRun:
 
     def __init__(self):
         self.chats = chats_for_test(count=20, hostile=True)
+        self.stop()  # a fresh cluster: an interrupted session may have left its crondb behind
         env = _start_cluster(CRON_DATADIR, "shared_preload_libraries = 'pg_cron'", "cron.database_name = 'crondb'",
                              "cron.use_background_workers = on", "max_worker_processes = 16")
         self.cluster = Cluster(env)

@@ -1,0 +1,330 @@
+"""Whose code and whose runs the run state trusts (issue 20, the attack review of 0.7.0's
+first cut). Each test runs the attack as the review did, against a real server, and fails on
+that cut (noted per test):
+
+1. A role plants a rejection naming a table of its own whose policy calls its function; a
+   reader under row-level security reads `chat_backfill.rejected_messages` and runs it.
+2. A CALL adopts the newest run of its source and target, whoever started it: a tenant's run
+   over the chats its policies show it, or a run with another source_filter, leaves the
+   rest unwritten under `finished`.
+3. A view over a table with row-level security counted as unrestricted: a tenant read other
+   tenants' rejections through it.
+4. A role whose defaults are SERIALIZABLE READ ONLY DEFERRABLE: its workers waited for a
+   safe snapshot while the CALL held the server-wide worker-cap lock.
+5. A role that may read the source records a decoy rejection first; the real run's one is
+   dropped by ON CONFLICT DO NOTHING.
+6. The state tables' owner (the extension's owner, not a superuser) attaches code to them
+   (trigger, default, CHECK, index expression, policy): it ran with the rights of whoever
+   backfilled, a superuser included.
+7. Errors never carry a Rust backtrace, though this suite's server runs with
+   RUST_BACKTRACE=1 (conftest).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg2
+import pytest
+
+import chatgen
+from test_backups import rls_database
+from test_security import connect, expect_sqlstate, load, message_rows, query, scratch  # noqa: F401 (fixture)
+
+NOW = chatgen.NOW
+GOOD = '{"history":{"messages":{"m1":{"role":"user","content":"hello","timestamp":1}}}}'
+BAD = '{"history":{"messages":{"m1":{"role":"user","content":"hi","timestamp":1},' \
+      '"m2":{"role":{"not":"text"},"content":"private","timestamp":2}}}}'
+SPIED = "spy ran as"
+TARGET = """CREATE TABLE public.{name} (id text PRIMARY KEY, chat_id text NOT NULL, user_id text, role text NOT NULL,
+    parent_id text, content json, output json, model_id text, files json, sources json, embeds json, done boolean,
+    status_history json, error json, usage json, created_at bigint, updated_at bigint)"""
+
+
+def reference(cluster, db):
+    """The rows of the superuser's one-transaction run over every chat, in a table of their own."""
+    query(cluster, db, TARGET.format(name="ref_message"))
+    query(cluster, db, "SELECT count(*) FROM backfill_chat_messages('public.chat', 'public.ref_message', now => %s, "
+                       "source_filter => NULL)", (NOW,), clean=False)
+    return message_rows(cluster, db, "ref_message")
+
+
+def spied(notices) -> list[str]:
+    return [n.strip() for n in notices if SPIED in n]
+
+
+# 1 ------------------------------------------------------------------------------------------
+
+def test_reading_rejections_never_runs_a_planted_sources_policy(cluster, scratch):
+    """mallory backfills from a table of her own whose policy calls her function, leaving a
+    rejection that names it; she lets everyone read the table. A reader the table's policy
+    applies to (any role but mallory) reads the rejections:
+
+        SELECT * FROM chat_backfill.rejected_messages;   -- as bob: ran mallory's spy() as bob
+
+    The first cut looked the chat up in mallory's table to decide, running her policy as
+    bob. Now bob sees only rejections he or a trusted role recorded, and spy() never runs.
+    """
+    db, _, bob = rls_database(cluster, scratch)
+    mallory = scratch.role("mallory")
+    query(cluster, db, f"GRANT CREATE ON SCHEMA public TO {mallory}")
+    with connect(cluster, db, mallory) as conn, conn.cursor() as cur:
+        cur.execute(f"""
+            CREATE FUNCTION public.spy() RETURNS boolean LANGUAGE plpgsql AS $$
+            BEGIN RAISE NOTICE '{SPIED} %', current_user; RETURN true; END $$;""")
+        cur.execute(f"""
+            CREATE TABLE public.trap (id text PRIMARY KEY, user_id text, chat json);
+            INSERT INTO public.trap VALUES ('t1', 'u', %s);
+            {TARGET.format(name="trap_message")};
+            ALTER TABLE public.trap ENABLE ROW LEVEL SECURITY;
+            CREATE POLICY spying ON public.trap USING (public.spy());
+            GRANT SELECT ON public.trap TO PUBLIC;""", (BAD,))
+        cur.execute("SELECT sum(messages_rejected) FROM backfill_chat_messages('public.trap', 'public.trap_message', "
+                    f"now => {NOW})")
+        assert cur.fetchone() == (1,)
+    with connect(cluster, db, bob) as conn, conn.cursor() as cur:
+        cur.execute("SELECT chat_id FROM chat_backfill.rejected_messages")
+        assert cur.fetchall() == [] and spied(conn.notices) == [], conn.notices
+        # Control: bob reading mallory's table himself does run her policy.
+        cur.execute("SELECT count(*) FROM public.trap")
+        assert spied(conn.notices), "the spy never fires: this test could not fail"
+    # mallory sees her own rejection (her table, her policy, her rights).
+    assert query(cluster, db, "SELECT chat_id FROM chat_backfill.rejected_messages", user=mallory) == [("t1",)]
+
+
+# 2 ------------------------------------------------------------------------------------------
+
+def test_a_call_goes_on_only_with_a_run_that_covered_what_it_covers(cluster, scratch):
+    """The first cut: alice (her policy shows her 3 of 6 chats) runs the CALL to the end;
+    the owner's CALL then said "already complete" and wrote nothing for bob's chats. The
+    same with a run under another source_filter, and with a run row alice inserted herself
+    claiming to have seen the whole source."""
+    db, alice, bob = rls_database(cluster, scratch)
+    want = reference(cluster, db)
+    with connect(cluster, db, alice) as conn, conn.cursor() as cur:
+        cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, source_filter => NULL)")
+        # A forged run that claims the source's policies did not limit her: refused.
+        expect_sqlstate(cur, """
+            INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, source_filter, high_water,
+                                            total_chats, now, status, rows, id_column, restricted)
+            VALUES ('public.chat'::regclass, 'public.chat_message'::regclass, 'public.chat', 'public.chat_message',
+                    NULL, 'zzz', 0, 1, 'finished', 'migration', 'id', false)""", "42501")
+        # One that says nothing of it (as a 0.6.0 run): hers only.
+        cur.execute("""
+            INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, source_filter, high_water,
+                                            total_chats, now, status, rows, id_column)
+            VALUES ('public.chat'::regclass, 'public.chat_message'::regclass, 'public.chat', 'public.chat_message',
+                    NULL, 'zzz', 0, 1, 'finished', 'migration', 'id')""")
+    assert query(cluster, db, "SELECT count(*) FROM public.chat_message") == [(3,)]
+    # The owner, first with another filter (bob's chats only), then with none.
+    with connect(cluster, db) as conn, conn.cursor() as cur:
+        cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, source_filter => $$user_id = '{bob}'$$)")
+        assert not any("already complete" in n for n in conn.notices), conn.notices
+        cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, source_filter => NULL)")
+        assert any("is not resumed" in n for n in conn.notices), conn.notices
+        assert not any("already complete" in n for n in conn.notices), conn.notices
+        # Its own run, finished, is the one the next CALL finds.
+        cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, source_filter => NULL)")
+        assert any("already complete" in n for n in conn.notices[-2:]), conn.notices
+    assert message_rows(cluster, db) == want
+
+
+# 3 ------------------------------------------------------------------------------------------
+
+def test_a_view_source_shows_each_reader_only_the_rejections_of_chats_it_shows_them(cluster, scratch):
+    """A view that shows each role its own chats (a WHERE on current_user: a view's rows may
+    depend on its reader; row_security_active says nothing of views). The owner backfills
+    through it... it shows the owner nothing of the tenants', so here the view is over the
+    table with a policy and the backfill runs as the superuser, who sees every chat through
+    the view. The first cut counted a view as unrestricted: alice read bob's rejection."""
+    db, alice, bob = rls_database(cluster, scratch)
+    query(cluster, db, "CREATE VIEW public.chat_v AS SELECT * FROM public.chat "
+                       "WHERE user_id = current_user OR current_user = 'postgres'")
+    query(cluster, db, f"GRANT SELECT ON public.chat_v TO {alice}, {bob}")
+    query(cluster, db, f"SELECT count(*) FROM backfill_chat_messages('public.chat_v', now => {NOW})", clean=False)
+    assert query(cluster, db, "SELECT chat_id FROM chat_backfill.rejected_messages") == [("b1",)]
+    assert query(cluster, db, "SELECT chat_id FROM chat_backfill.rejected_messages", user=alice) == []
+    assert query(cluster, db, "SELECT chat_id FROM chat_backfill.rejected_messages", user=bob) == [("b1",)]
+
+
+# 4 ------------------------------------------------------------------------------------------
+
+def test_workers_start_whatever_the_roles_transaction_defaults(cluster, scratch):
+    """ALTER ROLE ... SET default_transaction_isolation = serializable,
+    default_transaction_read_only = on, default_transaction_deferrable = on; the session turns
+    read_only off to run the CALL with workers while another session keeps a serializable
+    read-write transaction open. The first cut's workers waited for a safe snapshot (as long
+    as that transaction lived) while the CALL held the server-wide cap lock: every other
+    CALL with workers waited too. statement_timeout only keeps a regression from hanging."""
+    runner = scratch.role("runner")
+    db = scratch.database("trust_serial")
+    data = chatgen.realistic_chats(seed=11, count=60, content_bytes=(100, 300), messages=(2, 4))
+    load(cluster, db, data)
+    query(cluster, db, "CREATE EXTENSION chat_backfill", clean=False)
+    query(cluster, db, f"GRANT SELECT ON public.chat TO {runner}; GRANT INSERT, SELECT ON public.chat_message TO {runner}")
+    for setting, value in [("default_transaction_isolation", "serializable"), ("default_transaction_read_only", "on"),
+                           ("default_transaction_deferrable", "on")]:
+        query(cluster, db, f"ALTER ROLE {runner} SET {setting} = '{value}'")
+    query(cluster, db, "CREATE TABLE public.other (x int)")
+    with connect(cluster, db) as holder, holder.cursor() as hc:
+        holder.autocommit = False
+        hc.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        hc.execute("INSERT INTO public.other VALUES (1)")
+        with connect(cluster, db, runner) as conn, conn.cursor() as cur:
+            cur.execute("SET default_transaction_read_only = off")
+            cur.execute("SET statement_timeout = '120s'")
+            cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, batch_size => 10, workers => 2)")
+            assert any("2 workers started" in n for n in conn.notices), conn.notices
+            cur.execute("SELECT state FROM chat_backfill.status")
+            assert cur.fetchall() == [("finished",)]
+        holder.rollback()
+    assert query(cluster, db, "SELECT count(*) > 0 FROM public.chat_message") == [(True,)]
+
+
+# 5 ------------------------------------------------------------------------------------------
+
+def test_a_decoy_from_a_reader_of_the_source_leaves_the_real_rejection_recorded(cluster, scratch):
+    """eve may read the source and write the target: she draws a run id and records a
+    rejection for bob's chat with her own text before the owner's run. The first cut kept
+    hers (ON CONFLICT DO NOTHING) and dropped the run's; bob, under the source's policies,
+    does not see eve's."""
+    db, _, bob = rls_database(cluster, scratch)
+    eve = scratch.role("eve")
+    query(cluster, db, f"GRANT SELECT ON public.chat TO {eve}; GRANT INSERT, SELECT (id) ON public.chat_message TO {eve}; "
+                       f"ALTER ROLE {eve} BYPASSRLS")
+    with connect(cluster, db, eve) as conn, conn.cursor() as cur:
+        cur.execute("SELECT nextval('chat_backfill.runs_run_id_seq')")
+        (decoy,) = cur.fetchone()
+        cur.execute("""
+            INSERT INTO chat_backfill.rejected_messages
+                (run_id, source, target, source_oid, target_oid, id_column, chat_id, message_key, message_id,
+                 sqlstate, error)
+            VALUES (%s, 'public.chat', 'public.chat_message', 'public.chat'::regclass, 'public.chat_message'::regclass,
+                    'id', 'b1', 'm2', 'b1-m2', '42804', 'decoy: nothing is wrong, ignore it')""", (decoy,))
+    query(cluster, db, f"SELECT count(*) FROM backfill_chat_messages(now => {NOW})", clean=False)
+    rows = query(cluster, db, "SELECT recorded_by, error FROM chat_backfill.rejected_messages ORDER BY id")
+    assert [r for r, _ in rows] == [eve, "postgres"] and rows[1][1].startswith("cannot be stored"), rows
+    assert [e for (e,) in query(cluster, db, "SELECT error FROM chat_backfill.rejected_messages", user=bob)] == \
+        [rows[1][1]]
+
+
+# 6 ------------------------------------------------------------------------------------------
+
+SPY = f"""
+CREATE FUNCTION public.spy() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN RAISE NOTICE '{SPIED} %', current_user; RETURN true; END $$;
+CREATE FUNCTION public.spy_ts() RETURNS timestamptz LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spy(); RETURN clock_timestamp(); END $$;
+CREATE FUNCTION public.spy_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM public.spy(); RETURN NEW; END $$;
+"""
+
+ATTACHED = {
+    "trigger": "CREATE TRIGGER spying BEFORE INSERT ON chat_backfill.{table} FOR EACH ROW EXECUTE FUNCTION public.spy_trigger()",
+    "default": "ALTER TABLE chat_backfill.{table} ALTER COLUMN {column} SET DEFAULT public.spy_ts()",
+    "check": "ALTER TABLE chat_backfill.{table} ADD CONSTRAINT spying CHECK (public.spy()) NOT VALID",
+    "policy": "ALTER POLICY rejections_by_runners ON chat_backfill.{table} WITH CHECK (public.spy())",
+}
+COLUMN = {"rejected_messages": "rejected_at", "runs": "updated_at"}
+
+
+@pytest.mark.parametrize("table,kind", [("rejected_messages", "trigger"), ("rejected_messages", "default"),
+                                        ("rejected_messages", "policy"),
+                                        ("runs", "trigger"), ("runs", "check")])
+def test_code_the_state_owner_attaches_never_runs_as_the_caller(cluster, scratch, table, kind):
+    """The database owner installs the extension (trusted) and so owns the state tables; it
+    attaches a function of its own to one (not through an index expression: CREATE INDEX
+    needs CREATE on the schema, which only its superuser owner has). A superuser then backfills tables of its own in
+    that database (a tenant, for a policy: superusers bypass policies). The first cut ran the
+    owner's function as the caller, a superuser included. Now the backfill refuses with
+    42501 before it writes, naming what it found; the owner's own backfill (whom the owner's
+    code cannot escalate) goes on and runs it, which shows the spy would have fired."""
+    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+    tenant = scratch.role("tenant")
+    db = scratch.database("trust_owner", owner=owner)
+    chats = [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)]
+    load(cluster, db, chats)  # the superuser's own tables
+    query(cluster, db, f"GRANT SELECT ON public.chat TO {tenant}; GRANT INSERT, SELECT ON public.chat_message TO {tenant}")
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION chat_backfill")
+        cur.execute(SPY)
+        cur.execute(ATTACHED[kind].format(table=table, column=COLUMN[table]))
+    query(cluster, db, "CREATE TABLE public.own_chat AS SELECT * FROM public.chat; "
+                       "ALTER TABLE public.own_chat ADD PRIMARY KEY (id); " + TARGET.format(name="own_message") +
+                       f"; ALTER TABLE public.own_chat OWNER TO {owner}; ALTER TABLE public.own_message OWNER TO {owner}")
+    caller = tenant if kind == "policy" else "postgres"
+    form = ("SELECT count(*) FROM backfill_chat_messages(now => %s)" if table == "rejected_messages"
+            else "CALL backfill_chat_messages_resumable(now => %s)")
+    with connect(cluster, db, caller) as conn, conn.cursor() as cur:
+        err = expect_sqlstate(cur, form % NOW, "42501")
+        assert "state tables run code" in err.pgerror and "spy" in err.pgerror, err.pgerror
+        assert spied(conn.notices) == [], conn.notices
+    assert query(cluster, db, "SELECT count(*) FROM public.chat_message") == [(0,)]
+    # Control: a role the owner can act as anyway (here one granted to the owner; the owner
+    # itself for all but a policy, which the table's owner bypasses) is not refused, and the
+    # owner's code runs, as that role.
+    helper = owner
+    if kind == "policy":
+        helper = scratch.role("helper")
+        query(cluster, db, f"GRANT {helper} TO {owner}; GRANT SELECT ON public.own_chat TO {helper}; "
+                           f"GRANT INSERT, SELECT ON public.own_message TO {helper}")
+    with connect(cluster, db, helper) as conn, conn.cursor() as cur:
+        cur.execute(form.replace("now => %s", "'public.own_chat', 'public.own_message', now => %s") % NOW)
+        assert spied(conn.notices), f"{kind} on {table} never ran: this test could not fail"
+
+
+def test_code_attached_while_a_run_is_under_way_stops_it_at_its_next_transaction(cluster, scratch):
+    """The check is made in every transaction of a CALL (and holds the tables' ROW EXCLUSIVE
+    lock, which a new trigger must wait for): a trigger added between two batches of a
+    superuser's run ends it at the next batch, with 42501, before the trigger runs."""
+    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+    db = scratch.database("trust_mid", owner=owner)
+    data = chatgen.realistic_chats(seed=3, count=40, content_bytes=(100, 300), messages=(2, 4))
+    load(cluster, db, data)
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION chat_backfill")
+        cur.execute(SPY)
+    box = {}
+
+    def run():
+        with connect(cluster, db) as conn, conn.cursor() as cur:
+            try:
+                cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, batch_size => 5, "
+                            "pause => '200 milliseconds')")
+            except psycopg2.Error as e:
+                box["error"] = e
+            box["notices"] = list(conn.notices)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        import time
+        for _ in range(600):
+            if query(cluster, db, "SELECT coalesce(max(batches), 0) FROM chat_backfill.runs") >= [(2,)]:
+                break
+            time.sleep(0.05)
+        query(cluster, db, "CREATE TRIGGER spying BEFORE UPDATE ON chat_backfill.runs FOR EACH ROW "
+                           "EXECUTE FUNCTION public.spy_trigger()", user=owner)
+    finally:
+        t.join()
+    assert getattr(box.get("error"), "pgcode", None) == "42501", box
+    assert spied(box["notices"]) == [], box["notices"]
+
+
+# 7 ------------------------------------------------------------------------------------------
+
+def test_errors_carry_no_rust_backtrace(cluster, scratch):
+    """The server runs with RUST_BACKTRACE=1 (conftest). pgrx then appends a captured Rust
+    backtrace to the DETAIL of every error that crosses the extension's frames, a cancel
+    included: the first cut showed one to the client of a cancelled CALL."""
+    db = scratch.database("trust_bt")
+    load(cluster, db, chatgen.realistic_chats(seed=2, count=30, content_bytes=(100, 300), messages=(2, 4)))
+    query(cluster, db, "CREATE EXTENSION chat_backfill", clean=False)
+    with connect(cluster, db) as conn, conn.cursor() as cur:
+        errors = [expect_sqlstate(cur, "SELECT * FROM backfill_chat_messages(batch_size => 0)", "22023")]
+        cur.execute("SET statement_timeout = '300ms'")
+        errors.append(expect_sqlstate(cur, f"CALL backfill_chat_messages_resumable(now => {NOW}, batch_size => 1, "
+                                           "pause => '1 second')", "57014"))
+    for e in errors:
+        detail = e.diag.message_detail or ""
+        assert "backtrace" not in detail.lower() and "rust_begin_unwind" not in detail and " at /" not in detail, detail
