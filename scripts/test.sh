@@ -33,6 +33,7 @@ profile=$CHAT_BACKFILL_PROFILE
 # run what differs): on the newest major of the run, or on every one with FULL.
 pg_test_majors=" ${majors[-1]} "; [ -z "${FULL:-}" ] || pg_test_majors=" ${majors[*]} "
 export PG_TEST_MAJORS=$pg_test_majors
+pg_tested() { [[ "$pg_test_majors" == *" $1 "* ]]; }
 
 elapsed() { printf '%dm%02ds' $(((SECONDS - $1) / 60)) $(((SECONDS - $1) % 60)); }
 # Runs a step quietly and prints its summary line and time; on failure shows its last lines.
@@ -103,13 +104,13 @@ for major in "${majors[@]}"; do
     fi
     bash scripts/install.sh --copy "$major"
     echo "   (waited $(elapsed $t0))"
-    if [[ "$pg_test_majors" == *" $major "* ]]; then
+    if pg_tested "$major"; then
       echo "-- unit and property tests, and the #[pg_test]s (ran in the background)"
       summary=$(grep -E "^test result" "target/stage/pg$major.pgtest.log")
       echo "$summary" | sed 's/^/   /'
       pg_tests=$(passed "$summary")
     fi
-  elif [[ "$pg_test_majors" == *" $major "* ]]; then
+  elif pg_tested "$major"; then
     echo "-- unit and property tests, and the #[pg_test]s"
     restore=$major
     step pg_test "$major"
@@ -142,12 +143,12 @@ for major in "${supported[@]}"; do
   entry=$(printf '%s\n' "${ran[@]:-}" | grep "^$major:" || true)
   if [ -z "$entry" ]; then echo "   $major: NOT RUN"; status=3; continue; fi
   IFS=: read -r _ pg_tests client_tests took <<<"$entry"
-  if [[ "$pg_test_majors" == *" $major "* ]]; then
+  if pg_tested "$major"; then
     echo "   $major: $pg_tests unit tests and #[pg_test]s, $client_tests client tests passed ($took)"
   else
     echo "   $major: $client_tests client tests passed ($took)"
   fi
-  if [ "$client_tests" -eq 0 ] || { [[ "$pg_test_majors" == *" $major "* ]] && [ "$pg_tests" -eq 0 ]; }; then
+  if [ "$client_tests" -eq 0 ] || { pg_tested "$major" && [ "$pg_tests" -eq 0 ]; }; then
     echo "   $major ran no test"; status=1
   fi
 done

@@ -75,7 +75,6 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
-# Open WebUI's chat table, reduced to what the migration reads (plus title, to look real).
 @pytest.fixture(scope="session", autouse=True)
 def pg_cron_run(request):
     """The pg_cron test's run, started before the first test when that test is selected: it
@@ -91,6 +90,7 @@ def pg_cron_run(request):
         run.stop()
 
 
+# Open WebUI's chat table, reduced to what the migration reads (plus title, to look real).
 CHAT_DDL = "CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)"
 
 

@@ -19,6 +19,7 @@ import pytest
 
 import app_reference
 import chatgen
+from conftest import CHAT_DDL
 
 NOW = chatgen.NOW
 
@@ -394,7 +395,7 @@ def test_a_chat_bigger_than_a_batch_is_written_all_or_nothing(cluster, form):
     for size in (5000, 8):
         db = dbs[size] = cluster.create_db("app_whole")
         with cluster.connect(db) as conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            cur.execute(CHAT_DDL)
             copy_chats(conn, chats)
             cur.execute(TARGET_DDL)
             cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text, "

@@ -42,7 +42,7 @@ import psycopg2
 import pytest
 
 from chatgen import NOW, Chat
-from conftest import ROOT, Cluster, _start_cluster
+from conftest import CHAT_DDL, ROOT, Cluster, _start_cluster
 from load_sample import TARGET_DDL, copy_chats
 
 FUZZ_DIR = "/tmp/cb_fuzz"
@@ -550,7 +550,7 @@ def huge_chat_dbs(fuzz) -> dict[str, str]:
         conn = fuzz.connect(db)
         try:
             cur = conn.cursor()
-            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            cur.execute(CHAT_DDL)
             copy_chats(conn, [Chat(f"huge-{name}", "u", doc)])
             cur.execute(TARGET_DDL)
         finally:

@@ -15,6 +15,7 @@ import psycopg2
 import pytest
 
 import chatgen
+from conftest import CHAT_DDL
 from load_sample import TARGET_DDL, copy_chats
 
 NOW = chatgen.NOW
@@ -23,7 +24,7 @@ NOW = chatgen.NOW
 def make_db(cluster, chats, prefix) -> str:
     db = cluster.create_db(prefix)
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        cur.execute(CHAT_DDL)
         copy_chats(conn, chats)
         cur.execute(TARGET_DDL)
         cur.execute("ANALYZE chat")
@@ -224,7 +225,7 @@ def test_a_source_read_whole_gives_exact_counts_and_nothing_stays(cluster, shape
 def test_admission_refuses_over_max_atomic_wal_with_a_hint_and_force_runs(cluster):
     db = cluster.create_db("plan_admit")
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        cur.execute(CHAT_DDL)
         copy_chats(conn, chatgen.realistic_chats(seed=22, count=300, content_bytes=(300, 5000), messages=(2, 24)))
         cur.execute(TARGET_DDL)
         # An operator's setting for every session of the database.

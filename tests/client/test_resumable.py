@@ -16,7 +16,7 @@ import pytest
 
 import chatgen
 from compare import fetch_rows
-from conftest import PG_MAJOR, ROOT, Cluster, _start_cluster, pg_config
+from conftest import CHAT_DDL, PG_MAJOR, ROOT, Cluster, _start_cluster, pg_config
 from load_sample import TARGET_DDL, copy_chats
 
 CALL = "CALL backfill_chat_messages_resumable(now => %(now)s, {extra})"
@@ -30,7 +30,7 @@ def chats_for_test(count=120, hostile=True):
 def make_db(cluster: Cluster, chats, ddl=TARGET_DDL, prefix="res") -> str:
     db = cluster.create_db(prefix)
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        cur.execute(CHAT_DDL)
         copy_chats(conn, chats)
         cur.execute(ddl)
     return db
@@ -359,7 +359,7 @@ class PgCronRun:
             with self.cluster.connect("crondb") as conn, conn.cursor() as cur:
                 cur.execute("CREATE EXTENSION pg_cron")
                 cur.execute("CREATE EXTENSION chat_backfill")
-                cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+                cur.execute(CHAT_DDL)
                 copy_chats(conn, self.chats)
                 cur.execute(TARGET_DDL)
                 # Each tick does one batch (max_runtime 0 stops after the first): two or three ticks.
@@ -400,7 +400,7 @@ def test_alembic_examples(cluster, style):
     want = one_shot_rows(cluster, chats)
     db = cluster.create_db(f"alembic_{style}", extension=False)
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        cur.execute(CHAT_DDL)
         copy_chats(conn, chats)
     _alembic_upgrade(ROOT / "examples/alembic", style, cluster.url(db))
     got = rows_of(cluster, db)

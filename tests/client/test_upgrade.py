@@ -23,7 +23,7 @@ import pytest
 
 import chatgen
 from compare import fetch_rows
-from conftest import ONE_MAJOR, PG_MAJOR, ROOT, Cluster, pg_config
+from conftest import CHAT_DDL, ONE_MAJOR, PG_MAJOR, ROOT, Cluster, pg_config
 from load_sample import TARGET_DDL, copy_chats
 
 # Every earlier release, by the commit it was released from; each is upgraded to this one.
@@ -109,7 +109,7 @@ def fresh_install_rows(cluster: Cluster, chats, prefix: str) -> tuple[str, list]
     """A database with this release freshly installed and the chats backfilled in one call: its name and rows."""
     db = cluster.create_db(prefix)
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        cur.execute(CHAT_DDL)
         copy_chats(conn, chats)
         cur.execute(TARGET_DDL)
         cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (chatgen.NOW,))
@@ -123,7 +123,7 @@ def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(clust
     with old_library(old_version, old_commit):
         with cluster.connect(db) as conn, conn.cursor() as cur:
             cur.execute(f"CREATE EXTENSION chat_backfill VERSION '{old_version}'")
-            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            cur.execute(CHAT_DDL)
             copy_chats(conn, chats)
             cur.execute(TARGET_DDL)
             # Part way: max_runtime stops the run after its first committed batch.
@@ -181,7 +181,7 @@ def test_update_while_the_old_releases_workers_run(cluster):
     with old_library("0.6.0", "1ecc158"):
         with cluster.connect(db) as conn, conn.cursor() as cur:
             cur.execute("CREATE EXTENSION chat_backfill VERSION '0.6.0'")
-            cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+            cur.execute(CHAT_DDL)
             copy_chats(conn, chats)
             cur.execute(TARGET_DDL)
             cur.execute("CALL backfill_chat_messages_resumable(now => %s, batch_size => 50, workers => 2,"

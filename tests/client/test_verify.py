@@ -10,6 +10,7 @@ import json
 import pytest
 
 import chatgen
+from conftest import CHAT_DDL
 
 NOW = chatgen.NOW
 
@@ -28,7 +29,7 @@ def doc(n: int, tag: str) -> str:
 def load(cluster, db: str, chats: list, rows: str) -> None:
     from load_sample import TARGET_DDL, copy_chats
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat json)")
+        cur.execute(CHAT_DDL)
         copy_chats(conn, chats)
         cur.execute(TARGET_DDL)
         if rows == "app":  # the head's columns, which the app writes
