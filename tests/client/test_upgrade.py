@@ -162,6 +162,7 @@ def test_update_part_way_through_a_run_keeps_it_and_equals_a_fresh_install(clust
 
 
 @ONE_MAJOR
+@RELEASED_FOR_THIS_MAJOR
 def test_update_while_the_old_releases_workers_run(cluster):
     """ALTER EXTENSION UPDATE from 0.6.0 while two of 0.6.0's background workers write: the
     update waits for their batch, and whatever the old workers do next (finish, or stop on
