@@ -7,6 +7,20 @@
 -- pg_restore of its database work. The definitions are the install script's, word for word
 -- (the upgrade test compares them).
 
+-- 0. Recorded names resolved without errors (the install script says why).
+-- A recorded table name's table, or NULL. to_regclass raises 42501 for a schema the caller may
+-- not use (another session's pg_temp_N among them): one row naming such a table would make the
+-- state, and every backfill that reads it, fail for everyone else. This looks the schema up first.
+CREATE FUNCTION chat_backfill.regclass_of(name pg_catalog.text) RETURNS pg_catalog.regclass LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN pg_catalog.array_length(pg_catalog.parse_ident(name, false), 1) OPERATOR(pg_catalog.<>) 2
+                THEN pg_catalog.to_regclass(name)
+                WHEN EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                              WHERE n.nspname OPERATOR(pg_catalog.=) (pg_catalog.parse_ident(name, false))[1]
+                                AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'::pg_catalog.text))
+                THEN pg_catalog.to_regclass(name) END;
+END;
+
 -- 1. Checkpoints inside a chat.
 ALTER TABLE chat_backfill.runs
     ADD COLUMN partial_key pg_catalog.text,
@@ -100,8 +114,8 @@ LEFT JOIN LATERAL (
                AS workers
     FROM held l
     WHERE (l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
-           AND l.classid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.source)::pg_catalog.oid
-           AND l.objid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.target)::pg_catalog.oid)
+           AND l.classid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.source)::pg_catalog.oid
+           AND l.objid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.target)::pg_catalog.oid)
        OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id)))
@@ -200,8 +214,8 @@ CREATE UNIQUE INDEX rejected_messages_once ON chat_backfill.rejected_messages
 CREATE FUNCTION chat_backfill.may_run(source pg_catalog.text, target pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid, 'SELECT'::pg_catalog.text)
-                    AND pg_catalog.has_table_privilege(pg_catalog.to_regclass(target)::pg_catalog.oid, 'INSERT'::pg_catalog.text),
+    SELECT coalesce(pg_catalog.has_table_privilege(chat_backfill.regclass_of(source)::pg_catalog.oid, 'SELECT'::pg_catalog.text)
+                    AND pg_catalog.has_table_privilege(chat_backfill.regclass_of(target)::pg_catalog.oid, 'INSERT'::pg_catalog.text),
                     false);
 END;
 CREATE OR REPLACE FUNCTION chat_backfill.may_add(source_oid pg_catalog.oid, target_oid pg_catalog.oid,
@@ -209,8 +223,8 @@ CREATE OR REPLACE FUNCTION chat_backfill.may_add(source_oid pg_catalog.oid, targ
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT coalesce(chat_backfill.may_run(source, target)
-                    AND source_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid
-                    AND target_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(target)::pg_catalog.oid, false);
+                    AND source_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid
+                    AND target_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(target)::pg_catalog.oid, false);
 END;
 CREATE FUNCTION chat_backfill.restricted(source pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
@@ -219,7 +233,7 @@ BEGIN ATOMIC
                                  THEN pg_catalog.row_security_active(c.oid)
                                  ELSE c.relkind OPERATOR(pg_catalog.<>) 'm'::pg_catalog."char" END
                      FROM pg_catalog.pg_class c
-                     WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid), false);
+                     WHERE c.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid), false);
 END;
 CREATE FUNCTION chat_backfill.chat_visible(source pg_catalog.oid, id_column pg_catalog.text, chat_id pg_catalog.text)
 RETURNS pg_catalog.bool STRICT STABLE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'chat_visible_wrapper';
@@ -247,7 +261,7 @@ CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_cata
                                        author pg_catalog.text, others pg_catalog.bool)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid,
+    SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(chat_backfill.regclass_of(source)::pg_catalog.oid,
                                                                  'SELECT'::pg_catalog.text), false)
                 THEN false
                 WHEN NOT chat_backfill.restricted(source) THEN true
@@ -256,9 +270,9 @@ BEGIN ATOMIC
                       AND coalesce((SELECT chat_backfill.trusted(a.oid) FROM pg_catalog.pg_roles a
                                     WHERE a.rolname OPERATOR(pg_catalog.=) author::pg_catalog.name), false)
                       AND coalesce((SELECT chat_backfill.trusted(c.relowner) FROM pg_catalog.pg_class c
-                                    WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid),
+                                    WHERE c.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid),
                                    false))
-                THEN coalesce(chat_backfill.chat_visible(pg_catalog.to_regclass(source)::pg_catalog.oid, id_column, chat_id),
+                THEN coalesce(chat_backfill.chat_visible(chat_backfill.regclass_of(source)::pg_catalog.oid, id_column, chat_id),
                               false)
                 ELSE false END;
 END;
@@ -331,3 +345,75 @@ BEGIN
     EXECUTE pg_catalog.format('ALTER TABLE chat_backfill.run_ranges OWNER TO %s', owner);
 END
 $$;
+
+-- 6. What the state tables are made of, recorded (the install script says why). Until this
+--    update they were the superuser's, so nothing their new owner attached is recorded here.
+--    A later update must compare them with this record before it records again.
+-- What the state tables are made of, one line per part that a write or a read of them could
+-- run code through: each table's kind, access method and row-level security switches, every
+-- column (type, NOT NULL, generated), default, constraint, index, trigger, rule and policy,
+-- each as its stored node tree (oids, not names a search_path could spell otherwise), and every
+-- table inheriting from one. The install and update scripts record it in a table the
+-- bootstrap superuser owns, which the extension's owner cannot change; before each
+-- transaction a backfill makes, a caller the state's owner cannot act as compares it with what
+-- is there (src/state_guard.rs).
+CREATE FUNCTION chat_backfill.state_definition() RETURNS SETOF pg_catalog.text LANGUAGE sql STABLE
+BEGIN ATOMIC
+    WITH state AS (
+        SELECT c.oid, c.relname FROM pg_catalog.pg_class c
+         WHERE c.relnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid
+           AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+    )
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'table', c.relkind, c.relam, c.relpersistence,
+                                c.relrowsecurity, c.relforcerowsecurity, c.reloftype)
+      FROM state s JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'column', a.attname, a.atttypid, a.attnotnull,
+                                a.attgenerated, a.attisdropped)
+      FROM state s JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.oid
+     WHERE a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'default', a.attname, d.adbin::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_attrdef d ON d.adrelid OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.oid AND a.attnum OPERATOR(pg_catalog.=) d.adnum
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'constraint', k.conname, k.contype, k.conkey::pg_catalog.text,
+                                k.confrelid, k.conbin::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_constraint k ON k.conrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'index', i.indexrelid::pg_catalog.oid, i.indkey::pg_catalog.text,
+                                i.indclass::pg_catalog.text, i.indexprs::pg_catalog.text, i.indpred::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'trigger', t.tgname, t.tgfoid, t.tgtype, t.tgenabled,
+                                t.tgqual::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'rule', r.rulename, r.ev_type, r.ev_action::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_rewrite r ON r.ev_class OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'policy', p.polname, p.polcmd, p.polpermissive,
+                                p.polroles::pg_catalog.text, p.polqual::pg_catalog.text, p.polwithcheck::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'inherited by', n.nspname, c.relname)
+      FROM state s JOIN pg_catalog.pg_inherits h ON h.inhparent OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) h.inhrelid
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace;
+END;
+
+-- The definition as the install (or the latest update) left it; only a superuser changes it.
+CREATE TABLE chat_backfill.state_recorded (part pg_catalog.text NOT NULL);
+GRANT SELECT ON chat_backfill.state_recorded TO PUBLIC;
+
+-- Records the state tables as they are now. A superuser's, after checking them: after a
+-- pg_upgrade their stored node trees may read differently, and a backfill whose caller the
+-- state's owner cannot act as then refuses until this is run.
+CREATE FUNCTION chat_backfill.record_state_definition() RETURNS pg_catalog.int8 LANGUAGE sql VOLATILE
+BEGIN ATOMIC
+    DELETE FROM chat_backfill.state_recorded;
+    INSERT INTO chat_backfill.state_recorded SELECT chat_backfill.state_definition();
+    SELECT pg_catalog.count(*) FROM chat_backfill.state_recorded;
+END;
+REVOKE ALL ON FUNCTION chat_backfill.record_state_definition() FROM PUBLIC;
+SELECT chat_backfill.record_state_definition();

@@ -155,8 +155,8 @@ LEFT JOIN LATERAL (
                AS workers
     FROM held l
     WHERE (l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2
-           AND l.classid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.source)::pg_catalog.oid
-           AND l.objid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(r.target)::pg_catalog.oid)
+           AND l.classid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.source)::pg_catalog.oid
+           AND l.objid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.target)::pg_catalog.oid)
        OR (l.objsubid OPERATOR(pg_catalog.=) 2::pg_catalog.int2
            AND l.objid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT g.range_id::pg_catalog.oid FROM chat_backfill.run_ranges g
                                                          WHERE g.run_id OPERATOR(pg_catalog.=) r.run_id)))

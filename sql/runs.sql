@@ -88,7 +88,7 @@ CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_cata
                                        author pg_catalog.text, others pg_catalog.bool)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid,
+    SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(chat_backfill.regclass_of(source)::pg_catalog.oid,
                                                                  'SELECT'::pg_catalog.text), false)
                 THEN false
                 WHEN NOT chat_backfill.restricted(source) THEN true
@@ -97,9 +97,9 @@ BEGIN ATOMIC
                       AND coalesce((SELECT chat_backfill.trusted(a.oid) FROM pg_catalog.pg_roles a
                                     WHERE a.rolname OPERATOR(pg_catalog.=) author::pg_catalog.name), false)
                       AND coalesce((SELECT chat_backfill.trusted(c.relowner) FROM pg_catalog.pg_class c
-                                    WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid),
+                                    WHERE c.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid),
                                    false))
-                THEN coalesce(chat_backfill.chat_visible(pg_catalog.to_regclass(source)::pg_catalog.oid, id_column, chat_id),
+                THEN coalesce(chat_backfill.chat_visible(chat_backfill.regclass_of(source)::pg_catalog.oid, id_column, chat_id),
                               false)
                 ELSE false END;
 END;

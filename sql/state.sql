@@ -4,6 +4,19 @@
 CREATE SCHEMA chat_backfill;
 GRANT USAGE ON SCHEMA chat_backfill TO PUBLIC;
 
+-- A recorded table name's table, or NULL. to_regclass raises 42501 for a schema the caller may
+-- not use (another session's pg_temp_N among them): one row naming such a table would make the
+-- state, and every backfill that reads it, fail for everyone else. This looks the schema up first.
+CREATE FUNCTION chat_backfill.regclass_of(name pg_catalog.text) RETURNS pg_catalog.regclass LANGUAGE sql STABLE
+BEGIN ATOMIC
+    SELECT CASE WHEN pg_catalog.array_length(pg_catalog.parse_ident(name, false), 1) OPERATOR(pg_catalog.<>) 2
+                THEN pg_catalog.to_regclass(name)
+                WHEN EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                              WHERE n.nspname OPERATOR(pg_catalog.=) (pg_catalog.parse_ident(name, false))[1]
+                                AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'::pg_catalog.text))
+                THEN pg_catalog.to_regclass(name) END;
+END;
+
 -- A table's schema-qualified, quoted name: the one the backfill records and shows.
 CREATE FUNCTION chat_backfill.table_name(relation pg_catalog.oid) RETURNS pg_catalog.text
 LANGUAGE sql STABLE
@@ -24,8 +37,8 @@ END;
 CREATE FUNCTION chat_backfill.may_run(source pg_catalog.text, target pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT coalesce(pg_catalog.has_table_privilege(pg_catalog.to_regclass(source)::pg_catalog.oid, 'SELECT'::pg_catalog.text)
-                    AND pg_catalog.has_table_privilege(pg_catalog.to_regclass(target)::pg_catalog.oid, 'INSERT'::pg_catalog.text),
+    SELECT coalesce(pg_catalog.has_table_privilege(chat_backfill.regclass_of(source)::pg_catalog.oid, 'SELECT'::pg_catalog.text)
+                    AND pg_catalog.has_table_privilege(chat_backfill.regclass_of(target)::pg_catalog.oid, 'INSERT'::pg_catalog.text),
                     false);
 END;
 
@@ -36,8 +49,8 @@ CREATE FUNCTION chat_backfill.may_add(source_oid pg_catalog.oid, target_oid pg_c
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT coalesce(chat_backfill.may_run(source, target)
-                    AND source_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid
-                    AND target_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(target)::pg_catalog.oid, false);
+                    AND source_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid
+                    AND target_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(target)::pg_catalog.oid, false);
 END;
 
 -- Whether what the source shows depends on who reads it, for the calling role: a table's or
@@ -52,7 +65,7 @@ BEGIN ATOMIC
                                  THEN pg_catalog.row_security_active(c.oid)
                                  ELSE c.relkind OPERATOR(pg_catalog.<>) 'm'::pg_catalog."char" END
                      FROM pg_catalog.pg_class c
-                     WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(source)::pg_catalog.oid), false);
+                     WHERE c.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid), false);
 END;
 
 -- Messages and chats a backfill could not write, and why. It holds users' chat content, so a

@@ -127,20 +127,37 @@ pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
     let key = settings.key_column();
     let measure = format!(
         "SELECT (SELECT {key}::pg_catalog.text FROM {source}{where_high} ORDER BY {key} DESC LIMIT 1), \
-                (SELECT pg_catalog.count(*) FROM {source}{where_all})",
+                (SELECT pg_catalog.count(*) FROM {source}{where_all}), \
+                (SELECT pg_catalog.count(*) FROM {source}{where_null})",
         source = settings.source.name,
         where_high = source_where(settings, Some(&format!("{key} IS NOT NULL"))),
         where_all = source_where(settings, None),
+        where_null = source_where(settings, Some(&format!("NOT ({key} IS NOT NULL)"))),
     );
-    let (high_water, total) = Spi::connect(|client| {
+    let (high_water, total, keyless) = Spi::connect(|client| {
         let mut cursor = client.try_open_cursor(measure.as_str(), &[])?;
         let table = cursor.fetch(1)?;
         let row = table.into_iter().next();
         Ok::<_, pgrx::spi::Error>(match row {
-            Some(row) => (row.get::<String>(1)?, row.get::<i64>(2)?.unwrap_or(0)),
-            None => (None, 0),
+            Some(row) => (row.get::<String>(1)?, row.get::<i64>(2)?.unwrap_or(0), row.get::<i64>(3)?.unwrap_or(0)),
+            None => (None, 0, 0),
         })
     })?;
+    // A run reads chats in key order, after a key: a chat whose key is NULL (or, for a
+    // composite key, has a NULL field) sorts nowhere and would be counted but never read, the
+    // run still ending `finished`. Refused before anything is recorded.
+    if keyless > 0 {
+        return Err(Error::new(
+            PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+            format!(
+                "chat_backfill: {keyless} chats of {} have a NULL {} (or one with a NULL field), which a resumable run \
+                 cannot read in key order",
+                settings.source.name, settings.id_column
+            ),
+            "Give those chats a key, or leave them out with source_filter (for example \"id IS NOT NULL\"); the \
+             one-transaction form backfill_chat_messages() reports them as unusable chats.",
+        ));
+    }
     let Some(high_water) = high_water else { return Ok(None) };
     let run_id = Spi::get_one_with_args::<i64>(
         "INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, total_chats, now, \

@@ -1,0 +1,68 @@
+-- What the state tables are made of, one line per part that a write or a read of them could
+-- run code through: each table's kind, access method and row-level security switches, every
+-- column (type, NOT NULL, generated), default, constraint, index, trigger, rule and policy,
+-- each as its stored node tree (oids, not names a search_path could spell otherwise), and every
+-- table inheriting from one. The install and update scripts record it in a table the
+-- bootstrap superuser owns, which the extension's owner cannot change; before each
+-- transaction a backfill makes, a caller the state's owner cannot act as compares it with what
+-- is there (src/state_guard.rs).
+CREATE FUNCTION chat_backfill.state_definition() RETURNS SETOF pg_catalog.text LANGUAGE sql STABLE
+BEGIN ATOMIC
+    WITH state AS (
+        SELECT c.oid, c.relname FROM pg_catalog.pg_class c
+         WHERE c.relnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid
+           AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+    )
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'table', c.relkind, c.relam, c.relpersistence,
+                                c.relrowsecurity, c.relforcerowsecurity, c.reloftype)
+      FROM state s JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'column', a.attname, a.atttypid, a.attnotnull,
+                                a.attgenerated, a.attisdropped)
+      FROM state s JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.oid
+     WHERE a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'default', a.attname, d.adbin::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_attrdef d ON d.adrelid OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.oid AND a.attnum OPERATOR(pg_catalog.=) d.adnum
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'constraint', k.conname, k.contype, k.conkey::pg_catalog.text,
+                                k.confrelid, k.conbin::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_constraint k ON k.conrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'index', i.indexrelid::pg_catalog.oid, i.indkey::pg_catalog.text,
+                                i.indclass::pg_catalog.text, i.indexprs::pg_catalog.text, i.indpred::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'trigger', t.tgname, t.tgfoid, t.tgtype, t.tgenabled,
+                                t.tgqual::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'rule', r.rulename, r.ev_type, r.ev_action::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_rewrite r ON r.ev_class OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'policy', p.polname, p.polcmd, p.polpermissive,
+                                p.polroles::pg_catalog.text, p.polqual::pg_catalog.text, p.polwithcheck::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_policy p ON p.polrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'inherited by', n.nspname, c.relname)
+      FROM state s JOIN pg_catalog.pg_inherits h ON h.inhparent OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) h.inhrelid
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace;
+END;
+
+-- The definition as the install (or the latest update) left it; only a superuser changes it.
+CREATE TABLE chat_backfill.state_recorded (part pg_catalog.text NOT NULL);
+GRANT SELECT ON chat_backfill.state_recorded TO PUBLIC;
+
+-- Records the state tables as they are now. A superuser's, after checking them: after a
+-- pg_upgrade their stored node trees may read differently, and a backfill whose caller the
+-- state's owner cannot act as then refuses until this is run.
+CREATE FUNCTION chat_backfill.record_state_definition() RETURNS pg_catalog.int8 LANGUAGE sql VOLATILE
+BEGIN ATOMIC
+    DELETE FROM chat_backfill.state_recorded;
+    INSERT INTO chat_backfill.state_recorded SELECT chat_backfill.state_definition();
+    SELECT pg_catalog.count(*) FROM chat_backfill.state_recorded;
+END;
+REVOKE ALL ON FUNCTION chat_backfill.record_state_definition() FROM PUBLIC;
+SELECT chat_backfill.record_state_definition();
