@@ -1,8 +1,9 @@
 -- What the state tables are made of, one line per part that a write or a read of them could
 -- run code through: each table's kind, access method and row-level security switches, every
--- column (type, NOT NULL, generated), default, constraint, index, trigger, rule and policy,
--- each as its stored node tree (oids, not names a search_path could spell otherwise), and every
--- table inheriting from one. The install and update scripts record it in a table the
+-- column (type, NOT NULL, generated, identity, collation), default, constraint, index, trigger,
+-- rule and policy, each as its stored node tree (oids, not names a search_path could spell
+-- otherwise), every table inheriting from one and every table one inherits from or is a
+-- partition of (a parent's partition key is checked on every write to its partition). The install and update scripts record it in a table the
 -- bootstrap superuser owns, which the extension's owner cannot change; before each
 -- transaction a backfill makes, a caller the state's owner cannot act as compares it with what
 -- is there (src/state_guard.rs).
@@ -14,11 +15,12 @@ BEGIN ATOMIC
            AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
     )
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'table', c.relkind, c.relam, c.relpersistence,
-                                c.relrowsecurity, c.relforcerowsecurity, c.reloftype)
+                                c.relrowsecurity, c.relforcerowsecurity, c.reloftype, c.relispartition,
+                                c.relpartbound::pg_catalog.text)
       FROM state s JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.oid
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'column', a.attname, a.atttypid, a.attnotnull,
-                                a.attgenerated, a.attisdropped)
+                                a.attgenerated, a.attidentity, a.attcollation, a.attisdropped)
       FROM state s JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.oid
      WHERE a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2
     UNION ALL
@@ -27,11 +29,12 @@ BEGIN ATOMIC
       JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) s.oid AND a.attnum OPERATOR(pg_catalog.=) d.adnum
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'constraint', k.conname, k.contype, k.conkey::pg_catalog.text,
-                                k.confrelid, k.conbin::pg_catalog.text)
+                                k.confrelid, k.confupdtype, k.confdeltype, k.conbin::pg_catalog.text)
       FROM state s JOIN pg_catalog.pg_constraint k ON k.conrelid OPERATOR(pg_catalog.=) s.oid
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'index', i.indexrelid::pg_catalog.oid, i.indkey::pg_catalog.text,
-                                i.indclass::pg_catalog.text, i.indexprs::pg_catalog.text, i.indpred::pg_catalog.text)
+                                i.indclass::pg_catalog.text, i.indcollation::pg_catalog.text, i.indexprs::pg_catalog.text,
+                                i.indpred::pg_catalog.text)
       FROM state s JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) s.oid
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'trigger', t.tgname, t.tgfoid, t.tgtype, t.tgenabled,
@@ -48,6 +51,11 @@ BEGIN ATOMIC
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'inherited by', n.nspname, c.relname)
       FROM state s JOIN pg_catalog.pg_inherits h ON h.inhparent OPERATOR(pg_catalog.=) s.oid
       JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) h.inhrelid
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'inherits from', n.nspname, c.relname)
+      FROM state s JOIN pg_catalog.pg_inherits h ON h.inhrelid OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) h.inhparent
       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace;
 END;
 

@@ -251,6 +251,12 @@ ATTACHED = {
     # The extension's owner may add its own function to the extension.
     "member": "ALTER EXTENSION chat_backfill ADD FUNCTION public.spy(); "
               "ALTER TABLE chat_backfill.{table} ADD CONSTRAINT spying CHECK (public.spy()) NOT VALID",
+    # A parent: the state table as a partition of the owner's table, whose partition key (an
+    # "immutable" function of the owner's) every write to the partition evaluates.
+    "parent": "CREATE FUNCTION public.spy_key(bigint) RETURNS int LANGUAGE plpgsql IMMUTABLE AS "
+              "$$ BEGIN PERFORM public.spy(); RETURN 1; END $$; "
+              "CREATE TABLE public.{table}_parent (LIKE chat_backfill.{table}) PARTITION BY LIST (public.spy_key(run_id)); "
+              "ALTER TABLE public.{table}_parent ATTACH PARTITION chat_backfill.{table} FOR VALUES IN (1)",
     # A child table: statements on the state table without ONLY reach its rows and triggers.
     "child": "CREATE TABLE public.{table}_child () INHERITS (chat_backfill.{table}); "
              "CREATE TRIGGER spying BEFORE INSERT OR UPDATE ON public.{table}_child FOR EACH ROW "
@@ -261,6 +267,7 @@ COLUMN = {"rejected_messages": "rejected_at", "runs": "updated_at"}
 
 @pytest.mark.parametrize("table,kind", [("rejected_messages", "trigger"), ("rejected_messages", "default"),
                                         ("rejected_messages", "policy"), ("rejected_messages", "sql in a string"),
+                                        ("rejected_messages", "parent"),
                                         ("runs", "trigger"), ("runs", "check"), ("runs", "member"),
                                         ("runs", "child")])
 def test_code_the_state_owner_attaches_never_runs_as_the_caller(cluster, scratch, table, kind):
