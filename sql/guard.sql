@@ -1,5 +1,6 @@
 -- What the state tables are made of, one line per part that a write or a read of them could
--- run code through: each table's kind, access method and row-level security switches, every
+-- run code through: every relation of the schema (a table the owner turned into a view is a
+-- difference, not a table less to look at) with its kind, access method and row-level security switches, every
 -- column (type, NOT NULL, generated, identity, collation), default, constraint, index, trigger,
 -- rule and policy, each as its stored node tree (oids, not names a search_path could spell
 -- otherwise), every table inheriting from one and every table one inherits from or is a
@@ -12,7 +13,7 @@ BEGIN ATOMIC
     WITH state AS (
         SELECT c.oid, c.relname FROM pg_catalog.pg_class c
          WHERE c.relnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid
-           AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog."char"[])
+           AND c.relkind OPERATOR(pg_catalog.<>) ALL (ARRAY['i', 'I']::pg_catalog."char"[])
     )
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'table', c.relkind, c.relam, c.relpersistence,
                                 c.relrowsecurity, c.relforcerowsecurity, c.reloftype, c.relispartition,

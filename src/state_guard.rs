@@ -19,12 +19,23 @@ use crate::error::{Error, Result};
 
 extension_sql_file!("../sql/guard.sql", name = "state_guard", finalize);
 
-/// The state tables whose owner cannot act as the calling role.
-const FOREIGN_OWNED: &str = "\
+/// Whether the check applies: the extension's owner, or the owner of anything in its schema,
+/// cannot act as the calling role. Decided from the extension and every relation of the
+/// schema, whatever its kind: a state table the owner turned into a view must not make
+/// the check go away.
+const NEEDED: &str = "\
+    SELECT NOT pg_catalog.pg_has_role(e.extowner, CURRENT_USER, 'USAGE'::pg_catalog.text) \
+           OR EXISTS (SELECT FROM pg_catalog.pg_class c \
+                       WHERE c.relnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid \
+                         AND NOT pg_catalog.pg_has_role(c.relowner, CURRENT_USER, 'USAGE'::pg_catalog.text)) \
+      FROM pg_catalog.pg_extension e WHERE e.extname OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.name";
+
+/// What the backfill writes and reads by name in the schema, to lock (tables, and anything a
+/// table became).
+const LOCKED: &str = "\
     SELECT c.oid FROM pg_catalog.pg_class c \
      WHERE c.relnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid \
-       AND c.relkind OPERATOR(pg_catalog.=) 'r'::pg_catalog.\"char\" \
-       AND NOT pg_catalog.pg_has_role(c.relowner, CURRENT_USER, 'USAGE'::pg_catalog.text) \
+       AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p', 'v', 'm', 'f']::pg_catalog.\"char\"[]) \
      ORDER BY c.oid";
 
 /// The parts of the state tables' definition that are not in the recorded one (none when they
@@ -39,18 +50,18 @@ const CHANGED: &str = "\
 /// Refuses (42501) when the state tables carry code of their owner's that would run with the
 /// caller's rights; locks them against new such code until the transaction ends.
 pub fn check() -> Result<()> {
+    if !crate::read_only::get_one::<bool>(NEEDED, &[])?.unwrap_or(true) {
+        return Ok(());
+    }
     let tables = Spi::connect(|client| {
         let mut tables = Vec::new();
-        for row in client.select(FOREIGN_OWNED, None, &[])? {
+        for row in client.select(LOCKED, None, &[])? {
             tables.extend(row.get::<pg_sys::Oid>(1)?);
         }
         Ok::<_, pgrx::spi::Error>(tables)
     })?;
-    if tables.is_empty() {
-        return Ok(());
-    }
     for &table in &tables {
-        // SAFETY: an ordinary, interruptible lock on an existing table, released at the end
+        // SAFETY: an ordinary, interruptible lock on an existing relation, released at the end
         // of the transaction; ROW EXCLUSIVE is what the backfill's own writes take anyway.
         unsafe { pg_sys::LockRelationOid(table, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE) };
     }

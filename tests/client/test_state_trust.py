@@ -28,6 +28,7 @@ import psycopg2
 import pytest
 
 import chatgen
+from conftest import PG_MAJOR
 from test_backups import rls_database
 from test_security import connect, expect_sqlstate, load, message_rows, query, scratch  # noqa: F401 (fixture)
 
@@ -349,6 +350,52 @@ def test_code_attached_while_a_run_is_under_way_stops_it_at_its_next_transaction
         t.join()
     assert getattr(box.get("error"), "pgcode", None) == "42501", box
     assert spied(box["notices"]) == [], box["notices"]
+
+
+@pytest.mark.skipif(PG_MAJOR != "15", reason="16 removed turning a table into a view with a _RETURN rule")
+def test_a_state_table_turned_into_a_view_is_refused_too(cluster, scratch):
+    """The owner empties the three state tables it owns of keys, indexes and policies and
+    turns each into a view (CREATE RULE "_RETURN", still possible on 15) over a table of its
+    own whose trigger calls its function (a view of one table takes INSERTs into it). The first guard looked only at plain tables the
+    owner owned: with none left it checked nothing, and the superuser's backfill wrote
+    through the views into the trigger."""
+    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+    db = scratch.database("trust_view_rule", owner=owner)
+    load(cluster, db, [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)])
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION chat_backfill")
+        cur.execute(SPY)
+        cur.execute("""
+            DO $$ DECLARE t text; r record; BEGIN
+              FOREACH t IN ARRAY ARRAY['run_ranges', 'rejected_messages', 'runs'] LOOP
+                FOR r IN SELECT conname FROM pg_constraint
+                          WHERE conrelid = ('chat_backfill.' || t)::regclass AND contype IN ('p', 'f', 'u') LOOP
+                  EXECUTE format('ALTER TABLE chat_backfill.%I DROP CONSTRAINT IF EXISTS %I CASCADE', t, r.conname);
+                END LOOP;
+                FOR r IN SELECT indexrelid::regclass::text AS i FROM pg_index
+                          WHERE indrelid = ('chat_backfill.' || t)::regclass LOOP
+                  EXECUTE 'DROP INDEX ' || r.i;
+                END LOOP;
+                FOR r IN SELECT polname FROM pg_policy WHERE polrelid = ('chat_backfill.' || t)::regclass LOOP
+                  EXECUTE format('DROP POLICY %I ON chat_backfill.%I', r.polname, t);
+                END LOOP;
+                EXECUTE format('ALTER TABLE chat_backfill.%I DISABLE ROW LEVEL SECURITY', t);
+                EXECUTE format('DELETE FROM chat_backfill.%I', t);
+              END LOOP;
+            END $$""")
+        for t in ("run_ranges", "rejected_messages", "runs"):
+            cur.execute(f"VACUUM chat_backfill.{t}")
+            cur.execute(f"""
+                CREATE TABLE public.shadow_{t} (LIKE chat_backfill.{t} INCLUDING DEFAULTS);
+                CREATE TRIGGER spying BEFORE INSERT OR UPDATE ON public.shadow_{t}
+                    FOR EACH ROW EXECUTE FUNCTION public.spy_trigger();
+                CREATE RULE "_RETURN" AS ON SELECT TO chat_backfill.{t} DO INSTEAD SELECT * FROM public.shadow_{t}""")
+        cur.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'chat_backfill'::regnamespace AND relkind = 'v'")
+        assert cur.fetchone() == (4,)  # the three, and chat_backfill.status
+    with connect(cluster, db) as conn, conn.cursor() as cur:
+        err = expect_sqlstate(cur, f"SELECT count(*) FROM backfill_chat_messages(now => {NOW})", "42501")
+        assert "not as its install or update made them" in err.pgerror, err.pgerror
+        assert spied(conn.notices) == [], conn.notices
 
 
 def test_code_attached_while_the_guard_waits_for_its_lock_is_seen(cluster, scratch):
