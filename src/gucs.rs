@@ -133,3 +133,22 @@ pub fn max_workers() -> usize {
 pub fn plan_sample_bytes() -> i64 {
     i64::from(PLAN_SAMPLE_SIZE.get()) << 10
 }
+
+/// Sets a `user` setting for this session as a SET would (`GUC_ACTION_SET`), or saves and
+/// sets it at the current GUC nest level (`GUC_ACTION_SAVE`, as a function's SET clause).
+/// A refused value raises an ordinary ERROR.
+pub fn set_user_setting(name: &std::ffi::CStr, value: &std::ffi::CStr, action: pgrx::pg_sys::GucAction::Type) {
+    // SAFETY: NUL-terminated strings that outlive the call; set_config_option copies them.
+    unsafe {
+        pgrx::pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pgrx::pg_sys::GucContext::PGC_USERSET,
+            pgrx::pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            0,
+            false,
+        );
+    }
+}

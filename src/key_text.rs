@@ -72,25 +72,14 @@ pub struct Pinned {
 
 impl Pinned {
     pub fn pin() -> Pinned {
-        // SAFETY: a new GUC nest level, then each setting saved and changed at it, as
-        // fmgr_security_definer does for a function's SET clause; the names and values are
-        // NUL-terminated constants, and a refused value raises an ordinary ERROR.
-        unsafe {
-            let level = pg_sys::NewGUCNestLevel();
-            for (name, value) in PINNED {
-                pg_sys::set_config_option(
-                    name.as_ptr(),
-                    value.as_ptr(),
-                    pg_sys::GucContext::PGC_USERSET,
-                    pg_sys::GucSource::PGC_S_SESSION,
-                    pg_sys::GucAction::GUC_ACTION_SAVE,
-                    true,
-                    0,
-                    false,
-                );
-            }
-            Pinned { level }
+        // SAFETY: a new GUC nest level, as fmgr_security_definer makes for a function's SET
+        // clause; `release` (or the transaction's abort) pops it.
+        let level = unsafe { pg_sys::NewGUCNestLevel() };
+        // Each setting saved and changed at that level.
+        for (name, value) in PINNED {
+            crate::gucs::set_user_setting(name, value, pg_sys::GucAction::GUC_ACTION_SAVE);
         }
+        Pinned { level }
     }
 
     pub fn release(self) {

@@ -41,11 +41,11 @@ const LOCKED: &str = "\
 /// The parts of the state tables' definition that are not in the recorded one (none when they
 /// are unchanged), and whether anything recorded is missing.
 const CHANGED: &str = "\
-    SELECT (SELECT pg_catalog.array_agg(d.part ORDER BY d.part) FROM chat_backfill.state_definition() AS d (part) \
-             WHERE NOT EXISTS (SELECT FROM chat_backfill.state_recorded r WHERE r.part OPERATOR(pg_catalog.=) d.part)), \
+    WITH present AS MATERIALIZED (SELECT d.part FROM chat_backfill.state_definition() AS d (part)) \
+    SELECT (SELECT pg_catalog.array_agg(n.part ORDER BY n.part) FROM present n \
+             WHERE NOT EXISTS (SELECT FROM chat_backfill.state_recorded r WHERE r.part OPERATOR(pg_catalog.=) n.part)), \
            EXISTS (SELECT FROM chat_backfill.state_recorded r \
-                    WHERE NOT EXISTS (SELECT FROM chat_backfill.state_definition() AS d (part) \
-                                       WHERE d.part OPERATOR(pg_catalog.=) r.part))";
+                    WHERE NOT EXISTS (SELECT FROM present n WHERE n.part OPERATOR(pg_catalog.=) r.part))";
 
 /// Refuses (42501) when the state tables carry code of their owner's that would run with the
 /// caller's rights; locks them against new such code until the transaction ends.

@@ -654,21 +654,9 @@ pub extern "C-unwind" fn chat_backfill_worker(_arg: pg_sys::Datum) {
 /// batches need no serializable snapshot; the CALL's session's own choice of these is not
 /// carried either (NOT_CARRIED).
 fn pin_transaction_defaults() {
+    // Outside any transaction, as a connection's startup options are applied.
     for (name, value) in TRANSACTION_DEFAULTS {
-        // SAFETY: NUL-terminated constants for settings every role may set; outside any
-        // transaction, as a connection's startup options are applied.
-        unsafe {
-            pg_sys::set_config_option(
-                name.as_ptr(),
-                value.as_ptr(),
-                pg_sys::GucContext::PGC_USERSET,
-                pg_sys::GucSource::PGC_S_SESSION,
-                pg_sys::GucAction::GUC_ACTION_SET,
-                true,
-                0,
-                false,
-            );
-        }
+        crate::gucs::set_user_setting(name, value, pg_sys::GucAction::GUC_ACTION_SET);
     }
 }
 

@@ -30,6 +30,7 @@ import pytest
 import chatgen
 from conftest import PG_MAJOR
 from test_backups import rls_database
+from test_parallel import wait_until
 from test_security import connect, expect_sqlstate, load, message_rows, query, scratch  # noqa: F401 (fixture)
 
 NOW = chatgen.NOW
@@ -266,6 +267,38 @@ ATTACHED = {
 COLUMN = {"rejected_messages": "rejected_at", "runs": "updated_at"}
 
 
+TWO_CHATS = [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)]
+
+
+def owners_database(cluster, scratch, prefix, chats=TWO_CHATS):
+    """A database whose non-superuser owner installs the extension (so owns the state tables)
+    and has the spy functions; the chats are in the superuser's own tables."""
+    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+    db = scratch.database(prefix, owner=owner)
+    load(cluster, db, chats)
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION chat_backfill")
+        cur.execute(SPY)
+    return db, owner
+
+
+def in_background(cluster, db, sql):
+    """Runs `sql` as the superuser in a thread; the box gets its error (if any) and notices."""
+    box = {}
+
+    def run():
+        with connect(cluster, db) as conn, conn.cursor() as cur:
+            try:
+                cur.execute(sql)
+            except psycopg2.Error as e:
+                box["error"] = e
+            box["notices"] = list(conn.notices)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, box
+
+
 @pytest.mark.parametrize("table,kind", [("rejected_messages", "trigger"), ("rejected_messages", "default"),
                                         ("rejected_messages", "policy"), ("rejected_messages", "sql in a string"),
                                         ("rejected_messages", "parent"),
@@ -279,16 +312,10 @@ def test_code_the_state_owner_attaches_never_runs_as_the_caller(cluster, scratch
     owner's function as the caller, a superuser included. Now the backfill refuses with
     42501 before it writes, naming what it found; the owner's own backfill (whom the owner's
     code cannot escalate) goes on and runs it, which shows the spy would have fired."""
-    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
+    db, owner = owners_database(cluster, scratch, "trust_owner")
     tenant = scratch.role("tenant")
-    db = scratch.database("trust_owner", owner=owner)
-    chats = [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)]
-    load(cluster, db, chats)  # the superuser's own tables
     query(cluster, db, f"GRANT SELECT ON public.chat TO {tenant}; GRANT INSERT, SELECT ON public.chat_message TO {tenant}")
-    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION chat_backfill")
-        cur.execute(SPY)
-        cur.execute(ATTACHED[kind].format(table=table, column=COLUMN[table]))
+    query(cluster, db, ATTACHED[kind].format(table=table, column=COLUMN[table]), user=owner)
     query(cluster, db, "CREATE TABLE public.own_chat AS SELECT * FROM public.chat; "
                        "ALTER TABLE public.own_chat ADD PRIMARY KEY (id); " + TARGET.format(name="own_message") +
                        f"; ALTER TABLE public.own_chat OWNER TO {owner}; ALTER TABLE public.own_message OWNER TO {owner}")
@@ -318,32 +345,12 @@ def test_code_attached_while_a_run_is_under_way_stops_it_at_its_next_transaction
     """The check is made in every transaction of a CALL (and holds the tables' ROW EXCLUSIVE
     lock, which a new trigger must wait for): a trigger added between two batches of a
     superuser's run ends it at the next batch, with 42501, before the trigger runs."""
-    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
-    db = scratch.database("trust_mid", owner=owner)
     data = chatgen.realistic_chats(seed=3, count=40, content_bytes=(100, 300), messages=(2, 4))
-    load(cluster, db, data)
-    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION chat_backfill")
-        cur.execute(SPY)
-    box = {}
-
-    def run():
-        with connect(cluster, db) as conn, conn.cursor() as cur:
-            try:
-                cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, batch_size => 5, "
-                            "pause => '200 milliseconds')")
-            except psycopg2.Error as e:
-                box["error"] = e
-            box["notices"] = list(conn.notices)
-
-    t = threading.Thread(target=run)
-    t.start()
+    db, owner = owners_database(cluster, scratch, "trust_mid", data)
+    t, box = in_background(cluster, db, f"CALL backfill_chat_messages_resumable(now => {NOW}, batch_size => 5, "
+                                        "pause => '200 milliseconds')")
     try:
-        import time
-        for _ in range(600):
-            if query(cluster, db, "SELECT coalesce(max(batches), 0) FROM chat_backfill.runs") >= [(2,)]:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: query(cluster, db, "SELECT coalesce(max(batches), 0) FROM chat_backfill.runs") >= [(2,)])
         query(cluster, db, "CREATE TRIGGER spying BEFORE UPDATE ON chat_backfill.runs FOR EACH ROW "
                            "EXECUTE FUNCTION public.spy_trigger()", user=owner)
     finally:
@@ -356,15 +363,11 @@ def test_code_attached_while_a_run_is_under_way_stops_it_at_its_next_transaction
 def test_a_state_table_turned_into_a_view_is_refused_too(cluster, scratch):
     """The owner empties the three state tables it owns of keys, indexes and policies and
     turns each into a view (CREATE RULE "_RETURN", still possible on 15) over a table of its
-    own whose trigger calls its function (a view of one table takes INSERTs into it). The first guard looked only at plain tables the
-    owner owned: with none left it checked nothing, and the superuser's backfill wrote
-    through the views into the trigger."""
-    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
-    db = scratch.database("trust_view_rule", owner=owner)
-    load(cluster, db, [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)])
+    own whose trigger calls its function (a view of one table takes INSERTs into it). The
+    first guard looked only at plain tables the owner owned: with none left it checked
+    nothing, and the superuser's backfill wrote through the views into the trigger."""
+    db, owner = owners_database(cluster, scratch, "trust_view_rule")
     with connect(cluster, db, owner) as conn, conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION chat_backfill")
-        cur.execute(SPY)
         cur.execute("""
             DO $$ DECLARE t text; r record; BEGIN
               FOREACH t IN ARRAY ARRAY['run_ranges', 'rejected_messages', 'runs'] LOOP
@@ -403,33 +406,14 @@ def test_code_attached_while_the_guard_waits_for_its_lock_is_seen(cluster, scrat
     table's lock while a superuser's backfill starts; the guard waits for the lock, then
     must look with a snapshot taken after it (the first cut looked with the statement's,
     taken before: the CHECK ran as superuser)."""
-    owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
-    db = scratch.database("trust_race", owner=owner)
-    load(cluster, db, [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)])
-    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
-        cur.execute("CREATE EXTENSION chat_backfill")
-        cur.execute(SPY)
+    db, owner = owners_database(cluster, scratch, "trust_race")
     with connect(cluster, db, owner) as holder, holder.cursor() as hc:
         holder.autocommit = False
         hc.execute("ALTER TABLE chat_backfill.rejected_messages ADD CONSTRAINT raced CHECK (public.spy()) NOT VALID")
-        box = {}
-
-        def run():
-            with connect(cluster, db) as conn, conn.cursor() as cur:
-                try:
-                    cur.execute(f"SELECT count(*) FROM backfill_chat_messages(now => {NOW})")
-                except psycopg2.Error as e:
-                    box["error"] = e
-                box["notices"] = list(conn.notices)
-
-        t = threading.Thread(target=run)
-        t.start()
-        import time
-        for _ in range(400):  # until the backfill waits for the lock the owner holds
-            if query(cluster, db, "SELECT count(*) FROM pg_locks WHERE NOT granted "
-                                  "AND relation = 'chat_backfill.rejected_messages'::regclass") == [(1,)]:
-                break
-            time.sleep(0.05)
+        t, box = in_background(cluster, db, f"SELECT count(*) FROM backfill_chat_messages(now => {NOW})")
+        # Until the backfill waits for the lock the owner holds.
+        wait_until(lambda: query(cluster, db, "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                                              "AND relation = 'chat_backfill.rejected_messages'::regclass") == [(1,)])
         holder.commit()
         t.join()
     assert getattr(box.get("error"), "pgcode", None) == "42501", box
