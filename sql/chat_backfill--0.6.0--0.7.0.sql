@@ -349,6 +349,11 @@ $$;
 -- 6. What the state tables are made of, recorded (the install script says why). Until this
 --    update they were the superuser's, so nothing their new owner attached is recorded here.
 --    A later update must compare them with this record before it records again.
+--    The event triggers' functions first (src/state_guard.rs):
+CREATE FUNCTION chat_backfill.state_ddl_start() RETURNS pg_catalog.event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'state_ddl_start_wrapper';
+CREATE FUNCTION chat_backfill.state_ddl_end() RETURNS pg_catalog.event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', 'state_ddl_end_wrapper';
 -- What the state tables are made of, one line per part that a write or a read of them could
 -- run code through: every relation of the schema (a table the owner turned into a view is a
 -- difference, not a table less to look at) with its kind, access method and row-level security switches, every
@@ -426,3 +431,13 @@ BEGIN ATOMIC
 END;
 REVOKE ALL ON FUNCTION chat_backfill.record_state_definition() FROM PUBLIC;
 SELECT chat_backfill.record_state_definition();
+
+-- A role that is not a superuser cannot change them at all: every DDL command of such a role
+-- is bracketed, and one that changed the definition away from the record is refused
+-- (src/state_guard.rs). ALWAYS: session_replication_role does not turn them off.
+CREATE EVENT TRIGGER chat_backfill_state_before ON ddl_command_start
+    EXECUTE FUNCTION chat_backfill.state_ddl_start();
+CREATE EVENT TRIGGER chat_backfill_state_after ON ddl_command_end
+    EXECUTE FUNCTION chat_backfill.state_ddl_end();
+ALTER EVENT TRIGGER chat_backfill_state_before ENABLE ALWAYS;
+ALTER EVENT TRIGGER chat_backfill_state_after ENABLE ALWAYS;

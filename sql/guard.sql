@@ -75,3 +75,13 @@ BEGIN ATOMIC
 END;
 REVOKE ALL ON FUNCTION chat_backfill.record_state_definition() FROM PUBLIC;
 SELECT chat_backfill.record_state_definition();
+
+-- A role that is not a superuser cannot change them at all: every DDL command of such a role
+-- is bracketed, and one that changed the definition away from the record is refused
+-- (src/state_guard.rs). ALWAYS: session_replication_role does not turn them off.
+CREATE EVENT TRIGGER chat_backfill_state_before ON ddl_command_start
+    EXECUTE FUNCTION chat_backfill.state_ddl_start();
+CREATE EVENT TRIGGER chat_backfill_state_after ON ddl_command_end
+    EXECUTE FUNCTION chat_backfill.state_ddl_end();
+ALTER EVENT TRIGGER chat_backfill_state_before ENABLE ALWAYS;
+ALTER EVENT TRIGGER chat_backfill_state_after ENABLE ALWAYS;

@@ -11,11 +11,26 @@
 //! (`chat_backfill.state_definition()`, sql/guard.sql) with what the install or the latest
 //! update recorded in a table only a superuser can write. Any difference refuses (42501):
 //! no list of harmless functions to get wrong.
+//!
+//! That protects every backfill, but not a superuser who reads the state directly (a state
+//! table turned into a view runs its owner's function for whoever selects from it, and 14
+//! and 15 still allow `CREATE RULE "_RETURN"` on a table), nor the superuser's own
+//! `launches`, which a cascade from `runs` reaches. So two event triggers the install
+//! creates (as the bootstrap superuser, out of the owner's reach) bracket every DDL command
+//! of a role that is not a superuser: one notes the definition before the command, the other
+//! refuses (42501, rolling the command back) when the command changed it and it no longer
+//! matches the record. Comparing before with after, not after with the record alone, keeps a
+//! stale record (a pg_upgrade, a superuser's own change) from refusing every other DDL in
+//! the database.
+
+use std::cell::RefCell;
 
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::{register_xact_callback, PgXactCallbackEvent};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, OrRaise, Result};
 
 extension_sql_file!("../sql/guard.sql", name = "state_guard", finalize);
 
@@ -93,5 +108,136 @@ pub fn check() -> Result<()> {
         "Their owner (the extension's owner) changed them: undo it, or run the backfill as that role. After a \
          pg_upgrade the recorded definition may read differently: a superuser who has checked the tables records \
          them again with SELECT chat_backfill.record_state_definition().",
+    ))
+}
+
+/// The definition as one text in a fixed order, and the recorded one: what a DDL command is
+/// compared on.
+const DEFINITION_TEXT: &str = "\
+    SELECT pg_catalog.string_agg(d.part, E'\\n'::pg_catalog.text ORDER BY d.part COLLATE pg_catalog.\"C\") \
+      FROM chat_backfill.state_definition() AS d (part)";
+const RECORDED_TEXT: &str = "\
+    SELECT pg_catalog.string_agg(r.part, E'\\n'::pg_catalog.text ORDER BY r.part COLLATE pg_catalog.\"C\") \
+      FROM chat_backfill.state_recorded r";
+
+thread_local! {
+    /// The definition each DDL command in progress found when it started, innermost last, with
+    /// the subtransaction it started in: a command that failed never reached its end, and its
+    /// entry is left above the one of the command enclosing it, in a later subtransaction.
+    static BEFORE: RefCell<Vec<(pg_sys::SubTransactionId, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// `DEFINITION_TEXT` planned once per backend: planned afresh it costs about 4 ms, twice
+    /// for each DDL command of the database; from a kept plan about 0.6 ms. Leaked on purpose:
+    /// freeing a plan while the process exits is not safe.
+    static DEFINITION_PLAN: std::cell::Cell<Option<&'static OwnedPreparedStatement>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `query` (one text value; `DEFINITION_TEXT` from its kept plan) with a snapshot that
+/// sees everything this transaction did so far, the command being watched included.
+fn text_now(query: &'static str) -> Result<String> {
+    // SAFETY: a new snapshot pushed as the active one for the lookup below and popped right
+    // after it (an error aborts the transaction, whose cleanup pops it).
+    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+    let text = Spi::connect(|client| {
+        if query != DEFINITION_TEXT {
+            return client.select(query, Some(1), &[])?.first().get_one::<String>();
+        }
+        let plan = match DEFINITION_PLAN.get() {
+            Some(plan) => plan,
+            None => {
+                let plan: &'static OwnedPreparedStatement = Box::leak(Box::new(client.prepare(query, &[])?.keep()));
+                DEFINITION_PLAN.set(Some(plan));
+                plan
+            }
+        };
+        client.select(plan, Some(1), &[])?.first().get_one::<String>()
+    });
+    // SAFETY: pops the snapshot pushed above.
+    unsafe { pg_sys::PopActiveSnapshot() };
+    Ok(text?.unwrap_or_default())
+}
+
+/// Whether DDL by the current role is watched: a superuser may change the state tables (and
+/// then records them again); nobody else may.
+fn watched() -> bool {
+    // SAFETY: reads the current user's superuser flag from the syscache.
+    !unsafe { pg_sys::superuser() }
+}
+
+#[pg_extern(
+    sql = r#"
+CREATE FUNCTION chat_backfill.state_ddl_start() RETURNS pg_catalog.event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#,
+    requires = ["state_schema"]
+)]
+fn state_ddl_start() {
+    if watched() {
+        note_before().or_raise();
+    }
+}
+
+fn note_before() -> Result<()> {
+    let before = text_now(DEFINITION_TEXT)?;
+    // SAFETY: reads the current subtransaction's id.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let first = BEFORE.with_borrow_mut(|stack| {
+        stack.push((subxact, before));
+        stack.len() == 1
+    });
+    if first {
+        // The entries are this transaction's only.
+        for event in [PgXactCallbackEvent::Commit, PgXactCallbackEvent::Abort, PgXactCallbackEvent::Prepare] {
+            register_xact_callback(event, || BEFORE.with_borrow_mut(Vec::clear));
+        }
+    }
+    Ok(())
+}
+
+#[pg_extern(
+    sql = r#"
+CREATE FUNCTION chat_backfill.state_ddl_end() RETURNS pg_catalog.event_trigger
+LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#,
+    requires = ["state_schema"]
+)]
+fn state_ddl_end() {
+    if watched() {
+        refuse_changes().or_raise();
+    }
+}
+
+fn refuse_changes() -> Result<()> {
+    // SAFETY: reads the current subtransaction's id.
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let before = BEFORE.with_borrow_mut(|stack| {
+        while stack.last().is_some_and(|(started_in, _)| *started_in > subxact) {
+            stack.pop();
+        }
+        stack.pop().map(|(_, before)| before)
+    });
+    let after = text_now(DEFINITION_TEXT)?;
+    if before.as_deref() == Some(after.as_str()) {
+        return Ok(());
+    }
+    // No start seen (the triggers were created by this very command: an update of the
+    // extension), or a change: what is there must be what a superuser recorded.
+    let recorded = text_now(RECORDED_TEXT)?;
+    if after == recorded {
+        return Ok(());
+    }
+    let new_part = after.lines().find(|part| !recorded.lines().any(|r| r == *part));
+    let what = match new_part {
+        Some(part) => format!("it would have {}", part.chars().take(300).collect::<String>()),
+        None => "something recorded would be gone".to_owned(),
+    };
+    Err(Error::new(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        format!("chat_backfill: only a superuser may change what the extension's state tables are made of ({what})"),
+        "Backfills by other roles, and superusers reading chat_backfill.status or rejected_messages, trust them as \
+         the install made them. A superuser can make the change and then record it with SELECT \
+         chat_backfill.record_state_definition().",
     ))
 }

@@ -270,15 +270,25 @@ COLUMN = {"rejected_messages": "rejected_at", "runs": "updated_at"}
 TWO_CHATS = [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)]
 
 
-def owners_database(cluster, scratch, prefix, chats=TWO_CHATS):
+EVENT_TRIGGERS = ("chat_backfill_state_before", "chat_backfill_state_after")
+
+
+def owners_database(cluster, scratch, prefix, chats=TWO_CHATS, event_triggers=False):
     """A database whose non-superuser owner installs the extension (so owns the state tables)
-    and has the spy functions; the chats are in the superuser's own tables."""
+    and has the spy functions; the chats are in the superuser's own tables.
+
+    The install's event triggers refuse the owner's DDL on the state tables outright; the
+    state guard that the backfill runs is the layer under them, for when a superuser turned
+    them off (ALTER EVENT TRIGGER ... DISABLE, event_triggers = off on 17 and later). The
+    guard's tests turn them off, as such a superuser would, unless `event_triggers`."""
     owner = scratch.role("owner", "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
     db = scratch.database(prefix, owner=owner)
     load(cluster, db, chats)
     with connect(cluster, db, owner) as conn, conn.cursor() as cur:
         cur.execute("CREATE EXTENSION chat_backfill")
         cur.execute(SPY)
+    if not event_triggers:
+        query(cluster, db, "; ".join(f"ALTER EVENT TRIGGER {t} DISABLE" for t in EVENT_TRIGGERS))
     return db, owner
 
 
@@ -359,46 +369,58 @@ def test_code_attached_while_a_run_is_under_way_stops_it_at_its_next_transaction
     assert spied(box["notices"]) == [], box["notices"]
 
 
+# What the fourth review did on 15: empty the three state tables of keys, indexes and
+# policies, then turn each into a view over a table of the owner's whose trigger, and whose
+# view's query, call its function.
+EMPTIED = """
+    DO $$ DECLARE t text; r record; BEGIN
+      FOREACH t IN ARRAY ARRAY['run_ranges', 'rejected_messages', 'runs'] LOOP
+        FOR r IN SELECT conname FROM pg_constraint
+                  WHERE conrelid = ('chat_backfill.' || t)::regclass AND contype IN ('p', 'f', 'u') LOOP
+          EXECUTE format('ALTER TABLE chat_backfill.%I DROP CONSTRAINT IF EXISTS %I CASCADE', t, r.conname);
+        END LOOP;
+        FOR r IN SELECT indexrelid::regclass::text AS i FROM pg_index
+                  WHERE indrelid = ('chat_backfill.' || t)::regclass LOOP
+          EXECUTE 'DROP INDEX ' || r.i;
+        END LOOP;
+        FOR r IN SELECT polname FROM pg_policy WHERE polrelid = ('chat_backfill.' || t)::regclass LOOP
+          EXECUTE format('DROP POLICY %I ON chat_backfill.%I', r.polname, t);
+        END LOOP;
+        EXECUTE format('ALTER TABLE chat_backfill.%I DISABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('DELETE FROM chat_backfill.%I', t);
+      END LOOP;
+    END $$"""
+VIEW_OVER_SHADOW = """
+    CREATE TABLE public.shadow_{t} (LIKE chat_backfill.{t} INCLUDING DEFAULTS);
+    CREATE TRIGGER spying BEFORE INSERT OR UPDATE ON public.shadow_{t}
+        FOR EACH ROW EXECUTE FUNCTION public.spy_trigger();
+    CREATE RULE "_RETURN" AS ON SELECT TO chat_backfill.{t} DO INSTEAD
+        SELECT s.* FROM (SELECT public.spy() AS ok) x LEFT JOIN public.shadow_{t} s ON x.ok"""
+
+
+def turn_state_into_views(cur):
+    cur.execute(EMPTIED)
+    for t in ("run_ranges", "rejected_messages", "runs"):
+        cur.execute("VACUUM chat_backfill." + t)
+        cur.execute(VIEW_OVER_SHADOW.format(t=t))
+
+
 @pytest.mark.skipif(PG_MAJOR != "15", reason="16 removed turning a table into a view with a _RETURN rule")
 def test_a_state_table_turned_into_a_view_is_refused_too(cluster, scratch):
     """The owner empties the three state tables it owns of keys, indexes and policies and
     turns each into a view (CREATE RULE "_RETURN", still possible on 15) over a table of its
-    own whose trigger calls its function (a view of one table takes INSERTs into it). The
-    first guard looked only at plain tables the owner owned: with none left it checked
+    own whose trigger calls its function (event triggers off: the guard alone). The first guard looked only at plain tables the owner owned: with none left it checked
     nothing, and the superuser's backfill wrote through the views into the trigger."""
     db, owner = owners_database(cluster, scratch, "trust_view_rule")
     with connect(cluster, db, owner) as conn, conn.cursor() as cur:
-        cur.execute("""
-            DO $$ DECLARE t text; r record; BEGIN
-              FOREACH t IN ARRAY ARRAY['run_ranges', 'rejected_messages', 'runs'] LOOP
-                FOR r IN SELECT conname FROM pg_constraint
-                          WHERE conrelid = ('chat_backfill.' || t)::regclass AND contype IN ('p', 'f', 'u') LOOP
-                  EXECUTE format('ALTER TABLE chat_backfill.%I DROP CONSTRAINT IF EXISTS %I CASCADE', t, r.conname);
-                END LOOP;
-                FOR r IN SELECT indexrelid::regclass::text AS i FROM pg_index
-                          WHERE indrelid = ('chat_backfill.' || t)::regclass LOOP
-                  EXECUTE 'DROP INDEX ' || r.i;
-                END LOOP;
-                FOR r IN SELECT polname FROM pg_policy WHERE polrelid = ('chat_backfill.' || t)::regclass LOOP
-                  EXECUTE format('DROP POLICY %I ON chat_backfill.%I', r.polname, t);
-                END LOOP;
-                EXECUTE format('ALTER TABLE chat_backfill.%I DISABLE ROW LEVEL SECURITY', t);
-                EXECUTE format('DELETE FROM chat_backfill.%I', t);
-              END LOOP;
-            END $$""")
-        for t in ("run_ranges", "rejected_messages", "runs"):
-            cur.execute(f"VACUUM chat_backfill.{t}")
-            cur.execute(f"""
-                CREATE TABLE public.shadow_{t} (LIKE chat_backfill.{t} INCLUDING DEFAULTS);
-                CREATE TRIGGER spying BEFORE INSERT OR UPDATE ON public.shadow_{t}
-                    FOR EACH ROW EXECUTE FUNCTION public.spy_trigger();
-                CREATE RULE "_RETURN" AS ON SELECT TO chat_backfill.{t} DO INSTEAD SELECT * FROM public.shadow_{t}""")
+        turn_state_into_views(cur)
         cur.execute("SELECT count(*) FROM pg_class WHERE relnamespace = 'chat_backfill'::regnamespace AND relkind = 'v'")
         assert cur.fetchone() == (4,)  # the three, and chat_backfill.status
     with connect(cluster, db) as conn, conn.cursor() as cur:
         err = expect_sqlstate(cur, f"SELECT count(*) FROM backfill_chat_messages(now => {NOW})", "42501")
         assert "not as its install or update made them" in err.pgerror, err.pgerror
         assert spied(conn.notices) == [], conn.notices
+
 
 
 def test_code_attached_while_the_guard_waits_for_its_lock_is_seen(cluster, scratch):
@@ -418,6 +440,99 @@ def test_code_attached_while_the_guard_waits_for_its_lock_is_seen(cluster, scrat
         t.join()
     assert getattr(box.get("error"), "pgcode", None) == "42501", box
     assert spied(box["notices"]) == [], box["notices"]
+
+
+# 8 ------------------------------------------------------------------------------------------
+# The fourth review: with the guard only in the backfill, what the owner changed still ran
+# for a superuser reading the state directly (as the NOTICEs suggest), and a cascade from
+# runs reached the superuser's launches. The install's event triggers now refuse the owner's
+# DDL on the state tables.
+
+DIFFERENCES = """SELECT (SELECT count(*) FROM (SELECT chat_backfill.state_definition()
+                                         EXCEPT SELECT part FROM chat_backfill.state_recorded) d),
+                        (SELECT count(*) FROM (SELECT part FROM chat_backfill.state_recorded
+                                         EXCEPT SELECT chat_backfill.state_definition()) r)"""
+
+
+def test_the_owners_ddl_on_the_state_tables_is_refused(cluster, scratch):
+    """Every attachment of the guard's tests, on either table, and the cascade that dropped
+    the foreign key of the superuser's launches: each refused with 42501 as the owner runs
+    it, and the state's definition is still the recorded one."""
+    db, owner = owners_database(cluster, scratch, "trust_ddl", event_triggers=True)
+    attempts = [(kind, ddl.format(table=table, column=COLUMN[table]))
+                for kind, ddl in ATTACHED.items() for table in ("runs", "rejected_messages")
+                if kind not in ("policy", "parent") or table == "rejected_messages"]
+    attempts.append(("cascade", "ALTER TABLE chat_backfill.runs DROP CONSTRAINT runs_pkey CASCADE"))
+    attempts.append(("drop policy", "DROP POLICY rejections_by_runners ON chat_backfill.rejected_messages"))
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        for kind, ddl in attempts:
+            err = expect_sqlstate(cur, ddl, "42501")
+            assert "only a superuser may change what the extension's state tables are made of" in err.pgerror, (kind, err)
+            assert err.diag.message_hint and "record_state_definition" in err.diag.message_hint
+    assert query(cluster, db, DIFFERENCES) == [(0, 0)]
+    assert query(cluster, db, "SELECT count(*) FROM pg_constraint WHERE conname = 'launches_run_id_fkey'") == [(1,)]
+    assert spied(conn.notices) == [], conn.notices
+
+
+@pytest.mark.skipif(PG_MAJOR != "15", reason="16 removed turning a table into a view with a _RETURN rule")
+@pytest.mark.parametrize("event_triggers", [True, False])
+def test_a_superuser_reading_the_state_runs_nothing_of_the_owners(cluster, scratch, event_triggers):
+    """The fourth review's high, on 15: the owner turns the state tables into views whose
+    condition calls its function; a superuser's SELECT from chat_backfill.status or
+    rejected_messages then ran it as superuser. With the install's event triggers the
+    owner's first step is refused and the reads run nothing of the owner's. Without them (a
+    superuser turned them off) the attack goes through: this test could fail."""
+    db, owner = owners_database(cluster, scratch, "trust_read", event_triggers=event_triggers)
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        if event_triggers:
+            expect_sqlstate(cur, EMPTIED, "42501")
+        else:
+            turn_state_into_views(cur)
+    with connect(cluster, db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chat_backfill.status")
+        cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages")
+        if event_triggers:
+            assert spied(conn.notices) == [], conn.notices
+            cur.execute("SELECT relname, relkind FROM pg_class WHERE relnamespace = 'chat_backfill'::regnamespace "
+                        "AND relname IN ('runs', 'rejected_messages', 'run_ranges') ORDER BY 1")
+            assert cur.fetchall() == [("rejected_messages", "r"), ("run_ranges", "r"), ("runs", "r")]
+        else:
+            assert spied(conn.notices) and all(n.endswith("postgres") for n in spied(conn.notices)), conn.notices
+
+
+def test_the_event_triggers_leave_other_ddl_alone(cluster, scratch):
+    """What the event triggers must not refuse: the owner's DDL on its own tables, a
+    superuser's change of the state (recorded or not; an unrecorded one, like a pg_upgrade's
+    changed node trees, must not block the database's other DDL), dropping and re-creating
+    the extension. And what they must still refuse after a command that failed in a
+    savepoint left its start unmatched."""
+    db, owner = owners_database(cluster, scratch, "trust_ddl_ok", event_triggers=True)
+    own = ("CREATE TABLE public.mine (a int PRIMARY KEY); ALTER TABLE public.mine ADD COLUMN b text; "
+           "CREATE INDEX ON public.mine (b); DROP TABLE public.mine")
+    query(cluster, db, own, user=owner)
+    query(cluster, db, "ALTER TABLE chat_backfill.runs ADD COLUMN note text")
+    assert query(cluster, db, DIFFERENCES) == [(1, 0)]
+    query(cluster, db, own, user=owner)
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        expect_sqlstate(cur, "ALTER TABLE chat_backfill.runs DROP COLUMN note", "42501")
+    query(cluster, db, "SELECT chat_backfill.record_state_definition()")
+    assert query(cluster, db, DIFFERENCES) == [(0, 0)]
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        conn.autocommit = False
+        cur.execute("SAVEPOINT a")
+        expect_sqlstate(cur, "ALTER TABLE chat_backfill.runs ADD CONSTRAINT never CHECK (1 / 0 = 1)", "22012")
+        cur.execute("ROLLBACK TO a")
+        expect_sqlstate(cur, "ALTER TABLE chat_backfill.runs ADD CONSTRAINT spying CHECK (public.spy()) NOT VALID",
+                        "42501")
+        conn.rollback()
+        cur.execute("CREATE TABLE public.after_rollback (a int)")
+        conn.commit()
+        cur.execute("DROP EXTENSION chat_backfill")
+        cur.execute("CREATE EXTENSION chat_backfill")
+        conn.commit()
+        expect_sqlstate(cur, "ALTER TABLE chat_backfill.runs ADD COLUMN note text", "42501")
+    assert query(cluster, db, "SELECT evtname, evtenabled, evtowner::regrole::text FROM pg_event_trigger ORDER BY 1") == \
+        [("chat_backfill_state_after", "A", "postgres"), ("chat_backfill_state_before", "A", "postgres")]
 
 
 # 7 ------------------------------------------------------------------------------------------
