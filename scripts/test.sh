@@ -9,7 +9,7 @@
 #   FULL=1 bash scripts/test.sh             everything on every major
 #   PG_MAJORS="15" bash scripts/test.sh     only those (and exits 3: not a full run)
 # Tiers: tests/client/conftest.py (EVERY_MAJOR, PRIMARY_MAJORS, the one_major marker) picks
-# the client tests; the README lists which majors run each file. Builds for the client
+# the client tests; docs/testing.md lists which majors run each file. Builds for the client
 # suites are in the `ci` profile (optimized, no fat LTO), the unit tests and #[pg_test]s in
 # `citest` (unoptimized); the packages ship release builds.
 # While 15's tests run, the other majors are built (and the #[pg_test]s run) in the
@@ -42,6 +42,7 @@ step() {
   local log t0=$SECONDS; log=$(mktemp)
   if "$@" >"$log" 2>&1; then
     summary=$(grep -E "^test result|passed|failed" "$log" | tail -3)
+    [ -n "$summary" ] || summary=$(tail -1 "$log")
     echo "$summary" | sed 's/^/   /'; echo "   ($(elapsed $t0))"; rm -f "$log"
   else tail -60 "$log"; rm -f "$log"; return 1; fi
 }
@@ -51,6 +52,16 @@ passed() { grep -oE '[0-9]+ passed' <<<"$1" | awk '{n += $1} END {print n + 0}';
 for major in "${majors[@]}"; do
   bash scripts/pg_majors.sh pg_config "$major" >/dev/null  # refuses what is not supported
 done
+
+# What needs no PostgreSQL first: the import graph, and the rules crate's unit and property
+# tests (it does not depend on pgrx: no server headers, no server).
+echo "== the house and the rules (no PostgreSQL)"
+echo "-- import graph: no circle, each layer imports only from the ones below it"
+step python3 scripts/check_imports.py
+echo "-- the rules: unit and property tests"
+step cargo test -p chat_backfill_rules --profile citest
+rules_tests=$(passed "$summary")
+[ "$rules_tests" -gt 0 ] || { echo "   the rules ran no test"; exit 1; }
 
 # 15 first (the other majors build meanwhile), then the others in order.
 ordered=()
@@ -137,7 +148,7 @@ if [[ " ${majors[*]} " == *" 15 "* ]]; then
 fi
 
 # Every supported major must have run tests: a major skipped or silently empty fails here.
-echo "== majors: supported ${supported[*]}"
+echo "== majors: supported ${supported[*]} (and $rules_tests unit and property tests of the rules, on none)"
 status=0
 for major in "${supported[@]}"; do
   entry=$(printf '%s\n' "${ran[@]:-}" | grep "^$major:" || true)

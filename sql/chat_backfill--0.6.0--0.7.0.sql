@@ -349,7 +349,7 @@ $$;
 -- 6. What the state tables are made of, recorded (the install script says why). Until this
 --    update they were the superuser's, so nothing their new owner attached is recorded here.
 --    A later update must compare them with this record before it records again.
---    The event triggers' functions first (src/state_guard.rs):
+--    The event triggers' functions first (src/engine/state_guard.rs):
 CREATE FUNCTION chat_backfill.state_ddl_start() RETURNS pg_catalog.event_trigger
 LANGUAGE c AS 'MODULE_PATHNAME', 'state_ddl_start_wrapper';
 CREATE FUNCTION chat_backfill.state_ddl_end() RETURNS pg_catalog.event_trigger
@@ -363,7 +363,7 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'state_ddl_end_wrapper';
 -- partition of (a parent's partition key is checked on every write to its partition). The install and update scripts record it in a table the
 -- bootstrap superuser owns, which the extension's owner cannot change; before each
 -- transaction a backfill makes, a caller the state's owner cannot act as compares it with what
--- is there (src/state_guard.rs).
+-- is there (src/engine/state_guard.rs).
 CREATE FUNCTION chat_backfill.state_definition() RETURNS SETOF pg_catalog.text LANGUAGE sql STABLE
 BEGIN ATOMIC
     WITH state AS (
@@ -434,7 +434,7 @@ SELECT chat_backfill.record_state_definition();
 
 -- A role that is not a superuser cannot change them at all: every DDL command of such a role
 -- is bracketed, and one that changed the definition away from the record is refused
--- (src/state_guard.rs). ALWAYS: session_replication_role does not turn them off.
+-- (src/engine/state_guard.rs). ALWAYS: session_replication_role does not turn them off.
 CREATE EVENT TRIGGER chat_backfill_state_before ON ddl_command_start
     EXECUTE FUNCTION chat_backfill.state_ddl_start();
 CREATE EVENT TRIGGER chat_backfill_state_after ON ddl_command_end

@@ -7,7 +7,7 @@
 -- partition of (a parent's partition key is checked on every write to its partition). The install and update scripts record it in a table the
 -- bootstrap superuser owns, which the extension's owner cannot change; before each
 -- transaction a backfill makes, a caller the state's owner cannot act as compares it with what
--- is there (src/state_guard.rs).
+-- is there (src/engine/state_guard.rs).
 CREATE FUNCTION chat_backfill.state_definition() RETURNS SETOF pg_catalog.text LANGUAGE sql STABLE
 BEGIN ATOMIC
     WITH state AS (
@@ -78,7 +78,7 @@ SELECT chat_backfill.record_state_definition();
 
 -- A role that is not a superuser cannot change them at all: every DDL command of such a role
 -- is bracketed, and one that changed the definition away from the record is refused
--- (src/state_guard.rs). ALWAYS: session_replication_role does not turn them off.
+-- (src/engine/state_guard.rs). ALWAYS: session_replication_role does not turn them off.
 CREATE EVENT TRIGGER chat_backfill_state_before ON ddl_command_start
     EXECUTE FUNCTION chat_backfill.state_ddl_start();
 CREATE EVENT TRIGGER chat_backfill_state_after ON ddl_command_end

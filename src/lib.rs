@@ -1,39 +1,22 @@
 //! chat_backfill: moves chats stored as JSON documents into `chat_message` rows inside
 //! PostgreSQL.
 //!
-//! Where things are: `expand` and `scalar` are the Open WebUI rules in plain Rust;
-//! `api` is the SQL surface; `backfill/` the engine that reads, batches and writes;
-//! `resumable` the committing procedure and `run_state` its checkpoints; `ranges` and
-//! `workers` split a run over background workers; `relations`
-//! checks the tables; `subxact` isolates failures; `datums` moves values; `version`
-//! holds what differs between PostgreSQL majors.
+//! The layers, each importing only from those before it (scripts/check_imports.py holds
+//! that):
+//! - the rules (the `chat_backfill_rules` crate, rules/): one chat document in, its rows
+//!   out, in plain Rust;
+//! - `pg`: the PostgreSQL glue (errors, settings, datums, subtransactions, catalog lookups,
+//!   version differences);
+//! - `engine`: one backfill: read, expand, batch, write, record rejections; verify;
+//! - `planning`: estimates, `plan()` and admission;
+//! - `run`: the committing run: driver, checkpoints, ranges, workers, throttle;
+//! - `surface`: the SQL functions and procedures, thin wrappers over the rest.
 
-pub mod app_rows;
-pub mod expand;
-pub mod scalar;
-
-mod admission;
-mod api;
-mod backfill;
-mod copy_writer;
-mod datums;
-mod error;
-mod estimate;
-mod gucs;
-mod key_text;
-mod plan;
-mod read_only;
-mod ranges;
-mod relations;
-mod resumable;
-mod run_state;
-mod state_guard;
-mod subxact;
-mod throttle;
-mod tuning;
-mod version;
-mod visibility;
-mod workers;
+mod engine;
+mod pg;
+mod planning;
+mod run;
+mod surface;
 
 ::pgrx::pg_module_magic!();
 
@@ -46,7 +29,7 @@ pub extern "C-unwind" fn _PG_init() {
     // At library load a backend (or worker) runs one thread: nothing reads the environment
     // meanwhile.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    gucs::init();
+    pg::gucs::init();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

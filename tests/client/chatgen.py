@@ -93,7 +93,7 @@ def _one(key_raw: str, msg_raw: str) -> str:
 
 
 def hostile_chats() -> list[Chat]:
-    """One chat per hostile case of the rules (README, "The rules")."""
+    """One chat per hostile case of the rules (docs/rules.md)."""
     out: list[Chat] = []
 
     def add(tag, chat, user_id="u-hostile", crashes=False):

@@ -31,7 +31,7 @@ def pg_config(flag: str) -> str:
 # role), the standby, permissions and the server log; within them, a test marked
 # `one_major` (locking and caps of our own, the same on every major) runs on the primary
 # only. CHAT_BACKFILL_TIER=full runs everything on every major (`FULL=1 bash
-# scripts/test.sh`). The README's table says the same: keep them together.
+# scripts/test.sh`). The table in docs/testing.md says the same: keep them together.
 PRIMARY_MAJORS = {"15"}
 EVERY_MAJOR = {
     "test_differential.py",

@@ -1,0 +1,783 @@
+//! One backfill from start to end: reads chats (`read`), expands them with the rules into a
+//! batch of rows (`batch`), writes each batch (`write`), and records what could not be
+//! written (`rejections`).
+//!
+//! Memory is bounded by the batch, not by the largest chat: a batch ends once it holds
+//! `batch_size` messages or `MAX_BATCH_ROW_BYTES` of them, even in the middle of a chat,
+//! and the next batch goes on with that chat's next message. Only the chat being expanded
+//! is held (once, detoasted), with a 16-byte index entry per message. App rows
+//! (`rows => 'app'`) are written all or nothing per chat, as the app writes them: a chat
+//! bigger than a batch is a batch of its own, written a slice of rows at a time inside one
+//! subtransaction (`Backfill::write_whole`), so memory is bounded the same way.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use chat_backfill_rules::app_rows::{self, AppEntry, AppSkip};
+use chat_backfill_rules::migration_rows::{self, Body, Column, Document, Entry, Span};
+use pgrx::PgMemoryContexts;
+use pgrx::prelude::*;
+
+use crate::pg::datums::ChatText;
+use crate::pg::error::Result;
+use crate::pg::subxact::in_subtransaction;
+use super::batch::Rows;
+use super::read::{Fetched, Reader};
+use super::rejections::{chat_sqlstate, rule_sqlstate, Recorder, Rejection};
+use super::report::{BatchReport, Partial};
+use super::request::Settings;
+use super::write::{Outcome, Writer};
+
+/// A batch stops taking new chats once this much chat text has been read.
+const MAX_BATCH_BYTES: usize = 64 << 20;
+/// A batch ends once its rows hold this much text, so the INSERT path's arrays (a second
+/// copy) and its halves stay small whatever the messages weigh.
+const MAX_BATCH_ROW_BYTES: usize = 8 << 20;
+
+/// A fingerprint of a chat's text, stable across processes and releases (a checkpoint
+/// outlives both): a multiply-rotate hash over 8-byte words, and the length.
+pub fn fingerprint(text: &[u8]) -> i64 {
+    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+    let mut h = text.len() as u64;
+    let mut words = text.chunks_exact(8);
+    for word in &mut words {
+        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
+        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
+    }
+    let mut tail = [0u8; 8];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
+    (h ^ (h >> 29)) as i64
+}
+
+/// A chat whose messages are being expanded, possibly over several batches.
+struct OpenChat {
+    chat_id: String,
+    user_id: Option<String>,
+    text: Option<ChatText>,
+    body: Body,
+    spans: Vec<Span>,
+    next: usize,
+    /// App rows: how the app's codec reads the chat, and where its currentId is.
+    codec: app_rows::Codec,
+    current_id: Option<std::ops::Range<usize>>,
+    /// The text's fingerprint, computed once for a chat that spans batches.
+    fingerprint: std::cell::Cell<Option<i64>>,
+}
+
+impl OpenChat {
+    fn partial(&self) -> Partial {
+        let fingerprint = self.fingerprint.get().unwrap_or_else(|| {
+            let text = self.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+            let f = fingerprint(text.as_bytes());
+            self.fingerprint.set(Some(f));
+            f
+        });
+        Partial { chat_id: self.chat_id.clone(), done: self.next as i64, fingerprint }
+    }
+
+    /// Resumes inside this chat where `partial` says an earlier CALL left it, if it is the
+    /// same chat with the same text.
+    fn resume(&mut self, partial: &Partial) {
+        if partial.chat_id == self.chat_id
+            && (0..=self.spans.len() as i64).contains(&partial.done)
+            && self.partial().fingerprint == partial.fingerprint
+        {
+            self.next = partial.done as usize;
+        }
+    }
+}
+
+/// A batch being filled.
+struct Batch {
+    rows: Rows,
+    rejections: Vec<Rejection>,
+    /// Bytes the rejections hold (each keeps its message's JSON to record it).
+    rejection_bytes: usize,
+    report: BatchReport,
+    chat_bytes: usize,
+    /// App rows: a chat bigger than a batch, alone in this one (see `write_whole`).
+    whole: Option<OpenChat>,
+}
+
+impl Batch {
+    /// Messages held: rows to write and rejections to record both count toward the limits,
+    /// so a chat of a million bad messages is recorded a batch at a time too.
+    fn held(&self) -> (usize, usize) {
+        (self.rows.len() + self.rejections.len(), self.rows.bytes() + self.rejection_bytes)
+    }
+
+    fn room_for_rows(&self, settings: &Settings) -> bool {
+        let (messages, bytes) = self.held();
+        messages < settings.batch_size && bytes < MAX_BATCH_ROW_BYTES
+    }
+
+    fn room_for_chats(&self, settings: &Settings) -> bool {
+        self.whole.is_none() && self.room_for_rows(settings) && self.chat_bytes < MAX_BATCH_BYTES
+    }
+
+    /// App rows: whether the chat is bigger than a batch, so written a slice at a time.
+    fn too_big(chat: &OpenChat, settings: &Settings) -> bool {
+        chat.spans.len() > settings.batch_size || chat.text.as_ref().map_or(0, ChatText::len) > MAX_BATCH_ROW_BYTES
+    }
+
+    /// Whether `chat` fits whole in what is left of the batch. A chat that does not is
+    /// left for the next batch, so batches end at chat boundaries and a resume re-reads no
+    /// partly written chat; only a chat bigger than a whole batch is split.
+    /// App rows go whole into a batch (all or nothing, as Open WebUI writes them): a chat
+    /// bigger than a batch is one batch of its own.
+    fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
+        let text = chat.text.as_ref().map_or(0, ChatText::len);
+        let (messages, bytes) = self.held();
+        if settings.rows.is_app() && Batch::too_big(chat, settings) {
+            return messages == 0 && self.report.chats_read == 0;
+        }
+        messages == 0 || (messages + chat.spans.len() - chat.next <= settings.batch_size && bytes + text <= MAX_BATCH_ROW_BYTES)
+    }
+
+    /// Takes a fetched chat: `Some` when it has messages to expand.
+    fn open(&mut self, fetched: Fetched, settings: &Settings) -> Option<OpenChat> {
+        let Fetched { chat_id, user_id, chat } = fetched;
+        let Some(chat_id) = chat_id else {
+            self.report.chats_read += 1;
+            self.report.chats_skipped += 1;
+            return None;
+        };
+        self.chat_bytes += chat.as_ref().map_or(0, ChatText::len);
+        if settings.rows.is_app() {
+            return self.open_app(chat_id, user_id, chat);
+        }
+        let column = chat.as_ref().and_then(ChatText::as_str);
+        let opened = match (&chat, column) {
+            (Some(_), None) => Err(migration_rows::ChatSkip::NotJson),
+            _ => Document::open(column).and_then(|doc| {
+                let spans = doc.index_polling(&mut || {
+                    pgrx::check_for_interrupts!();
+                })?;
+                Ok((spans, doc.into_body(column.unwrap_or_default())))
+            }),
+        };
+        match opened {
+            // Counted as read when its last message is in a batch.
+            Ok((spans, body)) if !spans.is_empty() => {
+                Some(OpenChat {
+                    chat_id,
+                    user_id,
+                    text: chat,
+                    body,
+                    spans,
+                    next: 0,
+                    codec: app_rows::Codec { exact_ints: false, plain: true },
+                    current_id: None,
+                    fingerprint: Default::default(),
+                })
+            }
+            Ok(_) => {
+                self.report.chats_read += 1;
+                self.report.last_chat_id = Some(chat_id);
+                None
+            }
+            Err(skip) => {
+                if skip.is_problem() {
+                    self.report.chats_skipped += 1;
+                    self.rejections.push(Rejection {
+                        chat_id: chat_id.clone(),
+                        message_key: None,
+                        message_id: None,
+                        sqlstate: chat_sqlstate(skip).to_owned(),
+                        error: skip.describe().to_owned(),
+                        detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
+                        message: None,
+                    });
+                }
+                self.report.chats_read += 1;
+                self.report.last_chat_id = Some(chat_id);
+                None
+            }
+        }
+    }
+
+    /// `open` for app rows: the checks of the app's read path (`app_rows::open`, `index`).
+    fn open_app(&mut self, chat_id: String, user_id: Option<String>, chat: Option<ChatText>) -> Option<OpenChat> {
+        let column = chat.as_ref().and_then(ChatText::as_str);
+        let opened = match (&chat, column) {
+            (Some(_), None) => Err(AppSkip::NotObject),
+            _ => app_rows::open(column, user_id.as_deref(), app_rows::APP_MAX_DEPTH).and_then(|opened| {
+                let indexed = app_rows::index(opened.doc, &mut || {
+                    pgrx::check_for_interrupts!();
+                })?;
+                let start = opened.doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
+                Ok((indexed.spans, Body::Within(start..start + opened.doc.len()), opened.codec, indexed.current_id))
+            }),
+        };
+        match opened {
+            Ok((spans, body, codec, current_id)) if !spans.is_empty() => {
+                return Some(OpenChat {
+                    chat_id,
+                    user_id,
+                    text: chat,
+                    body,
+                    spans,
+                    next: 0,
+                    codec,
+                    current_id,
+                    fingerprint: Default::default(),
+                })
+            }
+            Ok(_) => {}
+            Err(skip) => self.skip_app_chat(&chat_id, skip),
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat_id);
+        None
+    }
+
+    /// A chat the app loads no messages from; recorded unless it is simply empty.
+    fn skip_app_chat(&mut self, chat_id: &str, skip: AppSkip) {
+        if skip.is_problem() {
+            self.report.chats_skipped += 1;
+            self.rejections.push(Rejection {
+                chat_id: chat_id.to_owned(),
+                message_key: None,
+                message_id: None,
+                sqlstate: skip.sqlstate().to_owned(),
+                error: skip.describe().to_owned(),
+                detail: Some("Open WebUI writes no rows for this chat either and keeps reading its JSON.".into()),
+                message: None,
+            });
+        }
+    }
+
+    /// App rows: expands the whole chat and takes its rows only if the app writes them
+    /// all; otherwise records the messages the app fails on, and no row of the chat.
+    fn expand_app(&mut self, chat: OpenChat, settings: &Settings) {
+        let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+        let doc = chat.body.text(column);
+        let server = app_rows::Server { major: crate::pg::version::major() };
+        // Spans and currentId are offsets within the document, as for the migration's rows.
+        let indexed = app_rows::Indexed { spans: chat.spans.clone(), current_id: chat.current_id.clone() };
+        let entries = match app_rows::expand(doc, &indexed, settings.now, server, chat.codec, &mut || {
+            pgrx::check_for_interrupts!();
+        }) {
+            Ok(entries) => entries,
+            Err(skip) => {
+                self.skip_app_chat(&chat.chat_id, skip);
+                self.report.chats_read += 1;
+                self.report.last_chat_id = Some(chat.chat_id);
+                return;
+            }
+        };
+        let failed = entries.iter().filter(|e| matches!(e, AppEntry::Failed { .. })).count();
+        if failed == 0 {
+            for entry in &entries {
+                match entry {
+                    AppEntry::Row(m) => self.rows.push_app(&chat.chat_id, chat.user_id.as_deref(), m, settings.now),
+                    _ => self.report.messages_skipped += 1,
+                }
+            }
+        } else {
+            let held_back = entries.len() - failed;
+            self.report.messages_skipped += held_back as i64;
+            for entry in entries {
+                if let AppEntry::Failed { key, failure, raw } = entry {
+                    self.rejection_bytes += raw.len() + 2 * key.len() + chat.chat_id.len();
+                    self.rejections.push(app_failure(&chat.chat_id, key, &failure, raw, held_back));
+                }
+            }
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat.chat_id);
+    }
+
+    /// Expands the chat's next messages while the batch has room; `Some` if some are left.
+    fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Option<OpenChat> {
+        if settings.rows.is_app() {
+            if Batch::too_big(&chat, settings) {
+                self.whole = Some(chat);
+            } else {
+                self.expand_app(chat, settings);
+            }
+            return None;
+        }
+        let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+        let doc = chat.body.text(column);
+        while chat.next < chat.spans.len() {
+            if !self.room_for_rows(settings) {
+                return Some(chat);
+            }
+            pgrx::check_for_interrupts!();
+            let entry = migration_rows::entry_at(doc, chat.spans[chat.next], settings.now);
+            self.add(&chat.chat_id, chat.user_id.as_deref(), entry);
+            chat.next += 1;
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat.chat_id);
+        None
+    }
+
+    fn add(&mut self, chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) {
+        match entry {
+            Entry::Row(m) => self.rows.push(chat_id, user_id, m),
+            Entry::Skipped { .. } => self.report.messages_skipped += 1,
+            Entry::Rejected { key, column, problem, raw } => {
+                self.rejection_bytes += raw.len() + 2 * key.len() + chat_id.len();
+                self.rejections.push(Rejection {
+                chat_id: chat_id.to_owned(),
+                message_id: Some(format!("{chat_id}-{key}")),
+                message_key: Some(key),
+                sqlstate: rule_sqlstate(problem).to_owned(),
+                error: migration_rows::reject_reason(column, problem),
+                detail: Some(match column {
+                    Column::Key => "Open WebUI's migration fails on this message too.".to_owned(),
+                    _ => format!("Open WebUI's migration fails on this message too (column {}).", column.name()),
+                }),
+                message: Some(raw.to_owned()),
+            })
+            }
+        }
+    }
+}
+
+/// The rejection of a message the app cannot write, which leaves its whole chat unwritten.
+fn app_failure(chat_id: &str, key: String, failure: &app_rows::Failure, raw: &str, held_back: usize) -> Rejection {
+    Rejection {
+        chat_id: chat_id.to_owned(),
+        message_id: Some(format!("{chat_id}-{key}")),
+        message_key: Some(key),
+        sqlstate: failure.sqlstate.to_owned(),
+        error: format!("Open WebUI cannot write this message: {}", failure.reason),
+        detail: Some(format!(
+            "Column {}. No row of this chat was written: Open WebUI writes a chat's rows all or nothing \
+             ({held_back} other message(s) held back), and keeps reading its JSON.",
+            failure.column
+        )),
+        message: Some(raw.to_owned()),
+    }
+}
+
+pub struct Backfill {
+    settings: Settings,
+    reader: Reader,
+    writer: Writer,
+    recorder: Recorder,
+    /// The chat a full batch left unfinished.
+    open_chat: Option<OpenChat>,
+    /// Where an earlier CALL left the first chat this one reads.
+    resume: Option<Partial>,
+    exhausted: bool,
+    /// The chat last counted as vanished, so a chat spanning batches counts once.
+    last_vanished: Option<String>,
+    batch: i32,
+    totals: BatchReport,
+    /// Chat text read so far (as detoasted), in bytes.
+    chat_bytes_read: usize,
+    started: Instant,
+    last_notice: Instant,
+}
+
+impl Backfill {
+    /// The one-transaction form: one portal over the whole source.
+    pub fn start(settings: Settings) -> Result<Backfill> {
+        let reader = Reader::whole(&settings)?;
+        Backfill::new(settings, reader)
+    }
+
+    /// The committing form: reads after `last_key` (all when `None`) up to `high_water`,
+    /// a portal per batch, so the caller may COMMIT between batches; inside the chat that
+    /// `resume` names, if an earlier CALL left one unfinished.
+    pub fn keyset(settings: Settings, last_key: Option<String>, high_water: String, resume: Option<Partial>) -> Result<Backfill> {
+        let reader = Reader::keyset(&settings, last_key, high_water);
+        let mut backfill = Backfill::new(settings, reader)?;
+        backfill.resume = resume;
+        Ok(backfill)
+    }
+
+    fn new(settings: Settings, reader: Reader) -> Result<Backfill> {
+        let writer = Writer::prepare(&settings)?;
+        let recorder = Recorder::prepare()?;
+        let now = Instant::now();
+        Ok(Backfill {
+            settings,
+            reader,
+            writer,
+            recorder,
+            open_chat: None,
+            resume: None,
+            exhausted: false,
+            last_vanished: None,
+            batch: 0,
+            totals: BatchReport::default(),
+            chat_bytes_read: 0,
+            started: now,
+            last_notice: now,
+        })
+    }
+
+    /// Reads, expands and writes the next batch; `None` once the source is exhausted.
+    pub fn next_batch(&mut self) -> Result<Option<BatchReport>> {
+        if self.exhausted && self.open_chat.is_none() {
+            return Ok(None);
+        }
+        let began = Instant::now();
+        let mut batch = Batch {
+            rows: Rows::new(self.settings.rows.is_app()),
+            rejections: Vec::new(),
+            rejection_bytes: 0,
+            report: BatchReport { batch: self.batch + 1, batch_size: self.settings.batch_size as i32, ..Default::default() },
+            chat_bytes: 0,
+            whole: None,
+        };
+        if let Some(chat) = self.open_chat.take() {
+            self.open_chat = batch.expand(chat, &self.settings);
+        }
+        if self.open_chat.is_none() && !self.exhausted {
+            let (settings, reader, resume) = (&self.settings, &mut self.reader, &mut self.resume);
+            let (open_chat, exhausted) = Spi::connect(|client| -> Result<(Option<OpenChat>, bool)> {
+                while batch.room_for_chats(settings) {
+                    let Some(fetched) = reader.next(client, settings)? else { return Ok((None, true)) };
+                    // Only the first chat read can be the one an earlier CALL left.
+                    let resume = resume.take();
+                    if let Some(mut chat) = batch.open(fetched, settings) {
+                        if let Some(partial) = &resume {
+                            chat.resume(partial);
+                        }
+                        if !batch.fits(&chat, settings) {
+                            return Ok((Some(chat), false));
+                        }
+                        if let Some(unfinished) = batch.expand(chat, settings) {
+                            return Ok((Some(unfinished), false));
+                        }
+                    }
+                }
+                Ok((None, false))
+            })?;
+            self.reader.end_batch();
+            self.open_chat = open_chat;
+            self.exhausted = exhausted;
+        }
+        let finished = self.exhausted && self.open_chat.is_none();
+        let Batch { rows, mut rejections, mut report, chat_bytes, whole, .. } = batch;
+        report.partial = self.open_chat.as_ref().map(OpenChat::partial);
+        self.chat_bytes_read += chat_bytes;
+        if report.chats_read == 0
+            && rows.len() == 0
+            && rejections.is_empty()
+            && report.messages_skipped == 0
+            && whole.is_none()
+            && finished
+        {
+            self.finish();
+            return Ok(None);
+        }
+        if self.settings.dry_run {
+            report.messages_inserted = rows.len() as i64;
+        } else {
+            let mut outcome = Outcome::default();
+            in_scratch(|| self.writer.write(&rows, &mut report, &mut outcome))?;
+            if let Some(last) = &self.last_vanished {
+                outcome.vanished.remove(last);
+            }
+            report.chats_vanished = outcome.vanished.len() as i64;
+            if let Some(chat) = &self.open_chat {
+                if outcome.vanished.contains(&chat.chat_id) {
+                    self.last_vanished = Some(chat.chat_id.clone());
+                }
+            }
+            rejections.append(&mut outcome.rejections);
+        }
+        drop(rows);
+        if let Some(chat) = whole {
+            self.write_whole(chat, &mut report)?;
+        }
+        report.messages_rejected += rejections.iter().filter(|r| r.message_key.is_some()).count() as i64;
+        if !self.settings.dry_run && !self.settings.trial {
+            in_scratch(|| self.recorder.record(&self.settings, &rejections))?;
+        }
+        report.elapsed_ms = began.elapsed().as_secs_f64() * 1000.0;
+        if let Some(tuner) = self.settings.tuner {
+            let handled = report.messages_inserted
+                + report.messages_rejected
+                + report.messages_existing
+                + report.messages_skipped
+                + report.messages_dropped;
+            self.settings.batch_size = tuner.next(self.settings.batch_size, handled as usize, began.elapsed());
+        }
+        self.batch += 1;
+        self.add_to_totals(&report);
+        if finished {
+            self.finish();
+        } else if !self.settings.trial && (self.last_notice.elapsed().as_secs_f64() >= 2.0 || self.batch == 1) {
+            self.last_notice = Instant::now();
+            notice!("chat_backfill: {}", self.summary("so far"));
+        }
+        Ok(Some(report))
+    }
+
+    /// App rows of a chat bigger than a batch, all or nothing as the app writes them, in
+    /// memory that follows a slice of rows, not the chat: the app's repair check and a
+    /// first pass over its messages (does the app fail on one?) read the text without
+    /// keeping anything; then its rows go in slices of a batch inside one subtransaction,
+    /// rolled back whole if a slice fails. The bad rows are then found a slice at a time,
+    /// each in a subtransaction rolled back, and recorded as they are found.
+    fn write_whole(&mut self, chat: OpenChat, report: &mut BatchReport) -> Result<()> {
+        let settings = &self.settings;
+        let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+        let doc = chat.body.text(column);
+        let (now, codec) = (settings.now, chat.codec);
+        let server = app_rows::Server { major: crate::pg::version::major() };
+        let mut poll = || {
+            pgrx::check_for_interrupts!();
+        };
+        let indexed = app_rows::Indexed { spans: chat.spans, current_id: chat.current_id };
+        let spans = &indexed.spans;
+        let record = !settings.dry_run && !settings.trial;
+        report.chats_read += 1;
+        report.last_chat_id = Some(chat.chat_id.clone());
+        if let Err(skip) = app_rows::check(doc, &indexed, &mut poll) {
+            if skip.is_problem() {
+                report.chats_skipped += 1;
+                let rejection = Rejection {
+                    chat_id: chat.chat_id.clone(),
+                    message_key: None,
+                    message_id: None,
+                    sqlstate: skip.sqlstate().to_owned(),
+                    error: skip.describe().to_owned(),
+                    detail: Some("Open WebUI writes no rows for this chat either and keeps reading its JSON.".into()),
+                    message: None,
+                };
+                if record {
+                    in_scratch(|| self.recorder.record(settings, &[rejection]))?;
+                }
+            }
+            return Ok(());
+        }
+        let (mut rows_total, mut failed) = (0usize, 0usize);
+        for (n, &span) in spans.iter().enumerate() {
+            if n % 1024 == 0 {
+                poll();
+            }
+            match app_rows::entry_at(doc, span, now, server, codec) {
+                AppEntry::Row(_) => rows_total += 1,
+                AppEntry::Failed { .. } => failed += 1,
+                AppEntry::Skipped { .. } => {}
+            }
+        }
+        let skipped = spans.len() - rows_total - failed;
+        if failed > 0 {
+            // The app fails on these messages, so writes none of the chat.
+            let held_back = spans.len() - failed;
+            report.messages_skipped += held_back as i64;
+            let mut pending = Vec::new();
+            let mut bytes = 0;
+            for &span in spans {
+                poll();
+                let AppEntry::Failed { key, failure, raw } = app_rows::entry_at(doc, span, now, server, codec) else { continue };
+                bytes += raw.len() + 2 * key.len() + chat.chat_id.len();
+                pending.push(app_failure(&chat.chat_id, key, &failure, raw, held_back));
+                if pending.len() >= settings.batch_size || bytes >= MAX_BATCH_ROW_BYTES {
+                    report.messages_rejected += pending.len() as i64;
+                    if record {
+                        in_scratch(|| self.recorder.record(settings, &pending))?;
+                    }
+                    pending.clear();
+                    bytes = 0;
+                }
+            }
+            report.messages_rejected += pending.len() as i64;
+            if record {
+                in_scratch(|| self.recorder.record(settings, &pending))?;
+            }
+            return Ok(());
+        }
+        report.messages_skipped += skipped as i64;
+        if settings.dry_run {
+            report.messages_inserted += rows_total as i64;
+            return Ok(());
+        }
+        // The rows of spans[range], a slice of at most a batch.
+        let (chat_id, user_id) = (chat.chat_id.as_str(), chat.user_id.as_deref());
+        let slices = || {
+            let mut start = 0;
+            std::iter::from_fn(move || {
+                (start < spans.len()).then(|| {
+                    let mut rows = Rows::new(true);
+                    while start < spans.len() && rows.len() < settings.batch_size && rows.bytes() < MAX_BATCH_ROW_BYTES {
+                        if start % 1024 == 0 {
+                            pgrx::check_for_interrupts!();
+                        }
+                        if let AppEntry::Row(m) = app_rows::entry_at(doc, spans[start], now, server, codec) {
+                            rows.push_app(chat_id, user_id, &m, now);
+                        }
+                        start += 1;
+                    }
+                    rows
+                })
+            })
+        };
+        let writer = &mut self.writer;
+        let written = in_subtransaction(AssertUnwindSafe(|| -> Result<BatchReport> {
+            let mut sub = BatchReport::default();
+            for rows in slices() {
+                in_scratch(|| writer.write_or_raise(&rows, &mut sub))?;
+            }
+            Ok(sub)
+        }));
+        let failure = match written {
+            Ok(sub) => {
+                let sub = sub?;
+                report.messages_inserted += sub.messages_inserted;
+                report.messages_existing += sub.messages_existing;
+                report.messages_dropped += sub.messages_dropped;
+                return Ok(());
+            }
+            Err(failure) => failure,
+        };
+        // Which rows failed: a slice at a time, each probe rolled back, recorded as found.
+        let mut bad = 0usize;
+        for rows in slices() {
+            let mut probe = Outcome::default();
+            in_scratch(|| self.writer.probe(&rows, &mut probe))?;
+            if !probe.vanished.is_empty() {
+                report.chats_vanished += 1;
+                return Ok(());
+            }
+            bad += probe.rejections.len();
+            let note = "No row of this chat was written: Open WebUI writes a chat's rows all or nothing, and keeps \
+                        reading its JSON.";
+            for r in &mut probe.rejections {
+                r.detail = Some(match r.detail.take() {
+                    Some(d) => format!("{d} {note}"),
+                    None => note.to_owned(),
+                });
+            }
+            report.messages_rejected += probe.rejections.len() as i64;
+            if record {
+                in_scratch(|| self.recorder.record(settings, &probe.rejections))?;
+            }
+        }
+        report.messages_skipped += (rows_total - bad) as i64;
+        if bad == 0 {
+            let rejection = Rejection {
+                chat_id: chat.chat_id.clone(),
+                message_key: None,
+                message_id: None,
+                sqlstate: failure.sqlstate,
+                error: format!("chat not written: {}", failure.message),
+                detail: Some(format!(
+                    "No row of this chat was written: Open WebUI writes a chat's rows all or nothing ({rows_total} \
+                     message(s) held back), and keeps reading its JSON."
+                )),
+                message: None,
+            };
+            if record {
+                in_scratch(|| self.recorder.record(settings, &[rejection]))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the source is read to its end and nothing of it is left to write.
+    pub fn is_done(&self) -> bool {
+        self.exhausted && self.open_chat.is_none()
+    }
+
+    /// The run so far, and its number of batches.
+    pub fn totals(&self) -> (&BatchReport, i32) {
+        (&self.totals, self.batch)
+    }
+
+    /// Ends a run before its source is exhausted (a trial that has read enough).
+    pub fn stop(&mut self) {
+        self.reader.close();
+    }
+
+    /// The size of the next batch (batch_time changes it).
+    pub fn batch_size(&self) -> usize {
+        self.settings.batch_size
+    }
+
+    /// Chat text read so far, in bytes (as detoasted).
+    pub fn chat_bytes_read(&self) -> usize {
+        self.chat_bytes_read
+    }
+
+    fn finish(&mut self) {
+        self.reader.close();
+        if !self.settings.trial {
+            notice!("chat_backfill: {}", self.summary("done"));
+        }
+    }
+
+    fn add_to_totals(&mut self, b: &BatchReport) {
+        let t = &mut self.totals;
+        t.chats_read += b.chats_read;
+        t.messages_inserted += b.messages_inserted;
+        t.messages_rejected += b.messages_rejected;
+        t.messages_existing += b.messages_existing;
+        t.messages_skipped += b.messages_skipped;
+        t.chats_skipped += b.chats_skipped;
+        t.chats_vanished += b.chats_vanished;
+        t.messages_dropped += b.messages_dropped;
+    }
+
+    fn summary(&self, state: &str) -> String {
+        let t = &self.totals;
+        let secs = self.started.elapsed().as_secs_f64();
+        let verb = if self.settings.dry_run { "would insert" } else { "inserted" };
+        format!(
+            "{state} after {} batches, {:.1} s: {} chats read, {} messages {verb}, {} rejected, {} already present, \
+             {} skipped by rule, {} dropped by a trigger, {} chats unusable, {} chats deleted meanwhile \
+             ({:.0} messages/s); rejected rows: \
+             SELECT * FROM chat_backfill.rejected_messages WHERE run_id = {}",
+            self.batch,
+            secs,
+            t.chats_read,
+            t.messages_inserted,
+            t.messages_rejected,
+            t.messages_existing,
+            t.messages_skipped,
+            t.messages_dropped,
+            t.chats_skipped,
+            t.chats_vanished,
+            (t.messages_inserted as f64) / secs.max(1e-9),
+            self.settings.run_id,
+        )
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::fingerprint;
+
+    /// Checkpoints keep fingerprints across releases: the function must never change. The
+    /// values were computed by an independent implementation of the same definition.
+    #[test]
+    fn fingerprints_are_stable() {
+        assert_eq!(fingerprint(b""), 0);
+        assert_eq!(fingerprint(b"a"), -5_715_860_101_994_261_550);
+        assert_eq!(fingerprint(b"12345678"), -6_136_387_933_679_464_117);
+        assert_eq!(fingerprint(br#"{"history":{"messages":{}}}"#), -1_574_588_376_558_343_103);
+    }
+
+    #[test]
+    fn one_byte_changes_the_fingerprint() {
+        let a = br#"{"history":{"messages":{"a":{"content":"hello"}}}}"#.to_vec();
+        let mut b = a.clone();
+        b[40] ^= 1;
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&a[..a.len() - 1]));
+    }
+}
+
+/// Runs `work` with a memory context of its own as the current one, deleted after: what a
+/// batch's statements palloc there (their argument arrays, a failed COPY's error) goes with
+/// it. Left in the caller's context (a set-returning function's multi-call context, or a
+/// procedure's portal, both as long as the run) it piled up batch after batch: 0.6.0 grew
+/// by 190 kB a batch on a re-run, where every batch takes the INSERT path.
+fn in_scratch<T>(work: impl FnOnce() -> T) -> T {
+    let mut scratch = PgMemoryContexts::new("chat_backfill write");
+    // SAFETY: the context is current only while `work` runs (switch_to restores the caller's
+    // on every way out) and is deleted when `scratch` drops; nothing allocated in it is kept
+    // (prepared statements are kept in the cache's context, results are Rust values).
+    unsafe { scratch.switch_to(|_| work()) }
+}

@@ -1,0 +1,181 @@
+//! The fast path for writing a batch: PostgreSQL's own COPY FROM, fed row by row from
+//! the batch through a data-source callback. COPY inserts in multi-row groups and is the
+//! physical floor for loading rows; it has no ON CONFLICT, so a batch it rejects for any
+//! reason (an id already present, a constraint) is rolled back by the caller and written
+//! again through the INSERT ... ON CONFLICT path, which isolates bad rows.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CString};
+
+use pgrx::pg_sys;
+
+
+/// Rows to feed, as COPY text-format lines, produced on demand by `next_line`.
+pub trait CopySource {
+    fn rows(&self) -> usize;
+    /// Appends row `i` as one line of COPY's text format, newline included.
+    fn write_line(&self, i: usize, out: &mut Vec<u8>);
+}
+
+/// The callback has no user-data argument: the feed lives here for the duration of one
+/// CopyFrom (a backend is single-threaded and COPY does not nest).
+struct Feed {
+    source: *const dyn CopySource,
+    next_row: usize,
+    pending: Vec<u8>,
+    offset: usize,
+}
+
+thread_local! {
+    static FEED: RefCell<Option<Feed>> = const { RefCell::new(None) };
+}
+
+/// `pg_guard`: a Rust panic here becomes a PostgreSQL ERROR instead of unwinding into C.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxread: c_int) -> c_int {
+    FEED.with(|feed| {
+        let mut feed = feed.borrow_mut();
+        let Some(feed) = feed.as_mut() else { return 0 };
+        // SAFETY: `copy_rows` set the pointer from a reference that outlives the CopyFrom
+        // call this callback runs in, and clears it before returning.
+        let source = unsafe { &*feed.source };
+        let mut written = 0usize;
+        let want = maxread as usize;
+        while written < want {
+            if feed.offset == feed.pending.len() {
+                if feed.next_row == source.rows() {
+                    break;
+                }
+                feed.pending.clear();
+                feed.offset = 0;
+                // A few rows at a time keeps the buffer small and the calls few.
+                while feed.pending.len() < 64 * 1024 && feed.next_row < source.rows() {
+                    source.write_line(feed.next_row, &mut feed.pending);
+                    feed.next_row += 1;
+                }
+            }
+            let n = (feed.pending.len() - feed.offset).min(want - written);
+            // SAFETY: COPY hands a buffer of `maxread` bytes; `written + n <= maxread`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(feed.pending.as_ptr().add(feed.offset), (outbuf as *mut u8).add(written), n);
+            }
+            feed.offset += n;
+            written += n;
+        }
+        written as c_int
+    })
+}
+
+/// Whether COPY may write to `target` for this caller and do exactly what INSERT would:
+/// a plain table, INSERT granted on the whole table, no row-level security (COPY refuses
+/// it), no rules (COPY ignores them), a read-write transaction, and no COPY of ours already
+/// feeding (a trigger that runs a backfill). Otherwise only the INSERT path runs, so
+/// PostgreSQL applies its exact rules (column grants, policies, rules). Asked before every
+/// batch: a long committing run sees a REVOKE or a new policy at its next batch.
+pub fn copy_allowed(target: pg_sys::Oid) -> bool {
+    if FEED.with(|f| f.borrow().is_some()) {
+        return false;
+    }
+    // SAFETY: catalog lookups on an existing relation; the relcache entry is opened and
+    // closed here, and `rd_rel` is read while it is open.
+    unsafe {
+        if pg_sys::XactReadOnly {
+            return false;
+        }
+        let granted = pg_sys::pg_class_aclcheck(target, pg_sys::GetUserId(), pg_sys::ACL_INSERT as pg_sys::AclMode)
+            == pg_sys::AclResult::ACLCHECK_OK;
+        let rel = pg_sys::RelationIdGetRelation(target);
+        if rel.is_null() {
+            return false;
+        }
+        let form = &*(*rel).rd_rel;
+        let plain = form.relkind == pg_sys::RELKIND_RELATION as c_char && !form.relrowsecurity && !form.relhasrules;
+        pg_sys::RelationClose(rel);
+        granted && plain
+    }
+}
+
+/// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written.
+/// Raises on any failure (the caller runs it in a subtransaction).
+pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str]) -> u64 {
+    let source: *const (dyn CopySource + '_) = source;
+    // SAFETY: only erases the lifetime; the pointer is used only while this call runs,
+    // and FEED is cleared on every way out (ClearFeed).
+    let source: *const dyn CopySource = unsafe { std::mem::transmute(source) };
+    FEED.with(|f| *f.borrow_mut() = Some(Feed { source, next_row: 0, pending: Vec::new(), offset: 0 }));
+    struct ClearFeed;
+    impl Drop for ClearFeed {
+        fn drop(&mut self) {
+            FEED.with(|f| *f.borrow_mut() = None);
+        }
+    }
+    let _clear = ClearFeed;
+    let columns = column_list(names);
+    // SAFETY: the relation is opened and locked as COPY FROM does; the options and column
+    // list are built in the current memory context; COPY reads only through `read_feed`.
+    unsafe {
+        let lockmode = pg_sys::RowExclusiveLock as c_int;
+        let rel = pg_sys::table_open(target, lockmode);
+        let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
+        let item = pg_sys::addRangeTableEntryForRelation(pstate, rel, lockmode, std::ptr::null_mut(), false, false);
+        crate::pg::version::require_insert(pstate, item);
+        let cstate = pg_sys::BeginCopyFrom(
+            pstate,
+            rel,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            false,
+            Some(read_feed),
+            columns,
+            utf8_option(),
+        );
+        let written = pg_sys::CopyFrom(cstate);
+        pg_sys::EndCopyFrom(cstate);
+        pg_sys::free_parsestate(pstate);
+        pg_sys::table_close(rel, pg_sys::NoLock as c_int);
+        pg_sys::CommandCounterIncrement();
+        written
+    }
+}
+
+/// The columns written, as COPY's column list.
+fn column_list(names: &[&str]) -> *mut pg_sys::List {
+    let mut columns: *mut pg_sys::List = std::ptr::null_mut();
+    for name in names {
+        let name = CString::new(*name).unwrap_or_default();
+        // SAFETY: pstrdup copies the name into the current memory context, which the
+        // List and its String nodes also live in.
+        columns = unsafe { pg_sys::lappend(columns, pg_sys::makeString(pg_sys::pstrdup(name.as_ptr())).cast()) };
+    }
+    columns
+}
+
+/// `(ENCODING 'UTF8')`: our lines are UTF-8 whatever the session's client_encoding, which
+/// COPY would otherwise convert them from.
+fn utf8_option() -> *mut pg_sys::List {
+    // SAFETY: builds a one-element List of a DefElem in the current memory context.
+    unsafe {
+        let value = pg_sys::makeString(pg_sys::pstrdup(c"UTF8".as_ptr()));
+        let option = pg_sys::makeDefElem(pg_sys::pstrdup(c"encoding".as_ptr()), value.cast(), -1);
+        pg_sys::lappend(std::ptr::null_mut(), option.cast())
+    }
+}
+
+/// Appends `s` escaped for COPY's text format.
+pub fn push_escaped(out: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(escape);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+}

@@ -1,0 +1,82 @@
+//! Running a piece of work in its own subtransaction and getting its error back instead
+//! of aborting the whole statement. pgrx 0.18 has no safe wrapper; this is the pattern
+//! verified on this project's machines (see PGRX-NOTES).
+
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::prelude::*;
+
+/// What a failed subtransaction reported.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub sqlstate: String,
+    pub message: String,
+    pub detail: Option<String>,
+}
+
+/// Runs `work` in a subtransaction: committed if it returns, rolled back if it raises an
+/// ERROR, which comes back as `Err` when it is about the data. Anything else (query
+/// cancel, statement timeout, shutdown, permissions, Rust panics) is re-thrown once the
+/// subtransaction is rolled back: it must stop the run, never be recorded as a bad row,
+/// and must leave the session usable for the next statement.
+pub fn in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -> Result<R, Failure> {
+    in_subtransaction_catching(work, is_data_error)
+}
+
+/// The same, returning as `Err` the errors whose SQLSTATE `is_caught` accepts.
+pub fn in_subtransaction_catching<R>(
+    work: impl FnOnce() -> R + std::panic::UnwindSafe,
+    is_caught: fn(&str) -> bool,
+) -> Result<R, Failure> {
+    run_in_subtransaction(work, true).or_else(|caught| match caught {
+        CaughtError::PostgresError(ref report) | CaughtError::ErrorReport(ref report)
+            if is_caught(&crate::pg::error::sqlstate_text(report.sql_error_code())) =>
+        {
+            Err(Failure {
+                sqlstate: crate::pg::error::sqlstate_text(report.sql_error_code()),
+                message: report.message().to_owned(),
+                detail: report.detail().map(str::to_owned),
+            })
+        }
+        other => other.rethrow(),
+    })
+}
+
+/// Runs `work` in a subtransaction that is always rolled back: a trial whose writes must
+/// not stay. An ERROR inside is re-thrown once the subtransaction is gone.
+pub fn in_rolled_back_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe) -> R {
+    run_in_subtransaction(work, false).unwrap_or_else(|caught| caught.rethrow())
+}
+
+/// Runs `work` in a subtransaction, released if `keep` and the work returned, rolled back
+/// otherwise; what the work raised comes back once the subtransaction is gone.
+fn run_in_subtransaction<R>(work: impl FnOnce() -> R + std::panic::UnwindSafe, keep: bool) -> Result<R, CaughtError> {
+    // SAFETY: the subtransaction is begun and ended here on every path, and the caller's
+    // memory context and resource owner are restored either way, as PostgreSQL's PL
+    // handlers do.
+    unsafe {
+        let caller_context = pg_sys::CurrentMemoryContext;
+        let caller_owner = pg_sys::CurrentResourceOwner;
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        // Keep results in the caller's memory, not the subtransaction's.
+        pg_sys::MemoryContextSwitchTo(caller_context);
+        let outcome = PgTryBuilder::new(|| Ok(work())).catch_others(Err).execute();
+        if keep && outcome.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(caller_context);
+        pg_sys::CurrentResourceOwner = caller_owner;
+        outcome
+    }
+}
+
+/// Only errors about the data belong to a row: invalid values (class 22), constraint
+/// violations (23), a trigger's RAISE (P0), WITH CHECK OPTION (44), and a value too big
+/// or too deep for PostgreSQL (54: an index row too large, stack depth), which one row can
+/// cause and which would otherwise stop every run at the same batch forever. Everything
+/// else (cancel, timeout, shutdown, permissions, lock timeouts, deadlocks, disk full and
+/// out of memory, class 53) is about the run, not the row: it must stop the run.
+fn is_data_error(sqlstate: &str) -> bool {
+    matches!(sqlstate.get(..2), Some("22" | "23" | "P0" | "44" | "54"))
+}

@@ -1,0 +1,445 @@
+//! Estimating a backfill before it runs, for `plan()` and for admission control. A
+//! repeatable sample of the source's pages (`TABLESAMPLE SYSTEM`, about
+//! `chat_backfill.plan_sample_size` of the source as stored; of a partitioned table or an
+//! inheritance parent, of every table under it) goes through the real engine into the real
+//! target, indexes, foreign keys and triggers included, in a subtransaction that is always
+//! rolled back; what that cost (this backend's WAL, the target's growth, the time) is
+//! scaled up to the whole source. A source that fits in the sample is read whole, and its
+//! counts are exact. A source without pages to sample (a view, a foreign table) is read
+//! from its start until the sample size of chat text has gone through, and scaled by the
+//! planner's estimate of its rows. Either way the trial reads a bounded amount.
+
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use pgrx::PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION;
+use pgrx::prelude::*;
+
+use crate::engine::backfill::Backfill;
+use crate::engine::read::{sample_clause, source_where};
+use crate::engine::request::Settings;
+use crate::pg::error::{Error, Result};
+use crate::pg::gucs;
+use crate::pg::subxact::in_rolled_back_subtransaction;
+use crate::pg::wal::wal_written;
+
+/// What the trial read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// The whole source: counts are exact.
+    Whole,
+    /// A repeatable sample of the source's pages.
+    Pages,
+    /// The first rows of a source without pages (a view), up to the sample size of chat text.
+    FirstRows,
+}
+
+#[derive(Debug, Clone)]
+pub struct Estimate {
+    pub sampling: Sampling,
+    /// Share of the source read, in percent (100: all of it): of its pages, or, for
+    /// `FirstRows`, of the rows the planner expects.
+    pub sample_percent: f64,
+    /// The source's rows per row sampled (scales counts).
+    pub scale: f64,
+    /// The source's stored bytes per sampled chat byte (scales bytes and time).
+    pub byte_scale: f64,
+    pub sampled_chats: i64,
+    /// The sampled chats' bytes: as stored (compressed) for a page sample, as read otherwise.
+    pub sampled_chat_bytes: i64,
+    pub chats: f64,
+    /// Rows the rules give (written, already present, or rejected by the target).
+    pub messages: f64,
+    /// Growth of the target with its TOAST table and indexes.
+    pub target_bytes: f64,
+    /// Each index's share of that growth.
+    pub index_bytes: Vec<(String, f64)>,
+    pub wal_bytes: f64,
+    /// The one-transaction form.
+    pub seconds: f64,
+    /// Batches of the committing form.
+    pub batches: f64,
+    /// The committing form: the same work plus a WAL flush per batch.
+    pub seconds_resumable: f64,
+}
+
+/// Measures a trial run of `settings` over a sample of its source (nothing stays written).
+/// `time_commits`: also flush the WAL after each trial batch, as the committing form's
+/// COMMITs do, to price them (`seconds_resumable`; zero otherwise).
+pub fn measure(settings: &Settings, time_commits: bool) -> Result<Estimate> {
+    refuse_read_only()?;
+    let source = source_size(settings.source.oid)?;
+    let budget = gucs::plan_sample_bytes();
+    if !source.has_pages {
+        return first_rows(settings, time_commits, budget);
+    }
+    let mut percent = if source.total <= budget { 100.0 } else { 100.0 * budget as f64 / source.total as f64 };
+    // A sample that lands on no chat passing source_filter is read once more, ten times
+    // bigger; no more, so that a filter passing almost nothing never makes the trial read the
+    // whole source. (What it then estimates is a run over what the bigger sample found:
+    // nothing, or little.) A sample that lands on no row at all says nothing of the filter:
+    // the share is of the source's bytes, and a heavily toasted table has few heap pages to
+    // draw, maybe less than one at this share. It grows tenfold until it holds a row (of a
+    // source that has rows, a handful of pages; reading them is the trial, bounded by the
+    // rows on those pages).
+    let mut most = (percent * 10.0).min(100.0);
+    let sample = loop {
+        check_for_interrupts!();
+        let sample = count_sample(settings, percent)?;
+        if percent >= 100.0 || (sample.rows > 0 && (sample.chats > 0 || percent >= most)) {
+            break sample;
+        }
+        if sample.rows == 0 {
+            most = (most * 10.0).min(100.0);
+            percent = (percent * 10.0).min(100.0);
+        } else {
+            percent = most;
+        }
+    };
+    // What the sample saw is scaled by the source's rows per sampled row. SYSTEM sampling
+    // reads whole pages, whose row counts vary (a page of toasted chats holds many rows), so
+    // where ANALYZE or VACUUM measured the tables' density, the row count comes from it, as
+    // the planner's does; otherwise from the share of pages read. Never below 1: the source
+    // holds at least the rows sampled, whatever stale statistics say.
+    let scale = if percent >= 100.0 {
+        1.0
+    } else {
+        match source.rows {
+            Some(rows) if sample.rows > 0 => (rows / sample.rows as f64).max(1.0),
+            _ => 100.0 / percent,
+        }
+    };
+    // WAL, table growth and time follow the bytes of chat, not the number of chats, and chat
+    // sizes are heavy-tailed: one chat of tens of MB is in a page sample or not. So those are
+    // scaled by the source's heap and TOAST bytes (which the catalog knows exactly) per
+    // stored byte of the sampled chats: a sample that missed the giants still prices their
+    // bytes at the rate it measured. (Other columns and dead rows count as chat here, so a
+    // bloated table is overestimated, the safe side.)
+    let byte_scale = if percent >= 100.0 || sample.all_bytes <= 0 {
+        scale
+    } else {
+        (source.stored as f64 / sample.all_bytes as f64).max(1.0)
+    };
+    let sampled = (percent < 100.0).then_some(percent);
+    let trial = run_trial(settings, sampled, time_commits, None)?;
+    let sampling = if sampled.is_some() { Sampling::Pages } else { Sampling::Whole };
+    let measured = Measured { sampling, percent, scale, byte_scale, chats: sample.chats, chat_bytes: sample.bytes };
+    scale_up(settings, &measured, &trial)
+}
+
+/// A source without pages (a view, a foreign table): its first rows, until `budget` bytes
+/// of chat text have been read, scaled by the planner's estimate of the rows that pass the
+/// filter. Biased towards what the scan meets first, and as good as the planner's estimate:
+/// the plan says so.
+fn first_rows(settings: &Settings, time_commits: bool, budget: i64) -> Result<Estimate> {
+    let trial = run_trial(settings, None, time_commits, Some(budget.max(1) as usize))?;
+    let (sampling, scale, percent) = if trial.whole || trial.chats == 0 {
+        (Sampling::Whole, 1.0, 100.0)
+    } else {
+        let planned = planner_rows(settings)?;
+        let scale = (planned / trial.chats as f64).max(1.0);
+        (Sampling::FirstRows, scale, 100.0 / scale)
+    };
+    let measured = Measured { sampling, percent, scale, byte_scale: scale, chats: trial.chats, chat_bytes: trial.chat_bytes as i64 };
+    scale_up(settings, &measured, &trial)
+}
+
+/// How the sample relates to the source.
+struct Measured {
+    sampling: Sampling,
+    percent: f64,
+    scale: f64,
+    byte_scale: f64,
+    /// The chats sampled, and their bytes.
+    chats: i64,
+    chat_bytes: i64,
+}
+
+fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate> {
+    let growth = |name: &str| {
+        let was = trial.before.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
+        let now = trial.after.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
+        (now - was).max(0) as f64 * m.byte_scale
+    };
+    let messages = trial.messages as f64 * m.scale;
+    // Batches end at batch_size messages or at a size limit (8 MB of rows, 64 MB of chat
+    // text), whichever comes first. The trial's last batch is partial: its full batches,
+    // scaled by bytes, count the size-cut ones; messages over batch_size the rest.
+    let batches = if m.sampling == Sampling::Whole {
+        f64::from(trial.batches)
+    } else if messages > 0.0 {
+        (messages / settings.batch_size as f64).ceil().max(f64::from((trial.batches - 1).max(0)) * m.byte_scale).max(1.0)
+    } else {
+        0.0
+    };
+    let flush_per_batch =
+        if synchronous_commit_off()? || trial.batches == 0 { 0.0 } else { trial.flushing.as_secs_f64() / f64::from(trial.batches) };
+    let seconds = trial.working.as_secs_f64() * m.byte_scale;
+    Ok(Estimate {
+        sampling: m.sampling,
+        sample_percent: m.percent,
+        scale: m.scale,
+        byte_scale: m.byte_scale,
+        sampled_chats: m.chats,
+        sampled_chat_bytes: m.chat_bytes,
+        chats: m.chats as f64 * m.scale,
+        messages,
+        target_bytes: growth(""),
+        index_bytes: trial.after.iter().filter(|(n, _)| !n.is_empty()).map(|(n, _)| (n.clone(), growth(n))).collect(),
+        wal_bytes: trial.wal as f64 * m.byte_scale,
+        seconds,
+        batches,
+        seconds_resumable: seconds + flush_per_batch * batches,
+    })
+}
+
+/// What the trial run cost.
+struct Trial {
+    /// Chats read, messages the rules gave, batches.
+    chats: i64,
+    messages: i64,
+    batches: i32,
+    /// Chat text read, in bytes.
+    chat_bytes: usize,
+    /// Whether it read its source to the end.
+    whole: bool,
+    wal: u64,
+    working: Duration,
+    flushing: Duration,
+    before: Vec<(String, i64)>,
+    after: Vec<(String, i64)>,
+}
+
+/// Runs the engine over `sample_percent` of the source (all: `None`), stopping once
+/// `budget` bytes of chat text have gone through, into the real target, and rolls it back.
+fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: bool, budget: Option<usize>) -> Result<Trial> {
+    let mut trial = settings.clone();
+    trial.sample_percent = sample_percent;
+    trial.trial = true;
+    trial.dry_run = false;
+    let target = settings.target.oid;
+    let before = relation_sizes(target)?;
+    in_rolled_back_subtransaction(AssertUnwindSafe(|| -> Result<Trial> {
+        let mut run = Backfill::start(trial)?;
+        // Preparing the statements is paid once per run, not per byte: not timed.
+        let wal_before = wal_written();
+        let began = Instant::now();
+        let mut flushing = Duration::ZERO;
+        let mut whole = true;
+        while run.next_batch()?.is_some() {
+            // The committing form's COMMIT after each batch waits for its WAL to reach disk.
+            if time_commits {
+                flushing += flush_wal();
+            }
+            let (totals, _) = run.totals();
+            if budget.is_some_and(|b| run.chat_bytes_read() >= b) && totals.chats_read > 0 {
+                run.stop();
+                whole = false;
+                break;
+            }
+        }
+        let (totals, batches) = run.totals();
+        let (chats, messages) = (
+            // (chats_read counts the skipped chats too.)
+            totals.chats_read,
+            totals.messages_inserted + totals.messages_existing + totals.messages_rejected,
+        );
+        let chat_bytes = run.chat_bytes_read();
+        drop(run);
+        Ok(Trial {
+            chats,
+            messages,
+            batches,
+            chat_bytes,
+            whole,
+            wal: wal_written().saturating_sub(wal_before),
+            working: began.elapsed().saturating_sub(flushing),
+            flushing,
+            before,
+            after: relation_sizes(target)?,
+        })
+    }))
+}
+
+/// The trial writes (and rolls back): a standby or a read-only transaction cannot run it.
+/// Said up front, with what to do, rather than as the INSERT's own error.
+pub fn refuse_read_only() -> Result<()> {
+    match crate::pg::read_only::cannot_write() {
+        None => Ok(()),
+        Some(place) => Err(Error::new(
+            ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!("cannot estimate a backfill {place}: the estimate writes a sample into the target and rolls it back"),
+            "Run chat_backfill.plan() and the backfill on the primary, in a read-write transaction.",
+        )),
+    }
+}
+
+/// The source as the catalog knows it: with a partitioned table or an inheritance parent,
+/// every table under it (a backfill reads them all).
+struct SourceSize {
+    /// Whether it has pages to sample (a table, a materialized view, or a parent of tables).
+    has_pages: bool,
+    /// With TOAST and indexes, in bytes.
+    total: i64,
+    /// Heap and TOAST, in bytes (indexes are not read by the backfill).
+    stored: i64,
+    /// Rows now, from the density statistics recorded (`None`: a table with pages was never
+    /// measured, or its statistics say it is empty).
+    rows: Option<f64>,
+}
+
+fn source_size(source: pg_sys::Oid) -> Result<SourceSize> {
+    // pg_inherits holds both partitions and inheritance children; it has no cycles, and
+    // UNION visits a table under two parents once. The aggregates are computed whatever
+    // the outer CASE decides, so the division inside one guards itself.
+    // Stored bytes are the files' sizes: dead rows and free space count as chat (the
+    // statistics' live and dead tuple counters are too loose to correct for them: an
+    // inheritance parent's live count can read 0), so a bloated source is overestimated,
+    // the safe side.
+    let sql =         "WITH RECURSIVE tree(relid) AS ( \
+                   SELECT $1::pg_catalog.oid \
+                   UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid), \
+                 sized AS ( \
+                   SELECT c.relkind, c.reltuples::pg_catalog.float8 AS tuples, c.relpages::pg_catalog.float8 AS pages, \
+                          pg_catalog.pg_total_relation_size(c.oid::pg_catalog.regclass) AS total, \
+                          pg_catalog.pg_relation_size(c.oid::pg_catalog.regclass) OPERATOR(pg_catalog.+) \
+                            CASE WHEN c.reltoastrelid OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN 0::pg_catalog.int8 \
+                                 ELSE pg_catalog.pg_relation_size(c.reltoastrelid::pg_catalog.regclass) END AS stored, \
+                          (pg_catalog.pg_relation_size(c.oid::pg_catalog.regclass) OPERATOR(pg_catalog./) \
+                           pg_catalog.current_setting('block_size'::pg_catalog.text)::pg_catalog.int8)::pg_catalog.float8 AS blocks \
+                     FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid) \
+                 SELECT pg_catalog.bool_or(relkind OPERATOR(pg_catalog.=) ANY ('{r,m,p}'::pg_catalog.\"char\"[])) \
+                          AND pg_catalog.bool_and(relkind OPERATOR(pg_catalog.<>) ALL ('{v,f}'::pg_catalog.\"char\"[])), \
+                        pg_catalog.sum(total)::pg_catalog.int8, pg_catalog.sum(stored)::pg_catalog.int8, \
+                        CASE WHEN pg_catalog.bool_and(blocks OPERATOR(pg_catalog.=) 0::pg_catalog.float8 \
+                                  OR (tuples OPERATOR(pg_catalog.>) 0::pg_catalog.float8 AND pages OPERATOR(pg_catalog.>) 0::pg_catalog.float8)) \
+                             THEN pg_catalog.sum(CASE WHEN blocks OPERATOR(pg_catalog.=) 0::pg_catalog.float8 \
+                                                           OR pages OPERATOR(pg_catalog.<=) 0::pg_catalog.float8 THEN 0::pg_catalog.float8 \
+                                                      ELSE tuples OPERATOR(pg_catalog./) pages OPERATOR(pg_catalog.*) blocks END) END \
+                   FROM sized";
+    let row = Spi::connect(|client| -> Result<(bool, i64, i64, Option<f64>)> {
+        let row = client.select(sql, None, &[source.into()])?.first();
+        Ok((
+            row.get::<bool>(1)?.unwrap_or(false),
+            row.get::<i64>(2)?.unwrap_or(0),
+            row.get::<i64>(3)?.unwrap_or(0),
+            row.get::<f64>(4)?,
+        ))
+    })?;
+    let (has_pages, total, stored, rows) = row;
+    Ok(SourceSize { has_pages, total, stored, rows })
+}
+
+/// The planner's estimate of the source's rows that pass the filter.
+fn planner_rows(settings: &Settings) -> Result<f64> {
+    let sql = format!("EXPLAIN (FORMAT JSON) SELECT 1 FROM {}{}", settings.source.name, source_where(settings, None));
+    let plan = Spi::get_one::<pgrx::datum::Json>(&sql)?;
+    Ok(plan.and_then(|p| p.0.pointer("/0/Plan/Plan Rows").and_then(serde_json::Value::as_f64)).unwrap_or(1.0).max(1.0))
+}
+
+/// What a sample holds, counted without reading its chats' TOAST.
+struct Sample {
+    /// Every row, and the stored bytes of their chats.
+    rows: i64,
+    all_bytes: i64,
+    /// The chats that pass the filter, and their stored bytes.
+    chats: i64,
+    bytes: i64,
+}
+
+fn count_sample(settings: &Settings, percent: f64) -> Result<Sample> {
+    let mut sampled = settings.clone();
+    sampled.sample_percent = (percent < 100.0).then_some(percent);
+    let count = |condition: &str| {
+        let sql = format!(
+            "SELECT pg_catalog.count(*), pg_catalog.sum(pg_catalog.pg_column_size({}))::pg_catalog.int8 FROM {}{}{condition}",
+            pgrx::spi::quote_identifier(&settings.chat_column),
+            settings.source.name,
+            sample_clause(&sampled),
+        );
+        Spi::get_two::<i64, i64>(&sql).map(|(n, bytes)| (n.unwrap_or(0), bytes.unwrap_or(0)))
+    };
+    // Every row of the sample, filtered or not (the source's totals are of every row), then
+    // the chats that pass the filter.
+    let (rows, all_bytes) = count("")?;
+    let (chats, bytes) = count(&source_where(settings, None))?;
+    Ok(Sample { rows, all_bytes, chats, bytes })
+}
+
+/// The target's size with its TOAST (under ""), and each of its indexes by name.
+fn relation_sizes(target: pg_sys::Oid) -> Result<Vec<(String, i64)>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT ''::pg_catalog.text, pg_catalog.pg_total_relation_size($1::pg_catalog.regclass) \
+             UNION ALL \
+             SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname), pg_catalog.pg_relation_size(c.oid::pg_catalog.regclass) \
+               FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid \
+              WHERE i.indrelid OPERATOR(pg_catalog.=) $1",
+            None,
+            &[target.into()],
+        )?;
+        let mut sizes = Vec::new();
+        for row in rows {
+            sizes.push((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0)));
+        }
+        Ok(sizes)
+    })
+}
+
+/// Flushes this backend's WAL to disk, as a COMMIT does, and says how long it took.
+fn flush_wal() -> Duration {
+    let began = Instant::now();
+    // SAFETY: XactLastRecEnd is the end of the last WAL record this backend inserted (zero:
+    // none), a position every insertion has completed, which is exactly what COMMIT flushes
+    // to. (The current insert position can lie past a page header no record has reached yet,
+    // and XLogFlush refuses it.)
+    unsafe {
+        let end = pg_sys::XactLastRecEnd;
+        if end != 0 {
+            pg_sys::XLogFlush(end);
+        }
+    }
+    began.elapsed()
+}
+
+fn synchronous_commit_off() -> Result<bool> {
+    Ok(Spi::get_one::<String>("SELECT pg_catalog.current_setting('synchronous_commit'::pg_catalog.text)")?.as_deref()
+        == Some("off"))
+}
+
+/// The source with its TOAST and indexes, in bytes: with a partitioned table or an
+/// inheritance parent, every table under it.
+/// The source's bytes with TOAST and indexes, summed over the tables under it; `None` for
+/// a source without storage of its own (a view, a foreign table).
+pub fn source_bytes(source: pg_sys::Oid) -> Result<Option<i64>> {
+    let size = source_size(source)?;
+    Ok(size.has_pages.then_some(size.total))
+}
+
+/// The server's max_wal_size, in bytes.
+pub fn max_wal_size() -> Result<i64> {
+    Ok(Spi::get_one::<i64>(
+        "SELECT pg_catalog.pg_size_bytes(pg_catalog.current_setting('max_wal_size'::pg_catalog.text))",
+    )?
+    .unwrap_or(0))
+}
+
+/// `chat_backfill.max_atomic_wal` in bytes (-1 there: max_wal_size), and the setting's
+/// name to quote.
+pub fn atomic_wal_limit() -> Result<(i64, &'static str)> {
+    match gucs::max_atomic_wal() {
+        Some(bytes) => Ok((bytes, "chat_backfill.max_atomic_wal")),
+        None => Ok((max_wal_size()?, "max_wal_size (chat_backfill.max_atomic_wal is -1)")),
+    }
+}
+
+/// Bytes as PostgreSQL prints them.
+pub fn pretty(bytes: f64) -> String {
+    crate::pg::read_only::get_one::<String>(
+        "SELECT pg_catalog.pg_size_pretty($1::pg_catalog.int8)",
+        &[(bytes.round().clamp(0.0, i64::MAX as f64) as i64).into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| format!("{bytes:.0} bytes"))
+}

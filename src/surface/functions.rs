@@ -1,0 +1,346 @@
+//! The SQL surface: thin `#[pg_extern]` wrappers over the plain-Rust core and the engine.
+//! Errors travel as values up to here and are raised once.
+
+use chat_backfill_rules::migration_rows::{self, Document, Entry, Span};
+use pgrx::datum::Interval;
+use pgrx::prelude::*;
+
+use crate::engine::backfill::Backfill;
+use crate::engine::request::{next_run_id, transaction_start_epoch, Request};
+use crate::pg::datums::{server_takes_utf8, to_server, ArgText, RawJson, RegClass, ServerText};
+use crate::pg::error::OrRaise;
+
+/// One chat's entries, expanded one at a time as rows are asked for: a chat of a million
+/// messages costs its text and its index, not a million rows at once, and a cancel lands
+/// between any two messages.
+struct ChatEntries<T> {
+    chat_id: String,
+    user_id: Option<String>,
+    /// The document's text and where its messages are; `None`: no messages.
+    doc: Option<(String, Vec<Span>)>,
+    next: usize,
+    now: i64,
+    /// Turns an entry into an output row, or `None` to leave it out.
+    pick: fn(&str, Option<&str>, Entry<'_>) -> Option<T>,
+    /// A last row for the chat as a whole (why it gives no messages).
+    tail: Option<T>,
+}
+
+impl<T> Iterator for ChatEntries<T> {
+    type Item = T;
+    fn next(&mut self) -> Option<T> {
+        if let Some((text, spans)) = &self.doc {
+            while self.next < spans.len() {
+                pgrx::check_for_interrupts!();
+                let entry = migration_rows::entry_at(text, spans[self.next], self.now);
+                self.next += 1;
+                if let Some(row) = (self.pick)(&self.chat_id, self.user_id.as_deref(), entry) {
+                    return Some(row);
+                }
+            }
+        }
+        self.tail.take()
+    }
+}
+
+/// Opens and indexes one chat; the `Err` is why it has no messages.
+fn open_chat(chat: Option<&str>) -> Result<(String, Vec<Span>), migration_rows::ChatSkip> {
+    let doc = Document::open(chat)?;
+    let spans = doc.index_polling(&mut || {
+                    pgrx::check_for_interrupts!();
+                })?;
+    Ok((doc.text().to_owned(), spans))
+}
+
+/// Every message of one chat as `chat_message` rows, following Open WebUI's migration
+/// 8452d01d26d7. Never raises on data: what cannot be stored is left out (see
+/// `chat_message_problems`). The `json` and `jsonb` overloads are SQL wrappers that
+/// PostgreSQL inlines.
+#[pg_extern(name = "chat_messages", stable, parallel_safe)]
+fn chat_messages_text(
+    chat_id: Option<ArgText>,
+    user_id: Option<ArgText>,
+    chat: Option<ArgText>,
+    now: default!(Option<i64>, "NULL"),
+) -> TableIterator<
+    'static,
+    (
+        name!(id, ServerText),
+        name!(chat_id, ServerText),
+        name!(user_id, Option<ServerText>),
+        name!(role, ServerText),
+        name!(parent_id, Option<ServerText>),
+        name!(content, RawJson),
+        name!(output, RawJson),
+        name!(model_id, Option<ServerText>),
+        name!(files, RawJson),
+        name!(sources, RawJson),
+        name!(embeds, RawJson),
+        name!(done, Option<bool>),
+        name!(status_history, RawJson),
+        name!(error, RawJson),
+        name!(usage, RawJson),
+        name!(created_at, i64),
+        name!(updated_at, i64),
+    ),
+> {
+    // In a database that is not UTF8, arguments that cannot be read as UTF-8 give no rows
+    // (chat_message_problems says why), as a document that is not JSON does.
+    let (chat_id, user_id) = (chat_id.and_then(|t| t.0), user_id.map(|t| t.0));
+    let doc = match (&chat_id, &user_id) {
+        (Some(_), None | Some(Some(_))) => open_chat(readable(chat).ok().flatten().as_deref()).ok(),
+        _ => None,
+    };
+    TableIterator::new(ChatEntries {
+        chat_id: chat_id.unwrap_or_default(),
+        user_id: user_id.flatten(),
+        doc,
+        next: 0,
+        now: now.unwrap_or_else(transaction_start_epoch),
+        pick: message_row,
+        tail: None,
+    })
+}
+
+/// A text argument as UTF-8: `Err` when the database's encoding holds it in bytes that are
+/// not.
+fn readable(arg: Option<ArgText>) -> Result<Option<String>, migration_rows::ChatSkip> {
+    match arg {
+        None => Ok(None),
+        Some(ArgText(Some(text))) => Ok(Some(text)),
+        Some(ArgText(None)) => Err(migration_rows::ChatSkip::NotJson),
+    }
+}
+
+/// One `chat_message` row, in the table's column order.
+type MessageRow = (
+    ServerText,
+    ServerText,
+    Option<ServerText>,
+    ServerText,
+    Option<ServerText>,
+    RawJson,
+    RawJson,
+    Option<ServerText>,
+    RawJson,
+    RawJson,
+    RawJson,
+    Option<bool>,
+    RawJson,
+    RawJson,
+    RawJson,
+    i64,
+    i64,
+);
+
+fn message_row(chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) -> Option<MessageRow> {
+    let Entry::Row(m) = entry else { return None };
+    server_row(chat_id, user_id, &m).ok()
+}
+
+/// The row in the database's encoding; `Err` names the first column with a character the
+/// encoding lacks (a `\u` escape in the JSON can name any character; a UTF8 database takes
+/// every one).
+fn server_row(chat_id: &str, user_id: Option<&str>, m: &migration_rows::Message<'_>) -> Result<MessageRow, &'static str> {
+    let text = |s: &str, column: &'static str| to_server(s).map(ServerText).ok_or(column);
+    let optional = |s: Option<&str>, column| s.map(|s| text(s, column)).transpose();
+    let json = |s: &str, column: &'static str| to_server(s).map(RawJson).ok_or(column);
+    Ok((
+        text(&m.id(chat_id), "id")?,
+        text(chat_id, "chat_id")?,
+        optional(user_id, "user_id")?,
+        text(&m.role, "role")?,
+        optional(m.parent_id.as_deref(), "parent_id")?,
+        json(m.content, "content")?,
+        json(m.output, "output")?,
+        optional(m.model_id.as_deref(), "model_id")?,
+        json(m.files, "files")?,
+        json(m.sources, "sources")?,
+        json(m.embeds, "embeds")?,
+        m.done,
+        json(m.status_history, "status_history")?,
+        json(m.error, "error")?,
+        json(m.usage, "usage")?,
+        m.timestamp,
+        m.timestamp,
+    ))
+}
+
+fn problem_row(_: &str, _: Option<&str>, entry: Entry<'_>) -> Option<(Option<String>, String)> {
+    match entry {
+        Entry::Row(_) if server_takes_utf8() => None,
+        Entry::Row(m) => server_row("", None, &m).err().map(|column| {
+            // SAFETY: the encoding's name is a static string of PostgreSQL's.
+            let encoding = unsafe { core::ffi::CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) };
+            (
+                Some(m.key.into_owned()),
+                format!(
+                    "message skipped: column {column} holds a character that the database encoding {} cannot hold",
+                    encoding.to_string_lossy()
+                ),
+            )
+        }),
+        entry => entry.problem().map(|(key, reason)| (Some(key), reason)),
+    }
+}
+
+/// Why messages of one chat are left out by `chat_messages`: one row per message
+/// skipped by the rules or impossible to store; `message_key` is NULL when the whole
+/// chat is unusable.
+#[pg_extern(name = "chat_message_problems", immutable, parallel_safe)]
+fn chat_message_problems_text(
+    chat_id: Option<ArgText>,
+    chat: Option<ArgText>,
+) -> TableIterator<'static, (name!(message_key, Option<String>), name!(reason, String))> {
+    let unreadable = |what: &str| Some((None, format!("chat skipped: its {what} is not valid UTF-8 in this database's encoding")));
+    let (doc, tail) = match chat_id {
+        None => (None, Some((None, "chat skipped: chat_id is NULL, so no message id can be formed".to_owned()))),
+        Some(ArgText(None)) => (None, unreadable("id")),
+        Some(ArgText(Some(_))) => match readable(chat) {
+            Err(_) => (None, unreadable("document")),
+            Ok(chat) => match open_chat(chat.as_deref()) {
+                Ok(doc) => (Some(doc), None),
+                Err(skip) => (None, skip.is_problem().then(|| (None, skip.describe().to_owned()))),
+            },
+        },
+    };
+    // `now` does not change which messages are left out.
+    TableIterator::new(ChatEntries { chat_id: String::new(), user_id: None, doc, next: 0, now: 0, pick: problem_row, tail })
+}
+
+extension_sql_file!(
+    "../../sql/json_overloads.sql",
+    name = "json_overloads",
+    requires = [chat_messages_text, chat_message_problems_text]
+);
+
+/// Open WebUI's whole chat_message backfill in one call: one row per batch as it
+/// completes, a NOTICE with totals and rate as it goes. Never aborts on bad data: bad
+/// messages and chats go to `chat_backfill.rejected_messages`. Runs with the caller's
+/// privileges. Refuses (53400) a run whose estimated WAL is over
+/// `chat_backfill.max_atomic_wal`, unless `force`.
+#[allow(clippy::too_many_arguments)]
+#[pg_extern(volatile)]
+fn backfill_chat_messages(
+    source: default!(Option<RegClass>, "NULL"),
+    target: default!(Option<RegClass>, "NULL"),
+    batch_size: default!(Option<i32>, "NULL"),
+    now: default!(Option<i64>, "NULL"),
+    source_filter: default!(Option<&str>, "$$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$"),
+    id_column: default!(Option<&str>, "'id'"),
+    user_id_column: default!(Option<&str>, "'user_id'"),
+    chat_column: default!(Option<&str>, "'chat'"),
+    dry_run: default!(Option<bool>, false),
+    force: default!(Option<bool>, false),
+    batch_time: default!(Option<Interval>, "NULL"),
+    rows: default!(Option<&str>, "'migration'"),
+) -> TableIterator<
+    'static,
+    (
+        name!(batch, i32),
+        name!(chats_read, i64),
+        name!(messages_inserted, i64),
+        name!(messages_rejected, i64),
+        name!(messages_existing, i64),
+        name!(last_chat_id, Option<String>),
+        name!(elapsed_ms, f64),
+        name!(messages_skipped, i64),
+        name!(chats_skipped, i64),
+        name!(chats_vanished, i64),
+        name!(batch_size, i32),
+        name!(messages_dropped, i64),
+    ),
+> {
+    // NULL means the default, as in the CALL and plan().
+    let (dry_run, force) = (dry_run.unwrap_or(false), force.unwrap_or(false));
+    if !dry_run {
+        crate::pg::read_only::refuse("run the backfill", crate::pg::read_only::WRITES_HINT).or_raise();
+    }
+    let mut settings = Request {
+        source: source.map(|r| r.0),
+        target: target.map(|r| r.0),
+        batch_size,
+        now,
+        source_filter,
+        id_column: id_column.unwrap_or("id"),
+        user_id_column: user_id_column.unwrap_or("user_id"),
+        chat_column: chat_column.unwrap_or("chat"),
+        dry_run,
+        batch_time: batch_time.map(|t| t.as_micros()),
+        rows: rows.unwrap_or("migration"),
+    }
+    .check()
+    .or_raise();
+    if !dry_run && !force {
+        crate::planning::admission::admit(&settings).or_raise();
+    }
+    // A dry run writes nothing and records nothing: on a standby it draws no run id either.
+    if crate::pg::read_only::cannot_write().is_none() {
+        settings.run_id = next_run_id().or_raise();
+    }
+    let mut run = Backfill::start(settings).or_raise();
+    TableIterator::new(std::iter::from_fn(move || crate::pg::key_text::pinned(|| run.next_batch()).or_raise()).map(|b| {
+        (
+            b.batch,
+            b.chats_read,
+            b.messages_inserted,
+            b.messages_rejected,
+            b.messages_existing,
+            b.last_chat_id,
+            b.elapsed_ms,
+            b.messages_skipped,
+            b.chats_skipped,
+            b.chats_vanished,
+            b.batch_size,
+            b.messages_dropped,
+        )
+    }))
+}
+
+/// Compares `target` with the rows the rules (`rows`: 'migration' or 'app') give for
+/// `source`, chat by chat, and returns what differs: `missing` (a row the rules give that
+/// the target lacks), `different` (the listed columns differ; JSON compared as values;
+/// updated_at and values that came from the clock are not compared), `extra` (a row the
+/// rules do not give, e.g. of a message no longer in the document) and `partial_chat`
+/// (some but not all of a chat's rows present). Writes nothing; summary in a NOTICE.
+#[pg_extern(
+    sql = r#"
+CREATE FUNCTION chat_backfill.verify(
+    source regclass DEFAULT NULL,
+    target regclass DEFAULT NULL,
+    "rows" text DEFAULT 'migration')
+RETURNS TABLE (chat_id text, message_key text, kind text, columns text[])
+VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#,
+    requires = ["state_schema"]
+)]
+fn verify(
+    source: Option<pg_sys::Oid>,
+    target: Option<pg_sys::Oid>,
+    rows: Option<&str>,
+) -> TableIterator<
+    'static,
+    (name!(chat_id, String), name!(message_key, Option<String>), name!(kind, String), name!(columns, Option<Vec<String>>)),
+> {
+    let settings = Request {
+        source,
+        target,
+        batch_size: None,
+        now: None,
+        source_filter: Some(SHARED_CHATS_FILTER),
+        id_column: "id",
+        user_id_column: "user_id",
+        chat_column: "chat",
+        dry_run: true,
+        batch_time: None,
+        rows: rows.unwrap_or("migration"),
+    }
+    .check()
+    .or_raise();
+    crate::pg::catalog::check_readable(&settings.target, "verify()").or_raise();
+    let mut verifier = crate::engine::verify::Verifier::start(settings).or_raise();
+    TableIterator::new(std::iter::from_fn(move || crate::pg::key_text::pinned(|| verifier.next()).or_raise()).map(|f| (f.chat_id, f.message_key, f.kind.to_owned(), f.columns)))
+}
+
+/// The migration's own filter: shared chats (user_id 'shared-...') are copies, left out.
+const SHARED_CHATS_FILTER: &str = "user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text";
