@@ -106,3 +106,38 @@ impl Recorder {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chat_backfill_rules::migration_rows::ChatSkip;
+    use chat_backfill_rules::scalar::Unstorable;
+
+    use super::*;
+    use crate::pg::error::{sqlstate_code, sqlstate_text};
+
+    /// Every SQLSTATE a rejection records is one PostgreSQL itself raises for that problem (the
+    /// reference's INSERT fails with it), and survives packing as an error code.
+    #[test]
+    fn each_rule_rejection_has_the_reference_s_sqlstate() {
+        let expected = [
+            (Unstorable::ContainsNul, "22P05"),
+            (Unstorable::UnpairedSurrogate, "22021"),
+            (Unstorable::ObjectInTextColumn, "42804"),
+            (Unstorable::ListNotArrayLiteral, "42804"),
+            (Unstorable::TooManyDimensions, "54000"),
+            (Unstorable::NotBoolean, "22P02"),
+        ];
+        for (problem, sqlstate) in expected {
+            assert_eq!(rule_sqlstate(problem), sqlstate, "{problem:?}");
+            assert_eq!(sqlstate_text(sqlstate_code(sqlstate)), sqlstate);
+        }
+    }
+
+    #[test]
+    fn a_skipped_chat_is_22p02_only_when_its_string_is_not_json() {
+        assert_eq!(chat_sqlstate(ChatSkip::NotJson), "22P02");
+        for skip in [ChatSkip::Empty, ChatSkip::NotObject, ChatSkip::HistoryNotObject, ChatSkip::MessagesNotObject] {
+            assert_eq!(chat_sqlstate(skip), "22023", "{skip:?}");
+        }
+    }
+}

@@ -62,6 +62,42 @@ pub struct Request<'a> {
     pub rows: &'a str,
 }
 
+impl<'a> Request<'a> {
+    /// A request for `source` and `target` (NULL: `chat`, `chat_message`) with every other
+    /// argument at its default: Open WebUI's column names, the migration's rows, no filter,
+    /// no batch size or `now` of its own (the settings and the clock decide). The one place
+    /// those defaults are written; callers set what they were given over it.
+    pub fn new(source: Option<pg_sys::Oid>, target: Option<pg_sys::Oid>) -> Request<'a> {
+        Request {
+            source,
+            target,
+            batch_size: None,
+            now: None,
+            source_filter: None,
+            id_column: "id",
+            user_id_column: "user_id",
+            chat_column: "chat",
+            dry_run: false,
+            batch_time: None,
+            rows: "migration",
+        }
+    }
+
+    /// The column arguments as given; NULL keeps Open WebUI's name.
+    pub fn columns(mut self, id: Option<&'a str>, user_id: Option<&'a str>, chat: Option<&'a str>) -> Request<'a> {
+        self.id_column = id.unwrap_or(self.id_column);
+        self.user_id_column = user_id.unwrap_or(self.user_id_column);
+        self.chat_column = chat.unwrap_or(self.chat_column);
+        self
+    }
+
+    /// The `rows` argument as given; NULL keeps the migration's.
+    pub fn rows(mut self, rows: Option<&'a str>) -> Request<'a> {
+        self.rows = rows.unwrap_or(self.rows);
+        self
+    }
+}
+
 /// Which rows to write: exactly what Open WebUI's migration 8452d01d26d7 writes, or what
 /// Open WebUI 0.12.4 itself writes when it opens a chat without rows (`app_rows`).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -70,3 +70,26 @@ pub fn sqlstate_code(sqlstate: &str) -> PgSqlErrorCode {
     let packed = sqlstate.bytes().take(5).enumerate().fold(0i32, |acc, (i, c)| acc | ((i32::from(c.wrapping_sub(b'0')) & 0x3F) << (6 * i)));
     PgSqlErrorCode::from(packed)
 }
+
+#[cfg(test)]
+mod tests {
+    use pgrx::PgSqlErrorCode::*;
+
+    use super::*;
+
+    #[test]
+    fn sqlstate_text_unpacks_make_sqlstate() {
+        assert_eq!(sqlstate_text(ERRCODE_INSUFFICIENT_PRIVILEGE), "42501");
+        assert_eq!(sqlstate_text(ERRCODE_UNIQUE_VIOLATION), "23505");
+        assert_eq!(sqlstate_text(ERRCODE_INVALID_TEXT_REPRESENTATION), "22P02");
+        assert_eq!(sqlstate_text(ERRCODE_READ_ONLY_SQL_TRANSACTION), "25006");
+    }
+
+    #[test]
+    fn sqlstate_code_is_sqlstate_texts_inverse() {
+        for text in ["42501", "23503", "22P05", "22021", "42804", "54000", "22P02", "22023", "53400", "55P03", "0A000"] {
+            assert_eq!(sqlstate_text(sqlstate_code(text)), text);
+        }
+        assert!(matches!(sqlstate_code("42501"), ERRCODE_INSUFFICIENT_PRIVILEGE));
+    }
+}

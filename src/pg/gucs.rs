@@ -137,6 +137,11 @@ pub fn plan_sample_bytes() -> i64 {
     i64::from(PLAN_SAMPLE_SIZE.get()) << 10
 }
 
+/// A setting's value as the session has it (`current_setting`), whatever its kind.
+pub fn current_setting(name: &str) -> pgrx::spi::Result<Option<String>> {
+    pgrx::Spi::get_one_with_args::<String>("SELECT pg_catalog.current_setting($1::pg_catalog.text)", &[name.into()])
+}
+
 /// Sets a `user` setting for this session as a SET would (`GUC_ACTION_SET`), or saves and
 /// sets it at the current GUC nest level (`GUC_ACTION_SAVE`, as a function's SET clause).
 /// A refused value raises an ordinary ERROR.

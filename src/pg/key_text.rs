@@ -44,9 +44,7 @@ pub fn session_values() -> Vec<(String, String)> {
         .iter()
         .filter_map(|(name, _)| {
             let name = name.to_str().ok()?;
-            let value = Spi::get_one_with_args::<String>("SELECT pg_catalog.current_setting($1::pg_catalog.text)", &[name.into()])
-                .ok()
-                .flatten()?;
+            let value = crate::pg::gucs::current_setting(name).ok().flatten()?;
             Some((name.to_owned(), value))
         })
         .collect()

@@ -262,13 +262,7 @@ pub(crate) fn set_lock_timeout(limits: &Limits) -> Result<()> {
 
 /// COMMIT and start the next transaction, with a fresh snapshot for its SQL.
 pub(crate) fn commit() {
-    // SAFETY: called between batches, outside any subtransaction, with the snapshot this
-    // module pushed as the active one.
-    unsafe {
-        pg_sys::PopActiveSnapshot();
-        pg_sys::SPI_commit();
-        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
-    }
+    crate::pg::transaction::commit_and_begin(|| {});
     iso_keys();
     // Each transaction checks the state tables again: their owner may have added code since.
     if let Err(e) = crate::engine::state_guard::check() {
@@ -280,4 +274,17 @@ pub(crate) fn commit() {
 /// transactions, other sessions and workers: each transaction prints them alike.
 pub(crate) fn iso_keys() {
     crate::pg::key_text::pin_for_transaction();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_between_one_and_the_bound() {
+        assert!(Parallel::check(0, true).is_err());
+        assert!(Parallel::check(crate::pg::gucs::MAX_WORKERS_BOUND + 1, true).is_err());
+        let p = Parallel::check(crate::pg::gucs::MAX_WORKERS_BOUND, false).unwrap();
+        assert_eq!((p.workers, p.wait), (crate::pg::gucs::MAX_WORKERS_BOUND as usize, false));
+    }
 }

@@ -72,18 +72,14 @@ pub(crate) fn call(args: Call<'_>, fcinfo: pg_sys::FunctionCallInfo) -> Result<(
     let styles = crate::pg::key_text::session_values();
     iso_keys();
     let settings = Request {
-        source: args.source,
-        target: args.target,
         batch_size: args.batch_size,
         now: args.now,
         source_filter: args.source_filter,
-        id_column: args.id_column.unwrap_or("id"),
-        user_id_column: args.user_id_column.unwrap_or("user_id"),
-        chat_column: args.chat_column.unwrap_or("chat"),
-        dry_run: false,
         batch_time: args.batch_time,
-        rows: args.rows.unwrap_or("migration"),
+        ..Request::new(args.source, args.target)
     }
+    .columns(args.id_column, args.user_id_column, args.chat_column)
+    .rows(args.rows)
     .check()?;
     crate::pg::catalog::check_key_order(&settings.source, &settings.id_column, settings.key_ops.as_ref(), &settings.id_type)?;
     crate::pg::catalog::check_source_key(&settings.source, &settings.id_column)?;
@@ -310,5 +306,21 @@ fn unlock(key: i64) {
     // SAFETY: calls the built-in with one int8 argument, as SQL would.
     unsafe {
         pgrx::direct_function_call::<bool>(pg_sys::pg_advisory_unlock_int8, &[key.into_datum()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_busy_takes_its_three_words_and_refuses_others() {
+        assert!(matches!(IfBusy::parse("skip"), Ok(IfBusy::Skip)));
+        assert!(matches!(IfBusy::parse("wait"), Ok(IfBusy::Wait)));
+        assert!(matches!(IfBusy::parse("error"), Ok(IfBusy::Error)));
+        for other in ["Skip", "", "wait "] {
+            let Err(e) = IfBusy::parse(other) else { panic!("{other:?} accepted") };
+            assert!(matches!(e.code, ERRCODE_INVALID_PARAMETER_VALUE));
+        }
     }
 }

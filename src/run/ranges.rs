@@ -365,3 +365,16 @@ pub fn orphaned(run_id: i64, held: &[i32]) -> Result<i64> {
     )?
     .unwrap_or(0))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pair's parameters are numbered from where the caller's own end.
+    #[test]
+    fn ranges_of_pair_numbers_its_parameters_from_first() {
+        let sql = ranges_of_pair(3);
+        assert!(sql.contains("$3::pg_catalog.text") && sql.contains("$4::pg_catalog.text"), "{sql}");
+        assert!(!sql.contains("$1") && !sql.contains("$2"), "{sql}");
+    }
+}

@@ -515,11 +515,7 @@ fn session_settings() -> Result<Vec<(String, String)>> {
     names
         .into_iter()
         .map(|name| {
-            let value = Spi::get_one_with_args::<String>(
-                "SELECT pg_catalog.current_setting($1::pg_catalog.text)",
-                &[name.as_str().into()],
-            )?
-            .unwrap_or_default();
+            let value = crate::pg::gucs::current_setting(&name)?.unwrap_or_default();
             Ok((name, value))
         })
         .collect()
@@ -554,22 +550,20 @@ fn settle_in(workers: Vec<Worker>, settings: &Settings, run_id: i64) -> Result<(
 /// Commits, then waits up to `timeout` without a snapshot (so a long run holds back no
 /// vacuum) for a worker to start or stop (the postmaster sets our latch), or an interrupt.
 fn idle(timeout: Duration) {
-    // SAFETY: called between statements of a non-atomic CALL, outside any subtransaction,
-    // with the snapshot batches::commit keeps pushed; the latch is this backend's own.
-    unsafe {
-        pg_sys::PopActiveSnapshot();
-        pg_sys::SPI_commit();
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            timeout.as_millis() as _,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
-    }
-    pgrx::check_for_interrupts!();
-    // SAFETY: a new transaction is open (SPI_commit started it); its SQL needs a snapshot.
-    unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot()) };
+    crate::pg::transaction::commit_and_begin(|| {
+        // SAFETY: the latch is this backend's own; the wait ends on it, the timeout or the
+        // postmaster's death.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                timeout.as_millis() as _,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
+    });
 }
 
 fn unix_ms() -> i64 {
@@ -709,18 +703,14 @@ fn work(launch_id: i64, run: &Cell<i64>) -> Result<()> {
     unsafe { pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr()) };
     // The same checks as the CALL made, as the same role: settings are never taken on trust.
     let settings = Request {
-        source: Some(pg_sys::Oid::from(launch.source)),
-        target: Some(pg_sys::Oid::from(launch.target)),
         batch_size: Some(launch.batch_size),
         now: Some(launch.now),
         source_filter: launch.source_filter.as_deref(),
-        id_column: &launch.id_column,
-        user_id_column: &launch.user_id_column,
-        chat_column: &launch.chat_column,
-        dry_run: false,
         batch_time: launch.batch_time_us.map(i128::from),
-        rows: &launch.rows,
+        ..Request::new(Some(pg_sys::Oid::from(launch.source)), Some(pg_sys::Oid::from(launch.target)))
     }
+    .columns(Some(&launch.id_column), Some(&launch.user_id_column), Some(&launch.chat_column))
+    .rows(Some(&launch.rows))
     .check()?;
     let mut settings = settings;
     settings.run_id = run_id;
@@ -802,5 +792,27 @@ fn record_failure(launch_id: i64, run_id: i64, no: i64, caught: &CaughtError) {
     unsafe {
         pg_sys::PopActiveSnapshot();
         pg_sys::CommitTransactionCommand();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A launch record as 0.5.0 wrote it (no `rows`): a worker of this release reads it as
+    /// the migration's rows, and every field comes back as written.
+    #[test]
+    fn a_launch_record_without_rows_means_the_migration_s() {
+        let json = r#"{"source":16384,"target":16390,"batch_size":500,"now":1760000000,"source_filter":null,
+            "id_column":"id","user_id_column":"user_id","chat_column":"chat","session":[["TimeZone","UTC"]],
+            "deadline_ms":null,"pause_us":0,"lock_timeout":"5000ms","max_replica_lag":null,"replica_slot":null,
+            "max_wal_rate":2.5,"leader_pid":4242,"batch_time_us":null}"#;
+        let launch: Launch = serde_json::from_str(json).unwrap();
+        assert_eq!(launch.rows, "migration");
+        assert_eq!((launch.source, launch.target, launch.batch_size), (16384, 16390, 500));
+        assert_eq!(launch.session, vec![("TimeZone".to_owned(), "UTC".to_owned())]);
+        assert_eq!((launch.max_wal_rate, launch.leader_pid), (Some(2.5), Some(4242)));
+        let again: Launch = serde_json::from_str(&serde_json::to_string(&launch).unwrap()).unwrap();
+        assert_eq!(serde_json::to_string(&again).unwrap(), serde_json::to_string(&launch).unwrap());
     }
 }

@@ -257,18 +257,15 @@ fn backfill_chat_messages(
         crate::pg::read_only::refuse("run the backfill", crate::pg::read_only::WRITES_HINT).or_raise();
     }
     let mut settings = Request {
-        source: source.map(|r| r.0),
-        target: target.map(|r| r.0),
         batch_size,
         now,
         source_filter,
-        id_column: id_column.unwrap_or("id"),
-        user_id_column: user_id_column.unwrap_or("user_id"),
-        chat_column: chat_column.unwrap_or("chat"),
         dry_run,
         batch_time: batch_time.map(|t| t.as_micros()),
-        rows: rows.unwrap_or("migration"),
+        ..Request::new(source.map(|r| r.0), target.map(|r| r.0))
     }
+    .columns(id_column, user_id_column, chat_column)
+    .rows(rows)
     .check()
     .or_raise();
     if !dry_run && !force {
@@ -322,20 +319,9 @@ fn verify(
     'static,
     (name!(chat_id, String), name!(message_key, Option<String>), name!(kind, String), name!(columns, Option<Vec<String>>)),
 > {
-    let settings = Request {
-        source,
-        target,
-        batch_size: None,
-        now: None,
-        source_filter: Some(SHARED_CHATS_FILTER),
-        id_column: "id",
-        user_id_column: "user_id",
-        chat_column: "chat",
-        dry_run: true,
-        batch_time: None,
-        rows: rows.unwrap_or("migration"),
-    }
-    .check()
+    let settings = Request { source_filter: Some(SHARED_CHATS_FILTER), dry_run: true, ..Request::new(source, target) }
+        .rows(rows)
+        .check()
     .or_raise();
     crate::pg::catalog::check_readable(&settings.target, "verify()").or_raise();
     let mut verifier = crate::engine::verify::Verifier::start(settings).or_raise();

@@ -46,19 +46,8 @@ fn plan(
         name!(advice, Option<String>),
     ),
 > {
-    let request = Request {
-        source,
-        target,
-        batch_size,
-        now: None,
-        source_filter,
-        id_column: id_column.unwrap_or("id"),
-        user_id_column: user_id_column.unwrap_or("user_id"),
-        chat_column: chat_column.unwrap_or("chat"),
-        dry_run: false,
-        batch_time: None,
-        rows: "migration",
-    };
+    let request = Request { batch_size, source_filter, ..Request::new(source, target) }
+        .columns(id_column, user_id_column, chat_column);
     let findings = crate::planning::plan::findings(request).or_raise();
     TableIterator::new(findings.into_iter().map(|f| {
         (f.item.to_owned(), f.status.to_owned(), f.value, f.unit.map(str::to_owned), f.detail, f.advice)
