@@ -1,10 +1,14 @@
 -- What the state tables are made of, one line per part that a write or a read of them could
 -- run code through: every relation of the schema (a table the owner turned into a view is a
--- difference, not a table less to look at) with its kind, access method and row-level security switches, every
--- column (type, NOT NULL, generated, identity, collation), default, constraint, index, trigger,
--- rule and policy, each as its stored node tree (oids, not names a search_path could spell
--- otherwise), every table inheriting from one and every table one inherits from or is a
--- partition of (a parent's partition key is checked on every write to its partition). The install and update scripts record it in a table the
+-- difference, not a table less to look at) with its kind, access method, row-level security
+-- switches and whether it belongs to the extension; every column (type, NOT NULL, generated,
+-- identity, collation), default, constraint, index (by name: REINDEX CONCURRENTLY, which
+-- fires no event trigger before 17, gives it a new oid), extended statistics object (the
+-- planner evaluates its expressions for every query on the table), trigger, rule and policy,
+-- each as its stored node tree (oids, not names a search_path could spell otherwise); a
+-- sequence's options; the casts and operators on a table's row type; every table inheriting
+-- from one and every table one inherits from or is a partition of (a parent's partition key
+-- is checked on every write to its partition). The install and update scripts record it in a table the
 -- bootstrap superuser owns, which the extension's owner cannot change; before each
 -- transaction a backfill makes, a caller the state's owner cannot act as compares it with what
 -- is there (src/engine/state_guard.rs).
@@ -14,10 +18,19 @@ BEGIN ATOMIC
         SELECT c.oid, c.relname FROM pg_catalog.pg_class c
          WHERE c.relnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid
            AND c.relkind OPERATOR(pg_catalog.<>) ALL (ARRAY['i', 'I']::pg_catalog."char"[])
+    ), row_types AS (
+        SELECT s.relname, u.typ FROM state s JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.oid
+          JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) c.reltype,
+          LATERAL pg_catalog.unnest(ARRAY[t.oid, t.typarray]) AS u (typ)
     )
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'table', c.relkind, c.relam, c.relpersistence,
                                 c.relrowsecurity, c.relforcerowsecurity, c.reloftype, c.relispartition,
-                                c.relpartbound::pg_catalog.text)
+                                c.relpartbound::pg_catalog.text,
+                                EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                                           AND d.objid OPERATOR(pg_catalog.=) c.oid
+                                           AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                                           AND d.deptype OPERATOR(pg_catalog.=) 'e'::pg_catalog."char"))
       FROM state s JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) s.oid
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'column', a.attname, a.atttypid, a.attnotnull,
@@ -33,10 +46,36 @@ BEGIN ATOMIC
                                 k.confrelid, k.confupdtype, k.confdeltype, k.conbin::pg_catalog.text)
       FROM state s JOIN pg_catalog.pg_constraint k ON k.conrelid OPERATOR(pg_catalog.=) s.oid
     UNION ALL
-    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'index', i.indexrelid::pg_catalog.oid, i.indkey::pg_catalog.text,
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'index', x.relname, x.relam, i.indkey::pg_catalog.text,
                                 i.indclass::pg_catalog.text, i.indcollation::pg_catalog.text, i.indexprs::pg_catalog.text,
                                 i.indpred::pg_catalog.text)
       FROM state s JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'statistics', n.nspname, x.stxname, x.stxkeys::pg_catalog.text,
+                                x.stxkind::pg_catalog.text, x.stxexprs::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_statistic_ext x ON x.stxrelid OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) x.stxnamespace
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'sequence', q.seqtypid, q.seqstart, q.seqincrement, q.seqmax,
+                                q.seqmin, q.seqcache, q.seqcycle)
+      FROM state s JOIN pg_catalog.pg_sequence q ON q.seqrelid OPERATOR(pg_catalog.=) s.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, y.relname, 'cast from', k.castsource, k.casttarget, k.castfunc,
+                                k.castcontext, k.castmethod)
+      FROM row_types y JOIN pg_catalog.pg_cast k ON k.castsource OPERATOR(pg_catalog.=) y.typ
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, y.relname, 'cast to', k.castsource, k.casttarget, k.castfunc,
+                                k.castcontext, k.castmethod)
+      FROM row_types y JOIN pg_catalog.pg_cast k ON k.casttarget OPERATOR(pg_catalog.=) y.typ
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, y.relname, 'operator on the left', o.oprname, o.oprleft, o.oprright,
+                                o.oprcode)
+      FROM row_types y JOIN pg_catalog.pg_operator o ON o.oprleft OPERATOR(pg_catalog.=) y.typ
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, y.relname, 'operator on the right', o.oprname, o.oprleft, o.oprright,
+                                o.oprcode)
+      FROM row_types y JOIN pg_catalog.pg_operator o ON o.oprright OPERATOR(pg_catalog.=) y.typ
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'trigger', t.tgname, t.tgfoid, t.tgtype, t.tgenabled,
                                 t.tgqual::pg_catalog.text)

@@ -240,6 +240,8 @@ CREATE FUNCTION public.spy_ts() RETURNS timestamptz LANGUAGE plpgsql AS $$
 BEGIN PERFORM public.spy(); RETURN clock_timestamp(); END $$;
 CREATE FUNCTION public.spy_trigger() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM public.spy(); RETURN NEW; END $$;
+CREATE FUNCTION public.spy_immutable(int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN PERFORM public.spy(); RETURN $1; END $$;
 """
 
 ATTACHED = {
@@ -263,8 +265,13 @@ ATTACHED = {
     "child": "CREATE TABLE public.{table}_child () INHERITS (chat_backfill.{table}); "
              "CREATE TRIGGER spying BEFORE INSERT OR UPDATE ON public.{table}_child FOR EACH ROW "
              "EXECUTE FUNCTION public.spy_trigger()",
+    # Extended statistics (the fifth review): the planner folds an immutable call of its
+    # expression with constant arguments whenever it plans a query on the table, as the
+    # role whose query it is, reads included.
+    "statistics": "CREATE STATISTICS public.spying ON (public.spy_immutable(1) + {key}) FROM chat_backfill.{table}",
 }
 COLUMN = {"rejected_messages": "rejected_at", "runs": "updated_at"}
+KEY = {"rejected_messages": "id", "runs": "run_id"}
 
 
 TWO_CHATS = [chatgen.Chat("c1", "u", BAD), chatgen.Chat("c2", "u", GOOD)]
@@ -313,7 +320,7 @@ def in_background(cluster, db, sql):
                                         ("rejected_messages", "policy"), ("rejected_messages", "sql in a string"),
                                         ("rejected_messages", "parent"),
                                         ("runs", "trigger"), ("runs", "check"), ("runs", "member"),
-                                        ("runs", "child")])
+                                        ("runs", "child"), ("runs", "statistics"), ("rejected_messages", "statistics")])
 def test_code_the_state_owner_attaches_never_runs_as_the_caller(cluster, scratch, table, kind):
     """The database owner installs the extension (trusted) and so owns the state tables; it
     attaches a function of its own to one (not through an index expression: CREATE INDEX
@@ -325,7 +332,7 @@ def test_code_the_state_owner_attaches_never_runs_as_the_caller(cluster, scratch
     db, owner = owners_database(cluster, scratch, "trust_owner")
     tenant = scratch.role("tenant")
     query(cluster, db, f"GRANT SELECT ON public.chat TO {tenant}; GRANT INSERT, SELECT ON public.chat_message TO {tenant}")
-    query(cluster, db, ATTACHED[kind].format(table=table, column=COLUMN[table]), user=owner)
+    query(cluster, db, ATTACHED[kind].format(table=table, column=COLUMN[table], key=KEY[table]), user=owner)
     query(cluster, db, "CREATE TABLE public.own_chat AS SELECT * FROM public.chat; "
                        "ALTER TABLE public.own_chat ADD PRIMARY KEY (id); " + TARGET.format(name="own_message") +
                        f"; ALTER TABLE public.own_chat OWNER TO {owner}; ALTER TABLE public.own_message OWNER TO {owner}")
@@ -347,6 +354,10 @@ def test_code_the_state_owner_attaches_never_runs_as_the_caller(cluster, scratch
                            f"GRANT INSERT, SELECT ON public.own_message TO {helper}")
     with connect(cluster, db, helper) as conn, conn.cursor() as cur:
         cur.execute(form.replace("now => %s", "'public.own_chat', 'public.own_message', now => %s") % NOW)
+        if kind == "statistics":
+            # Statistics run when a query on the table is planned: a write of rejections
+            # plans none on rejected_messages, a read does.
+            cur.execute(f"SELECT count(*) FROM chat_backfill.{table}")
         # A child's trigger fires only for rows in the child, which no backfill puts there.
         assert spied(conn.notices) or kind == "child", f"{kind} on {table} never ran: this test could not fail"
 
@@ -459,11 +470,17 @@ def test_the_owners_ddl_on_the_state_tables_is_refused(cluster, scratch):
     the foreign key of the superuser's launches: each refused with 42501 as the owner runs
     it, and the state's definition is still the recorded one."""
     db, owner = owners_database(cluster, scratch, "trust_ddl", event_triggers=True)
-    attempts = [(kind, ddl.format(table=table, column=COLUMN[table]))
+    attempts = [(kind, ddl.format(table=table, column=COLUMN[table], key=KEY[table]))
                 for kind, ddl in ATTACHED.items() for table in ("runs", "rejected_messages")
                 if kind not in ("policy", "parent") or table == "rejected_messages"]
     attempts.append(("cascade", "ALTER TABLE chat_backfill.runs DROP CONSTRAINT runs_pkey CASCADE"))
     attempts.append(("drop policy", "DROP POLICY rejections_by_runners ON chat_backfill.rejected_messages"))
+    # The fifth review: a sequence's options, and taking a state table out of the extension.
+    attempts.append(("sequence", "ALTER SEQUENCE chat_backfill.runs_run_id_seq MAXVALUE 3"))
+    attempts.append(("membership", "ALTER EXTENSION chat_backfill DROP TABLE chat_backfill.runs"))
+    attempts.append(("cast", "CREATE FUNCTION public.run_text(chat_backfill.runs) RETURNS text LANGUAGE sql "
+                             "AS 'SELECT public.spy()::text'; "
+                             "CREATE CAST (chat_backfill.runs AS text) WITH FUNCTION public.run_text(chat_backfill.runs)"))
     with connect(cluster, db, owner) as conn, conn.cursor() as cur:
         for kind, ddl in attempts:
             err = expect_sqlstate(cur, ddl, "42501")
@@ -474,20 +491,31 @@ def test_the_owners_ddl_on_the_state_tables_is_refused(cluster, scratch):
     assert spied(conn.notices) == [], conn.notices
 
 
-@pytest.mark.skipif(PG_MAJOR != "15", reason="16 removed turning a table into a view with a _RETURN rule")
+STATISTICS = ("CREATE STATISTICS public.spying_runs ON (public.spy_immutable(1) + run_id) FROM chat_backfill.runs; "
+              "CREATE STATISTICS public.spying_rejections ON (public.spy_immutable(2) + id) "
+              "FROM chat_backfill.rejected_messages")
+
+
+@pytest.mark.parametrize("attack", ["view", "statistics"])
 @pytest.mark.parametrize("event_triggers", [True, False])
-def test_a_superuser_reading_the_state_runs_nothing_of_the_owners(cluster, scratch, event_triggers):
+def test_a_superuser_reading_the_state_runs_nothing_of_the_owners(cluster, scratch, attack, event_triggers):
     """The fourth review's high, on 15: the owner turns the state tables into views whose
-    condition calls its function; a superuser's SELECT from chat_backfill.status or
-    rejected_messages then ran it as superuser. With the install's event triggers the
-    owner's first step is refused and the reads run nothing of the owner's. Without them (a
-    superuser turned them off) the attack goes through: this test could fail."""
+    query calls its function (14 and 15 still allow it); the fifth's, on every major: the
+    owner adds extended statistics whose expression calls it, which the planner evaluates.
+    A superuser's SELECT from chat_backfill.status or rejected_messages then ran it as
+    superuser. With the install's event triggers the owner's DDL is refused and the reads run
+    nothing of the owner's. Without them (a superuser turned them off) the attack goes
+    through: this test could fail."""
+    if attack == "view" and PG_MAJOR not in ("14", "15"):
+        pytest.skip("16 removed turning a table into a view with a _RETURN rule")
     db, owner = owners_database(cluster, scratch, "trust_read", event_triggers=event_triggers)
     with connect(cluster, db, owner) as conn, conn.cursor() as cur:
         if event_triggers:
-            expect_sqlstate(cur, EMPTIED, "42501")
-        else:
+            expect_sqlstate(cur, EMPTIED if attack == "view" else STATISTICS, "42501")
+        elif attack == "view":
             turn_state_into_views(cur)
+        else:
+            cur.execute(STATISTICS)
     with connect(cluster, db) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM chat_backfill.status")
         cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages")
@@ -498,6 +526,23 @@ def test_a_superuser_reading_the_state_runs_nothing_of_the_owners(cluster, scrat
             assert cur.fetchall() == [("rejected_messages", "r"), ("run_ranges", "r"), ("runs", "r")]
         else:
             assert spied(conn.notices) and all(n.endswith("postgres") for n in spied(conn.notices)), conn.notices
+
+
+def test_reindex_concurrently_leaves_the_state_as_recorded(cluster, scratch):
+    """REINDEX fires no event trigger before 17, and CONCURRENTLY gives each index a new oid:
+    with indexes recorded by oid (the fifth review) the owner's, or a superuser's routine,
+    REINDEX CONCURRENTLY refused every other role's backfill until a superuser recorded the
+    state again. Indexes are recorded by name."""
+    db, owner = owners_database(cluster, scratch, "trust_reindex", event_triggers=True)
+    before = query(cluster, db, "SELECT array_agg(indexrelid ORDER BY indexrelid) FROM pg_index "
+                                "WHERE indrelid = 'chat_backfill.runs'::regclass")
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        cur.execute("REINDEX TABLE CONCURRENTLY chat_backfill.runs")
+    assert query(cluster, db, "SELECT array_agg(indexrelid ORDER BY indexrelid) FROM pg_index "
+                              "WHERE indrelid = 'chat_backfill.runs'::regclass") != before
+    assert query(cluster, db, DIFFERENCES) == [(0, 0)]
+    query(cluster, db, f"CALL backfill_chat_messages_resumable(now => {NOW})", clean=False)
+    assert query(cluster, db, "SELECT count(*) FROM public.chat_message") == [(2,)]
 
 
 def test_the_event_triggers_leave_other_ddl_alone(cluster, scratch):
