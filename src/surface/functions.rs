@@ -56,12 +56,18 @@ fn open_chat(chat: Option<&str>) -> Result<(String, Vec<Span>), migration_rows::
 /// 8452d01d26d7. Never raises on data: what cannot be stored is left out (see
 /// `chat_message_problems`). The `json` and `jsonb` overloads are SQL wrappers that
 /// PostgreSQL inlines.
-#[pg_extern(name = "chat_messages", stable, parallel_safe)]
+#[pg_extern(sql = r#"
+CREATE FUNCTION chat_messages(chat_id text, user_id text, chat text, now bigint DEFAULT NULL)
+RETURNS TABLE (id text, chat_id text, user_id text, role text, parent_id text, content json, output json,
+               model_id text, files json, sources json, embeds json, done boolean, status_history json, error json,
+               usage json, created_at bigint, updated_at bigint)
+STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#)]
 fn chat_messages_text(
     chat_id: Option<ArgText>,
     user_id: Option<ArgText>,
     chat: Option<ArgText>,
-    now: default!(Option<i64>, "NULL"),
+    now: Option<i64>,
 ) -> TableIterator<
     'static,
     (
@@ -187,7 +193,10 @@ fn problem_row(_: &str, _: Option<&str>, entry: Entry<'_>) -> Option<(Option<Str
 /// Why messages of one chat are left out by `chat_messages`: one row per message
 /// skipped by the rules or impossible to store; `message_key` is NULL when the whole
 /// chat is unusable.
-#[pg_extern(name = "chat_message_problems", immutable, parallel_safe)]
+#[pg_extern(sql = r#"
+CREATE FUNCTION chat_message_problems(chat_id text, chat text) RETURNS TABLE (message_key text, reason text)
+IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#)]
 fn chat_message_problems_text(
     chat_id: Option<ArgText>,
     chat: Option<ArgText>,
@@ -220,20 +229,38 @@ extension_sql_file!(
 /// privileges. Refuses (53400) a run whose estimated WAL is over
 /// `chat_backfill.max_atomic_wal`, unless `force`.
 #[allow(clippy::too_many_arguments)]
-#[pg_extern(volatile)]
+#[pg_extern(sql = r#"
+CREATE FUNCTION backfill_chat_messages(
+    source regclass DEFAULT NULL,
+    target regclass DEFAULT NULL,
+    batch_size integer DEFAULT NULL,
+    now bigint DEFAULT NULL,
+    source_filter text DEFAULT $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$,
+    id_column text DEFAULT 'id',
+    user_id_column text DEFAULT 'user_id',
+    chat_column text DEFAULT 'chat',
+    dry_run boolean DEFAULT false,
+    force boolean DEFAULT false,
+    batch_time interval DEFAULT NULL,
+    "rows" text DEFAULT 'migration')
+RETURNS TABLE (batch integer, chats_read bigint, messages_inserted bigint, messages_rejected bigint,
+               messages_existing bigint, last_chat_id text, elapsed_ms double precision, messages_skipped bigint,
+               chats_skipped bigint, chats_vanished bigint, batch_size integer, messages_dropped bigint)
+VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+"#)]
 fn backfill_chat_messages(
-    source: default!(Option<RegClass>, "NULL"),
-    target: default!(Option<RegClass>, "NULL"),
-    batch_size: default!(Option<i32>, "NULL"),
-    now: default!(Option<i64>, "NULL"),
-    source_filter: default!(Option<&str>, "$$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$"),
-    id_column: default!(Option<&str>, "'id'"),
-    user_id_column: default!(Option<&str>, "'user_id'"),
-    chat_column: default!(Option<&str>, "'chat'"),
-    dry_run: default!(Option<bool>, false),
-    force: default!(Option<bool>, false),
-    batch_time: default!(Option<Interval>, "NULL"),
-    rows: default!(Option<&str>, "'migration'"),
+    source: Option<RegClass>,
+    target: Option<RegClass>,
+    batch_size: Option<i32>,
+    now: Option<i64>,
+    source_filter: Option<&str>,
+    id_column: Option<&str>,
+    user_id_column: Option<&str>,
+    chat_column: Option<&str>,
+    dry_run: Option<bool>,
+    force: Option<bool>,
+    batch_time: Option<Interval>,
+    rows: Option<&str>,
 ) -> TableIterator<
     'static,
     (
