@@ -148,7 +148,7 @@ if [[ " ${majors[*]} " == *" 15 "* ]]; then
 fi
 
 # Every supported major must have run tests: a major skipped or silently empty fails here.
-echo "== majors: supported ${supported[*]} (and $rules_tests unit and property tests of the rules, on none)"
+echo "== majors: supported ${supported[*]} (and $rules_tests unit and property tests of the rules, which need no server)"
 status=0
 for major in "${supported[@]}"; do
   entry=$(printf '%s\n' "${ran[@]:-}" | grep "^$major:" || true)

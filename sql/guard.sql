@@ -1,14 +1,16 @@
 -- What the state tables are made of, one line per part that a write or a read of them could
 -- run code through: every relation of the schema (a table the owner turned into a view is a
 -- difference, not a table less to look at) with its kind, access method, row-level security
--- switches and whether it belongs to the extension; every column (type, NOT NULL, generated,
--- identity, collation), default, constraint, index (by name: REINDEX CONCURRENTLY, which
--- fires no event trigger before 17, gives it a new oid), extended statistics object (the
+-- switches, replica identity and whether it belongs to the extension; every column (type,
+-- NOT NULL, generated, identity, collation), default, constraint, index (by name: REINDEX
+-- CONCURRENTLY, which fires no event trigger before 17, gives it a new oid; an invalid copy
+-- of a valid index, which an interrupted one leaves, is the same index), extended statistics object (the
 -- planner evaluates its expressions for every query on the table), trigger, rule and policy,
 -- each as its stored node tree (oids, not names a search_path could spell otherwise); a
 -- sequence's options; the casts and operators on a table's row type; every table inheriting
 -- from one and every table one inherits from or is a partition of (a parent's partition key
--- is checked on every write to its partition). The install and update scripts record it in a table the
+-- is checked on every write to its partition); and every function, type and operator in the
+-- schema (a trusted extension created there by the owner adds some). The install and update scripts record it in a table the
 -- bootstrap superuser owns, which the extension's owner cannot change; before each
 -- transaction a backfill makes, a caller the state's owner cannot act as compares it with what
 -- is there (src/engine/state_guard.rs).
@@ -25,7 +27,7 @@ BEGIN ATOMIC
     )
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'table', c.relkind, c.relam, c.relpersistence,
                                 c.relrowsecurity, c.relforcerowsecurity, c.reloftype, c.relispartition,
-                                c.relpartbound::pg_catalog.text,
+                                c.relpartbound::pg_catalog.text, c.relreplident,
                                 EXISTS (SELECT FROM pg_catalog.pg_depend d
                                          WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
                                            AND d.objid OPERATOR(pg_catalog.=) c.oid
@@ -51,6 +53,16 @@ BEGIN ATOMIC
                                 i.indpred::pg_catalog.text)
       FROM state s JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) s.oid
       JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
+     WHERE i.indisvalid OR NOT EXISTS (
+               SELECT FROM pg_catalog.pg_index v
+                WHERE v.indrelid OPERATOR(pg_catalog.=) i.indrelid AND v.indisvalid
+                  AND v.indkey::pg_catalog.text OPERATOR(pg_catalog.=) i.indkey::pg_catalog.text
+                  AND v.indclass::pg_catalog.text OPERATOR(pg_catalog.=) i.indclass::pg_catalog.text
+                  AND v.indcollation::pg_catalog.text OPERATOR(pg_catalog.=) i.indcollation::pg_catalog.text
+                  AND COALESCE(v.indexprs::pg_catalog.text, ''::pg_catalog.text)
+                      OPERATOR(pg_catalog.=) COALESCE(i.indexprs::pg_catalog.text, ''::pg_catalog.text)
+                  AND COALESCE(v.indpred::pg_catalog.text, ''::pg_catalog.text)
+                      OPERATOR(pg_catalog.=) COALESCE(i.indpred::pg_catalog.text, ''::pg_catalog.text))
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'statistics', n.nspname, x.stxname, x.stxkeys::pg_catalog.text,
                                 x.stxkind::pg_catalog.text, x.stxexprs::pg_catalog.text)
@@ -76,6 +88,19 @@ BEGIN ATOMIC
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, y.relname, 'operator on the right', o.oprname, o.oprleft, o.oprright,
                                 o.oprcode)
       FROM row_types y JOIN pg_catalog.pg_operator o ON o.oprright OPERATOR(pg_catalog.=) y.typ
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, 'function', p.proname, p.proargtypes::pg_catalog.text, p.prorettype,
+                                p.prokind)
+      FROM pg_catalog.pg_proc p
+     WHERE p.pronamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, 'type', t.typname, t.typtype)
+      FROM pg_catalog.pg_type t
+     WHERE t.typnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, 'operator', o.oprname, o.oprleft, o.oprright)
+      FROM pg_catalog.pg_operator o
+     WHERE o.oprnamespace OPERATOR(pg_catalog.=) 'chat_backfill'::pg_catalog.regnamespace::pg_catalog.oid
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'trigger', t.tgname, t.tgfoid, t.tgtype, t.tgenabled,
                                 t.tgqual::pg_catalog.text)

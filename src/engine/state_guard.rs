@@ -123,6 +123,10 @@ thread_local! {
     /// the subtransaction it started in: a command that failed never reached its end, and its
     /// entry is left above the one of the command enclosing it, in a later subtransaction.
     static BEFORE: RefCell<Vec<(pg_sys::SubTransactionId, String)>> = const { RefCell::new(Vec::new()) };
+    /// Whether this transaction's abort is set to clear `BEFORE`. Not its commit: CREATE INDEX
+    /// CONCURRENTLY, DROP INDEX CONCURRENTLY and DETACH PARTITION CONCURRENTLY commit in the
+    /// middle of the command, and their end must still find what their start noted.
+    static CLEARED_ON_ABORT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 thread_local! {
@@ -168,15 +172,20 @@ pub(crate) fn note_before() -> Result<()> {
     let before = text_now(DEFINITION_TEXT)?;
     // SAFETY: reads the current subtransaction's id.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    let first = BEFORE.with_borrow_mut(|stack| {
-        stack.push((subxact, before));
-        stack.len() == 1
-    });
-    if first {
-        // The entries are this transaction's only.
-        for event in [PgXactCallbackEvent::Commit, PgXactCallbackEvent::Abort, PgXactCallbackEvent::Prepare] {
-            register_xact_callback(event, || BEFORE.with_borrow_mut(Vec::clear));
+    BEFORE.with_borrow_mut(|stack| stack.push((subxact, before)));
+    if !CLEARED_ON_ABORT.get() {
+        // A command that failed never reached its end: what its transaction noted goes with
+        // it. A command whose end did not fire in a transaction that committed (its event
+        // trigger dropped, with the extension, by the command) leaves an entry below every
+        // later one, which their own ends never reach.
+        CLEARED_ON_ABORT.set(true);
+        for event in [PgXactCallbackEvent::Abort, PgXactCallbackEvent::Prepare] {
+            register_xact_callback(event, || {
+                BEFORE.with_borrow_mut(Vec::clear);
+                CLEARED_ON_ABORT.set(false);
+            });
         }
+        register_xact_callback(PgXactCallbackEvent::Commit, || CLEARED_ON_ABORT.set(false));
     }
     Ok(())
 }

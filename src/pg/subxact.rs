@@ -1,6 +1,8 @@
 //! Running a piece of work in its own subtransaction and getting its error back instead
-//! of aborting the whole statement. pgrx 0.18 has no safe wrapper; this is the pattern
-//! verified on this project's machines (see PGRX-NOTES).
+//! of aborting the whole statement. pgrx 0.18 has no safe wrapper; this is PL/pgSQL's own
+//! pattern for an EXCEPTION block (BeginInternalSubTransaction, then on error
+//! RollbackAndReleaseCurrentSubTransaction with the memory context and resource owner put
+//! back), which the `#[pg_test]`s and every client test that isolates a bad row exercise.
 
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;

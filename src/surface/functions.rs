@@ -326,13 +326,20 @@ fn backfill_chat_messages(
 /// the target lacks), `different` (the listed columns differ; JSON compared as values;
 /// updated_at and values that came from the clock are not compared), `extra` (a row the
 /// rules do not give, e.g. of a message no longer in the document) and `partial_chat`
-/// (some but not all of a chat's rows present). Writes nothing; summary in a NOTICE.
+/// (some but not all of a chat's rows present). Writes nothing; summary in a NOTICE. Takes
+/// the backfill's own `source_filter` and column names (`rows` stays third, where 0.6.0 had
+/// it), so it checks exactly the chats a backfill with the same arguments writes.
+#[allow(clippy::too_many_arguments)]
 #[pg_extern(
     sql = r#"
 CREATE FUNCTION chat_backfill.verify(
     source regclass DEFAULT NULL,
     target regclass DEFAULT NULL,
-    "rows" text DEFAULT 'migration')
+    "rows" text DEFAULT 'migration',
+    source_filter text DEFAULT $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$,
+    id_column text DEFAULT 'id',
+    user_id_column text DEFAULT 'user_id',
+    chat_column text DEFAULT 'chat')
 RETURNS TABLE (chat_id text, message_key text, kind text, columns text[])
 VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#,
@@ -342,18 +349,20 @@ fn verify(
     source: Option<pg_sys::Oid>,
     target: Option<pg_sys::Oid>,
     rows: Option<&str>,
+    source_filter: Option<&str>,
+    id_column: Option<&str>,
+    user_id_column: Option<&str>,
+    chat_column: Option<&str>,
 ) -> TableIterator<
     'static,
     (name!(chat_id, String), name!(message_key, Option<String>), name!(kind, String), name!(columns, Option<Vec<String>>)),
 > {
-    let settings = Request { source_filter: Some(SHARED_CHATS_FILTER), dry_run: true, ..Request::new(source, target) }
+    let settings = Request { source_filter, dry_run: true, ..Request::new(source, target) }
+        .columns(id_column, user_id_column, chat_column)
         .rows(rows)
         .check()
-    .or_raise();
+        .or_raise();
     crate::pg::catalog::check_readable(&settings.target, "verify()").or_raise();
     let mut verifier = crate::engine::verify::Verifier::start(settings).or_raise();
     TableIterator::new(std::iter::from_fn(move || crate::pg::key_text::pinned(|| verifier.next()).or_raise()).map(|f| (f.chat_id, f.message_key, f.kind.to_owned(), f.columns)))
 }
-
-/// The migration's own filter: shared chats (user_id 'shared-...') are copies, left out.
-const SHARED_CHATS_FILTER: &str = "user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text";

@@ -478,6 +478,10 @@ def test_the_owners_ddl_on_the_state_tables_is_refused(cluster, scratch):
     # The fifth review: a sequence's options, and taking a state table out of the extension.
     attempts.append(("sequence", "ALTER SEQUENCE chat_backfill.runs_run_id_seq MAXVALUE 3"))
     attempts.append(("membership", "ALTER EXTENSION chat_backfill DROP TABLE chat_backfill.runs"))
+    # The sixth: replica identity (with a publication of the table, every update of it fails),
+    # and a trusted extension put into the schema.
+    attempts.append(("replica identity", "ALTER TABLE chat_backfill.runs REPLICA IDENTITY NOTHING"))
+    attempts.append(("extension in the schema", "CREATE EXTENSION citext SCHEMA chat_backfill"))
     attempts.append(("cast", "CREATE FUNCTION public.run_text(chat_backfill.runs) RETURNS text LANGUAGE sql "
                              "AS 'SELECT public.spy()::text'; "
                              "CREATE CAST (chat_backfill.runs AS text) WITH FUNCTION public.run_text(chat_backfill.runs)"))
@@ -545,10 +549,34 @@ def test_reindex_concurrently_leaves_the_state_as_recorded(cluster, scratch):
     assert query(cluster, db, "SELECT count(*) FROM public.chat_message") == [(2,)]
 
 
+def test_an_interrupted_reindex_concurrently_blocks_no_backfill(cluster, scratch):
+    """REINDEX CONCURRENTLY cancelled while it waits for an older snapshot leaves an invalid
+    copy of the index (`..._ccnew`) behind, and fires no event trigger before 17: recorded by
+    name, the copy refused every other role's backfill (the sixth review). An invalid copy of
+    a valid index is the same index; another invalid index is still a difference."""
+    db, owner = owners_database(cluster, scratch, "trust_ccnew", event_triggers=True)
+    index = query(cluster, db, "SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = "
+                               "'chat_backfill.runs'::regclass AND NOT indisprimary")[0][0]
+    with connect(cluster, db, owner) as holder, holder.cursor() as hc:
+        holder.autocommit = False
+        hc.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        hc.execute("SELECT 1")  # the transaction's snapshot, which the reindex must wait out
+        with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+            cur.execute("SET statement_timeout = '1s'")
+            expect_sqlstate(cur, f"REINDEX INDEX CONCURRENTLY {index}", "57014")
+        holder.rollback()
+    assert query(cluster, db, "SELECT count(*) FROM pg_index WHERE indrelid = 'chat_backfill.runs'::regclass "
+                              "AND NOT indisvalid") == [(1,)], "the cancel left no invalid copy: this test could not fail"
+    assert query(cluster, db, DIFFERENCES) == [(0, 0)]
+    query(cluster, db, f"CALL backfill_chat_messages_resumable(now => {NOW})", clean=False)
+    assert query(cluster, db, "SELECT count(*) FROM public.chat_message") == [(2,)]
+
+
 def test_the_event_triggers_leave_other_ddl_alone(cluster, scratch):
     """What the event triggers must not refuse: the owner's DDL on its own tables, a
     superuser's change of the state (recorded or not; an unrecorded one, like a pg_upgrade's
-    changed node trees, must not block the database's other DDL), dropping and re-creating
+    changed node trees, must not block the database's other DDL, the commands that commit
+    part way included), dropping and re-creating
     the extension. And what they must still refuse after a command that failed in a
     savepoint left its start unmatched."""
     db, owner = owners_database(cluster, scratch, "trust_ddl_ok", event_triggers=True)
@@ -558,6 +586,11 @@ def test_the_event_triggers_leave_other_ddl_alone(cluster, scratch):
     query(cluster, db, "ALTER TABLE chat_backfill.runs ADD COLUMN note text")
     assert query(cluster, db, DIFFERENCES) == [(1, 0)]
     query(cluster, db, own, user=owner)
+    # The commands that commit part way (the sixth review: their end found nothing noted and
+    # compared with the stale record).
+    query(cluster, db, "CREATE TABLE public.later (a int)", user=owner)
+    for concurrent in ["CREATE INDEX CONCURRENTLY later_a ON public.later (a)", "DROP INDEX CONCURRENTLY public.later_a"]:
+        query(cluster, db, concurrent, user=owner)
     with connect(cluster, db, owner) as conn, conn.cursor() as cur:
         expect_sqlstate(cur, "ALTER TABLE chat_backfill.runs DROP COLUMN note", "42501")
     query(cluster, db, "SELECT chat_backfill.record_state_definition()")

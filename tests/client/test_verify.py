@@ -98,3 +98,27 @@ def test_a_long_chat_the_app_fails_on_expects_no_rows(cluster):
                     "VALUES ('b-long-b00001', 'b-long', 'u1', 'user', 1, 1)")
         cur.execute("SELECT chat_id, kind, message_key FROM chat_backfill.verify(rows => 'app')")
         assert cur.fetchall() == [("b-long", "extra", "b00001")]
+
+
+def test_verify_takes_the_backfills_filter_and_column_names(cluster):
+    """A source with its own column names, backfilled with a filter of its own: verify() with
+    the same arguments finds nothing; with no filter (which keeps the chat the backfill left
+    out) it finds that chat's rows missing. 0.6.0's verify() hard-coded both, so it
+    could not check such a backfill at all."""
+    db = cluster.create_db("verify_args")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE convo (cid text PRIMARY KEY, owner text, body json)")
+        cur.execute("INSERT INTO convo VALUES ('k1', 'u1', %s), ('k2', 'u2', %s), ('k3', 'u1', %s)",
+                    (doc(3, "a"), doc(4, "b"), doc(2, "c")))
+        from load_sample import TARGET_DDL
+        cur.execute(TARGET_DDL.replace("REFERENCES chat(id)", "REFERENCES convo(cid)"))
+        args = "source_filter => $$owner = 'u1'$$, id_column => 'cid', user_id_column => 'owner', chat_column => 'body'"
+        cur.execute(f"SELECT sum(messages_inserted) FROM backfill_chat_messages('convo', 'chat_message', now => %s, {args})",
+                    (NOW,))
+        assert cur.fetchone() == (5,)
+        cur.execute(f"SELECT count(*) FROM chat_backfill.verify('convo', 'chat_message', 'migration', {args})")
+        assert cur.fetchone() == (0,)
+        cur.execute("SELECT chat_id, kind, count(*) FROM chat_backfill.verify('convo', 'chat_message', "
+                    "source_filter => NULL, id_column => 'cid', user_id_column => 'owner', chat_column => 'body') "
+                    "GROUP BY 1, 2 ORDER BY 1, 2")
+        assert cur.fetchall() == [("k2", "missing", 4)]
