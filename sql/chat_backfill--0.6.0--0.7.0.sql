@@ -270,13 +270,20 @@ END;
 -- source shows it that chat (chat_backfill.chat_visible looks, with the role's own rights).
 -- The order is the point: looking runs the source's policies (or a view's functions) as the
 -- reader, so it happens only where that is code the reader ran itself or trusts, never for a
--- row another role planted to name its own table.
-CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_catalog.text, chat_id pg_catalog.text,
-                                       author pg_catalog.text, others pg_catalog.bool)
+-- row another role planted to name its own table. State another role wrote counts only while
+-- its name still finds the table it was written about (its oid, checked when it was added): a
+-- name can come to mean the reader's own table (a later session's pg_temp_N, a source dropped
+-- and created again by someone else), which would show the reader everything recorded under
+-- it. After a restore, a role sees its own state by name, others' once its author resumes.
+CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, source_oid pg_catalog.oid, id_column pg_catalog.text,
+                                       chat_id pg_catalog.text, author pg_catalog.text, others pg_catalog.bool)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(chat_backfill.regclass_of(source)::pg_catalog.oid,
                                                                  'SELECT'::pg_catalog.text), false)
+                THEN false
+                WHEN author OPERATOR(pg_catalog.<>) CURRENT_USER::pg_catalog.text
+                 AND NOT coalesce(source_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid, false)
                 THEN false
                 WHEN NOT chat_backfill.restricted(source) THEN true
                 WHEN author OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
@@ -293,11 +300,11 @@ END;
 
 -- A run shows its keys (chat ids) and counts: where the source's row-level security applies to
 -- the role, only its own runs, and only while it can read the run's last chat.
-CREATE FUNCTION chat_backfill.may_see_run(source pg_catalog.text, id_column pg_catalog.text,
+CREATE FUNCTION chat_backfill.may_see_run(source pg_catalog.text, source_oid pg_catalog.oid, id_column pg_catalog.text,
                                           high_water pg_catalog.text, started_by pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT chat_backfill.may_read(source, id_column, high_water, started_by, false);
+    SELECT chat_backfill.may_read(source, source_oid, id_column, high_water, started_by, false);
 END;
 
 DROP POLICY runs_visible_to_readers ON chat_backfill.runs;
@@ -311,17 +318,17 @@ DROP POLICY ranges_made_by_runners ON chat_backfill.run_ranges;
 DROP POLICY ranges_advanced_by_runners ON chat_backfill.run_ranges;
 DROP POLICY launches_made_by_runners ON chat_backfill.launches;
 CREATE POLICY runs_visible_to_readers ON chat_backfill.runs FOR SELECT
-    USING (chat_backfill.may_see_run(source, id_column, high_water, started_by));
+    USING (chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by));
 CREATE POLICY runs_started_by_runners ON chat_backfill.runs FOR INSERT
     WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
                 AND (restricted IS NULL OR restricted OPERATOR(pg_catalog.=) chat_backfill.restricted(source)));
 CREATE POLICY runs_advanced_by_runners ON chat_backfill.runs FOR UPDATE
-    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by))
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by))
     WITH CHECK (chat_backfill.may_run(source, target));
 CREATE POLICY runs_deleted_by_runners ON chat_backfill.runs FOR DELETE
-    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by));
 CREATE POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages FOR SELECT
-    USING (chat_backfill.may_read(source, id_column, chat_id, recorded_by, true));
+    USING (chat_backfill.may_read(source, source_oid, id_column, chat_id, recorded_by, true));
 CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSERT
     WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
                 AND CASE WHEN EXISTS (SELECT FROM chat_backfill.runs r
@@ -332,7 +339,7 @@ CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSER
                          ELSE run_id OPERATOR(pg_catalog.=)
                               pg_catalog.currval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass) END);
 CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages FOR DELETE
-    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, id_column, chat_id, recorded_by, true));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, source_oid, id_column, chat_id, recorded_by, true));
 CREATE POLICY ranges_made_by_runners ON chat_backfill.run_ranges FOR INSERT
     WITH CHECK (EXISTS (SELECT FROM chat_backfill.runs r WHERE r.run_id OPERATOR(pg_catalog.=) run_ranges.run_id
                           AND chat_backfill.may_run(r.source, r.target)));
@@ -374,7 +381,9 @@ LANGUAGE c AS 'MODULE_PATHNAME', 'state_ddl_end_wrapper';
 -- switches, replica identity and whether it belongs to the extension; every column (type,
 -- NOT NULL, generated, identity, collation), default, constraint, index (by name: REINDEX
 -- CONCURRENTLY, which fires no event trigger before 17, gives it a new oid; an invalid copy
--- of a valid index, which an interrupted one leaves, is the same index), extended statistics object (the
+-- of a valid index, which an interrupted one leaves, is the same index; whether it is valid,
+-- ready and live: a refused DROP INDEX CONCURRENTLY leaves it none), publication membership
+-- (a row filter or column list makes every UPDATE of the table fail), extended statistics object (the
 -- planner evaluates its expressions for every query on the table), trigger, rule and policy,
 -- each as its stored node tree (oids, not names a search_path could spell otherwise); a
 -- sequence's options; the casts and operators on a table's row type; every table inheriting
@@ -420,7 +429,7 @@ BEGIN ATOMIC
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'index', x.relname, x.relam, i.indkey::pg_catalog.text,
                                 i.indclass::pg_catalog.text, i.indcollation::pg_catalog.text, i.indexprs::pg_catalog.text,
-                                i.indpred::pg_catalog.text)
+                                i.indpred::pg_catalog.text, i.indisvalid, i.indisready, i.indislive)
       FROM state s JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) s.oid
       JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
      WHERE i.indisvalid OR NOT EXISTS (
@@ -433,6 +442,11 @@ BEGIN ATOMIC
                       OPERATOR(pg_catalog.=) COALESCE(i.indexprs::pg_catalog.text, ''::pg_catalog.text)
                   AND COALESCE(v.indpred::pg_catalog.text, ''::pg_catalog.text)
                       OPERATOR(pg_catalog.=) COALESCE(i.indpred::pg_catalog.text, ''::pg_catalog.text))
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'publication', p.pubname,
+                                (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) ARRAY['oid', 'prpubid']::pg_catalog.text[])::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_publication_rel r ON r.prrelid OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_publication p ON p.oid OPERATOR(pg_catalog.=) r.prpubid
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'statistics', n.nspname, x.stxname, x.stxkeys::pg_catalog.text,
                                 x.stxkind::pg_catalog.text, x.stxexprs::pg_catalog.text)

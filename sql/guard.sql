@@ -4,7 +4,9 @@
 -- switches, replica identity and whether it belongs to the extension; every column (type,
 -- NOT NULL, generated, identity, collation), default, constraint, index (by name: REINDEX
 -- CONCURRENTLY, which fires no event trigger before 17, gives it a new oid; an invalid copy
--- of a valid index, which an interrupted one leaves, is the same index), extended statistics object (the
+-- of a valid index, which an interrupted one leaves, is the same index; whether it is valid,
+-- ready and live: a refused DROP INDEX CONCURRENTLY leaves it none), publication membership
+-- (a row filter or column list makes every UPDATE of the table fail), extended statistics object (the
 -- planner evaluates its expressions for every query on the table), trigger, rule and policy,
 -- each as its stored node tree (oids, not names a search_path could spell otherwise); a
 -- sequence's options; the casts and operators on a table's row type; every table inheriting
@@ -50,7 +52,7 @@ BEGIN ATOMIC
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'index', x.relname, x.relam, i.indkey::pg_catalog.text,
                                 i.indclass::pg_catalog.text, i.indcollation::pg_catalog.text, i.indexprs::pg_catalog.text,
-                                i.indpred::pg_catalog.text)
+                                i.indpred::pg_catalog.text, i.indisvalid, i.indisready, i.indislive)
       FROM state s JOIN pg_catalog.pg_index i ON i.indrelid OPERATOR(pg_catalog.=) s.oid
       JOIN pg_catalog.pg_class x ON x.oid OPERATOR(pg_catalog.=) i.indexrelid
      WHERE i.indisvalid OR NOT EXISTS (
@@ -63,6 +65,11 @@ BEGIN ATOMIC
                       OPERATOR(pg_catalog.=) COALESCE(i.indexprs::pg_catalog.text, ''::pg_catalog.text)
                   AND COALESCE(v.indpred::pg_catalog.text, ''::pg_catalog.text)
                       OPERATOR(pg_catalog.=) COALESCE(i.indpred::pg_catalog.text, ''::pg_catalog.text))
+    UNION ALL
+    SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'publication', p.pubname,
+                                (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) ARRAY['oid', 'prpubid']::pg_catalog.text[])::pg_catalog.text)
+      FROM state s JOIN pg_catalog.pg_publication_rel r ON r.prrelid OPERATOR(pg_catalog.=) s.oid
+      JOIN pg_catalog.pg_publication p ON p.oid OPERATOR(pg_catalog.=) r.prpubid
     UNION ALL
     SELECT pg_catalog.concat_ws(' '::pg_catalog.text, s.relname, 'statistics', n.nspname, x.stxname, x.stxkeys::pg_catalog.text,
                                 x.stxkind::pg_catalog.text, x.stxexprs::pg_catalog.text)

@@ -83,13 +83,20 @@ END;
 -- source shows it that chat (chat_backfill.chat_visible looks, with the role's own rights).
 -- The order is the point: looking runs the source's policies (or a view's functions) as the
 -- reader, so it happens only where that is code the reader ran itself or trusts, never for a
--- row another role planted to name its own table.
-CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, id_column pg_catalog.text, chat_id pg_catalog.text,
-                                       author pg_catalog.text, others pg_catalog.bool)
+-- row another role planted to name its own table. State another role wrote counts only while
+-- its name still finds the table it was written about (its oid, checked when it was added): a
+-- name can come to mean the reader's own table (a later session's pg_temp_N, a source dropped
+-- and created again by someone else), which would show the reader everything recorded under
+-- it. After a restore, a role sees its own state by name, others' once its author resumes.
+CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, source_oid pg_catalog.oid, id_column pg_catalog.text,
+                                       chat_id pg_catalog.text, author pg_catalog.text, others pg_catalog.bool)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
     SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(chat_backfill.regclass_of(source)::pg_catalog.oid,
                                                                  'SELECT'::pg_catalog.text), false)
+                THEN false
+                WHEN author OPERATOR(pg_catalog.<>) CURRENT_USER::pg_catalog.text
+                 AND NOT coalesce(source_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid, false)
                 THEN false
                 WHEN NOT chat_backfill.restricted(source) THEN true
                 WHEN author OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
@@ -106,30 +113,30 @@ END;
 
 -- A run shows its keys (chat ids) and counts: where the source's row-level security applies to
 -- the role, only its own runs, and only while it can read the run's last chat.
-CREATE FUNCTION chat_backfill.may_see_run(source pg_catalog.text, id_column pg_catalog.text,
+CREATE FUNCTION chat_backfill.may_see_run(source pg_catalog.text, source_oid pg_catalog.oid, id_column pg_catalog.text,
                                           high_water pg_catalog.text, started_by pg_catalog.text)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT chat_backfill.may_read(source, id_column, high_water, started_by, false);
+    SELECT chat_backfill.may_read(source, source_oid, id_column, high_water, started_by, false);
 END;
 
 CREATE POLICY runs_visible_to_readers ON chat_backfill.runs FOR SELECT
-    USING (chat_backfill.may_see_run(source, id_column, high_water, started_by));
+    USING (chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by));
 CREATE POLICY runs_started_by_runners ON chat_backfill.runs FOR INSERT
     WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
                 AND (restricted IS NULL OR restricted OPERATOR(pg_catalog.=) chat_backfill.restricted(source)));
 CREATE POLICY runs_advanced_by_runners ON chat_backfill.runs FOR UPDATE
-    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by))
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by))
     WITH CHECK (chat_backfill.may_run(source, target));
 CREATE POLICY runs_deleted_by_runners ON chat_backfill.runs FOR DELETE
-    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, id_column, high_water, started_by));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by));
 
 -- A rejection belongs to a run of the same tables: a resumable run in chat_backfill.runs, or the
 -- one-transaction run that drew its id from the sequence in this very session. It holds a
 -- chat's content: a role sees it only if it could read that chat, and, where the source's
 -- row-level security applies to it, only if it or a trusted role recorded it.
 CREATE POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages FOR SELECT
-    USING (chat_backfill.may_read(source, id_column, chat_id, recorded_by, true));
+    USING (chat_backfill.may_read(source, source_oid, id_column, chat_id, recorded_by, true));
 CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSERT
     WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target)
                 AND CASE WHEN EXISTS (SELECT FROM chat_backfill.runs r
@@ -140,4 +147,4 @@ CREATE POLICY rejections_by_runners ON chat_backfill.rejected_messages FOR INSER
                          ELSE run_id OPERATOR(pg_catalog.=)
                               pg_catalog.currval('chat_backfill.runs_run_id_seq'::pg_catalog.regclass) END);
 CREATE POLICY rejections_deleted_by_runners ON chat_backfill.rejected_messages FOR DELETE
-    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, id_column, chat_id, recorded_by, true));
+    USING (chat_backfill.may_run(source, target) AND chat_backfill.may_read(source, source_oid, id_column, chat_id, recorded_by, true));

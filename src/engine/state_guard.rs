@@ -168,6 +168,47 @@ pub(crate) fn watched() -> bool {
     !unsafe { pg_sys::superuser() }
 }
 
+/// Refuses, before any of it commits, a `DROP INDEX CONCURRENTLY` of an index of the state
+/// tables (`tree`: the command's parse tree, as the start trigger is handed it). Its end
+/// would refuse it too, but only after its first transactions committed the index as not
+/// valid and not ready, which the rollback of its last leaves so: a unique index no longer
+/// enforced, and no change a name-keyed definition shows (the seventh review).
+pub(crate) fn refuse_concurrent_drop(tree: *mut pg_sys::Node) -> Result<()> {
+    // SAFETY: `tree` is the parse tree of the command being run (or null), read only; the
+    // names are resolved without a lock, as a lookup of what the command names.
+    let state_index = unsafe {
+        if tree.is_null() || !pgrx::is_a(tree, pg_sys::NodeTag::T_DropStmt) {
+            return Ok(());
+        }
+        let stmt = tree.cast::<pg_sys::DropStmt>();
+        if !(*stmt).concurrent || (*stmt).removeType != pg_sys::ObjectType::OBJECT_INDEX {
+            return Ok(());
+        }
+        let schema = pg_sys::get_namespace_oid(c"chat_backfill".as_ptr(), true);
+        pgrx::PgList::<pg_sys::List>::from_pg((*stmt).objects).iter_ptr().any(|name| {
+            let relation = pg_sys::makeRangeVarFromNameList(name);
+            let index = pg_sys::RangeVarGetRelidExtended(
+                relation,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            index != pg_sys::InvalidOid && pg_sys::get_rel_namespace(index) == schema
+        })
+    };
+    if !state_index {
+        return Ok(());
+    }
+    Err(Error::new(
+        ERRCODE_INSUFFICIENT_PRIVILEGE,
+        "chat_backfill: only a superuser may drop an index of the extension's state tables",
+        "Backfills by other roles, and superusers reading chat_backfill.status or rejected_messages, trust them as \
+         the install made them. A superuser can make the change and then record it with SELECT \
+         chat_backfill.record_state_definition().",
+    ))
+}
+
 pub(crate) fn note_before() -> Result<()> {
     let before = text_now(DEFINITION_TEXT)?;
     // SAFETY: reads the current subtransaction's id.

@@ -101,8 +101,11 @@ const SAME_CHATS: &str = "r.source OPERATOR(pg_catalog.=) $1::pg_catalog.text \
     AND (r.source_filter OPERATOR(pg_catalog.=) $4::pg_catalog.text OR (r.source_filter IS NULL AND $4 IS NULL))";
 
 /// Runs this role may go on with: its own, or another role's that the source's row-level
-/// security did not limit.
-const GOES_ON: &str = "(r.started_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text OR r.restricted IS FALSE)";
+/// security did not limit, about the very table the name finds now (a later session's
+/// pg_temp_N, or a table dropped and made again by another role, has the name but not the oid).
+const GOES_ON: &str = "(r.started_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text \
+    OR (r.restricted IS FALSE \
+        AND r.source_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.source)::pg_catalog.oid))";
 
 /// A checkpoint's unfinished chat, from its three columns.
 pub fn partial_of(chat_id: Option<String>, done: Option<i64>, fingerprint: Option<i64>) -> Option<Partial> {

@@ -36,8 +36,19 @@ LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#,
     requires = ["state_schema"]
 )]
-fn state_ddl_start() {
+fn state_ddl_start(fcinfo: pg_sys::FunctionCallInfo) {
     if crate::engine::state_guard::watched() {
+        // SAFETY: an event trigger's function is called with its EventTriggerData as the
+        // context; anything else gives no parse tree.
+        let tree = unsafe {
+            let context = (*fcinfo).context;
+            if !context.is_null() && pgrx::is_a(context, pg_sys::NodeTag::T_EventTriggerData) {
+                (*context.cast::<pg_sys::EventTriggerData>()).parsetree
+            } else {
+                std::ptr::null_mut()
+            }
+        };
+        crate::engine::state_guard::refuse_concurrent_drop(tree).or_raise();
         crate::engine::state_guard::note_before().or_raise();
     }
 }
