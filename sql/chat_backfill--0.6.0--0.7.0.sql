@@ -271,10 +271,12 @@ END;
 -- The order is the point: looking runs the source's policies (or a view's functions) as the
 -- reader, so it happens only where that is code the reader ran itself or trusts, never for a
 -- row another role planted to name its own table. State another role wrote counts only while
--- its name still finds the table it was written about (its oid, checked when it was added): a
--- name can come to mean the reader's own table (a later session's pg_temp_N, a source dropped
--- and created again by someone else), which would show the reader everything recorded under
--- it. After a restore, a role sees its own state by name, others' once its author resumes.
+-- its name still finds the table it was written about (its oid, checked whenever it is
+-- written) and that table is not a temporary one: a name can come to mean the reader's own
+-- table (a later session's pg_temp_N, a source dropped and created again by someone else),
+-- which would show the reader everything recorded under it, and an oid comes round again once
+-- the counter wraps, which a role can hasten. After a restore, a role sees its own state by
+-- name, others' once its author resumes.
 CREATE FUNCTION chat_backfill.may_read(source pg_catalog.text, source_oid pg_catalog.oid, id_column pg_catalog.text,
                                        chat_id pg_catalog.text, author pg_catalog.text, others pg_catalog.bool)
 RETURNS pg_catalog.bool LANGUAGE sql STABLE
@@ -283,7 +285,11 @@ BEGIN ATOMIC
                                                                  'SELECT'::pg_catalog.text), false)
                 THEN false
                 WHEN author OPERATOR(pg_catalog.<>) CURRENT_USER::pg_catalog.text
-                 AND NOT coalesce(source_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid, false)
+                 AND NOT coalesce((SELECT c.oid OPERATOR(pg_catalog.=) source_oid
+                                          AND c.relpersistence OPERATOR(pg_catalog.<>) 't'::pg_catalog."char"
+                                     FROM pg_catalog.pg_class c
+                                    WHERE c.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid),
+                                  false)
                 THEN false
                 WHEN NOT chat_backfill.restricted(source) THEN true
                 WHEN author OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
@@ -324,7 +330,7 @@ CREATE POLICY runs_started_by_runners ON chat_backfill.runs FOR INSERT
                 AND (restricted IS NULL OR restricted OPERATOR(pg_catalog.=) chat_backfill.restricted(source)));
 CREATE POLICY runs_advanced_by_runners ON chat_backfill.runs FOR UPDATE
     USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by))
-    WITH CHECK (chat_backfill.may_run(source, target));
+    WITH CHECK (chat_backfill.may_add(source_oid, target_oid, source, target));
 CREATE POLICY runs_deleted_by_runners ON chat_backfill.runs FOR DELETE
     USING (chat_backfill.may_run(source, target) AND chat_backfill.may_see_run(source, source_oid, id_column, high_water, started_by));
 CREATE POLICY rejections_visible_to_readers ON chat_backfill.rejected_messages FOR SELECT

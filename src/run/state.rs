@@ -101,11 +101,18 @@ const SAME_CHATS: &str = "r.source OPERATOR(pg_catalog.=) $1::pg_catalog.text \
     AND (r.source_filter OPERATOR(pg_catalog.=) $4::pg_catalog.text OR (r.source_filter IS NULL AND $4 IS NULL))";
 
 /// Runs this role may go on with: its own, or another role's that the source's row-level
-/// security did not limit, about the very table the name finds now (a later session's
-/// pg_temp_N, or a table dropped and made again by another role, has the name but not the oid).
+/// security did not limit, about the very source and target the names find now (a later
+/// session's pg_temp_N, or a table dropped and made again by another role, has the name but
+/// not the oid), neither of them temporary (another session's temporary tables are gone, and
+/// their names and, once the counter wraps, their oids come round again).
 const GOES_ON: &str = "(r.started_by OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text \
     OR (r.restricted IS FALSE \
-        AND r.source_oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.source)::pg_catalog.oid))";
+        AND EXISTS (SELECT FROM pg_catalog.pg_class s, pg_catalog.pg_class t \
+                     WHERE s.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.source)::pg_catalog.oid \
+                       AND t.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(r.target)::pg_catalog.oid \
+                       AND s.oid OPERATOR(pg_catalog.=) r.source_oid AND t.oid OPERATOR(pg_catalog.=) r.target_oid \
+                       AND s.relpersistence OPERATOR(pg_catalog.<>) 't'::pg_catalog.\"char\" \
+                       AND t.relpersistence OPERATOR(pg_catalog.<>) 't'::pg_catalog.\"char\")))";
 
 /// A checkpoint's unfinished chat, from its three columns.
 pub fn partial_of(chat_id: Option<String>, done: Option<i64>, fingerprint: Option<i64>) -> Option<Partial> {
@@ -188,16 +195,16 @@ pub fn new_run(settings: &Settings) -> Result<Option<(i64, String)>> {
 }
 
 /// Marks a run resumed, and refreshes its oid cache: after a restore the names (which found
-/// the run) belong to tables with new oids.
+/// the run) belong to tables with new oids. The cache first: every update of a run must leave
+/// it right (the policy checks the oids a row is left with).
 pub fn resumed(run_id: i64, settings: &Settings) -> Result<()> {
-    set_status(run_id, "running", None)?;
     Spi::run_with_args(
         "UPDATE chat_backfill.runs SET source_oid = $2::pg_catalog.oid, target_oid = $3::pg_catalog.oid \
          WHERE run_id OPERATOR(pg_catalog.=) $1::pg_catalog.int8 \
            AND (source_oid OPERATOR(pg_catalog.<>) $2::pg_catalog.oid OR target_oid OPERATOR(pg_catalog.<>) $3::pg_catalog.oid)",
         &[run_id.into(), settings.source.oid.into(), settings.target.oid.into()],
     )?;
-    Ok(())
+    set_status(run_id, "running", None)
 }
 
 /// Adds a committed batch to the run. `partial`: the chat the batch left unfinished (the

@@ -210,6 +210,43 @@ def test_a_decoy_from_a_reader_of_the_source_leaves_the_real_rejection_recorded(
         [rows[1][1]]
 
 
+def test_a_role_may_not_point_its_run_at_a_table_it_was_not_about(cluster, scratch):
+    """The ninth review: PUBLIC may update a run's oid cache (whoever resumes a run refreshes
+    it), and the policy checked only that the role could run that backfill: a tenant wrote
+    the next oids into runs of its own, so that whichever table took one next was "the very
+    table" of a finished run. Every update must now leave a run's oids those of its names."""
+    db, owner = owners_database(cluster, scratch, "trust_oid_update")
+    tenant = scratch.role("tenant")
+    query(cluster, db, f"GRANT CREATE ON SCHEMA public TO {tenant}; " + TARGET.format(name="staging_message") +
+          f"; GRANT INSERT, SELECT ON public.staging_message TO {tenant}")
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        cur.execute(CHATS_TABLE.format(name="staging"))
+        cur.execute(FORGED_RUN)
+        expect_sqlstate(cur, "UPDATE chat_backfill.runs SET source_oid = (source_oid::int8 + 1)::oid", "42501")
+        cur.execute("UPDATE chat_backfill.runs SET status = 'finished', source_oid = source_oid")
+        assert cur.rowcount == 1
+
+
+def test_another_roles_state_about_a_temporary_table_is_shown_to_nobody(cluster, scratch):
+    """Temporary tables go with their session, and their schema names (pg_temp_N) and, once
+    the counter wraps (which a role can hasten with lo_create), their oids come round again:
+    state another role wrote about one is never shown, even where name and oid both match
+    (the ninth review made the oid come round; here a superuser points a rejection at a
+    tenant's temporary table to stand for that)."""
+    db, owner = owners_database(cluster, scratch, "trust_temp_oid")
+    tenant = scratch.role("tenant")  # not the owner: the state's owner reads all of it
+    query(cluster, db, f"SELECT count(*) FROM backfill_chat_messages(now => {NOW})", clean=False)
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        cur.execute(CHATS_TABLE.format(name="x").replace("public.x", "pg_temp.staging"))
+        cur.execute("SELECT chat_backfill.table_name('pg_temp.staging'::regclass), 'pg_temp.staging'::regclass::oid")
+        name, oid = cur.fetchone()
+        with connect(cluster, db) as su, su.cursor() as sc:
+            sc.execute("UPDATE chat_backfill.rejected_messages SET source = %s, source_oid = %s", (name, oid))
+            assert sc.rowcount > 0, "no rejection to point: this test could not fail"
+        cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages")
+        assert cur.fetchone() == (0,)
+
+
 def test_state_naming_another_sessions_temp_table_blocks_nobody(cluster, scratch):
     """A role backfills from and into temp tables of its own, leaving a run and a rejection
     that name pg_temp_N, and disconnects. The first cut's policies resolved those names with
@@ -659,25 +696,33 @@ def test_a_name_taken_over_shows_nobody_the_state_of_the_old_table(cluster, scra
         == [(rejected,)], "the rows are there: this test could not fail"
 
 
-def test_a_run_about_a_table_that_had_the_name_is_not_adopted(cluster, scratch):
-    """A tenant records a finished run (INSERT, which the policy accepts: the table is its own
-    and unrestricted) naming its own table, then drops it; the superuser later backfills a
-    table of its own of that name: the first cut adopted the tenant's run, said "already
-    complete" and wrote nothing. Now the run is passed over and every chat is written."""
+FORGED_RUN = ("INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, source_filter, high_water, "
+              "total_chats, now, status, rows, id_column, restricted) VALUES ('public.staging'::regclass, "
+              "'public.staging_message'::regclass, 'public.staging', 'public.staging_message', "
+              "$$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$, '~', 0, 0, 'finished', 'migration', "
+              "'id', false)")
+
+
+@pytest.mark.parametrize("taken", ["source", "target"])
+def test_a_run_about_a_table_that_had_the_name_is_not_adopted(cluster, scratch, taken):
+    """A tenant records a finished run (INSERT, which the policy accepts: the tables are its
+    own or ones it may use, and unrestricted) naming a table of its own, then drops it; the
+    superuser later backfills with a table of its own of that name: the first cut adopted the
+    tenant's run, said "already complete" and wrote nothing (the eighth review with the
+    source, the ninth with the target, which the first fix did not compare). Now the run is
+    passed over and every chat is written."""
     db, owner = owners_database(cluster, scratch, "trust_adopt")
     tenant = scratch.role("tenant")
-    query(cluster, db, TARGET.format(name="staging_message") +
-          f"; GRANT CREATE ON SCHEMA public TO {tenant}; GRANT INSERT, SELECT ON public.staging_message TO {tenant}")
+    query(cluster, db, f"GRANT CREATE ON SCHEMA public TO {tenant}")
+    mine, theirs = ("staging", "staging_message") if taken == "source" else ("staging_message", "staging")
+    ddl = {"staging": CHATS_TABLE.format(name="staging"), "staging_message": TARGET.format(name="staging_message")}
+    query(cluster, db, ddl[theirs] + f"; GRANT INSERT, SELECT ON public.{theirs} TO {tenant}")
     with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
-        cur.execute(CHATS_TABLE.format(name="staging"))
-        cur.execute("INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, source_filter, high_water, "
-                    "total_chats, now, status, rows, id_column, restricted) VALUES ('public.staging'::regclass, "
-                    "'public.staging_message'::regclass, 'public.staging', 'public.staging_message', "
-                    "$$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$, '~', 0, 0, 'finished', 'migration', "
-                    "'id', false)")
-        cur.execute("DROP TABLE public.staging")
-    query(cluster, db, CHATS_TABLE.format(name="staging") +
-          f"; INSERT INTO public.staging VALUES ('a1', 'u', '{GOOD}'), ('a2', 'u', '{GOOD}')")
+        cur.execute(ddl[mine])
+        cur.execute(FORGED_RUN)
+        cur.execute(f"DROP TABLE public.{mine}")
+    query(cluster, db, ddl[mine])
+    query(cluster, db, f"INSERT INTO public.staging VALUES ('a1', 'u', '{GOOD}'), ('a2', 'u', '{GOOD}')")
     with connect(cluster, db) as conn, conn.cursor() as cur:
         cur.execute(f"CALL backfill_chat_messages_resumable('public.staging', 'public.staging_message', now => {NOW})")
         notices = list(conn.notices)
