@@ -79,8 +79,9 @@ END;
 -- Whether the calling role may see state that `author` wrote (a run it started, a rejection it
 -- recorded) about one chat of a source: it may read the source; and where what the source
 -- shows depends on the reader (chat_backfill.restricted), the state is its own or, where
--- `others` allows, written by a trusted role about a source a trusted role owns, and the
--- source shows it that chat (chat_backfill.chat_visible looks, with the role's own rights).
+-- `others` allows, written by a trusted role, the source (what its name finds now) is owned
+-- by a trusted role, and the source shows it that chat (chat_backfill.chat_visible looks,
+-- with the role's own rights). A NULL author (state from before 0.7.0) is another role's.
 -- The order is the point: looking runs the source's policies (or a view's functions) as the
 -- reader, so it happens only where that is code the reader ran itself or trusts, never for a
 -- row another role planted to name its own table. State another role wrote counts only while
@@ -97,7 +98,7 @@ BEGIN ATOMIC
     SELECT CASE WHEN NOT coalesce(pg_catalog.has_table_privilege(chat_backfill.regclass_of(source)::pg_catalog.oid,
                                                                  'SELECT'::pg_catalog.text), false)
                 THEN false
-                WHEN author OPERATOR(pg_catalog.<>) CURRENT_USER::pg_catalog.text
+                WHEN NOT coalesce(author OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text, false)
                  AND NOT coalesce((SELECT c.oid OPERATOR(pg_catalog.=) source_oid
                                           AND c.relpersistence OPERATOR(pg_catalog.<>) 't'::pg_catalog."char"
                                      FROM pg_catalog.pg_class c
@@ -105,13 +106,13 @@ BEGIN ATOMIC
                                   false)
                 THEN false
                 WHEN NOT chat_backfill.restricted(source) THEN true
-                WHEN author OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
-                  OR (others
-                      AND coalesce((SELECT chat_backfill.trusted(a.oid) FROM pg_catalog.pg_roles a
-                                    WHERE a.rolname OPERATOR(pg_catalog.=) author::pg_catalog.name), false)
-                      AND coalesce((SELECT chat_backfill.trusted(c.relowner) FROM pg_catalog.pg_class c
-                                    WHERE c.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid),
-                                   false))
+                WHEN (author OPERATOR(pg_catalog.=) CURRENT_USER::pg_catalog.text
+                      OR (others
+                          AND coalesce((SELECT chat_backfill.trusted(a.oid) FROM pg_catalog.pg_roles a
+                                        WHERE a.rolname OPERATOR(pg_catalog.=) author::pg_catalog.name), false)))
+                 AND coalesce((SELECT chat_backfill.trusted(c.relowner) FROM pg_catalog.pg_class c
+                                WHERE c.oid OPERATOR(pg_catalog.=) chat_backfill.regclass_of(source)::pg_catalog.oid),
+                              false)
                 THEN coalesce(chat_backfill.chat_visible(chat_backfill.regclass_of(source)::pg_catalog.oid, id_column, chat_id),
                               false)
                 ELSE false END;

@@ -730,6 +730,56 @@ def test_a_run_about_a_table_that_had_the_name_is_not_adopted(cluster, scratch, 
     assert any("is not resumed" in n for n in notices), notices
 
 
+def test_a_name_taken_over_by_a_view_runs_nothing_when_its_author_reads_its_own_state(cluster, scratch):
+    """The tenth review: a role's own state counts by name, and where the source is restricted
+    for it, reading it looks the chat up in whatever the name finds now: another tenant that
+    took the name with a view (always restricted) ran its function as the first tenant. The
+    lookup now happens only in a source a trusted role owns."""
+    db, owner = owners_database(cluster, scratch, "trust_own_view")
+    tenant, other = scratch.role("tenant"), scratch.role("other")
+    query(cluster, db, f"CREATE SCHEMA staging; GRANT USAGE, CREATE ON SCHEMA staging TO {tenant}, {other}; "
+                       f"GRANT INSERT, SELECT ON public.chat_message TO {tenant}; GRANT EXECUTE ON FUNCTION public.spy() "
+                       f"TO {other}")
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        cur.execute(CHATS_TABLE.replace("public.", "staging.").format(name="tsrc"))
+        cur.execute("INSERT INTO staging.tsrc VALUES ('c9', 'tenant', %s)", (BAD,))
+        cur.execute(f"SELECT sum(messages_rejected)::int FROM backfill_chat_messages('staging.tsrc', 'public.chat_message', "
+                    f"now => {NOW})")
+        assert cur.fetchone()[0] >= 1
+        cur.execute("DROP TABLE staging.tsrc")
+    query(cluster, db, "CREATE VIEW staging.tsrc AS SELECT 'c9'::text AS id, 'x'::text AS user_id, NULL::json AS chat "
+                       f"WHERE public.spy(); GRANT SELECT ON staging.tsrc TO {tenant}", user=other)
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages")
+        cur.execute("SELECT count(*) FROM chat_backfill.status")
+        assert spied(conn.notices) == [], conn.notices
+    # Control: the view does run the spy for whoever reads it.
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM staging.tsrc")
+        assert spied(conn.notices), "the view ran nothing: this test could not fail"
+
+
+def test_state_from_before_0_7_0_counts_as_another_roles(cluster, scratch):
+    """The tenth review: rejections recorded before 0.7.0 have no author (NULL), and the test
+    that another role's state still names its table compared NULL, which passed: a tenant that
+    took the name of a dropped source read them. Here a superuser sets the author NULL to
+    stand for such a row."""
+    db, owner = owners_database(cluster, scratch, "trust_null_author")
+    tenant = scratch.role("tenant")
+    query(cluster, db, f"GRANT CREATE ON SCHEMA public TO {tenant}; GRANT INSERT, SELECT ON public.chat_message TO {owner}")
+    with connect(cluster, db, owner) as conn, conn.cursor() as cur:
+        cur.execute(CHATS_TABLE.format(name="staging"))
+        cur.execute("INSERT INTO public.staging VALUES ('s1', 'someone', %s)", (BAD,))
+        cur.execute(f"SELECT count(*) FROM backfill_chat_messages('public.staging', 'public.chat_message', now => {NOW})")
+        cur.execute("DROP TABLE public.staging")
+    assert query(cluster, db, "UPDATE chat_backfill.rejected_messages SET recorded_by = NULL "
+                              "WHERE source = 'public.staging' RETURNING 1"), "no rejection: this test could not fail"
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        cur.execute(CHATS_TABLE.format(name="staging"))
+        cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages")
+        assert cur.fetchone() == (0,)
+
+
 # 7 ------------------------------------------------------------------------------------------
 
 def test_errors_carry_no_rust_backtrace(cluster, scratch):
