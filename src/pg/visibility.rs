@@ -20,7 +20,18 @@ pub(crate) fn visible(source: pg_sys::Oid, id_column: &str, chat_id: &str) -> Re
         .unwrap_or_default();
     // The key's own equality (an index on it serves the lookup); a type without one is
     // compared as the text the backfill wrote.
-    let condition = match key_operators(type_oid)? {
+    // A domain's CHECK runs when a value becomes the domain, with the reader's rights, and
+    // a role that owns the domain may change it at any time: cast to its base type instead.
+    // A base type of another kind than a plain one (which only a superuser creates) is
+    // compared as text.
+    // SAFETY: syscache lookups of an existing type.
+    let (base, plain) = unsafe {
+        let base = pg_sys::getBaseType(type_oid);
+        (base, pg_sys::get_typtype(base) == pg_sys::TYPTYPE_BASE as std::ffi::c_char)
+    };
+    let type_oid = base;
+    let ops = if plain { key_operators(type_oid)? } else { None };
+    let condition = match ops {
         Some(ops) => format!("s.{column} {} CAST($1::pg_catalog.text AS {})", ops.eq, qualified_type_name(type_oid)?),
         None => format!("s.{column}::pg_catalog.text OPERATOR(pg_catalog.=) $1::pg_catalog.text"),
     };

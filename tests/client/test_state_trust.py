@@ -780,6 +780,50 @@ def test_state_from_before_0_7_0_counts_as_another_roles(cluster, scratch):
         assert cur.fetchone() == (0,)
 
 
+def test_a_three_part_name_cannot_be_recorded(cluster, scratch):
+    """The eleventh review: regclass_of looked the schema up only for two-part names, so a
+    tenant recorded a run naming database.its_schema.its_table, and every other restricted
+    role's read of the state failed with 42501. Such a name now finds nothing: the insert
+    policy refuses it."""
+    db, owner = owners_database(cluster, scratch, "trust_three_parts")
+    tenant = scratch.role("tenant")
+    query(cluster, db, f"CREATE SCHEMA ts AUTHORIZATION {tenant}; GRANT INSERT, SELECT ON public.chat_message TO {tenant}")
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        cur.execute(CHATS_TABLE.replace("public.", "ts.").format(name="chat"))
+        expect_sqlstate(cur, "INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, "
+                             "total_chats, now, status, id_column, restricted) VALUES ('ts.chat'::regclass, "
+                             f"'public.chat_message'::regclass, '{db}.ts.chat', 'public.chat_message', 'x', 0, 0, "
+                             "'finished', 'id', false)", "42501")
+
+
+def test_a_tenants_domain_on_the_key_runs_nothing_for_other_readers(cluster, scratch):
+    """The eleventh review: the lookup behind the policies cast the recorded key to the key
+    column's type, so a domain a tenant owns ran its CHECK (which it may add at any time) as
+    every restricted reader. The cast is now to the domain's base type."""
+    db, owner = owners_database(cluster, scratch, "trust_domain")
+    tenant, reader = scratch.role("tenant"), scratch.role("reader")
+    query(cluster, db, f"CREATE SCHEMA ts AUTHORIZATION {tenant}; GRANT USAGE ON SCHEMA ts TO PUBLIC")
+    query(cluster, db, "CREATE DOMAIN ts.tkey AS text; ALTER DOMAIN ts.tkey OWNER TO " + tenant)
+    query(cluster, db, "CREATE TABLE public.chat2 (id ts.tkey PRIMARY KEY, user_id text, chat json); "
+                       "ALTER TABLE public.chat2 ENABLE ROW LEVEL SECURITY; "
+                       "CREATE POLICY own ON public.chat2 USING (user_id = current_user); "
+                       f"GRANT SELECT ON public.chat2 TO {reader}; " + TARGET.format(name="chat2_message") +
+                       f"; INSERT INTO public.chat2 VALUES ('k1', '{reader}', '{BAD}')")
+    query(cluster, db, f"CALL backfill_chat_messages_resumable('public.chat2', 'public.chat2_message', now => {NOW})",
+          clean=False)
+    query(cluster, db, "CREATE FUNCTION ts.spy_check(text) RETURNS boolean LANGUAGE plpgsql AS "
+                       f"$$ BEGIN RAISE NOTICE '{SPIED} %', current_user; RETURN true; END $$; "
+                       "ALTER DOMAIN ts.tkey ADD CONSTRAINT spying CHECK (ts.spy_check(VALUE))", user=tenant)
+    with connect(cluster, db, reader) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages")
+        assert cur.fetchone()[0] >= 1
+        cur.execute("SELECT count(*) FROM chat_backfill.status")
+        assert spied(conn.notices) == [], conn.notices
+        # Control: a value becoming the domain runs the check.
+        cur.execute("SELECT 'x'::ts.tkey")
+        assert spied(conn.notices), "the domain ran nothing: this test could not fail"
+
+
 # 7 ------------------------------------------------------------------------------------------
 
 def test_errors_carry_no_rust_backtrace(cluster, scratch):
