@@ -7,18 +7,21 @@ GRANT USAGE ON SCHEMA chat_backfill TO PUBLIC;
 -- A recorded table name's table, or NULL. to_regclass raises 42501 for a schema the caller may
 -- not use (another session's pg_temp_N among them): one row naming such a table would make the
 -- state, and every backfill that reads it, fail for everyone else. This looks the schema up first,
--- and finds nothing for a name of three parts (database.schema.table), whose schema it would
--- not look up.
+-- and finds nothing for a name other than one or two parts spelled as %I quotes them (the
+-- spelling the backfill records): parse_ident, lenient, stops at the first character it cannot
+-- take (a "-"), where to_regclass would read on, e.g. to a third part whose schema it would not
+-- look up.
 CREATE FUNCTION chat_backfill.regclass_of(name pg_catalog.text) RETURNS pg_catalog.regclass LANGUAGE sql STABLE
 BEGIN ATOMIC
-    SELECT CASE WHEN pg_catalog.array_length(pg_catalog.parse_ident(name, false), 1) OPERATOR(pg_catalog.=) 1
-                THEN pg_catalog.to_regclass(name)
-                WHEN pg_catalog.array_length(pg_catalog.parse_ident(name, false), 1) OPERATOR(pg_catalog.<>) 2
-                THEN NULL
-                WHEN EXISTS (SELECT FROM pg_catalog.pg_namespace n
-                              WHERE n.nspname OPERATOR(pg_catalog.=) (pg_catalog.parse_ident(name, false))[1]
-                                AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'::pg_catalog.text))
-                THEN pg_catalog.to_regclass(name) END;
+    SELECT CASE pg_catalog.array_length(p.parts, 1)
+           WHEN 1 THEN CASE WHEN name OPERATOR(pg_catalog.=) pg_catalog.format('%I'::pg_catalog.text, p.parts[1])
+                            THEN pg_catalog.to_regclass(name) END
+           WHEN 2 THEN CASE WHEN name OPERATOR(pg_catalog.=) pg_catalog.format('%I.%I'::pg_catalog.text, p.parts[1], p.parts[2])
+                             AND EXISTS (SELECT FROM pg_catalog.pg_namespace n
+                                          WHERE n.nspname OPERATOR(pg_catalog.=) p.parts[1]
+                                            AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'::pg_catalog.text))
+                            THEN pg_catalog.to_regclass(name) END END
+      FROM (SELECT pg_catalog.parse_ident(name, false) AS parts) p;
 END;
 
 -- A table's schema-qualified, quoted name: the one the backfill records and shows.

@@ -22,12 +22,15 @@ pub(crate) fn visible(source: pg_sys::Oid, id_column: &str, chat_id: &str) -> Re
     // compared as the text the backfill wrote.
     // A domain's CHECK runs when a value becomes the domain, with the reader's rights, and
     // a role that owns the domain may change it at any time: cast to its base type instead.
-    // A base type of another kind than a plain one (which only a superuser creates) is
-    // compared as text.
+    // A base type of another kind than a plain one (only a superuser creates those), or an
+    // array (its input makes each element its type, a domain's CHECK included), is compared
+    // as text, whose output runs no CHECK.
     // SAFETY: syscache lookups of an existing type.
     let (base, plain) = unsafe {
         let base = pg_sys::getBaseType(type_oid);
-        (base, pg_sys::get_typtype(base) == pg_sys::TYPTYPE_BASE as std::ffi::c_char)
+        let plain = pg_sys::get_typtype(base) == pg_sys::TYPTYPE_BASE as std::ffi::c_char
+            && pg_sys::get_element_type(base) == pg_sys::InvalidOid;
+        (base, plain)
     };
     let type_oid = base;
     let ops = if plain { key_operators(type_oid)? } else { None };

@@ -796,31 +796,60 @@ def test_a_three_part_name_cannot_be_recorded(cluster, scratch):
                              "'finished', 'id', false)", "42501")
 
 
-def test_a_tenants_domain_on_the_key_runs_nothing_for_other_readers(cluster, scratch):
+def test_a_name_parse_ident_stops_short_of_is_not_looked_up(cluster, scratch):
+    """The twelfth review: regclass_of counted a name's parts with parse_ident, which, lenient,
+    stops at a "-", while to_regclass reads on: 's-x.chat' counted as one part and went to
+    to_regclass unchecked, which raised 42501 for every role without USAGE on "s-x" (the
+    three-part fix bypassed: with a database named open-webui, any tenant could do it with its
+    temp tables). Only the spelling %I gives is looked up now: the tenant cannot record such a
+    name, and a row holding one (a superuser writes it here) blocks no reader."""
+    db, owner = owners_database(cluster, scratch, "trust_dash")
+    tenant, reader = scratch.role("tenant"), scratch.role("reader")
+    query(cluster, db, f'CREATE SCHEMA "s-x" AUTHORIZATION {tenant}; '
+                       f"GRANT INSERT, SELECT ON public.chat_message TO {tenant}")
+    query(cluster, db, CHATS_TABLE.replace("public.", '"s-x".').format(name="chat"), user=tenant)
+    insert = ("INSERT INTO chat_backfill.runs (source_oid, target_oid, source, target, high_water, total_chats, now, "
+              "status, id_column, restricted) VALUES ('\"s-x\".chat'::regclass, 'public.chat_message'::regclass, "
+              "'{source}', 'public.chat_message', 'x', 0, 0, 'finished', 'id', false)")
+    with connect(cluster, db, tenant) as conn, conn.cursor() as cur:
+        expect_sqlstate(cur, insert.format(source="s-x.chat"), "42501")
+        # Control: the name as the backfill spells it is taken.
+        cur.execute(insert.format(source='"s-x".chat'))
+    query(cluster, db, insert.format(source="s-x.chat"))
+    with connect(cluster, db, reader) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM chat_backfill.status")
+        cur.execute("SELECT count(*) FROM chat_backfill.runs")
+
+
+@pytest.mark.parametrize("key", ["domain", "array of the domain"])
+def test_a_tenants_domain_on_the_key_runs_nothing_for_other_readers(cluster, scratch, key):
     """The eleventh review: the lookup behind the policies cast the recorded key to the key
     column's type, so a domain a tenant owns ran its CHECK (which it may add at any time) as
-    every restricted reader. The cast is now to the domain's base type."""
-    db, owner = owners_database(cluster, scratch, "trust_domain")
+    every restricted reader. The cast is now to the domain's base type. The twelfth: an array
+    of the domain is a plain base type, and its input ran each element's CHECK; an array is now
+    compared as text."""
+    db, owner = owners_database(cluster, scratch, "trust_domain" if key == "domain" else "trust_domain_array")
+    array = key != "domain"
     tenant, reader = scratch.role("tenant"), scratch.role("reader")
     query(cluster, db, f"CREATE SCHEMA ts AUTHORIZATION {tenant}; GRANT USAGE ON SCHEMA ts TO PUBLIC")
     query(cluster, db, "CREATE DOMAIN ts.tkey AS text; ALTER DOMAIN ts.tkey OWNER TO " + tenant)
-    query(cluster, db, "CREATE TABLE public.chat2 (id ts.tkey PRIMARY KEY, user_id text, chat json); "
-                       "ALTER TABLE public.chat2 ENABLE ROW LEVEL SECURITY; "
+    query(cluster, db, f"CREATE TABLE public.chat2 (id ts.tkey{'[]' if array else ''} PRIMARY KEY, user_id text, "
+                       "chat json); ALTER TABLE public.chat2 ENABLE ROW LEVEL SECURITY; "
                        "CREATE POLICY own ON public.chat2 USING (user_id = current_user); "
                        f"GRANT SELECT ON public.chat2 TO {reader}; " + TARGET.format(name="chat2_message") +
-                       f"; INSERT INTO public.chat2 VALUES ('k1', '{reader}', '{BAD}')")
+                       f"; INSERT INTO public.chat2 VALUES ('{'{k1}' if array else 'k1'}', '{reader}', '{BAD}')")
     query(cluster, db, f"CALL backfill_chat_messages_resumable('public.chat2', 'public.chat2_message', now => {NOW})",
           clean=False)
     query(cluster, db, "CREATE FUNCTION ts.spy_check(text) RETURNS boolean LANGUAGE plpgsql AS "
                        f"$$ BEGIN RAISE NOTICE '{SPIED} %', current_user; RETURN true; END $$; "
-                       "ALTER DOMAIN ts.tkey ADD CONSTRAINT spying CHECK (ts.spy_check(VALUE))", user=tenant)
+                       "ALTER DOMAIN ts.tkey ADD CONSTRAINT spying CHECK (ts.spy_check(VALUE)) NOT VALID", user=tenant)
     with connect(cluster, db, reader) as conn, conn.cursor() as cur:
         cur.execute("SELECT count(*) FROM chat_backfill.rejected_messages")
         assert cur.fetchone()[0] >= 1
         cur.execute("SELECT count(*) FROM chat_backfill.status")
         assert spied(conn.notices) == [], conn.notices
         # Control: a value becoming the domain runs the check.
-        cur.execute("SELECT 'x'::ts.tkey")
+        cur.execute("SELECT '{x}'::ts.tkey[]" if array else "SELECT 'x'::ts.tkey")
         assert spied(conn.notices), "the domain ran nothing: this test could not fail"
 
 
