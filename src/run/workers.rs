@@ -500,18 +500,36 @@ const NOT_CARRIED: [&str; 11] = [
 /// placeholders for custom settings such as `app.tenant` included, in the GUC table's order:
 /// a worker must see what the session sees (a row-level security policy, a source_filter or
 /// a trigger reading `current_setting('app.tenant', true)`). What the server's files, the
-/// database and the role set, the worker gets by connecting as the same role.
+/// database and the role set, the worker gets by connecting as the same role. A setting
+/// that only a connection's start can set (`ignore_system_indexes`, given in PGOPTIONS) a
+/// worker, already connected when it reads its launch, cannot take: it is left out and
+/// named in a NOTICE, rather than failing every worker.
 fn session_settings() -> Result<Vec<(String, String)>> {
+    let mut at_start = Vec::new();
     let names: Vec<String> = crate::pg::version::guc_variables()
         .into_iter()
         .filter_map(|var| {
             // SAFETY: a live entry of the GUC table; its name is a NUL-terminated string.
-            let (name, source) = unsafe { (core::ffi::CStr::from_ptr((*var).name), (*var).source) };
+            let (name, source, context) = unsafe { (core::ffi::CStr::from_ptr((*var).name), (*var).source, (*var).context) };
             let changed = source == pg_sys::GucSource::PGC_S_CLIENT || source == pg_sys::GucSource::PGC_S_SESSION;
             let name = name.to_string_lossy().into_owned();
-            (changed && !NOT_CARRIED.contains(&name.to_ascii_lowercase().as_str())).then_some(name)
+            if !changed || NOT_CARRIED.contains(&name.to_ascii_lowercase().as_str()) {
+                return None;
+            }
+            if context == pg_sys::GucContext::PGC_BACKEND || context == pg_sys::GucContext::PGC_SU_BACKEND {
+                at_start.push(name);
+                return None;
+            }
+            Some(name)
         })
         .collect();
+    if !at_start.is_empty() {
+        notice!(
+            "chat_backfill: the workers run without this session's {}: only a connection's start sets {}",
+            at_start.join(", "),
+            if at_start.len() == 1 { "it" } else { "them" }
+        );
+    }
     names
         .into_iter()
         .map(|name| {

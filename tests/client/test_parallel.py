@@ -528,6 +528,26 @@ def test_workers_see_the_sessions_custom_settings(cluster):
     assert results[0] == results[1] and len(results[0]) > 0
 
 
+@ONE_MAJOR
+def test_a_setting_only_a_connection_start_sets_is_named_not_carried(cluster, expected):
+    """The thirteenth review: a client that gave ignore_system_indexes in its startup packet
+    (PGOPTIONS) made every worker fail, since a worker reads its launch once connected and
+    cannot set it then. Such a setting is now left out, and the CALL says so."""
+    chats, want = expected
+    db = make_db(cluster, chats)
+    conn = psycopg2.connect(cluster.dsn(db), options="-c ignore_system_indexes=on")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW ignore_system_indexes")
+            assert cur.fetchone() == ("on",), "the setting did not reach the session: this test could not fail"
+            cur.execute(CALL.format(extra="workers => 2"), {"now": chatgen.NOW})
+        assert any("run without this session's ignore_system_indexes" in n for n in conn.notices), conn.notices
+    finally:
+        conn.close()
+    assert_exactly_once(cluster, db, want)
+
+
 WORKER = ("EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()"
           " AND a.backend_type OPERATOR(pg_catalog.=) 'chat_backfill worker'::pg_catalog.text)")
 
