@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import statistics
@@ -29,10 +30,11 @@ sys.path.insert(0, str(ROOT / "tests/client"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import psycopg2  # noqa: E402
+import psycopg2.errors  # noqa: E402
 
 from chatgen import NOW, Chat  # noqa: E402
 from load_sample import TARGET_DDL, copy_chats  # noqa: E402
-from run import PK_ONLY_DDL, chat_of_size, dataset  # noqa: E402
+from run import PK_ONLY_DDL, chat_of_size, dataset, text_of  # noqa: E402
 
 ITEMS = [("chats", "chats"), ("estimated_messages", "messages"), ("estimated_target_bytes", "target bytes"),
          ("estimated_wal_bytes", "WAL bytes"), ("estimated_seconds", "seconds, one transaction"),
@@ -50,6 +52,32 @@ def connect(dsn):
         conn.close()
 
 
+def skewed(rng: random.Random, total_mb: float) -> list[Chat]:
+    """Tiny chats: one or two messages of 100 to 600 bytes each."""
+    chats, total = [], 0
+    while total < total_mb * 1e6:
+        cid = f"{rng.getrandbits(48):012x}"
+        doc = chat_of_short_messages(rng, cid, rng.randint(100, 1200))
+        chats.append(Chat(cid, f"user-{rng.randint(1, 200)}", doc))
+        total += len(doc)
+    return chats
+
+
+def chat_of_short_messages(rng: random.Random, cid: str, size: int) -> str:
+    """A chat of `size` bytes of short messages (100 to 600 bytes of text each)."""
+    ts = rng.randint(1_650_000_000, NOW - 10_000)
+    messages, parent, total, i = {}, None, 0, 0
+    while total < size or i == 0:
+        mid = f"{cid}-{i}"
+        content = text_of(rng, rng.randint(100, 600))
+        messages[mid] = {"id": mid, "parentId": parent, "childrenIds": [], "role": "user" if i % 2 == 0 else "assistant",
+                         "content": content, "timestamp": ts + i}
+        parent = mid
+        total += len(content) + 120
+        i += 1
+    return json.dumps({"title": "t", "history": {"messages": messages, "currentId": parent}, "messages": []})
+
+
 def measure(dsn, ddl, sample) -> dict:
     with connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(ddl)
@@ -59,6 +87,20 @@ def measure(dsn, ddl, sample) -> dict:
         cur.execute("SELECT item, value FROM chat_backfill.plan() WHERE value IS NOT NULL")
         est = {k: float(v) for k, v in cur.fetchall()}
         est["plan seconds"] = time.monotonic() - began
+        # Admission control's own cost: the one-transaction form refused by a limit of zero
+        # right after its estimate (the refusal is all it does).
+        cur.execute("SET chat_backfill.max_atomic_wal = 0")
+        began = time.monotonic()
+        try:
+            cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (NOW,))
+        except psycopg2.errors.ConfigurationLimitExceeded:
+            est["admission seconds"] = time.monotonic() - began
+        cur.execute("RESET chat_backfill.max_atomic_wal")
+        # What the estimate's constants are fitted from: the trial's parts, logged at DEBUG1.
+        cur.execute("SET client_min_messages = debug1")
+        cur.execute("SELECT count(*) FROM chat_backfill.plan()")
+        trial = [n.strip() for n in conn.notices if "chat_backfill trial:" in n]
+        cur.execute("RESET client_min_messages")
         # A fresh session, so that the run does not profit from the plan's warm caches more than
         # any run after a plan would.
     with connect(dsn) as conn, conn.cursor() as cur:
@@ -81,14 +123,18 @@ def measure(dsn, ddl, sample) -> dict:
         resumable = time.monotonic() - began
     got = {"chats": chats, "estimated_messages": messages, "estimated_target_bytes": grown,
            "estimated_wal_bytes": float(wal), "estimated_seconds": seconds, "estimated_seconds_resumable": resumable}
-    return {"est": est, "got": got}
+    return {"est": est, "got": got, "trial": trial[-1:]}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=150)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--big", type=int, default=2, help="chats of 30 MB added to the data")
+    ap.add_argument("--big", type=int, default=2, help="chats of --big-mb MB added to the data")
+    ap.add_argument("--big-mb", type=int, default=30)
+    ap.add_argument("--skewed", action="store_true",
+                    help="--mb of tiny chats (1 or 2 short messages) instead of bench/run.py's mix, and big chats of "
+                         "short messages: most bytes and most messages in a few chats")
     ap.add_argument("--samples", default="4MB,16MB,64MB")
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the table shows each figure's median")
@@ -98,11 +144,13 @@ def main():
                          check=True, capture_output=True, text=True).stdout
     kv = dict(x.split("=", 1) for x in out.replace("export ", "").split())
     dsn = lambda db: f"host={kv['PGHOST']} port={kv['PGPORT']} user=postgres dbname={db}"  # noqa: E731
-    chats = dataset(args.mb, args.seed)
     rng = random.Random(args.seed + 1)
+    chats = skewed(rng, args.mb) if args.skewed else dataset(args.mb, args.seed)
     for i in range(args.big):
         cid = f"big{i:09x}"
-        chats.append(Chat(cid, "user-big", chat_of_size(rng, cid, 30_000_000)))
+        size = args.big_mb * 1_000_000
+        chats.append(Chat(cid, "user-big", chat_of_short_messages(rng, cid, size) if args.skewed
+                          else chat_of_size(rng, cid, size)))
     chats_mb = sum(len(c.chat) for c in chats) / 1e6
     with connect(dsn("postgres")) as conn, conn.cursor() as cur:
         cur.execute("DROP DATABASE IF EXISTS plan_template")
@@ -130,6 +178,7 @@ def main():
                     cur.execute(f"DROP DATABASE {db}")
             r = {side: {k: statistics.median(float(run[side][k]) for run in runs) for k in runs[0][side]}
                  for side in ("est", "got")}
+            r["trials"] = [t for run in runs for t in run["trial"]]
             r.update(mode=mode, sample=sample)
             results.append(r)
     subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "stop", "/tmp/chat_backfill_planbench"], check=False)
@@ -141,12 +190,15 @@ def main():
 
 def render(results, n_chats, chats_mb, source_bytes, version, args) -> str:
     lines = [
-        f"Data: bench/run.py's {args.mb:.0f} MB set (seed {args.seed}) plus {args.big} chats of 30 MB: {n_chats} chats, "
+        (f"Data (skewed): {args.mb:.0f} MB of tiny chats (1 or 2 messages of 100-600 B) plus {args.big} chats of "
+         f"{args.big_mb} MB of such messages: {n_chats} chats, " if args.skewed else
+         f"Data: bench/run.py's {args.mb:.0f} MB set (seed {args.seed}) plus {args.big} chats of {args.big_mb} MB: "
+         f"{n_chats} chats, ") +
         f"{chats_mb:.1f} MB of JSON, {source_bytes / 1e6:.1f} MB as stored. PostgreSQL {version}, fsync and "
         f"synchronous_commit on, shared_buffers 1GB, 2 cores. Medians of {args.repeat} runs each (each on a fresh copy of the data).",
         "",
-        "| DDL mode | sample | plan() s | sample % | " + " | ".join(f"{label}: est / measured (ratio)" for _, label in ITEMS) + " |",
-        "|---|---|---:|---:|" + "---:|" * len(ITEMS),
+        "| DDL mode | sample | plan() s | admission s | sample % | " + " | ".join(f"{label}: est / measured (ratio)" for _, label in ITEMS) + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * len(ITEMS),
     ]
     for r in results:
         cells = []
@@ -157,7 +209,8 @@ def render(results, n_chats, chats_mb, source_bytes, version, args) -> str:
                 continue
             ratio = est / float(got) if got else float("nan")
             cells.append(f"{fmt(est, item)} / {fmt(got, item)} ({ratio:.2f})")
-        lines.append(f"| {r['mode']} | {r['sample']} | {r['est']['plan seconds']:.2f} | {r['est'].get('sample', 0):.1f} | "
+        lines.append(f"| {r['mode']} | {r['sample']} | {r['est']['plan seconds']:.2f} | "
+                     f"{r['est'].get('admission seconds', float('nan')):.2f} | {r['est'].get('sample', 0):.1f} | "
                      + " | ".join(cells) + " |")
     worst = max(max(r["est"][i] / float(r["got"][i]), float(r["got"][i]) / r["est"][i])
                 for r in results for i, _ in ITEMS if r["got"][i] and r["est"].get(i))

@@ -183,6 +183,21 @@ CREATE FUNCTION chat_backfill.verify(
 RETURNS TABLE (chat_id text, message_key text, kind text, columns text[])
 VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'verify_wrapper';
 
+-- 3c. plan() plans either row mode (rows, last, as in the backfill).
+DROP FUNCTION chat_backfill.plan(pg_catalog.regclass, pg_catalog.regclass, pg_catalog.int4, pg_catalog.text, pg_catalog.text,
+                                 pg_catalog.text, pg_catalog.text);
+CREATE FUNCTION chat_backfill.plan(
+    source regclass DEFAULT NULL,
+    target regclass DEFAULT NULL,
+    batch_size integer DEFAULT NULL,
+    source_filter text DEFAULT $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$,
+    id_column text DEFAULT 'id',
+    user_id_column text DEFAULT 'user_id',
+    chat_column text DEFAULT 'chat',
+    "rows" text DEFAULT 'migration')
+RETURNS TABLE (item text, status text, value numeric, unit text, detail text, advice text)
+VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'plan_wrapper';
+
 -- 4. State identified by names (a restore keeps them; oids become a cache), shown only to who
 --    could read the chats it is about (the source's row-level security included).
 ALTER TABLE chat_backfill.runs ADD COLUMN id_column pg_catalog.text;

@@ -11,7 +11,7 @@
 //! subtransaction (`Backfill::write_whole`), so memory is bounded the same way.
 
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chat_backfill_rules::app_rows::{self, AppEntry, AppSkip};
 use chat_backfill_rules::migration_rows::{self, Body, Column, Document, Entry, Span};
@@ -371,6 +371,11 @@ pub struct Backfill {
     totals: BatchReport,
     /// Chat text read so far (as detoasted), in bytes.
     chat_bytes_read: usize,
+    /// Time spent writing rows (a trial prices it apart from reading and expanding), and
+    /// the bytes of the rows given (written or, counting only, not), and of those written.
+    writing: Duration,
+    row_bytes: usize,
+    row_bytes_written: usize,
     started: Instant,
     last_notice: Instant,
 }
@@ -408,6 +413,9 @@ impl Backfill {
             batch: 0,
             totals: BatchReport::default(),
             chat_bytes_read: 0,
+            writing: Duration::ZERO,
+            row_bytes: 0,
+            row_bytes_written: 0,
             started: now,
             last_notice: now,
         })
@@ -459,6 +467,10 @@ impl Backfill {
         let Batch { rows, mut rejections, mut report, chat_bytes, whole, .. } = batch;
         report.partial = self.open_chat.as_ref().map(OpenChat::partial);
         self.chat_bytes_read += chat_bytes;
+        self.row_bytes += rows.bytes();
+        if !self.settings.dry_run {
+            self.row_bytes_written += rows.bytes();
+        }
         if report.chats_read == 0
             && rows.len() == 0
             && rejections.is_empty()
@@ -473,7 +485,9 @@ impl Backfill {
             report.messages_inserted = rows.len() as i64;
         } else {
             let mut outcome = Outcome::default();
+            let writing = Instant::now();
             in_scratch(|| self.writer.write(&rows, &mut report, &mut outcome))?;
+            self.writing += writing.elapsed();
             if let Some(last) = &self.last_vanished {
                 outcome.vanished.remove(last);
             }
@@ -487,7 +501,12 @@ impl Backfill {
         }
         drop(rows);
         if let Some(chat) = whole {
+            let writing = Instant::now();
+            let counting = self.settings.dry_run;
             self.write_whole(chat, &mut report)?;
+            if !counting {
+                self.writing += writing.elapsed();
+            }
         }
         report.messages_rejected += rejections.iter().filter(|r| r.message_key.is_some()).count() as i64;
         if !self.settings.dry_run && !self.settings.trial {
@@ -592,6 +611,8 @@ impl Backfill {
         report.messages_skipped += skipped as i64;
         if settings.dry_run {
             report.messages_inserted += rows_total as i64;
+            // Not formed when only counted: the messages' text stands for them.
+            self.row_bytes += doc.len();
             return Ok(());
         }
         // The rows of spans[range], a slice of at most a batch.
@@ -615,13 +636,17 @@ impl Backfill {
             })
         };
         let writer = &mut self.writer;
+        let mut row_bytes = 0;
         let written = in_subtransaction(AssertUnwindSafe(|| -> Result<BatchReport> {
             let mut sub = BatchReport::default();
             for rows in slices() {
+                row_bytes += rows.bytes();
                 in_scratch(|| writer.write_or_raise(&rows, &mut sub))?;
             }
             Ok(sub)
         }));
+        self.row_bytes += row_bytes;
+        self.row_bytes_written += row_bytes;
         let failure = match written {
             Ok(sub) => {
                 let sub = sub?;
@@ -689,6 +714,27 @@ impl Backfill {
     /// Ends a run before its source is exhausted (a trial that has read enough).
     pub fn stop(&mut self) {
         self.reader.close();
+    }
+
+    /// From the next batch on, expands and counts without writing (a trial that has
+    /// written enough to price rows goes on counting them).
+    pub fn count_only(&mut self) {
+        self.settings.dry_run = true;
+    }
+
+    /// Sets the size of the batches from the next one on.
+    pub fn set_batch_size(&mut self, batch_size: usize) {
+        self.settings.batch_size = batch_size;
+    }
+
+    /// Time spent writing rows so far.
+    pub fn writing(&self) -> Duration {
+        self.writing
+    }
+
+    /// Bytes of the rows given so far, and of those written.
+    pub fn row_bytes(&self) -> (usize, usize) {
+        (self.row_bytes, self.row_bytes_written)
     }
 
     /// The size of the next batch (batch_time changes it).

@@ -1,5 +1,6 @@
 //! Admission control for the one-transaction form: before it reads anything,
-//! `backfill_chat_messages()` estimates its WAL (the same trial as `plan()`) and refuses a
+//! `backfill_chat_messages()` estimates its WAL (the same trial as `plan()`, which writes
+//! nothing into the target) and refuses a
 //! run over `chat_backfill.max_atomic_wal` (default: the server's max_wal_size), which
 //! would hold one transaction open for that long and lose everything to one cancel or
 //! disconnect. Better refused at once, with the form that fits named, than killed halfway.
@@ -28,8 +29,8 @@ pub fn admit(settings: &Settings) -> Result<()> {
          or pass force => true to run in one transaction anyway. SELECT * FROM chat_backfill.plan() shows the estimates.",
     )
     .with_detail(format!(
-        "Estimated from {} chats ({}), written to {} and rolled back: about {:.0} messages, {} of table \
-         and indexes, {:.0} s.",
+        "Estimated from {} chats ({}), expanded, their rows priced in a temporary table made like {}: about \
+         {:.0} messages, {} of table and indexes, {:.0} s.",
         estimate.sampled_chats,
         match estimate.sampling {
             Sampling::Whole => format!("all of {}", settings.source.name),

@@ -1,13 +1,17 @@
 //! Estimating a backfill before it runs, for `plan()` and for admission control. A
 //! repeatable sample of the source's pages (`TABLESAMPLE SYSTEM`, about
 //! `chat_backfill.plan_sample_size` of the source as stored; of a partitioned table or an
-//! inheritance parent, of every table under it) goes through the real engine into the real
-//! target, indexes, foreign keys and triggers included, in a subtransaction that is always
-//! rolled back; what that cost (this backend's WAL, the target's growth, the time) is
-//! scaled up to the whole source. A source that fits in the sample is read whole, and its
-//! counts are exact. A source without pages to sample (a view, a foreign table) is read
-//! from its start until the sample size of chat text has gone through, and scaled by the
-//! planner's estimate of its rows. Either way the trial reads a bounded amount.
+//! inheritance parent, of every table under it) goes through the real engine: every chat is
+//! read and expanded by the rules and its rows counted, and the rows of the first
+//! CALIBRATION_CHAT_BYTES of chat text are written into a temporary table made like the
+//! target (`calibration`: its columns' types, storage and compression, and its indexes), in
+//! a subtransaction that is always rolled back. The target itself gets nothing: no dead
+//! tuple, no WAL, no trigger. What that table grew by and what the writing took price the
+//! rows; the target's WAL is that growth times measured factors; all of it is scaled up to
+//! the whole source. A source that fits in the sample is read whole, and its counts are
+//! exact. A source without pages to sample (a view, a foreign table) is read from its start
+//! until the sample size of chat text has gone through, and scaled by the planner's
+//! estimate of its rows. Either way the trial reads a bounded amount.
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
@@ -21,7 +25,29 @@ use crate::engine::request::Settings;
 use crate::pg::error::{Error, Result};
 use crate::pg::gucs;
 use crate::pg::subxact::in_rolled_back_subtransaction;
-use crate::pg::wal::wal_written;
+use crate::planning::calibration::{Calibration, Sizes};
+
+/// Chat text whose rows a trial writes into its temporary table to price them; the rest of
+/// the sample is expanded and counted only. Enough for a stable compression ratio and
+/// index growth, small beside the run it prices (the writing is most of a run's cost).
+const CALIBRATION_CHAT_BYTES: usize = 2 << 20;
+/// Messages per batch while a page sample is written, so that the writing stops close to
+/// CALIBRATION_CHAT_BYTES (a run's batch holds up to 8 MB of rows). Not for a source read
+/// whole, whose batches are counted as the run will cut them.
+const CALIBRATION_BATCH: usize = 100;
+/// WAL a write into the target produces per byte the target grows by, for the heap with its
+/// TOAST and for indexes (page splits and full-page images make an index's WAL exceed its
+/// growth): a temporary table writes none. Fitted with `bench/plan.py` on PostgreSQL 15
+/// (BENCHMARKS.md): with these, the estimates of both DDL modes came within 0.9 to 1.1 of
+/// the measured WAL.
+const WAL_PER_TABLE_BYTE: f64 = 0.95;
+const WAL_PER_INDEX_BYTE: f64 = 1.6;
+/// Writing rows into the target costs this many times writing them into the temporary
+/// table, the WAL aside (it measured the same there: shared buffers against local ones,
+/// foreign key checks), and the WAL takes a second per this many bytes on top (inserting
+/// it, and writing it out when its buffers fill), fitted likewise.
+const WRITE_COST: f64 = 1.0;
+const WAL_BYTES_PER_SECOND: f64 = 4.0e8;
 
 /// What the trial read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +80,9 @@ pub struct Estimate {
     pub target_bytes: f64,
     /// Each index's share of that growth.
     pub index_bytes: Vec<(String, f64)>,
+    /// The target's indexes the trial could not copy (an expression over a column the
+    /// engine does not write): not in the bytes.
+    pub unpriced_indexes: Vec<String>,
     pub wal_bytes: f64,
     /// The one-transaction form.
     pub seconds: f64,
@@ -156,25 +185,47 @@ struct Measured {
 }
 
 fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate> {
-    let growth = |name: &str| {
-        let was = trial.before.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
-        let now = trial.after.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
-        (now - was).max(0) as f64 * m.byte_scale
-    };
-    let messages = trial.messages as f64 * m.scale;
+    // The rows written into the trial's table are a part of the sample's (those of its first
+    // CALIBRATION_CHAT_BYTES of chat text): their growth and time per byte of rows price the
+    // rest, which were only expanded and counted. (Per byte of rows, not of chat text: a chat
+    // split across batches is read whole before all its rows are written.)
+    let priced = trial.row_bytes as f64 / trial.written_row_bytes.max(1) as f64;
+    let scale = |bytes: i64| bytes.max(0) as f64 * priced * m.byte_scale;
+    let table_bytes = scale(trial.growth.table);
+    let index_bytes: Vec<(String, f64)> = trial.growth.indexes.iter().map(|(n, b)| (n.clone(), scale(*b))).collect();
+    let index_total: f64 = index_bytes.iter().map(|(_, b)| b).sum();
+    // Messages follow the chat text too (each carries its own), not the number of chats:
+    // scaled by rows, a page sample that missed one chat of thousands of messages, or hit
+    // it, was off by up to 2x either way on the benchmark data.
+    let messages = trial.messages as f64 * m.byte_scale;
     // Batches end at batch_size messages or at a size limit (8 MB of rows, 64 MB of chat
     // text), whichever comes first. The trial's last batch is partial: its full batches,
     // scaled by bytes, count the size-cut ones; messages over batch_size the rest.
     let batches = if m.sampling == Sampling::Whole {
-        f64::from(trial.batches)
+        trial.batches
     } else if messages > 0.0 {
-        (messages / settings.batch_size as f64).ceil().max(f64::from((trial.batches - 1).max(0)) * m.byte_scale).max(1.0)
+        (messages / settings.batch_size as f64).ceil().max((trial.batches - 1.0).max(0.0) * m.byte_scale).max(1.0)
     } else {
         0.0
     };
-    let flush_per_batch =
-        if synchronous_commit_off()? || trial.batches == 0 { 0.0 } else { trial.flushing.as_secs_f64() / f64::from(trial.batches) };
-    let seconds = trial.working.as_secs_f64() * m.byte_scale;
+    let flush_per_batch = if synchronous_commit_off()? { 0.0 } else { trial.commit.as_secs_f64() };
+    let expanding = trial.working.saturating_sub(trial.writing).as_secs_f64();
+    // What the constants below were fitted from (bench/plan.py reads it at DEBUG1).
+    debug1!(
+        "chat_backfill trial: expanding {expanding:.4} s, writing {:.4} s, priced x{priced:.3}, bytes x{:.3}, \
+         rows x{:.3}, messages {}, table {} B, indexes {} B, chat {} B, rows {} B, written {} B",
+        trial.writing.as_secs_f64(),
+        m.byte_scale,
+        m.scale,
+        trial.messages,
+        trial.growth.table,
+        trial.growth.indexes.iter().map(|(_, b)| b).sum::<i64>(),
+        trial.chat_bytes,
+        trial.row_bytes,
+        trial.written_row_bytes
+    );
+    let seconds = (expanding + trial.writing.as_secs_f64() * priced * WRITE_COST) * m.byte_scale
+        + (table_bytes * WAL_PER_TABLE_BYTE + index_total * WAL_PER_INDEX_BYTE) / WAL_BYTES_PER_SECOND;
     Ok(Estimate {
         sampling: m.sampling,
         sample_percent: m.percent,
@@ -184,9 +235,10 @@ fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate
         sampled_chat_bytes: m.chat_bytes,
         chats: m.chats as f64 * m.scale,
         messages,
-        target_bytes: growth(""),
-        index_bytes: trial.after.iter().filter(|(n, _)| !n.is_empty()).map(|(n, _)| (n.clone(), growth(n))).collect(),
-        wal_bytes: trial.wal as f64 * m.byte_scale,
+        target_bytes: table_bytes + index_total,
+        wal_bytes: table_bytes * WAL_PER_TABLE_BYTE + index_total * WAL_PER_INDEX_BYTE,
+        index_bytes,
+        unpriced_indexes: trial.unpriced.clone(),
         seconds,
         batches,
         seconds_resumable: seconds + flush_per_batch * batches,
@@ -195,49 +247,69 @@ fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate
 
 /// What the trial run cost.
 struct Trial {
-    /// Chats read, messages the rules gave, batches.
+    /// Chats read, messages the rules gave, batches (the run's: small batches written to
+    /// price rows count as the run's batches would hold their messages).
     chats: i64,
     messages: i64,
-    batches: i32,
-    /// Chat text read, in bytes.
+    batches: f64,
+    /// Chat text read, in bytes; the bytes of the rows it gave, and of those written.
     chat_bytes: usize,
+    row_bytes: usize,
+    written_row_bytes: usize,
     /// Whether it read its source to the end.
     whole: bool,
-    wal: u64,
+    /// Time reading, expanding and writing, and of it writing.
     working: Duration,
-    flushing: Duration,
-    before: Vec<(String, i64)>,
-    after: Vec<(String, i64)>,
+    writing: Duration,
+    /// One WAL flush, as a COMMIT waits for.
+    commit: Duration,
+    /// The trial table's growth, and the target's indexes it could not copy.
+    growth: Sizes,
+    unpriced: Vec<String>,
 }
 
 /// Runs the engine over `sample_percent` of the source (all: `None`), stopping once
-/// `budget` bytes of chat text have gone through, into the real target, and rolls it back.
+/// `budget` bytes of chat text have gone through, in a subtransaction that is rolled back.
+/// The rows of the first CALIBRATION_CHAT_BYTES of chat text are written into a temporary
+/// table made like the target (`calibration`); the rest are expanded and counted only.
 fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: bool, budget: Option<usize>) -> Result<Trial> {
     let mut trial = settings.clone();
     trial.sample_percent = sample_percent;
     trial.trial = true;
     trial.dry_run = false;
-    let target = settings.target.oid;
-    let before = relation_sizes(target)?;
     in_rolled_back_subtransaction(AssertUnwindSafe(|| -> Result<Trial> {
+        let table = Calibration::create(&settings.target, settings.rows.is_app())?;
+        // Making the table wrote its catalog rows to the WAL: flushing them costs what a
+        // committing batch's COMMIT waits for.
+        let commit = if time_commits { flush_wal() } else { Duration::ZERO };
+        trial.target = table.table.clone();
+        let small_batches = sample_percent.is_some() && trial.batch_size > CALIBRATION_BATCH;
+        if small_batches {
+            trial.batch_size = CALIBRATION_BATCH;
+        }
         let mut run = Backfill::start(trial)?;
         // Preparing the statements is paid once per run, not per byte: not timed.
-        let wal_before = wal_written();
         let began = Instant::now();
-        let mut flushing = Duration::ZERO;
         let mut whole = true;
+        let mut calibrated = false;
+        let mut calibration = (0, 0);
         while run.next_batch()?.is_some() {
-            // The committing form's COMMIT after each batch waits for its WAL to reach disk.
-            if time_commits {
-                flushing += flush_wal();
+            if !calibrated && run.chat_bytes_read() >= CALIBRATION_CHAT_BYTES {
+                calibrated = true;
+                run.count_only();
+                if small_batches {
+                    let (totals, batches) = run.totals();
+                    calibration = (batches, totals.messages_inserted + totals.messages_existing + totals.messages_rejected);
+                    run.set_batch_size(settings.batch_size);
+                }
             }
-            let (totals, _) = run.totals();
-            if budget.is_some_and(|b| run.chat_bytes_read() >= b) && totals.chats_read > 0 {
+            if budget.is_some_and(|b| run.chat_bytes_read() >= b) && run.totals().0.chats_read > 0 {
                 run.stop();
                 whole = false;
                 break;
             }
         }
+        let working = began.elapsed();
         let (totals, batches) = run.totals();
         let (chats, messages) = (
             // (chats_read counts the skipped chats too.)
@@ -245,18 +317,31 @@ fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: boo
             totals.messages_inserted + totals.messages_existing + totals.messages_rejected,
         );
         let chat_bytes = run.chat_bytes_read();
+        let writing = run.writing();
+        let (row_bytes, written_row_bytes) = run.row_bytes();
         drop(run);
+        if small_batches && !calibrated {
+            calibration = (batches, messages);
+        }
+        // The small batches written count as the run's batches would hold their messages.
+        let batches = if calibration.0 > 0 {
+            f64::from(batches - calibration.0) + calibration.1 as f64 / settings.batch_size as f64
+        } else {
+            f64::from(batches)
+        };
         Ok(Trial {
             chats,
             messages,
             batches,
             chat_bytes,
+            row_bytes,
+            written_row_bytes,
             whole,
-            wal: wal_written().saturating_sub(wal_before),
-            working: began.elapsed().saturating_sub(flushing),
-            flushing,
-            before,
-            after: relation_sizes(target)?,
+            working,
+            writing,
+            commit,
+            growth: table.growth()?,
+            unpriced: table.unpriced,
         })
     }))
 }
@@ -268,7 +353,7 @@ pub fn refuse_read_only() -> Result<()> {
         None => Ok(()),
         Some(place) => Err(Error::new(
             ERRCODE_READ_ONLY_SQL_TRANSACTION,
-            format!("cannot estimate a backfill {place}: the estimate writes a sample into the target and rolls it back"),
+            format!("cannot estimate a backfill {place}: the estimate writes a sample into a temporary table"),
             "Run chat_backfill.plan() and the backfill on the primary, in a read-write transaction.",
         )),
     }
@@ -364,26 +449,6 @@ fn count_sample(settings: &Settings, percent: f64) -> Result<Sample> {
     let (rows, all_bytes) = count("")?;
     let (chats, bytes) = count(&source_where(settings, None))?;
     Ok(Sample { rows, all_bytes, chats, bytes })
-}
-
-/// The target's size with its TOAST (under ""), and each of its indexes by name.
-fn relation_sizes(target: pg_sys::Oid) -> Result<Vec<(String, i64)>> {
-    Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT ''::pg_catalog.text, pg_catalog.pg_total_relation_size($1::pg_catalog.regclass) \
-             UNION ALL \
-             SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname), pg_catalog.pg_relation_size(c.oid::pg_catalog.regclass) \
-               FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid \
-              WHERE i.indrelid OPERATOR(pg_catalog.=) $1",
-            None,
-            &[target.into()],
-        )?;
-        let mut sizes = Vec::new();
-        for row in rows {
-            sizes.push((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or(0)));
-        }
-        Ok(sizes)
-    })
 }
 
 /// Flushes this backend's WAL to disk, as a COMMIT does, and says how long it took.

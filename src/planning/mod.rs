@@ -4,5 +4,6 @@
 //! estimated WAL is over `chat_backfill.max_atomic_wal`.
 
 pub mod admission;
+pub mod calibration;
 pub mod estimate;
 pub mod plan;

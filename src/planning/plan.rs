@@ -1,6 +1,7 @@
 //! `chat_backfill.plan()`: what a backfill will cost and whether the target is set up for
-//! it, before anything is written. Estimates come from a rolled-back trial run over a
-//! sample (`estimate`); checks read the catalog. One row per finding, so an operator reads
+//! it, before anything is written. Estimates come from a trial run over a sample whose rows
+//! go to a temporary table made like the target, rolled back (`estimate`); checks read the
+//! catalog. One row per finding, so an operator reads
 //! it as a report and a script picks the rows it needs by `item` and `status`.
 
 use pgrx::datum::AnyNumeric;
@@ -45,11 +46,10 @@ impl Finding {
 }
 
 /// Estimates and checks for a backfill with these arguments (`chat_backfill.plan()`).
-/// Writes nothing: the trial run is rolled back (it does extend the target's files by the
-/// sample's rows, which VACUUM reclaims, and a trigger's effects outside the database,
-/// if any, are not undone).
+/// Writes nothing to the target: the trial's rows go to a temporary table, rolled back with
+/// it (the target gets no dead tuple, and its triggers do not fire).
 pub(crate) fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
-    // Said before anything else: every estimate is a trial that writes.
+    // Said before anything else: every estimate is a trial that writes (a temporary table).
     estimate::refuse_read_only()?;
     let source = resolve(request.source, "chat", "source")?;
     let stored = estimate::source_bytes(source.oid)?;
@@ -115,26 +115,30 @@ fn fatal_target(e: Error) -> Finding {
     finding("target", "fatal", e.message).advice(e.hint)
 }
 
+/// How the sample was measured, as the plan says it.
+const TRIAL: &str = "expanded by the backfill's rules, the rows of its first 2 MB of chat text written into a temporary \
+                     table made like the target (nothing written to the target)";
+
 fn estimates(e: &Estimate, batch_size: usize) -> Vec<Finding> {
     let whole = e.sampling == Sampling::Whole;
     let how = if whole { "counted (the whole source was read)" } else { "estimated from the sample" };
     let scaled = format!(
-        "counts scaled by {:.2} (rows per sampled row), bytes and time by {:.2}{}",
+        "chats scaled by {:.2} (rows per sampled row), messages, bytes and time by {:.2}{}",
         e.scale,
         e.byte_scale,
         if e.sampling == Sampling::Pages { " (stored bytes per sampled byte)" } else { "" }
     );
     let sample = match e.sampling {
-        Sampling::Whole => format!("{} chats, the whole source, written to the target and rolled back", e.sampled_chats),
+        Sampling::Whole => format!("{} chats, the whole source, {TRIAL}", e.sampled_chats),
         Sampling::Pages => format!(
-            "{} chats ({} as stored), {:.3}% of the source's pages, written to the target and rolled back; {scaled}",
+            "{} chats ({} as stored), {:.3}% of the source's pages, {TRIAL}; {scaled}",
             e.sampled_chats,
             pretty(e.sampled_chat_bytes as f64),
             e.sample_percent
         ),
         Sampling::FirstRows => format!(
             "the first {} chats ({} of text) of a source without pages to sample, {:.3}% of the rows the planner expects, \
-             written to the target and rolled back; {scaled}: as good as the planner's row estimate, and biased towards \
+             {TRIAL}; {scaled}: as good as the planner's row estimate, and biased towards \
              the chats the scan meets first",
             e.sampled_chats,
             pretty(e.sampled_chat_bytes as f64),
@@ -155,9 +159,17 @@ fn estimates(e: &Estimate, batch_size: usize) -> Vec<Finding> {
             "estimated_target_bytes",
             "estimate",
             format!(
-                "{} added to the target with its TOAST and indexes (of which indexes {})",
+                "{} added to the target with its TOAST and indexes (of which indexes {}){}",
                 pretty(e.target_bytes),
-                pretty(e.index_bytes.iter().map(|(_, b)| b).sum())
+                pretty(e.index_bytes.iter().map(|(_, b)| b).sum()),
+                if e.unpriced_indexes.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; not counted: {}, which read(s) columns the backfill does not write",
+                        e.unpriced_indexes.join(", ")
+                    )
+                }
             ),
         )
         .value(e.target_bytes, "bytes"),
@@ -279,7 +291,7 @@ fn triggers(target: &Relation) -> Result<Finding> {
     Ok(match names {
         None => finding("triggers", "ok", "none fires on INSERT"),
         Some(names) => finding("triggers", "warning", format!("fire on the backfill's INSERTs: {names}")).advice(
-            "They ran in the trial too (rolled back). If they only serve the application, consider disabling them for the \
+            "The estimates leave them out (the trial writes a temporary table). If they only serve the application, consider disabling them for the \
              backfill (ALTER TABLE ... DISABLE TRIGGER) and doing their work afterwards in one statement.",
         ),
     })

@@ -7,10 +7,9 @@ use pgrx::prelude::*;
 use crate::engine::request::Request;
 use crate::pg::error::OrRaise;
 
-/// Estimates and checks for a backfill of `source` into `target` with these arguments.
-/// Writes nothing: the trial run is rolled back (it does extend the target's files by the
-/// sample's rows, which VACUUM reclaims, and a trigger's effects outside the database,
-/// if any, are not undone).
+/// Estimates and checks for a backfill of `source` into `target` with these arguments, in
+/// either row mode. Writes nothing to the target: the trial's rows go to a temporary table,
+/// rolled back with it.
 #[allow(clippy::too_many_arguments)]
 #[pg_extern(
     sql = r#"
@@ -21,7 +20,8 @@ CREATE FUNCTION chat_backfill.plan(
     source_filter text DEFAULT $$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$$,
     id_column text DEFAULT 'id',
     user_id_column text DEFAULT 'user_id',
-    chat_column text DEFAULT 'chat')
+    chat_column text DEFAULT 'chat',
+    "rows" text DEFAULT 'migration')
 RETURNS TABLE (item text, status text, value numeric, unit text, detail text, advice text)
 VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#,
@@ -35,6 +35,7 @@ fn plan(
     id_column: Option<&str>,
     user_id_column: Option<&str>,
     chat_column: Option<&str>,
+    rows: Option<&str>,
 ) -> TableIterator<
     'static,
     (
@@ -47,7 +48,8 @@ fn plan(
     ),
 > {
     let request = Request { batch_size, source_filter, ..Request::new(source, target) }
-        .columns(id_column, user_id_column, chat_column);
+        .columns(id_column, user_id_column, chat_column)
+        .rows(rows);
     let findings = crate::planning::plan::findings(request).or_raise();
     TableIterator::new(findings.into_iter().map(|f| {
         (f.item.to_owned(), f.status.to_owned(), f.value, f.unit.map(str::to_owned), f.detail, f.advice)

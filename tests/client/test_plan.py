@@ -1,7 +1,8 @@
 """chat_backfill.plan(), admission control of the one-transaction form, and the
 chat_backfill.* settings, against a real server.
 
-plan()'s estimates come from a trial run over a sample, rolled back: here they are compared
+plan()'s estimates come from a trial run over a sample whose rows go to a temporary table
+made like the target, never to the target (rolled back either way): here they are compared
 with what the real run then measured (rows, target growth, WAL), as ranges (within 2x,
 the issue's bar), never as timings. The golden output of its checks is in
 tests/pg_regress/sql/plan.sql.
@@ -70,10 +71,9 @@ def planned_batches(p) -> float:
 
 
 def assert_within_2x(p, measured):
-    for item, actual in measured.items():
-        estimated = planned_batches(p) if item == "batches" else p[item][1]
-        ratio = estimated / float(actual)
-        assert 0.5 <= ratio <= 2.0, f"{item}: estimated {estimated}, measured {actual}"
+    ratios = {item: (planned_batches(p) if item == "batches" else p[item][1]) / float(actual)
+              for item, actual in measured.items()}
+    assert all(0.5 <= r <= 2.0 for r in ratios.values()), f"estimated / measured: {ratios}"
 
 
 def test_estimates_from_a_sample_are_within_2x_of_the_run(cluster, big_db):
@@ -222,6 +222,65 @@ def test_a_source_read_whole_gives_exact_counts_and_nothing_stays(cluster, shape
     assert (p["estimated_messages"][1], p["chats"][1], planned_batches(p)) == (messages, chats, batches)
 
 
+def test_plan_and_admission_write_nothing_into_the_target(cluster):
+    """Issue 23: the estimate's trial used to write its sample into the target and roll it
+    back, leaving dead tuples and grown files, firing the target's triggers and advancing the
+    sequences its defaults draw from. Its rows now go to a temporary table made like the
+    target."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=23, count=200, content_bytes=(300, 3000), messages=(2, 12)),
+                 "plan_no_writes")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE chat_message ADD COLUMN n bigserial; "
+                    "CREATE FUNCTION public.noisy() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN RAISE NOTICE 'noisy trigger ran'; RETURN NEW; END $$; "
+                    "CREATE TRIGGER noisy BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION public.noisy()")
+        files = ("SELECT sum(pg_relation_size(c.oid)) FROM pg_class c WHERE c.oid = 'chat_message'::regclass "
+                 "OR c.oid = (SELECT reltoastrelid FROM pg_class WHERE oid = 'chat_message'::regclass) "
+                 "OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'chat_message'::regclass)")
+        cur.execute(files)
+        (before,) = cur.fetchone()
+        p = plan(cur)
+        assert p["estimated_messages"][1] > 0 and p["estimated_target_bytes"][1] > 0 and p["estimated_wal_bytes"][1] > 0
+        cur.execute("SET chat_backfill.max_atomic_wal = '1kB'")
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (NOW,))
+        assert e.value.pgcode == "53400", "admission ran its trial"
+        cur.execute(files)
+        assert cur.fetchone() == (before,), "the target's files did not grow"
+        assert not [n for n in conn.notices if "noisy" in n], conn.notices
+        cur.execute("SELECT last_value, is_called FROM chat_message_n_seq")
+        assert cur.fetchone() == (1, False), "no default of the target was drawn"
+        cur.execute("SELECT pg_stat_force_next_flush()")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT n_tup_ins, n_dead_tup FROM pg_stat_user_tables WHERE relid = 'chat_message'::regclass")
+        assert cur.fetchone() == (0, 0)
+        # Control: the run itself fires the trigger and grows the files.
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, force => true)", (NOW,))
+        assert [n for n in conn.notices if "noisy" in n]
+        cur.execute(files)
+        assert cur.fetchone()[0] > before
+
+
+def test_plan_plans_either_row_mode(cluster):
+    """Issue 23: plan() takes rows => 'app' as the backfill does; over a source read whole its
+    counts are the app-mode run's, and they differ from the migration's on these chats."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=24, count=40, content_bytes=(100, 400), messages=(1, 6))
+                 + chatgen.hostile_chats(), "plan_app")
+    counts = {}
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        # Open WebUI's head schema, which rows => 'app' writes (the migration's columns and two).
+        cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text")
+        for rows in ("migration", "app"):
+            p = plan(cur, f"rows => '{rows}'")
+            assert p["sample"][1] == 100.0
+            cur.execute("SELECT sum(messages_inserted + messages_rejected), sum(chats_read) "
+                        "FROM backfill_chat_messages(now => %s, dry_run => true, rows => %s)", (NOW, rows))
+            messages, chats = cur.fetchone()
+            assert (p["estimated_messages"][1], p["chats"][1]) == (messages, chats), rows
+            counts[rows] = messages
+    assert counts["app"] != counts["migration"], "the modes agree here: this test could not tell them apart"
+
+
 def test_admission_refuses_over_max_atomic_wal_with_a_hint_and_force_runs(cluster):
     db = cluster.create_db("plan_admit")
     with cluster.connect(db) as conn, conn.cursor() as cur:
@@ -240,7 +299,7 @@ def test_admission_refuses_over_max_atomic_wal_with_a_hint_and_force_runs(cluste
         assert "chat_backfill.max_atomic_wal" in err.pgerror and "of WAL in one transaction" in err.pgerror
         assert "CALL backfill_chat_messages_resumable()" in err.diag.message_hint
         assert "force => true" in err.diag.message_hint
-        assert "rolled back" in err.diag.message_detail
+        assert "temporary table" in err.diag.message_detail
         assert state(cur) == (0, 0, 0), "refused before writing anything"
         status = plan(cur)["admission"]
         assert status[0] == "warning" and "53400" in status[2]

@@ -51,7 +51,7 @@ SELECT value, unit, detail ~ '^2 index\(es\) besides the unique one on id, each 
 SELECT value FROM chat_backfill.plan(source_filter => NULL) WHERE item = 'estimated_messages';
 SELECT detail FROM chat_backfill.plan(batch_size => 10) WHERE item = 'estimated_seconds_resumable';
 
--- The trial writes (and rolls back): not in a read-only transaction (nor on a standby).
+-- The trial writes (a temporary table, rolled back): not in a read-only transaction (nor on a standby).
 BEGIN READ ONLY;
 SELECT item FROM chat_backfill.plan();
 ROLLBACK;

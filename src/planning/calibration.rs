@@ -1,0 +1,255 @@
+//! Where a trial writes: a temporary table made like the target's columns that the engine
+//! writes (their types, collations, storage and compression) and its indexes, created
+//! inside the trial's rolled-back subtransaction. The sample's rows land there, never in
+//! the target: the target gets no dead tuple, no index entry and no WAL from a plan or an
+//! admission check, and its triggers and foreign keys do not fire. What the rows cost in
+//! the target is then this table's growth (compression and indexes as the target's), and
+//! the WAL that growth would write there (`estimate`'s model).
+//!
+//! Built from the catalog, not with `CREATE TABLE ... (LIKE target)`: LIKE needs SELECT on
+//! the whole target, which the backfill does not ask of its caller, and would copy
+//! defaults that draw from the target's sequences.
+
+use pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE;
+use pgrx::prelude::*;
+
+use crate::pg::catalog::{target_columns, Relation};
+use crate::pg::error::{Error, Result};
+use crate::pg::subxact::in_subtransaction_catching;
+
+pub struct Calibration {
+    pub table: Relation,
+    /// The target's indexes that could be made here, by the target's index names, with the
+    /// table's own name's index.
+    indexes: Vec<(String, pg_sys::Oid)>,
+    /// The target's indexes that could not (an expression over a column the engine does not
+    /// write): not priced.
+    pub unpriced: Vec<String>,
+    /// Sizes just after creation (an empty btree has its metapage).
+    empty: Sizes,
+}
+
+/// Heap with TOAST, and each index, in bytes.
+#[derive(Debug, Clone, Default)]
+pub struct Sizes {
+    pub table: i64,
+    pub indexes: Vec<(String, i64)>,
+}
+
+/// The SQL type of a column the engine writes: only these are accepted by the target's
+/// check (`pg::catalog`), and naming them from `pg_catalog` keeps the search_path out.
+fn type_sql(type_oid: pg_sys::Oid, typmod: i32) -> Option<String> {
+    Some(match type_oid {
+        pg_sys::TEXTOID => "pg_catalog.text".into(),
+        pg_sys::VARCHAROID if typmod >= 4 => format!("pg_catalog.varchar({})", typmod - 4),
+        pg_sys::VARCHAROID => "pg_catalog.varchar".into(),
+        pg_sys::JSONOID => "pg_catalog.json".into(),
+        pg_sys::JSONBOID => "pg_catalog.jsonb".into(),
+        pg_sys::BOOLOID => "pg_catalog.bool".into(),
+        pg_sys::INT8OID => "pg_catalog.int8".into(),
+        _ => return None,
+    })
+}
+
+impl Calibration {
+    /// Creates the table; call inside a subtransaction that is rolled back.
+    pub fn create(target: &Relation, app: bool) -> Result<Calibration> {
+        let name = format!("chat_backfill_trial_{}_{}", std::process::id(), next_serial());
+        let qualified = format!("pg_temp.{}", pgrx::spi::quote_identifier(&name));
+        let wanted: Vec<&str> = target_columns(app).into_iter().map(|(n, _)| n).collect();
+        let mut columns = Vec::new();
+        let mut storage = Vec::new();
+        Spi::connect(|client| -> Result<()> {
+            let rows = client.select(
+                "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, \
+                        CASE WHEN a.attcollation OPERATOR(pg_catalog.=) 0::pg_catalog.oid THEN NULL \
+                             ELSE (SELECT pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, c.collname) \
+                                     FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace n \
+                                       ON n.oid OPERATOR(pg_catalog.=) c.collnamespace \
+                                    WHERE c.oid OPERATOR(pg_catalog.=) a.attcollation) END, \
+                        a.attstorage::pg_catalog.text, t.typstorage::pg_catalog.text, a.attcompression::pg_catalog.text \
+                   FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid \
+                  WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 \
+                    AND NOT a.attisdropped AND a.attname::pg_catalog.text OPERATOR(pg_catalog.=) ANY ($2::pg_catalog.text[]) \
+                  ORDER BY a.attnum",
+                None,
+                &[target.oid.into(), wanted.clone().into()],
+            )?;
+            for row in rows {
+                let column: String = row.get(1)?.unwrap_or_default();
+                let Some(ty) = type_sql(row.get(2)?.unwrap_or(pg_sys::InvalidOid), row.get::<i32>(3)?.unwrap_or(-1)) else {
+                    continue;
+                };
+                let quoted = pgrx::spi::quote_identifier(&column);
+                let collate = row.get::<String>(4)?.map(|c| format!(" COLLATE {c}")).unwrap_or_default();
+                let compression = match row.get::<String>(7)?.as_deref() {
+                    Some("p") => " COMPRESSION pglz",
+                    Some("l") => " COMPRESSION lz4",
+                    _ => "",
+                };
+                columns.push(format!("{quoted} {ty}{collate}{compression}"));
+                let (att, typ) = (row.get::<String>(5)?.unwrap_or_default(), row.get::<String>(6)?.unwrap_or_default());
+                if att != typ {
+                    let kind = match att.as_str() {
+                        "p" => "PLAIN",
+                        "e" => "EXTERNAL",
+                        "m" => "MAIN",
+                        _ => "EXTENDED",
+                    };
+                    storage.push(format!("ALTER COLUMN {quoted} SET STORAGE {kind}"));
+                }
+            }
+            Ok(())
+        })?;
+        let created = in_subtransaction_catching(
+            || Spi::run(&format!("CREATE TEMPORARY TABLE {qualified} ({})", columns.join(", "))),
+            |state| state == "42501",
+        );
+        match created {
+            Ok(done) => done?,
+            Err(failure) => {
+                return Err(Error::new(
+                    ERRCODE_INSUFFICIENT_PRIVILEGE,
+                    format!("cannot estimate the backfill: {}", failure.message),
+                    "The estimate writes its sample into a temporary table, never into the target: GRANT TEMPORARY ON \
+                     DATABASE to this role, or skip the estimate (force => true, or the committing \
+                     CALL backfill_chat_messages_resumable(), which needs none).",
+                ))
+            }
+        }
+        if !storage.is_empty() {
+            Spi::run(&format!("ALTER TABLE {qualified} {}", storage.join(", ")))?;
+        }
+        let oid = Spi::get_one_with_args::<pg_sys::Oid>(
+            "SELECT $1::pg_catalog.text::pg_catalog.regclass::pg_catalog.oid",
+            &[qualified.as_str().into()],
+        )?
+        .unwrap_or(pg_sys::InvalidOid);
+        let (indexes, unpriced) = copy_indexes(target, &qualified, oid)?;
+        let mut calibration = Calibration { table: Relation { oid, name: qualified }, indexes, unpriced, empty: Sizes::default() };
+        calibration.empty = calibration.sizes()?;
+        Ok(calibration)
+    }
+
+    /// What the rows written so far take.
+    pub fn growth(&self) -> Result<Sizes> {
+        let now = self.sizes()?;
+        let was = |name: &str| self.empty.indexes.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b);
+        Ok(Sizes {
+            table: (now.table - self.empty.table).max(0),
+            indexes: now.indexes.iter().map(|(n, b)| (n.clone(), (b - was(n)).max(0))).collect(),
+        })
+    }
+
+    fn sizes(&self) -> Result<Sizes> {
+        let size = |sql: &str, oid: pg_sys::Oid| -> Result<i64> {
+            Ok(Spi::get_one_with_args::<i64>(sql, &[oid.into()])?.unwrap_or(0))
+        };
+        let table = size("SELECT pg_catalog.pg_table_size($1::pg_catalog.regclass)", self.table.oid)?;
+        let mut indexes = Vec::new();
+        for (name, oid) in &self.indexes {
+            indexes.push((name.clone(), size("SELECT pg_catalog.pg_relation_size($1::pg_catalog.regclass)", *oid)?));
+        }
+        Ok(Sizes { table, indexes })
+    }
+}
+
+/// Each of the target's indexes, made on the table from its definition: unique or not, its
+/// method, keys, operator classes, INCLUDE columns, storage parameters and predicate. One
+/// that cannot be (it reads a column the engine does not write) is left out and named.
+fn copy_indexes(target: &Relation, table: &str, table_oid: pg_sys::Oid) -> Result<(Vec<(String, pg_sys::Oid)>, Vec<String>)> {
+    let definitions = Spi::connect(|client| -> Result<Vec<(String, String, String)>> {
+        let rows = client.select(
+            "SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname), pg_catalog.pg_get_indexdef(i.indexrelid), \
+                    pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, t.relname) \
+               FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid \
+               JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) i.indrelid \
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.relnamespace \
+              WHERE i.indrelid OPERATOR(pg_catalog.=) $1 ORDER BY c.relname",
+            None,
+            &[target.oid.into()],
+        )?;
+        let mut found = Vec::new();
+        for row in rows {
+            found.push((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default()));
+        }
+        Ok(found)
+    })?;
+    let (mut made, mut unpriced) = (Vec::new(), Vec::new());
+    for (name, definition, on) in definitions {
+        let Some(sql) = index_on(&definition, &name, &on, table) else {
+            unpriced.push(name);
+            continue;
+        };
+        let created = in_subtransaction_catching(
+            || -> Result<Option<pg_sys::Oid>> {
+                Spi::run(&sql)?;
+                // The newest index of the table is the one just made.
+                Ok(Spi::get_one_with_args::<pg_sys::Oid>(
+                    "SELECT pg_catalog.max(i.indexrelid::pg_catalog.int8)::pg_catalog.oid FROM pg_catalog.pg_index i \
+                      WHERE i.indrelid OPERATOR(pg_catalog.=) $1",
+                    &[table_oid.into()],
+                )?)
+            },
+            |_| true,
+        );
+        match created {
+            Ok(Ok(Some(oid))) => made.push((name, oid)),
+            Ok(Err(e)) => return Err(e),
+            _ => unpriced.push(name),
+        }
+    }
+    Ok((made, unpriced))
+}
+
+/// `CREATE [UNIQUE] INDEX ON table USING ...` from the target index's definition as
+/// `pg_get_indexdef` prints it (`CREATE [UNIQUE] INDEX name ON [ONLY] schema.table USING ...`,
+/// name and table quoted as `%I` quotes them, the table always qualified): the name is
+/// dropped, so PostgreSQL picks a free one. The whole head must match, so that an index
+/// named to look like a definition cannot move where the rest starts.
+fn index_on(definition: &str, name: &str, target: &str, table: &str) -> Option<String> {
+    ["UNIQUE ", ""].iter().find_map(|unique| {
+        ["ONLY ", ""].iter().find_map(|only| {
+            let head = format!("CREATE {unique}INDEX {name} ON {only}{target} USING ");
+            definition.strip_prefix(head.as_str()).map(|rest| format!("CREATE {unique}INDEX ON {table} USING {rest}"))
+        })
+    })
+}
+
+fn next_serial() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SERIAL: AtomicU64 = AtomicU64::new(0);
+    SERIAL.fetch_add(1, Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::index_on;
+
+    #[test]
+    fn an_index_definition_moves_to_the_table() {
+        let target = "public.chat_message";
+        assert_eq!(
+            index_on("CREATE UNIQUE INDEX chat_message_pkey ON public.chat_message USING btree (id)", "chat_message_pkey", target, "pg_temp.t"),
+            Some("CREATE UNIQUE INDEX ON pg_temp.t USING btree (id)".into())
+        );
+        assert_eq!(
+            index_on(
+                "CREATE INDEX \"a b\" ON ONLY \"s.x\".m USING btree (chat_id, created_at) WHERE done",
+                "\"a b\"",
+                "\"s.x\".m",
+                "pg_temp.t"
+            ),
+            Some("CREATE INDEX ON pg_temp.t USING btree (chat_id, created_at) WHERE done".into())
+        );
+        assert_eq!(index_on("CREATE INDEX i ON public.other USING btree (id)", "i", target, "pg_temp.t"), None);
+        // A name that spells a definition does not move the head.
+        let sly = "\"x ON public.chat_message USING btree (id); DROP TABLE chat; --\"";
+        let definition = format!("CREATE INDEX {sly} ON public.chat_message USING btree (role)");
+        assert_eq!(
+            index_on(&definition, sly, target, "pg_temp.t"),
+            Some("CREATE INDEX ON pg_temp.t USING btree (role)".into())
+        );
+        assert_eq!(index_on(&definition, "x", target, "pg_temp.t"), None);
+    }
+}
