@@ -13,7 +13,7 @@ use crate::planning::estimate::{self, pretty, Sampling};
 
 pub fn admit(settings: &Settings) -> Result<()> {
     let (limit, limit_name) = estimate::atomic_wal_limit()?;
-    // Only the WAL is wanted: the committing form's flush times are not measured.
+    // Only the WAL is wanted: neither the committing form's flushes nor compression are measured.
     let estimate = estimate::measure(settings, false)?;
     if estimate.wal_bytes <= limit as f64 {
         return Ok(());

@@ -19,14 +19,37 @@ use crate::pg::subxact::in_subtransaction_catching;
 
 pub struct Calibration {
     pub table: Relation,
+    /// Each column as made here: quoted name, type, and for a column whose values are
+    /// compressed (a varlena type stored EXTENDED or MAIN) the method the target compresses
+    /// it with ('p' or 'l'; the server's default_toast_compression where the column names none).
+    columns: Vec<Column>,
     /// The target's indexes that could be made here, by the target's index names, with the
     /// table's own name's index.
     indexes: Vec<(String, pg_sys::Oid)>,
-    /// The target's indexes that could not (an expression over a column the engine does not
-    /// write): not priced.
+    /// The target's indexes and generated columns that could not be made here (an expression
+    /// over a column the engine does not write): not priced.
     pub unpriced: Vec<String>,
+    /// Whether the target's writes go to the WAL (not an unlogged or temporary table).
+    pub logged: bool,
     /// Sizes just after creation (an empty btree has its metapage).
     empty: Sizes,
+}
+
+struct Column {
+    quoted: String,
+    ty: String,
+    collate: String,
+    compression: Option<char>,
+}
+
+/// The same rows compressed with pglz and with lz4: how long writing them took, and what
+/// they took as stored.
+#[derive(Debug, Clone)]
+pub struct Compression {
+    /// The columns compressed with pglz in the target, by name as quoted.
+    pub pglz_columns: Vec<String>,
+    pub pglz: (std::time::Duration, i64),
+    pub lz4: (std::time::Duration, i64),
 }
 
 /// Heap with TOAST, and each index, in bytes.
@@ -54,11 +77,28 @@ fn type_sql(type_oid: pg_sys::Oid, typmod: i32) -> Option<String> {
 impl Calibration {
     /// Creates the table; call inside a subtransaction that is rolled back.
     pub fn create(target: &Relation, app: bool) -> Result<Calibration> {
-        let name = format!("chat_backfill_trial_{}_{}", std::process::id(), next_serial());
-        let qualified = format!("pg_temp.{}", pgrx::spi::quote_identifier(&name));
+        // Said as what it is, rather than as CREATE TABLE's error.
+        let may_create = Spi::get_one::<bool>(
+            "SELECT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'TEMPORARY'::pg_catalog.text)",
+        )?
+        .unwrap_or(false);
+        if !may_create {
+            return Err(Error::new(
+                ERRCODE_INSUFFICIENT_PRIVILEGE,
+                "cannot estimate the backfill: permission denied to create temporary tables in this database",
+                "The estimate writes its sample into a temporary table, never into the target: GRANT TEMPORARY ON \
+                 DATABASE to this role, or skip the estimate (force => true, or the committing \
+                 CALL backfill_chat_messages_resumable(), which needs none).",
+            ));
+        }
+        let qualified = free_name()?;
         let wanted: Vec<&str> = target_columns(app).into_iter().map(|(n, _)| n).collect();
         let mut columns = Vec::new();
         let mut storage = Vec::new();
+        let default_method = match crate::pg::gucs::current_setting("default_toast_compression")?.as_deref() {
+            Some("lz4") => 'l',
+            _ => 'p',
+        };
         Spi::connect(|client| -> Result<()> {
             let rows = client.select(
                 "SELECT a.attname::pg_catalog.text, a.atttypid, a.atttypmod, \
@@ -66,7 +106,8 @@ impl Calibration {
                              ELSE (SELECT pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, c.collname) \
                                      FROM pg_catalog.pg_collation c JOIN pg_catalog.pg_namespace n \
                                        ON n.oid OPERATOR(pg_catalog.=) c.collnamespace \
-                                    WHERE c.oid OPERATOR(pg_catalog.=) a.attcollation) END, \
+                                    WHERE c.oid OPERATOR(pg_catalog.=) a.attcollation \
+                                      AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'::pg_catalog.text)) END, \
                         a.attstorage::pg_catalog.text, t.typstorage::pg_catalog.text, a.attcompression::pg_catalog.text \
                    FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid \
                   WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum OPERATOR(pg_catalog.>) 0::pg_catalog.int2 \
@@ -82,13 +123,16 @@ impl Calibration {
                 };
                 let quoted = pgrx::spi::quote_identifier(&column);
                 let collate = row.get::<String>(4)?.map(|c| format!(" COLLATE {c}")).unwrap_or_default();
-                let compression = match row.get::<String>(7)?.as_deref() {
-                    Some("p") => " COMPRESSION pglz",
-                    Some("l") => " COMPRESSION lz4",
-                    _ => "",
-                };
-                columns.push(format!("{quoted} {ty}{collate}{compression}"));
+                let method = row.get::<String>(7)?;
                 let (att, typ) = (row.get::<String>(5)?.unwrap_or_default(), row.get::<String>(6)?.unwrap_or_default());
+                let compressed = matches!(att.as_str(), "x" | "m");
+                let compression = match method.as_deref() {
+                    Some("p") => Some('p'),
+                    Some("l") => Some('l'),
+                    _ => Some(default_method),
+                }
+                .filter(|_| compressed);
+                columns.push(Column { quoted: quoted.clone(), ty, collate, compression });
                 if att != typ {
                     let kind = match att.as_str() {
                         "p" => "PLAIN",
@@ -101,32 +145,51 @@ impl Calibration {
             }
             Ok(())
         })?;
-        let created = in_subtransaction_catching(
-            || Spi::run(&format!("CREATE TEMPORARY TABLE {qualified} ({})", columns.join(", "))),
-            |state| state == "42501",
-        );
-        match created {
-            Ok(done) => done?,
-            Err(failure) => {
-                return Err(Error::new(
-                    ERRCODE_INSUFFICIENT_PRIVILEGE,
-                    format!("cannot estimate the backfill: {}", failure.message),
-                    "The estimate writes its sample into a temporary table, never into the target: GRANT TEMPORARY ON \
-                     DATABASE to this role, or skip the estimate (force => true, or the committing \
-                     CALL backfill_chat_messages_resumable(), which needs none).",
-                ))
-            }
-        }
+        // Each column compressed as in the target: its own method, or the default (the same
+        // here, in the same session).
+        let definition = column_list(&columns, |c| match c.compression {
+            Some('l') => " COMPRESSION lz4",
+            Some(_) => " COMPRESSION pglz",
+            None => "",
+        });
+        Spi::run(&format!("CREATE TEMPORARY TABLE {qualified} ({definition})"))?;
         if !storage.is_empty() {
             Spi::run(&format!("ALTER TABLE {qualified} {}", storage.join(", ")))?;
         }
+        // The target's storage parameters (a fillfactor changes what the rows take), each
+        // value quoted; one a temporary table cannot take is left out.
+        let options = Spi::get_one_with_args::<String>(
+            "SELECT pg_catalog.string_agg(pg_catalog.format('%I = %L'::pg_catalog.text, o.option_name, o.option_value), \
+                    ', '::pg_catalog.text) \
+               FROM pg_catalog.pg_class c, pg_catalog.pg_options_to_table(c.reloptions) o \
+              WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            &[target.oid.into()],
+        )?;
+        if let Some(options) = options {
+            let _ = in_subtransaction_catching(|| Spi::run(&format!("ALTER TABLE {qualified} SET ({options})")), |_| true);
+        }
+        let mut unpriced = copy_generated(target, &qualified)?;
         let oid = Spi::get_one_with_args::<pg_sys::Oid>(
             "SELECT $1::pg_catalog.text::pg_catalog.regclass::pg_catalog.oid",
             &[qualified.as_str().into()],
         )?
         .unwrap_or(pg_sys::InvalidOid);
-        let (indexes, unpriced) = copy_indexes(target, &qualified, oid)?;
-        let mut calibration = Calibration { table: Relation { oid, name: qualified }, indexes, unpriced, empty: Sizes::default() };
+        let (indexes, unpriced_indexes) = copy_indexes(target, &qualified, oid)?;
+        unpriced.extend(unpriced_indexes);
+        let logged = Spi::get_one_with_args::<bool>(
+            "SELECT c.relpersistence OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\" FROM pg_catalog.pg_class c \
+              WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            &[target.oid.into()],
+        )?
+        .unwrap_or(true);
+        let mut calibration = Calibration {
+            table: Relation { oid, name: qualified },
+            columns,
+            indexes,
+            unpriced,
+            logged,
+            empty: Sizes::default(),
+        };
         calibration.empty = calibration.sizes()?;
         Ok(calibration)
     }
@@ -139,6 +202,75 @@ impl Calibration {
             table: (now.table - self.empty.table).max(0),
             indexes: now.indexes.iter().map(|(n, b)| (n.clone(), (b - was(n)).max(0))).collect(),
         })
+    }
+
+    /// Where the target compresses a column with pglz and the server has lz4: the rows
+    /// written here, compressed again both ways into two more tables made like this one
+    /// (each value decompressed first, the same work for both), timed and measured. `None`
+    /// when there is nothing to compare.
+    pub fn compare_compression(&self) -> Result<Option<Compression>> {
+        let candidates: Vec<&str> =
+            self.columns.iter().filter(|c| c.compression == Some('p')).map(|c| c.quoted.as_str()).collect();
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        // Only the columns whose values the sample's rows had compressed (the ids and other
+        // short values never reach the threshold).
+        let checks = candidates
+            .iter()
+            .map(|c| format!("pg_catalog.bool_or(pg_catalog.pg_column_compression({c}) IS NOT NULL)"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let compressed =
+            Spi::get_one::<Vec<Option<bool>>>(&format!("SELECT ARRAY[{checks}] FROM {}", self.table.name))?.unwrap_or_default();
+        let pglz_columns: Vec<String> = candidates
+            .iter()
+            .zip(compressed)
+            .filter(|(_, any)| any.unwrap_or(false))
+            .map(|(c, _)| (*c).to_owned())
+            .collect();
+        let has_lz4 = Spi::get_one::<bool>(
+            "SELECT 'lz4'::pg_catalog.text OPERATOR(pg_catalog.=) ANY (s.enumvals) FROM pg_catalog.pg_settings s \
+              WHERE s.name OPERATOR(pg_catalog.=) 'default_toast_compression'::pg_catalog.text",
+        )?
+        .unwrap_or(false);
+        if pglz_columns.is_empty() || !has_lz4 {
+            return Ok(None);
+        }
+        // A compressed value is copied as it is: each is taken apart to text and made again.
+        let values = self
+            .columns
+            .iter()
+            .map(|c| match c.compression {
+                Some(_) => format!(
+                    "({}::pg_catalog.text OPERATOR(pg_catalog.||) ''::pg_catalog.text)::{}",
+                    c.quoted, c.ty
+                ),
+                None => c.quoted.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut measured = Vec::new();
+        for method in ["pglz", "lz4"] {
+            let table = free_name()?;
+            let definition = column_list(&self.columns, |c| match c.compression {
+                Some('l') => " COMPRESSION lz4",
+                Some(_) if method == "lz4" => " COMPRESSION lz4",
+                Some(_) => " COMPRESSION pglz",
+                None => "",
+            });
+            Spi::run(&format!("CREATE TEMPORARY TABLE {table} ({definition})"))?;
+            let began = std::time::Instant::now();
+            Spi::run(&format!("INSERT INTO {table} SELECT {values} FROM {}", self.table.name))?;
+            let took = began.elapsed();
+            let bytes = Spi::get_one_with_args::<i64>(
+                "SELECT pg_catalog.pg_table_size($1::pg_catalog.text::pg_catalog.regclass)",
+                &[table.as_str().into()],
+            )?
+            .unwrap_or(0);
+            measured.push((took, bytes));
+        }
+        Ok(Some(Compression { pglz_columns, pglz: measured[0], lz4: measured[1] }))
     }
 
     fn sizes(&self) -> Result<Sizes> {
@@ -154,27 +286,82 @@ impl Calibration {
     }
 }
 
+/// The columns' definitions, each with the compression clause `compression` gives it.
+fn column_list(columns: &[Column], compression: impl Fn(&Column) -> &'static str) -> String {
+    // COMPRESSION comes before COLLATE in a column's definition.
+    columns.iter().map(|c| format!("{} {}{}{}", c.quoted, c.ty, compression(c), c.collate)).collect::<Vec<_>>().join(", ")
+}
+
+/// A name in pg_temp that no table of this session has (the caller's own temporary tables
+/// included).
+fn free_name() -> Result<String> {
+    loop {
+        let name = format!("pg_temp.{}", pgrx::spi::quote_identifier(&format!(
+            "chat_backfill_trial_{}_{}",
+            std::process::id(),
+            next_serial()
+        )));
+        let taken = Spi::get_one_with_args::<bool>(
+            "SELECT pg_catalog.to_regclass($1::pg_catalog.text) IS NOT NULL",
+            &[name.as_str().into()],
+        )?
+        .unwrap_or(true);
+        if !taken {
+            return Ok(name);
+        }
+    }
+}
+
+/// The target's stored generated columns, each made on the table as the target computes it
+/// (the rows' INSERT computes them, as the caller, in the target too). One that reads a
+/// column the engine does not write cannot be made: it is named as not priced.
+fn copy_generated(target: &Relation, table: &str) -> Result<Vec<String>> {
+    let generated = three_texts(
+            "SELECT pg_catalog.quote_ident(a.attname::pg_catalog.text), pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                    pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
+               FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_attrdef d \
+                 ON d.adrelid OPERATOR(pg_catalog.=) a.attrelid AND d.adnum OPERATOR(pg_catalog.=) a.attnum \
+              WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attgenerated OPERATOR(pg_catalog.=) 's'::pg_catalog.\"char\" \
+                AND NOT a.attisdropped ORDER BY a.attnum",
+        target.oid,
+    )?;
+    let mut unpriced = Vec::new();
+    for (column, ty, expression) in generated {
+        let sql = format!("ALTER TABLE {table} ADD COLUMN {column} {ty} GENERATED ALWAYS AS ({expression}) STORED");
+        if !matches!(in_subtransaction_catching(|| Spi::run(&sql), |_| true), Ok(Ok(()))) {
+            unpriced.push(format!("generated column {column}"));
+        }
+    }
+    Ok(unpriced)
+}
+
+/// The rows of a catalog query about `relation` that gives three texts.
+fn three_texts(sql: &str, relation: pg_sys::Oid) -> Result<Vec<(String, String, String)>> {
+    Spi::connect(|client| {
+        let mut found = Vec::new();
+        for row in client.select(sql, None, &[relation.into()])? {
+            found.push((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default()));
+        }
+        Ok(found)
+    })
+}
+
 /// Each of the target's indexes, made on the table from its definition: unique or not, its
 /// method, keys, operator classes, INCLUDE columns, storage parameters and predicate. One
 /// that cannot be (it reads a column the engine does not write) is left out and named.
 fn copy_indexes(target: &Relation, table: &str, table_oid: pg_sys::Oid) -> Result<(Vec<(String, pg_sys::Oid)>, Vec<String>)> {
-    let definitions = Spi::connect(|client| -> Result<Vec<(String, String, String)>> {
-        let rows = client.select(
+    let definitions = three_texts(
             "SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname), pg_catalog.pg_get_indexdef(i.indexrelid), \
                     pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, t.relname) \
                FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) i.indexrelid \
                JOIN pg_catalog.pg_class t ON t.oid OPERATOR(pg_catalog.=) i.indrelid \
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) t.relnamespace \
-              WHERE i.indrelid OPERATOR(pg_catalog.=) $1 ORDER BY c.relname",
-            None,
-            &[target.oid.into()],
-        )?;
-        let mut found = Vec::new();
-        for row in rows {
-            found.push((row.get(1)?.unwrap_or_default(), row.get(2)?.unwrap_or_default(), row.get(3)?.unwrap_or_default()));
-        }
-        Ok(found)
-    })?;
+              WHERE i.indrelid OPERATOR(pg_catalog.=) $1 \
+                AND CASE WHEN t.relkind OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\" THEN i.indisvalid \
+                         ELSE i.indisready AND i.indislive END \
+              ORDER BY c.relname",
+        target.oid,
+    )?;
     let (mut made, mut unpriced) = (Vec::new(), Vec::new());
     for (name, definition, on) in definitions {
         let Some(sql) = index_on(&definition, &name, &on, table) else {

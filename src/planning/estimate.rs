@@ -25,7 +25,7 @@ use crate::engine::request::Settings;
 use crate::pg::error::{Error, Result};
 use crate::pg::gucs;
 use crate::pg::subxact::in_rolled_back_subtransaction;
-use crate::planning::calibration::{Calibration, Sizes};
+use crate::planning::calibration::{Calibration, Compression, Sizes};
 
 /// Chat text whose rows a trial writes into its temporary table to price them; the rest of
 /// the sample is expanded and counted only. Enough for a stable compression ratio and
@@ -80,9 +80,9 @@ pub struct Estimate {
     pub target_bytes: f64,
     /// Each index's share of that growth.
     pub index_bytes: Vec<(String, f64)>,
-    /// The target's indexes the trial could not copy (an expression over a column the
-    /// engine does not write): not in the bytes.
-    pub unpriced_indexes: Vec<String>,
+    /// The target's indexes and generated columns the trial could not copy (an expression
+    /// over a column the engine does not write): not in the bytes.
+    pub unpriced: Vec<String>,
     pub wal_bytes: f64,
     /// The one-transaction form.
     pub seconds: f64,
@@ -90,17 +90,31 @@ pub struct Estimate {
     pub batches: f64,
     /// The committing form: the same work plus a WAL flush per batch.
     pub seconds_resumable: f64,
+    /// For plan(): what lz4 would change where the target compresses with pglz.
+    pub compression: Option<CompressionAdvice>,
+}
+
+/// lz4 against pglz, measured on the trial's rows and scaled like them.
+#[derive(Debug, Clone)]
+pub struct CompressionAdvice {
+    pub pglz_columns: Vec<String>,
+    /// Time the run would save (the compression's share of it), and what the target's table
+    /// and TOAST would take with each method.
+    pub seconds_saved: f64,
+    pub pglz_bytes: f64,
+    pub lz4_bytes: f64,
 }
 
 /// Measures a trial run of `settings` over a sample of its source (nothing stays written).
-/// `time_commits`: also flush the WAL after each trial batch, as the committing form's
-/// COMMITs do, to price them (`seconds_resumable`; zero otherwise).
-pub fn measure(settings: &Settings, time_commits: bool) -> Result<Estimate> {
+/// `full`: plan()'s estimate, which also prices the committing form's COMMITs (one WAL
+/// flush, `seconds_resumable`; zero otherwise) and compares compressions; admission control
+/// needs only the WAL.
+pub fn measure(settings: &Settings, full: bool) -> Result<Estimate> {
     refuse_read_only()?;
     let source = source_size(settings.source.oid)?;
     let budget = gucs::plan_sample_bytes();
     if !source.has_pages {
-        return first_rows(settings, time_commits, budget);
+        return first_rows(settings, full, budget);
     }
     let mut percent = if source.total <= budget { 100.0 } else { 100.0 * budget as f64 / source.total as f64 };
     // A sample that lands on no chat passing source_filter is read once more, ten times
@@ -150,7 +164,7 @@ pub fn measure(settings: &Settings, time_commits: bool) -> Result<Estimate> {
         (source.stored as f64 / sample.all_bytes as f64).max(1.0)
     };
     let sampled = (percent < 100.0).then_some(percent);
-    let trial = run_trial(settings, sampled, time_commits, None)?;
+    let trial = run_trial(settings, sampled, full, None)?;
     let sampling = if sampled.is_some() { Sampling::Pages } else { Sampling::Whole };
     let measured = Measured { sampling, percent, scale, byte_scale, chats: sample.chats, chat_bytes: sample.bytes };
     scale_up(settings, &measured, &trial)
@@ -160,8 +174,8 @@ pub fn measure(settings: &Settings, time_commits: bool) -> Result<Estimate> {
 /// of chat text have been read, scaled by the planner's estimate of the rows that pass the
 /// filter. Biased towards what the scan meets first, and as good as the planner's estimate:
 /// the plan says so.
-fn first_rows(settings: &Settings, time_commits: bool, budget: i64) -> Result<Estimate> {
-    let trial = run_trial(settings, None, time_commits, Some(budget.max(1) as usize))?;
+fn first_rows(settings: &Settings, full: bool, budget: i64) -> Result<Estimate> {
+    let trial = run_trial(settings, None, full, Some(budget.max(1) as usize))?;
     let (sampling, scale, percent) = if trial.whole || trial.chats == 0 {
         (Sampling::Whole, 1.0, 100.0)
     } else {
@@ -224,8 +238,8 @@ fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate
         trial.row_bytes,
         trial.written_row_bytes
     );
-    let seconds = (expanding + trial.writing.as_secs_f64() * priced * WRITE_COST) * m.byte_scale
-        + (table_bytes * WAL_PER_TABLE_BYTE + index_total * WAL_PER_INDEX_BYTE) / WAL_BYTES_PER_SECOND;
+    let wal = if trial.logged { table_bytes * WAL_PER_TABLE_BYTE + index_total * WAL_PER_INDEX_BYTE } else { 0.0 };
+    let seconds = (expanding + trial.writing.as_secs_f64() * priced * WRITE_COST) * m.byte_scale + wal / WAL_BYTES_PER_SECOND;
     Ok(Estimate {
         sampling: m.sampling,
         sample_percent: m.percent,
@@ -236,12 +250,18 @@ fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate
         chats: m.chats as f64 * m.scale,
         messages,
         target_bytes: table_bytes + index_total,
-        wal_bytes: table_bytes * WAL_PER_TABLE_BYTE + index_total * WAL_PER_INDEX_BYTE,
+        wal_bytes: wal,
         index_bytes,
-        unpriced_indexes: trial.unpriced.clone(),
+        unpriced: trial.unpriced.clone(),
         seconds,
         batches,
         seconds_resumable: seconds + flush_per_batch * batches,
+        compression: trial.compression.as_ref().map(|c| CompressionAdvice {
+            pglz_columns: c.pglz_columns.clone(),
+            seconds_saved: c.pglz.0.saturating_sub(c.lz4.0).as_secs_f64() * priced * m.byte_scale,
+            pglz_bytes: scale(c.pglz.1),
+            lz4_bytes: scale(c.lz4.1),
+        }),
     })
 }
 
@@ -266,13 +286,17 @@ struct Trial {
     /// The trial table's growth, and the target's indexes it could not copy.
     growth: Sizes,
     unpriced: Vec<String>,
+    /// plan() only: the written rows compressed both ways.
+    compression: Option<Compression>,
+    /// Whether the target writes WAL (an unlogged one writes none for its rows).
+    logged: bool,
 }
 
 /// Runs the engine over `sample_percent` of the source (all: `None`), stopping once
 /// `budget` bytes of chat text have gone through, in a subtransaction that is rolled back.
 /// The rows of the first CALIBRATION_CHAT_BYTES of chat text are written into a temporary
 /// table made like the target (`calibration`); the rest are expanded and counted only.
-fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: bool, budget: Option<usize>) -> Result<Trial> {
+fn run_trial(settings: &Settings, sample_percent: Option<f64>, full: bool, budget: Option<usize>) -> Result<Trial> {
     let mut trial = settings.clone();
     trial.sample_percent = sample_percent;
     trial.trial = true;
@@ -281,7 +305,7 @@ fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: boo
         let table = Calibration::create(&settings.target, settings.rows.is_app())?;
         // Making the table wrote its catalog rows to the WAL: flushing them costs what a
         // committing batch's COMMIT waits for.
-        let commit = if time_commits { flush_wal() } else { Duration::ZERO };
+        let commit = if full { flush_wal() } else { Duration::ZERO };
         trial.target = table.table.clone();
         let small_batches = sample_percent.is_some() && trial.batch_size > CALIBRATION_BATCH;
         if small_batches {
@@ -341,7 +365,9 @@ fn run_trial(settings: &Settings, sample_percent: Option<f64>, time_commits: boo
             writing,
             commit,
             growth: table.growth()?,
+            compression: if full { table.compare_compression()? } else { None },
             unpriced: table.unpriced,
+            logged: table.logged,
         })
     }))
 }

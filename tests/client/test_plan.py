@@ -10,6 +10,7 @@ tests/pg_regress/sql/plan.sql.
 
 from __future__ import annotations
 
+import json
 import re
 
 import psycopg2
@@ -279,6 +280,141 @@ def test_plan_plans_either_row_mode(cluster):
             assert (p["estimated_messages"][1], p["chats"][1]) == (messages, chats), rows
             counts[rows] = messages
     assert counts["app"] != counts["migration"], "the modes agree here: this test could not tell them apart"
+
+
+def test_plan_compares_lz4_where_the_target_compresses_with_pglz(cluster):
+    """Issue 23: plan() says how the target compresses what the backfill writes; where that is
+    pglz on a server with lz4 it compares the two on the trial's rows and advises, and the
+    backfill leaves the columns' settings as they are."""
+    # Messages of prose that compresses, as real chats' does (the generator's text does not).
+    chats = [chatgen.Chat(f"c{i}", "u", json.dumps({"history": {"messages": {
+        f"m{i}-{j}": {"id": f"m{i}-{j}", "role": "user", "timestamp": 1700000000 + j,
+                      "content": f"message {j} of chat {i}: " + "the quick brown fox jumps over the lazy dog " * 120}
+        for j in range(6)}}})) for i in range(60)]
+    db = make_db(cluster, chats, "plan_lz4")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 'lz4' = ANY(enumvals) FROM pg_settings WHERE name = 'default_toast_compression'")
+        if not cur.fetchone()[0]:
+            pytest.skip("this server was built without lz4")
+        cur.execute("SET default_toast_compression = pglz")
+        status, value, detail, advice = plan(cur)["compression"]
+        assert status == "info" and value is not None, detail
+        assert detail.startswith("pglz compresses content"), detail
+        assert "ALTER TABLE public.chat_message ALTER COLUMN content SET COMPRESSION lz4" in advice, advice
+        # A column set to lz4 is not named; with lz4 as the default, nothing is left to advise.
+        cur.execute("ALTER TABLE chat_message ALTER COLUMN content SET COMPRESSION lz4")
+        assert "content" not in plan(cur)["compression"][2].split(";")[0]
+        cur.execute("SET default_toast_compression = lz4")
+        assert plan(cur)["compression"][0] == "ok"
+        cur.execute("SELECT attname, attcompression FROM pg_attribute WHERE attrelid = 'chat_message'::regclass "
+                    "AND attnum > 0 ORDER BY attnum")
+        before = cur.fetchall()
+        cur.execute("SELECT count(*) FROM backfill_chat_messages(now => %s)", (NOW,))
+        cur.execute("SELECT attname, attcompression FROM pg_attribute WHERE attrelid = 'chat_message'::regclass "
+                    "AND attnum > 0 ORDER BY attnum")
+        assert cur.fetchall() == before, "the backfill changed no column's compression"
+
+
+SPY_INDEX = """
+CREATE SEQUENCE public.spied;
+CREATE FUNCTION public.spy_index(j json) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF j::text = '"boom"' THEN RAISE EXCEPTION 'boom'; END IF;
+  PERFORM nextval('public.spied');
+  RETURN 'x';
+END $$;
+"""
+
+
+def spied(cur) -> tuple:
+    cur.execute("SELECT last_value, is_called FROM public.spied")
+    return cur.fetchone()
+
+
+def test_the_trial_evaluates_only_the_indexes_an_insert_would(cluster):
+    """The fourteenth review (high): the trial copied every index of the target, also one a
+    failed CREATE INDEX CONCURRENTLY left not ready and a partitioned table's ON ONLY index
+    without its partitions' (an INSERT evaluates neither), so a target's owner had its
+    index expression run as the caller of plan() or of the backfill."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=26, count=40, content_bytes=(100, 400), messages=(1, 4)),
+                 "plan_ready")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(SPY_INDEX)
+        cur.execute("INSERT INTO chat (id, user_id, chat) VALUES ('seed', 'u', '{}'); "
+                    "INSERT INTO chat_message (id, chat_id, role, content, created_at, updated_at) "
+                    "VALUES ('seed', 'seed', 'user', '\"boom\"', 0, 0)")
+        with pytest.raises(psycopg2.Error):
+            cur.execute("CREATE INDEX CONCURRENTLY spy ON chat_message ((public.spy_index(content)))")
+        cur.execute("SELECT indisready, indisvalid FROM pg_index WHERE indexrelid = 'spy'::regclass")
+        assert cur.fetchone() == (False, False)
+        cur.execute("CREATE TABLE chat_message_p (LIKE chat_message INCLUDING DEFAULTS) PARTITION BY HASH (id); "
+                    "ALTER TABLE chat_message_p ADD PRIMARY KEY (id); "
+                    "CREATE TABLE chat_message_p0 PARTITION OF chat_message_p FOR VALUES WITH (MODULUS 1, REMAINDER 0); "
+                    "CREATE INDEX spy_p ON ONLY chat_message_p ((public.spy_index(content)))")
+        cur.execute("SELECT nextval('public.spied')")  # counts from 1 from here on
+        for target in ("chat_message", "chat_message_p"):
+            assert plan(cur, f"target => '{target}'")["estimated_messages"][1] > 0
+            cur.execute("SET chat_backfill.max_atomic_wal = '1kB'")
+            with pytest.raises(psycopg2.Error) as e:
+                cur.execute(f"SELECT * FROM backfill_chat_messages(target => '{target}', now => {NOW})")
+            assert e.value.pgcode == "53400"
+            cur.execute("RESET chat_backfill.max_atomic_wal")
+            assert spied(cur) == (1, True), target
+        # Control: an index an INSERT does evaluate runs in the trial too.
+        cur.execute("DROP INDEX spy; TRUNCATE chat_message; "
+                    "CREATE INDEX spy ON chat_message ((public.spy_index(content)))")
+        plan(cur)
+        assert spied(cur)[0] > 1, "the trial evaluated no index: this test could not fail"
+
+
+def test_generated_columns_and_an_unlogged_target_are_priced(cluster):
+    """The fourteenth review (medium): the trial's table had only the columns the backfill
+    writes, so a target's stored generated column (and its index) was not priced, and
+    admission let a run through at three times the WAL it estimated. An unlogged target's
+    rows write no WAL."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=27, count=150, content_bytes=(500, 3000), messages=(2, 10)),
+                 "plan_generated")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        plain = plan(cur)
+        cur.execute("ALTER TABLE chat_message ADD COLUMN body text GENERATED ALWAYS AS (content::text) STORED, "
+                    "ADD COLUMN body_too text GENERATED ALWAYS AS (content::text || 'x') STORED")
+        cur.execute("CREATE INDEX ON chat_message (md5(body))")
+        generated = plan(cur)
+        assert generated["estimated_target_bytes"][1] > 1.3 * plain["estimated_target_bytes"][1]
+        assert generated["estimated_wal_bytes"][1] > 1.3 * plain["estimated_wal_bytes"][1]
+        assert "not counted" not in generated["estimated_target_bytes"][2]
+        measured = run_and_measure(cur)
+        for item in ("estimated_target_bytes", "estimated_wal_bytes"):
+            assert 0.5 <= generated[item][1] / float(measured[item]) <= 2.0, (item, generated[item][1], measured[item])
+        cur.execute("TRUNCATE chat_message; ALTER TABLE chat_message SET UNLOGGED")
+        unlogged = plan(cur)
+        assert unlogged["estimated_wal_bytes"][1] == 0 and unlogged["estimated_target_bytes"][1] > 0
+
+
+def test_the_trial_needs_temporary_and_takes_a_free_name(cluster):
+    """The fourteenth review (low): a role without TEMPORARY got the hint for it, as does any
+    other failure of the temporary table now not; a temporary table of the caller's own with
+    the name the trial would take made plan() fail once (42P07)."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=28, count=20, content_bytes=(100, 400), messages=(1, 4)),
+                 "plan_temp")
+    role = f"no_temp_{db[-10:]}"
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(f"CREATE ROLE {role}; GRANT SELECT ON chat TO {role}; "
+                    f"GRANT SELECT, INSERT ON chat_message TO {role}; "
+                    f'REVOKE TEMPORARY ON DATABASE "{db}" FROM PUBLIC')
+        try:
+            cur.execute(f"SET ROLE {role}")
+            with pytest.raises(psycopg2.Error) as e:
+                plan(cur)
+            assert e.value.pgcode == "42501" and "GRANT TEMPORARY" in e.value.diag.message_hint
+            cur.execute("RESET ROLE")
+        finally:
+            cur.execute(f'GRANT TEMPORARY ON DATABASE "{db}" TO PUBLIC; DROP OWNED BY {role}; DROP ROLE {role}')
+        cur.execute("SELECT pg_backend_pid()")
+        (pid,) = cur.fetchone()
+        for n in range(8):
+            cur.execute(f'CREATE TEMP TABLE "chat_backfill_trial_{pid}_{n}" ()')
+        assert plan(cur)["estimated_messages"][1] > 0
 
 
 def test_admission_refuses_over_max_atomic_wal_with_a_hint_and_force_runs(cluster):
