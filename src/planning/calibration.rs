@@ -166,7 +166,7 @@ impl Calibration {
             &[target.oid.into()],
         )?;
         if let Some(options) = options {
-            let _ = in_subtransaction_catching(|| Spi::run(&format!("ALTER TABLE {qualified} SET ({options})")), |_| true);
+            let _ = in_subtransaction_catching(|| Spi::run(&format!("ALTER TABLE {qualified} SET ({options})")), cannot_make);
         }
         let mut unpriced = copy_generated(target, &qualified)?;
         let oid = Spi::get_one_with_args::<pg_sys::Oid>(
@@ -176,9 +176,16 @@ impl Calibration {
         .unwrap_or(pg_sys::InvalidOid);
         let (indexes, unpriced_indexes) = copy_indexes(target, &qualified, oid)?;
         unpriced.extend(unpriced_indexes);
+        // Of a partitioned target, its partitions' (an unlogged parent can have logged ones).
         let logged = Spi::get_one_with_args::<bool>(
-            "SELECT c.relpersistence OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\" FROM pg_catalog.pg_class c \
-              WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            "WITH RECURSIVE tree(relid) AS ( \
+               SELECT $1::pg_catalog.oid \
+               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid) \
+             SELECT pg_catalog.bool_or(c.relpersistence OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\") \
+               FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid \
+              WHERE c.relkind OPERATOR(pg_catalog.<>) 'p'::pg_catalog.\"char\" \
+                 OR c.oid OPERATOR(pg_catalog.=) $1 AND NOT EXISTS (SELECT FROM pg_catalog.pg_inherits i \
+                                                               WHERE i.inhparent OPERATOR(pg_catalog.=) $1)",
             &[target.oid.into()],
         )?
         .unwrap_or(true);
@@ -292,6 +299,13 @@ fn column_list(columns: &[Column], compression: impl Fn(&Column) -> &'static str
     columns.iter().map(|c| format!("{} {}{}{}", c.quoted, c.ty, compression(c), c.collate)).collect::<Vec<_>>().join(", ")
 }
 
+/// The errors a CREATE or ALTER of the trial's table can fail with because of what the target
+/// has (a column or function it reads, a type, a privilege, an option the copy cannot take):
+/// the object is then left out. Anything else, a cancel or a timeout above all, goes on up.
+fn cannot_make(sqlstate: &str) -> bool {
+    ["42", "0A", "22"].iter().any(|class| sqlstate.starts_with(class))
+}
+
 /// A name in pg_temp that no table of this session has (the caller's own temporary tables
 /// included).
 fn free_name() -> Result<String> {
@@ -316,6 +330,14 @@ fn free_name() -> Result<String> {
 /// (the rows' INSERT computes them, as the caller, in the target too). One that reads a
 /// column the engine does not write cannot be made: it is named as not priced.
 fn copy_generated(target: &Relation, table: &str) -> Result<Vec<String>> {
+    // A partition may compute a generated column by an expression of its own (from 16 on),
+    // which is what an INSERT runs: the parent's is not made here, and not priced.
+    let partitioned = Spi::get_one_with_args::<bool>(
+        "SELECT c.relkind OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\" FROM pg_catalog.pg_class c \
+          WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[target.oid.into()],
+    )?
+    .unwrap_or(false);
     let generated = three_texts(
             "SELECT pg_catalog.quote_ident(a.attname::pg_catalog.text), pg_catalog.format_type(a.atttypid, a.atttypmod), \
                     pg_catalog.pg_get_expr(d.adbin, d.adrelid) \
@@ -327,8 +349,12 @@ fn copy_generated(target: &Relation, table: &str) -> Result<Vec<String>> {
     )?;
     let mut unpriced = Vec::new();
     for (column, ty, expression) in generated {
+        if partitioned {
+            unpriced.push(format!("generated column {column} (computed by each partition)"));
+            continue;
+        }
         let sql = format!("ALTER TABLE {table} ADD COLUMN {column} {ty} GENERATED ALWAYS AS ({expression}) STORED");
-        if !matches!(in_subtransaction_catching(|| Spi::run(&sql), |_| true), Ok(Ok(()))) {
+        if !matches!(in_subtransaction_catching(|| Spi::run(&sql), cannot_make), Ok(Ok(()))) {
             unpriced.push(format!("generated column {column}"));
         }
     }
@@ -378,7 +404,7 @@ fn copy_indexes(target: &Relation, table: &str, table_oid: pg_sys::Oid) -> Resul
                     &[table_oid.into()],
                 )?)
             },
-            |_| true,
+            cannot_make,
         );
         match created {
             Ok(Ok(Some(oid))) => made.push((name, oid)),
@@ -386,6 +412,21 @@ fn copy_indexes(target: &Relation, table: &str, table_oid: pg_sys::Oid) -> Resul
             _ => unpriced.push(name),
         }
     }
+    // A partitioned target's partitions may have indexes of their own, which an INSERT updates
+    // for the rows routed there: not made here (their expressions would see every row), named.
+    let own = three_texts(
+        "WITH RECURSIVE tree(relid) AS ( \
+           SELECT $1::pg_catalog.oid \
+           UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid) \
+         SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname), ''::pg_catalog.text, ''::pg_catalog.text \
+           FROM tree JOIN pg_catalog.pg_index x ON x.indrelid OPERATOR(pg_catalog.=) tree.relid \
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) x.indexrelid \
+          WHERE tree.relid OPERATOR(pg_catalog.<>) $1 AND x.indisready \
+            AND NOT EXISTS (SELECT FROM pg_catalog.pg_inherits h WHERE h.inhrelid OPERATOR(pg_catalog.=) x.indexrelid) \
+          ORDER BY 1",
+        target.oid,
+    )?;
+    unpriced.extend(own.into_iter().map(|(name, _, _)| format!("{name} (an index of a partition only)")));
     Ok((made, unpriced))
 }
 

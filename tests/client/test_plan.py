@@ -391,6 +391,61 @@ def test_generated_columns_and_an_unlogged_target_are_priced(cluster):
         assert unlogged["estimated_wal_bytes"][1] == 0 and unlogged["estimated_target_bytes"][1] > 0
 
 
+def test_a_cancel_while_the_trial_is_made_stops_it(cluster):
+    """The fifteenth review: the trial made the target's indexes each in a subtransaction
+    that caught every error, a cancel or a statement_timeout included, so a target with many
+    indexes made plan() and the backfill run on past them. Only what a copy can fail with for
+    what the target has is caught now. A superuser's event trigger raises 57014 here, as a
+    cancel arriving during a CREATE INDEX would."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=29, count=20, content_bytes=(100, 400), messages=(1, 4)),
+                 "plan_cancel")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE FUNCTION public.cancel_trial() RETURNS event_trigger LANGUAGE plpgsql AS $$ "
+                    "BEGIN IF EXISTS (SELECT FROM pg_event_trigger_ddl_commands() "
+                    "                 WHERE command_tag = 'CREATE INDEX' AND object_identity LIKE '%chat_backfill_trial%') "
+                    "THEN RAISE EXCEPTION 'canceling statement due to user request' USING ERRCODE = 'query_canceled'; "
+                    "END IF; END $$; "
+                    "CREATE EVENT TRIGGER cancel_trial ON ddl_command_end EXECUTE FUNCTION public.cancel_trial()")
+        try:
+            with pytest.raises(psycopg2.Error) as e:
+                plan(cur)
+            assert e.value.pgcode == "57014"
+            with pytest.raises(psycopg2.Error) as e:
+                cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (NOW,))
+            assert e.value.pgcode == "57014"
+        finally:
+            cur.execute("DROP EVENT TRIGGER cancel_trial")
+        assert plan(cur)["estimated_messages"][1] > 0
+
+
+def test_a_partitioned_target_is_priced_as_its_partitions_write(cluster):
+    """The fifteenth review: an unlogged partitioned parent with logged partitions was priced
+    at no WAL; indexes of a partition alone were neither priced nor named; and a partitioned
+    target's generated column was made with the parent's expression, while from 16 on each
+    partition may compute it with its own (which an INSERT runs): it is named, not made."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=30, count=60, content_bytes=(300, 2000), messages=(1, 6)),
+                 "plan_partitions")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(SPY_INDEX)
+        cur.execute("SELECT string_agg(format('%I %s', attname, format_type(atttypid, atttypmod)), ', ' ORDER BY attnum) "
+                    "FROM pg_attribute WHERE attrelid = 'chat_message'::regclass AND attnum > 0 AND NOT attisdropped")
+        columns = cur.fetchone()[0]
+        cur.execute(f"CREATE UNLOGGED TABLE chat_message_p ({columns}, "
+                    "g text GENERATED ALWAYS AS (public.spy_index(content)) STORED, PRIMARY KEY (id)) "
+                    "PARTITION BY HASH (id); "
+                    "CREATE TABLE chat_message_p0 PARTITION OF chat_message_p FOR VALUES WITH (MODULUS 1, REMAINDER 0); "
+                    "CREATE INDEX own_index ON chat_message_p0 (chat_id)")
+        cur.execute("SELECT relpersistence FROM pg_class WHERE oid = 'chat_message_p0'::regclass")
+        assert cur.fetchone() == ("p",), "the partition is logged"
+        cur.execute("SELECT nextval('public.spied')")
+        p = plan(cur, "target => 'chat_message_p'")
+        assert p["estimated_wal_bytes"][1] > 0
+        detail = p["estimated_target_bytes"][2]
+        assert "own_index (an index of a partition only)" in detail, detail
+        assert "generated column g (computed by each partition)" in detail, detail
+        assert spied(cur) == (1, True), "the parent's generation expression ran"
+
+
 def test_the_trial_needs_temporary_and_takes_a_free_name(cluster):
     """The fourteenth review (low): a role without TEMPORARY got the hint for it, as does any
     other failure of the temporary table now not; a temporary table of the caller's own with
