@@ -11,7 +11,7 @@ use chat_backfill_rules::migration_rows::Message;
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
-use crate::engine::copy_feed::{push_escaped, CopySource};
+use crate::engine::copy_feed::{push_binary_field, push_binary_null, push_escaped, CopySource};
 use crate::pg::datums::{bool_array, datum_array, int8_array, text_datum, text_str};
 
 pub struct Rows {
@@ -226,6 +226,29 @@ impl CopySource for Rows {
             }
         }
         out.push(b'\n');
+    }
+
+    fn write_binary(&self, i: usize, jsonb: &[bool], out: &mut Vec<u8>) {
+        let fields = self.fields();
+        out.extend_from_slice(&(fields.len() as i16).to_be_bytes());
+        for (n, &field) in fields.iter().enumerate() {
+            match field {
+                Field::Text(c) => match self.text(c, i) {
+                    Some(s) => push_binary_field(out, &[], s.as_bytes()),
+                    None => push_binary_null(out),
+                },
+                Field::Json(c) => {
+                    let version: &[u8] = if jsonb.get(n).copied().unwrap_or(false) { &[1] } else { &[] };
+                    push_binary_field(out, version, self.json(c, i).as_bytes());
+                }
+                Field::Done => match self.done[i] {
+                    Some(done) => push_binary_field(out, &[], &[u8::from(done)]),
+                    None => push_binary_null(out),
+                },
+                Field::Timestamp => push_binary_field(out, &[], &self.timestamp[i].to_be_bytes()),
+                Field::Updated => push_binary_field(out, &[], &self.updated[i].to_be_bytes()),
+            }
+        }
     }
 }
 

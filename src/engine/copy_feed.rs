@@ -10,20 +10,33 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use pgrx::pg_sys;
 
 
-/// Rows to feed, as COPY text-format lines, produced on demand by `next_line`.
+/// Rows to feed, produced on demand row by row, in COPY's text or binary format.
 pub trait CopySource {
     fn rows(&self) -> usize;
     /// Appends row `i` as one line of COPY's text format, newline included.
     fn write_line(&self, i: usize, out: &mut Vec<u8>);
+    /// Appends row `i` as one tuple of COPY's binary format (its field count, then each field
+    /// as a length and the bytes of its type's binary form); `jsonb[n]`: field `n` goes to a
+    /// jsonb column, whose binary form starts with a version byte.
+    fn write_binary(&self, i: usize, jsonb: &[bool], out: &mut Vec<u8>);
 }
+
+/// The start of COPY's binary format: its signature, no flags, no header extension.
+const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// Its end: a field count of -1.
+const BINARY_TRAILER: &[u8] = &[0xff, 0xff];
 
 /// The callback has no user-data argument: the feed lives here for the duration of one
 /// CopyFrom (a backend is single-threaded and COPY does not nest).
 struct Feed {
     source: *const dyn CopySource,
+    /// Binary format: which fields go to jsonb columns; `None`: text format.
+    binary: Option<Vec<bool>>,
     next_row: usize,
     pending: Vec<u8>,
     offset: usize,
+    /// Binary format: whether the trailer has been fed.
+    ended: bool,
 }
 
 thread_local! {
@@ -43,14 +56,21 @@ unsafe extern "C-unwind" fn read_feed(outbuf: *mut c_void, _minread: c_int, maxr
         let want = maxread as usize;
         while written < want {
             if feed.offset == feed.pending.len() {
-                if feed.next_row == source.rows() {
-                    break;
-                }
                 feed.pending.clear();
                 feed.offset = 0;
+                if feed.next_row == source.rows() {
+                    if feed.binary.is_none() || feed.ended {
+                        break;
+                    }
+                    feed.pending.extend_from_slice(BINARY_TRAILER);
+                    feed.ended = true;
+                }
                 // A few rows at a time keeps the buffer small and the calls few.
                 while feed.pending.len() < 64 * 1024 && feed.next_row < source.rows() {
-                    source.write_line(feed.next_row, &mut feed.pending);
+                    match &feed.binary {
+                        Some(jsonb) => source.write_binary(feed.next_row, jsonb, &mut feed.pending),
+                        None => source.write_line(feed.next_row, &mut feed.pending),
+                    }
                     feed.next_row += 1;
                 }
             }
@@ -97,12 +117,24 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
 
 /// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written.
 /// Raises on any failure (the caller runs it in a subtransaction).
-pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str]) -> u64 {
+/// `jsonb`, given the column types (which fields go to jsonb columns), selects COPY's binary
+/// format: no escaping on our side and no line parsing on COPY's (each value goes straight
+/// to its type's receive function, which validates it as its input function would). Taken
+/// only where the session's client encoding is the database's: the text and json receive
+/// functions convert from the client encoding, which the text format's ENCODING option
+/// cannot override for them.
+pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], jsonb: Option<&[bool]>) -> u64 {
+    // SAFETY: reads two backend globals.
+    let same_encoding = unsafe { pg_sys::pg_get_client_encoding() == pg_sys::GetDatabaseEncoding() };
+    let binary = jsonb.filter(|_| same_encoding).map(<[bool]>::to_vec);
+    pgrx::debug1!("chat_backfill: COPY of {} rows in {} format", source.rows(), if binary.is_some() { "binary" } else { "text" });
     let source: *const (dyn CopySource + '_) = source;
     // SAFETY: only erases the lifetime; the pointer is used only while this call runs,
     // and FEED is cleared on every way out (ClearFeed).
     let source: *const dyn CopySource = unsafe { std::mem::transmute(source) };
-    FEED.with(|f| *f.borrow_mut() = Some(Feed { source, next_row: 0, pending: Vec::new(), offset: 0 }));
+    let options = if binary.is_some() { binary_option() } else { utf8_option() };
+    let pending = if binary.is_some() { BINARY_HEADER.to_vec() } else { Vec::new() };
+    FEED.with(|f| *f.borrow_mut() = Some(Feed { source, binary, next_row: 0, pending, offset: 0, ended: false }));
     struct ClearFeed;
     impl Drop for ClearFeed {
         fn drop(&mut self) {
@@ -127,7 +159,7 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str]) -
             false,
             Some(read_feed),
             columns,
-            utf8_option(),
+            options,
         );
         let written = pg_sys::CopyFrom(cstate);
         pg_sys::EndCopyFrom(cstate);
@@ -159,6 +191,30 @@ fn utf8_option() -> *mut pg_sys::List {
         let option = pg_sys::makeDefElem(pg_sys::pstrdup(c"encoding".as_ptr()), value.cast(), -1);
         pg_sys::lappend(std::ptr::null_mut(), option.cast())
     }
+}
+
+/// `(FORMAT binary)`.
+fn binary_option() -> *mut pg_sys::List {
+    // SAFETY: builds a one-element List of a DefElem in the current memory context.
+    unsafe {
+        let value = pg_sys::makeString(pg_sys::pstrdup(c"binary".as_ptr()));
+        let option = pg_sys::makeDefElem(pg_sys::pstrdup(c"format".as_ptr()), value.cast(), -1);
+        pg_sys::lappend(std::ptr::null_mut(), option.cast())
+    }
+}
+
+/// Appends one field of COPY's binary format: its length, then its bytes (`prefix` first,
+/// if any: jsonb's version byte).
+pub fn push_binary_field(out: &mut Vec<u8>, prefix: &[u8], bytes: &[u8]) {
+    let len = i32::try_from(prefix.len() + bytes.len()).unwrap_or(i32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(bytes);
+}
+
+/// A NULL field of COPY's binary format.
+pub fn push_binary_null(out: &mut Vec<u8>) {
+    out.extend_from_slice(&(-1i32).to_be_bytes());
 }
 
 /// Appends `s` escaped for COPY's text format.

@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 use pgrx::spi::OwnedPreparedStatement;
 
 use crate::engine::copy_feed::{copy_allowed, copy_rows};
-use crate::pg::catalog::{has_rules, target_columns};
+use crate::pg::catalog::{column_types, has_rules, target_columns};
 use crate::pg::datums::varlena_array;
 use crate::pg::error::Result;
 use crate::pg::subxact::{in_rolled_back_subtransaction, in_subtransaction, Failure};
@@ -39,6 +39,8 @@ pub struct Writer {
     /// App rows: a chat's rows are written all or nothing.
     app: bool,
     columns: Vec<&'static str>,
+    /// Which columns are jsonb (COPY's binary format needs to know).
+    jsonb: Vec<bool>,
     /// The target's INITIALLY DEFERRED constraints, checked at the end of each write (set
     /// IMMEDIATE, which fires the checks pending, then DEFERRED again, their own mode): a
     /// violating row then fails its write and is found and recorded like any other bad row,
@@ -92,7 +94,8 @@ impl Writer {
              WHERE EXISTS (SELECT FROM {} t WHERE t.id OPERATOR(pg_catalog.=) u.id)",
             settings.target.name
         );
-        let columns = target_columns(app).into_iter().map(|(n, _)| n).collect();
+        let columns: Vec<&'static str> = target_columns(app).into_iter().map(|(n, _)| n).collect();
+        let jsonb = column_types(&settings.target, &columns)?.into_iter().map(|t| t == Some(pg_sys::JSONBOID)).collect();
         let deferred = deferred_constraints(settings.target.oid)?
             .map(|names| [format!("SET CONSTRAINTS {names} IMMEDIATE"), format!("SET CONSTRAINTS {names} DEFERRED")]);
         let writer = Writer {
@@ -105,6 +108,7 @@ impl Writer {
             copy_misses: 0,
             app,
             columns,
+            jsonb,
             deferred,
         };
         if !settings.dry_run {
@@ -244,7 +248,7 @@ impl Writer {
             return false;
         }
         let copied = in_subtransaction(AssertUnwindSafe(|| {
-            let written = copy_rows(self.target, rows, &self.columns);
+            let written = copy_rows(self.target, rows, &self.columns, Some(&self.jsonb));
             self.check_deferred().map(|()| written)
         }));
         match copied {

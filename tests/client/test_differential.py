@@ -17,6 +17,7 @@ import pytest
 import chatgen
 from compare import compare, failed_ids, fetch_rows, json_text_problems
 from conftest import load_chats
+from load_sample import TARGET_DDL
 from reference import run_reference
 
 ONE_STATEMENT = """
@@ -216,3 +217,37 @@ def fetch_rows_except(conn, ids):
         cur.executemany("INSERT INTO skip_ids VALUES (%s)", [(i,) for i in ids])
         cur.execute("CREATE TEMP VIEW chat_message AS SELECT * FROM public.chat_message WHERE id NOT IN (SELECT id FROM skip_ids)")
     return fetch_rows(conn)
+
+
+@pytest.mark.parametrize("json_type", ["json", "jsonb"])
+def test_copy_in_binary_and_in_text_writes_the_same_rows(cluster, json_type):
+    """Issue 23: batches go to COPY in its binary format where the session's client encoding
+    is the database's (no escaping, no line parsing), in its text format otherwise. Both
+    write byte for byte the same rows, on the generator's chats and the hostile ones, into
+    json columns and into jsonb ones (whose binary form has a version byte)."""
+    chats = chatgen.realistic_chats(seed=13, count=120) + chatgen.hostile_chats()
+    db = cluster.create_db("copy_formats")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        load_chats(conn, chats)
+        cur.execute(TARGET_DDL)
+        if json_type == "jsonb":
+            cur.execute("SELECT string_agg(format('ALTER COLUMN %I TYPE jsonb', attname), ', ') FROM pg_attribute "
+                        "WHERE attrelid = 'chat_message'::regclass AND atttypid = 'json'::regtype")
+            cur.execute(f"ALTER TABLE chat_message {cur.fetchone()[0]}")
+        cur.execute("CREATE TABLE chat_message_text (LIKE chat_message INCLUDING ALL)")
+        formats = {}
+        for target, encoding in (("chat_message", "UTF8"), ("chat_message_text", "SQL_ASCII")):
+            cur.execute(f"SET client_encoding = '{encoding}'; SET client_min_messages = debug1")
+            del conn.notices[:]
+            cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(target => %s, now => %s, "
+                        "batch_size => 200)", (target, chatgen.NOW))
+            formats[target] = {f for n in conn.notices for f in ("binary", "text") if f"in {f} format" in n}
+            cur.execute("RESET client_encoding; RESET client_min_messages")
+        assert formats == {"chat_message": {"binary"}, "chat_message_text": {"text"}}, formats
+        cur.execute("SELECT (SELECT count(*) FROM chat_message), (SELECT count(*) FROM chat_message_text), "
+                    "(SELECT count(*) FROM (SELECT m::text FROM chat_message m EXCEPT ALL "
+                    "                       SELECT t::text FROM chat_message_text t) d), "
+                    "(SELECT count(*) FROM (SELECT t::text FROM chat_message_text t EXCEPT ALL "
+                    "                       SELECT m::text FROM chat_message m) d)")
+        binary, text, only_binary, only_text = cur.fetchone()
+    assert binary == text > 1000 and only_binary == only_text == 0, (binary, text, only_binary, only_text)
