@@ -117,37 +117,46 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
 
 /// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written.
 /// Raises on any failure (the caller runs it in a subtransaction).
-/// `jsonb`, given the column types (which fields go to jsonb columns), selects COPY's binary
+/// `types`, the columns' types when the run checked the target, allows COPY's binary
 /// format: no escaping on our side and no line parsing on COPY's (each value goes straight
 /// to its type's receive function, which validates it as its input function would). Taken
-/// only where the session's client encoding is the database's: the text and json receive
-/// functions convert from the client encoding, which the text format's ENCODING option
-/// cannot override for them.
-pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], jsonb: Option<&[bool]>) -> u64 {
-    // SAFETY: reads two backend globals.
-    let same_encoding = unsafe { pg_sys::pg_get_client_encoding() == pg_sys::GetDatabaseEncoding() };
-    let binary = jsonb.filter(|_| same_encoding).map(<[bool]>::to_vec);
-    pgrx::debug1!("chat_backfill: COPY of {} rows in {} format", source.rows(), if binary.is_some() { "binary" } else { "text" });
+/// only where every column still has that type once the table is locked (a binary value
+/// read as another type is silently wrong: an int8 taken for a timestamp), and where the
+/// session's client encoding is the database's (the text and json receive functions convert
+/// from the client encoding, which the text format's ENCODING option cannot override for
+/// them). Otherwise the text format, whose input functions parse each value as the column
+/// is now.
+pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], types: Option<&[pg_sys::Oid]>) -> u64 {
     let source: *const (dyn CopySource + '_) = source;
     // SAFETY: only erases the lifetime; the pointer is used only while this call runs,
     // and FEED is cleared on every way out (ClearFeed).
     let source: *const dyn CopySource = unsafe { std::mem::transmute(source) };
-    let options = if binary.is_some() { binary_option() } else { utf8_option() };
-    let pending = if binary.is_some() { BINARY_HEADER.to_vec() } else { Vec::new() };
-    FEED.with(|f| *f.borrow_mut() = Some(Feed { source, binary, next_row: 0, pending, offset: 0, ended: false }));
     struct ClearFeed;
     impl Drop for ClearFeed {
         fn drop(&mut self) {
             FEED.with(|f| *f.borrow_mut() = None);
         }
     }
-    let _clear = ClearFeed;
     let columns = column_list(names);
-    // SAFETY: the relation is opened and locked as COPY FROM does; the options and column
-    // list are built in the current memory context; COPY reads only through `read_feed`.
+    // SAFETY: the relation is opened and locked as COPY FROM does (the lock also keeps its
+    // column types as read below until the COPY ends); the options and column list are built
+    // in the current memory context; COPY reads only through `read_feed`.
     unsafe {
         let lockmode = pg_sys::RowExclusiveLock as c_int;
         let rel = pg_sys::table_open(target, lockmode);
+        let same_encoding = pg_sys::pg_get_client_encoding() == pg_sys::GetDatabaseEncoding();
+        let binary = types.filter(|t| same_encoding && current_types(rel, names) == *t).map(|t| {
+            t.iter().map(|&oid| oid == pg_sys::JSONBOID).collect::<Vec<bool>>()
+        });
+        pgrx::debug1!(
+            "chat_backfill: COPY of {} rows in {} format",
+            (*source).rows(),
+            if binary.is_some() { "binary" } else { "text" }
+        );
+        let options = if binary.is_some() { binary_option() } else { utf8_option() };
+        let pending = if binary.is_some() { BINARY_HEADER.to_vec() } else { Vec::new() };
+        FEED.with(|f| *f.borrow_mut() = Some(Feed { source, binary, next_row: 0, pending, offset: 0, ended: false }));
+        let _clear = ClearFeed;
         let pstate = pg_sys::make_parsestate(std::ptr::null_mut());
         let item = pg_sys::addRangeTableEntryForRelation(pstate, rel, lockmode, std::ptr::null_mut(), false, false);
         crate::pg::version::require_insert(pstate, item);
@@ -168,6 +177,30 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], j
         pg_sys::CommandCounterIncrement();
         written
     }
+}
+
+/// The type of each named column of the open relation `rel` (InvalidOid: no such column).
+///
+/// # Safety
+/// `rel` is open.
+unsafe fn current_types(rel: pg_sys::Relation, names: &[&str]) -> Vec<pg_sys::Oid> {
+    // SAFETY: the caller holds `rel` open, so its tuple descriptor and attributes are valid.
+    let attrs = unsafe {
+        let desc = (*rel).rd_att;
+        (*desc).attrs.as_slice((*desc).natts as usize)
+    };
+    names
+        .iter()
+        .map(|name| {
+            attrs
+                .iter()
+                .find(|a| {
+                    // SAFETY: attname is a NUL-terminated NameData.
+                    !a.attisdropped && unsafe { std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes() == name.as_bytes()
+                })
+                .map_or(pg_sys::InvalidOid, |a| a.atttypid)
+        })
+        .collect()
 }
 
 /// The columns written, as COPY's column list.

@@ -39,8 +39,9 @@ pub struct Writer {
     /// App rows: a chat's rows are written all or nothing.
     app: bool,
     columns: Vec<&'static str>,
-    /// Which columns are jsonb (COPY's binary format needs to know).
-    jsonb: Vec<bool>,
+    /// The columns' types as checked when the run began (COPY's binary format is taken only
+    /// while they are still these).
+    types: Vec<pg_sys::Oid>,
     /// The target's INITIALLY DEFERRED constraints, checked at the end of each write (set
     /// IMMEDIATE, which fires the checks pending, then DEFERRED again, their own mode): a
     /// violating row then fails its write and is found and recorded like any other bad row,
@@ -95,7 +96,7 @@ impl Writer {
             settings.target.name
         );
         let columns: Vec<&'static str> = target_columns(app).into_iter().map(|(n, _)| n).collect();
-        let jsonb = column_types(&settings.target, &columns)?.into_iter().map(|t| t == Some(pg_sys::JSONBOID)).collect();
+        let types = column_types(&settings.target, &columns)?.into_iter().map(|t| t.unwrap_or(pg_sys::InvalidOid)).collect();
         let deferred = deferred_constraints(settings.target.oid)?
             .map(|names| [format!("SET CONSTRAINTS {names} IMMEDIATE"), format!("SET CONSTRAINTS {names} DEFERRED")]);
         let writer = Writer {
@@ -108,7 +109,7 @@ impl Writer {
             copy_misses: 0,
             app,
             columns,
-            jsonb,
+            types,
             deferred,
         };
         if !settings.dry_run {
@@ -248,7 +249,7 @@ impl Writer {
             return false;
         }
         let copied = in_subtransaction(AssertUnwindSafe(|| {
-            let written = copy_rows(self.target, rows, &self.columns, Some(&self.jsonb));
+            let written = copy_rows(self.target, rows, &self.columns, Some(&self.types));
             self.check_deferred().map(|()| written)
         }));
         match copied {
