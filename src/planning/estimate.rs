@@ -158,10 +158,23 @@ pub fn measure(settings: &Settings, full: bool) -> Result<Estimate> {
     // stored byte of the sampled chats: a sample that missed the giants still prices their
     // bytes at the rate it measured. (Other columns and dead rows count as chat here, so a
     // bloated table is overestimated, the safe side.)
-    let byte_scale = if percent >= 100.0 || sample.all_bytes <= 0 {
+    // Scaled by the chat text itself, decompressed, of the whole source against the sample's
+    // (both read from the heap alone: a toasted value's pointer holds its raw size). The
+    // source's bytes as stored priced a chat the sample missed at the sample's compression:
+    // one giant that compresses 50x was then a fiftieth of its rows (issue 23's skewed set, the
+    // sixteenth review). Where the sample holds no text, by bytes as stored.
+    let byte_scale = if percent >= 100.0 {
         scale
     } else {
-        (source.stored as f64 / sample.all_bytes as f64).max(1.0)
+        let (_, whole) = raw_chat_bytes(settings, None)?;
+        let (_, sampled) = raw_chat_bytes(settings, Some(percent))?;
+        if sampled > 0 {
+            (whole as f64 / sampled as f64).max(1.0)
+        } else if sample.all_bytes > 0 {
+            (source.stored as f64 / sample.all_bytes as f64).max(1.0)
+        } else {
+            scale
+        }
     };
     let sampled = (percent < 100.0).then_some(percent);
     let trial = run_trial(settings, sampled, full, None)?;
@@ -446,6 +459,47 @@ fn planner_rows(settings: &Settings) -> Result<f64> {
     let sql = format!("EXPLAIN (FORMAT JSON) SELECT 1 FROM {}{}", settings.source.name, source_where(settings, None));
     let plan = Spi::get_one::<pgrx::datum::Json>(&sql)?;
     Ok(plan.and_then(|p| p.0.pointer("/0/Plan/Plan Rows").and_then(serde_json::Value::as_f64)).unwrap_or(1.0).max(1.0))
+}
+
+/// The rows of the source (of `percent` of its pages) that pass the filter, and the bytes
+/// their chats hold decompressed, read without fetching any TOAST: a toasted value's raw
+/// size is in its pointer in the heap, a compressed one's in its header.
+fn raw_chat_bytes(settings: &Settings, percent: Option<f64>) -> Result<(i64, i64)> {
+    let mut sampled = settings.clone();
+    sampled.sample_percent = percent.filter(|p| *p < 100.0);
+    let sql = format!(
+        "SELECT {} FROM {}{}{}",
+        pgrx::spi::quote_identifier(&settings.chat_column),
+        settings.source.name,
+        sample_clause(&sampled),
+        source_where(settings, None)
+    );
+    Spi::connect(|client| -> Result<(i64, i64)> {
+        let mut cursor = client.try_open_cursor(&sql, &[])?;
+        let (mut rows, mut bytes) = (0i64, 0i64);
+        loop {
+            check_for_interrupts!();
+            let mut table = cursor.fetch(1000)?;
+            if table.is_empty() {
+                break;
+            }
+            while table.next().is_some() {
+                rows += 1;
+                if let Some(datum) = table.get_datum_by_ordinal(1)? {
+                    // SAFETY: a varlena datum of the row just fetched (the chat column is json,
+                    // jsonb or text); toast_raw_datum_size reads its header or its TOAST pointer,
+                    // never the TOAST table.
+                    let raw = unsafe { pg_sys::toast_raw_datum_size(datum) };
+                    bytes += (raw as i64 - pg_sys::VARHDRSZ as i64).max(0);
+                }
+            }
+            drop(table);
+            // SAFETY: the table just read is SPI's last, and nothing refers to it any more:
+            // freed now, a scan of millions of rows holds one fetch at a time.
+            unsafe { pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable) };
+        }
+        Ok((rows, bytes))
+    })
 }
 
 /// What a sample holds, counted without reading its chats' TOAST.

@@ -446,6 +446,37 @@ def test_a_partitioned_target_is_priced_as_its_partitions_write(cluster):
         assert spied(cur) == (1, True), "the parent's generation expression ran"
 
 
+def test_a_chat_that_compresses_well_and_that_the_sample_misses_is_priced(cluster):
+    """The sixteenth review (medium): the estimate scaled what the sample measured by the
+    source's bytes as stored, so one giant chat that compresses 50x, missed by the page
+    sample, counted for a fiftieth of its rows, and admission let a run through at 2.2x
+    max_atomic_wal. It scales by the chat text decompressed now, whose size the heap holds."""
+    db = cluster.create_db("plan_compressible")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CHAT_DDL)
+        cur.execute(TARGET_DDL)
+        # Ordinary chats of text that hardly compresses, and one of 10,000 messages that does.
+        cur.execute("INSERT INTO chat (id, user_id, chat) SELECT 'n' || lpad(c::text, 5, '0'), 'u', "
+                    "json_build_object('history', json_build_object('messages', (SELECT json_object_agg('m' || m, "
+                    "json_build_object('id', 'm' || m, 'role', 'user', 'timestamp', 1700000000 + m, 'content', "
+                    "(SELECT string_agg(md5(c || '-' || m || '-' || k), '') FROM generate_series(1, 48) k))) "
+                    "FROM generate_series(1, 2) m))) FROM generate_series(1, 4000) c")
+        cur.execute("INSERT INTO chat (id, user_id, chat) SELECT 'g0001', 'u', json_build_object('history', "
+                    "json_build_object('messages', (SELECT json_object_agg('m' || m, json_build_object('id', 'm' || m, "
+                    "'role', 'user', 'timestamp', 1700000000 + m, 'content', repeat('abcdefgh', 230))) "
+                    "FROM generate_series(1, 10000) m)))")
+        cur.execute("ANALYZE chat")
+        cur.execute("SET chat_backfill.plan_sample_size = '2MB'")
+        p = plan(cur)
+        assert 0 < p["sample"][1] < 100
+        cur.execute("SELECT pg_column_size(chat), octet_length(chat::text) FROM chat WHERE id = 'g0001'")
+        stored, raw = cur.fetchone()
+        assert raw > 20 * stored, "the giant compresses well: otherwise this test could not fail"
+        measured = run_and_measure(cur)
+    for item in ("estimated_messages", "estimated_wal_bytes", "estimated_target_bytes"):
+        assert 0.5 <= p[item][1] / float(measured[item]) <= 2.0, (item, p[item][1], measured[item])
+
+
 def test_the_trial_needs_temporary_and_takes_a_free_name(cluster):
     """The fourteenth review (low): a role without TEMPORARY got the hint for it, as does any
     other failure of the temporary table now not; a temporary table of the caller's own with
