@@ -35,19 +35,22 @@ const CALIBRATION_CHAT_BYTES: usize = 2 << 20;
 /// CALIBRATION_CHAT_BYTES (a run's batch holds up to 8 MB of rows). Not for a source read
 /// whole, whose batches are counted as the run will cut them.
 const CALIBRATION_BATCH: usize = 100;
-/// WAL a write into the target produces per byte the target grows by, for the heap with its
-/// TOAST and for indexes (page splits and full-page images make an index's WAL exceed its
-/// growth): a temporary table writes none. Fitted with `bench/plan.py` on PostgreSQL 15
-/// (BENCHMARKS.md): with these, the estimates of both DDL modes came within 0.9 to 1.1 of
-/// the measured WAL.
+/// WAL a write into the target produces (a temporary table writes none): per byte the
+/// heap and its TOAST grow by, and per index entry (a record each, whatever the entry's
+/// size: an index's WAL follows its entries, not its bytes). Fitted with `bench/plan.py` on
+/// PostgreSQL 15 on two data sets, one of big messages and one of many small ones, in both
+/// DDL modes (BENCHMARKS.md): a factor on index bytes fitted one set at 1.4 and the other at
+/// 3.2; a cost per entry fits both within 0.92 to 1.03.
 const WAL_PER_TABLE_BYTE: f64 = 0.95;
-const WAL_PER_INDEX_BYTE: f64 = 1.6;
+const WAL_PER_INDEX_ENTRY: f64 = 100.0;
 /// Writing rows into the target costs this many times writing them into the temporary
-/// table, the WAL aside (it measured the same there: shared buffers against local ones,
-/// foreign key checks), and the WAL takes a second per this many bytes on top (inserting
-/// it, and writing it out when its buffers fill), fitted likewise.
+/// table (it measured the same there: shared buffers against local ones, foreign key
+/// checks), plus, for what a temporary table does not do, a second per this many bytes of
+/// WAL (inserting it, writing it out when its buffers fill) and this long per index entry
+/// logged, fitted likewise.
 const WRITE_COST: f64 = 1.0;
 const WAL_BYTES_PER_SECOND: f64 = 4.0e8;
+const SECONDS_PER_INDEX_ENTRY: f64 = 1.4e-6;
 
 /// What the trial read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,8 +254,15 @@ fn scale_up(settings: &Settings, m: &Measured, trial: &Trial) -> Result<Estimate
         trial.row_bytes,
         trial.written_row_bytes
     );
-    let wal = if trial.logged { table_bytes * WAL_PER_TABLE_BYTE + index_total * WAL_PER_INDEX_BYTE } else { 0.0 };
-    let seconds = (expanding + trial.writing.as_secs_f64() * priced * WRITE_COST) * m.byte_scale + wal / WAL_BYTES_PER_SECOND;
+    // Every row has an entry in every index made like the target's.
+    let index_entries = messages * index_bytes.len() as f64;
+    let (wal, logging) = if trial.logged {
+        let wal = table_bytes * WAL_PER_TABLE_BYTE + index_entries * WAL_PER_INDEX_ENTRY;
+        (wal, wal / WAL_BYTES_PER_SECOND + index_entries * SECONDS_PER_INDEX_ENTRY)
+    } else {
+        (0.0, 0.0)
+    };
+    let seconds = (expanding + trial.writing.as_secs_f64() * priced * WRITE_COST) * m.byte_scale + logging;
     Ok(Estimate {
         sampling: m.sampling,
         sample_percent: m.percent,
