@@ -153,7 +153,8 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
             (*source).rows(),
             if binary.is_some() { "binary" } else { "text" }
         );
-        let options = if binary.is_some() { binary_option() } else { utf8_option() };
+        let binary_taken = binary.is_some();
+        let options = if binary_taken { binary_option() } else { utf8_option() };
         let pending = if binary.is_some() { BINARY_HEADER.to_vec() } else { Vec::new() };
         FEED.with(|f| *f.borrow_mut() = Some(Feed { source, binary, next_row: 0, pending, offset: 0, ended: false }));
         let _clear = ClearFeed;
@@ -171,6 +172,16 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
             options,
         );
         let written = pg_sys::CopyFrom(cstate);
+        // A trigger, default or check of the target that changed client_encoding made the
+        // binary values after it be converted as that encoding: the batch is refused (its
+        // subtransaction rolls it back) and goes to the INSERT path, which sends datums.
+        if binary_taken && pg_sys::pg_get_client_encoding() != pg_sys::GetDatabaseEncoding() {
+            pgrx::ereport!(
+                ERROR,
+                pgrx::PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
+                "chat_backfill: client_encoding changed during a COPY in binary format"
+            );
+        }
         pg_sys::EndCopyFrom(cstate);
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as c_int);
@@ -184,20 +195,15 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
 /// # Safety
 /// `rel` is open.
 unsafe fn current_types(rel: pg_sys::Relation, names: &[&str]) -> Vec<pg_sys::Oid> {
-    // SAFETY: the caller holds `rel` open, so its tuple descriptor and attributes are valid.
-    let attrs = unsafe {
-        let desc = (*rel).rd_att;
-        (*desc).attrs.as_slice((*desc).natts as usize)
-    };
+    // SAFETY: the caller holds `rel` open, so its tuple descriptor is valid while this runs;
+    // the wrapper neither releases nor frees it (its attribute layout differs by major, which
+    // the wrapper knows).
+    let desc = unsafe { pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att) };
     names
         .iter()
         .map(|name| {
-            attrs
-                .iter()
-                .find(|a| {
-                    // SAFETY: attname is a NUL-terminated NameData.
-                    !a.attisdropped && unsafe { std::ffi::CStr::from_ptr(a.attname.data.as_ptr()) }.to_bytes() == name.as_bytes()
-                })
+            desc.iter()
+                .find(|a| !a.attisdropped && a.name() == *name)
                 .map_or(pg_sys::InvalidOid, |a| a.atttypid)
         })
         .collect()

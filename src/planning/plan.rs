@@ -127,7 +127,7 @@ fn estimates(e: &Estimate, batch_size: usize) -> Vec<Finding> {
         "chats scaled by {:.2} (rows per sampled row), messages, bytes and time by {:.2}{}",
         e.scale,
         e.byte_scale,
-        if e.sampling == Sampling::Pages { " (stored bytes per sampled byte)" } else { "" }
+        if e.sampling == Sampling::Pages { " (the source's chat text per sampled byte, decompressed)" } else { "" }
     );
     let sample = match e.sampling {
         Sampling::Whole => format!("{} chats, the whole source, {TRIAL}", e.sampled_chats),

@@ -251,3 +251,27 @@ def test_copy_in_binary_and_in_text_writes_the_same_rows(cluster, json_type):
                     "                       SELECT m::text FROM chat_message m) d)")
         binary, text, only_binary, only_text = cur.fetchone()
     assert binary == text > 1000 and only_binary == only_text == 0, (binary, text, only_binary, only_text)
+
+
+def test_a_trigger_that_changes_client_encoding_during_a_binary_copy_corrupts_nothing(cluster):
+    """The seventeenth review (low): the binary format's text and json values are converted
+    from the client encoding of the moment, so a target's trigger that set client_encoding
+    made every later row of its batch mojibake. The batch is refused when the encoding
+    changed during its COPY, and goes to the INSERT path."""
+    db = cluster.create_db("copy_flip")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE chat (id text PRIMARY KEY, user_id text, chat json)")
+        cur.execute(TARGET_DDL)
+        cur.execute("INSERT INTO chat SELECT 'k' || i, 'u', json_build_object('history', json_build_object('messages', "
+                    "json_build_object('m' || i, json_build_object('id', 'm' || i, 'role', 'user', "
+                    "'content', 'café ünïcode ' || i, 'timestamp', 1700000000)))) FROM generate_series(1, 10) i")
+        cur.execute("CREATE FUNCTION flip() RETURNS trigger LANGUAGE plpgsql AS "
+                    "$$ BEGIN PERFORM set_config('client_encoding', 'LATIN1', false); RETURN NEW; END $$; "
+                    "CREATE TRIGGER flip BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION flip()")
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, force => true)",
+                    (chatgen.NOW,))
+        assert cur.fetchone() == (10,)
+        cur.execute("SET client_encoding = 'UTF8'")
+        cur.execute("SELECT count(*) FILTER (WHERE content::text = format('\"café ünïcode %s\"', "
+                    "substr(chat_id, 2))), count(*) FROM chat_message")
+        assert cur.fetchone() == (10, 10)
