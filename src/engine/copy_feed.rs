@@ -144,8 +144,7 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
     unsafe {
         let lockmode = pg_sys::RowExclusiveLock as c_int;
         let rel = pg_sys::table_open(target, lockmode);
-        let same_encoding = pg_sys::pg_get_client_encoding() == pg_sys::GetDatabaseEncoding();
-        let binary = types.filter(|t| same_encoding && current_types(rel, names) == *t).map(|t| {
+        let binary = types.filter(|t| client_encoding_is_databases() && current_types(rel, names) == *t).map(|t| {
             t.iter().map(|&oid| oid == pg_sys::JSONBOID).collect::<Vec<bool>>()
         });
         pgrx::debug1!(
@@ -175,7 +174,7 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
         // A trigger, default or check of the target that changed client_encoding made the
         // binary values after it be converted as that encoding: the batch is refused (its
         // subtransaction rolls it back) and goes to the INSERT path, which sends datums.
-        if binary_taken && pg_sys::pg_get_client_encoding() != pg_sys::GetDatabaseEncoding() {
+        if binary_taken && !client_encoding_is_databases() {
             pgrx::ereport!(
                 ERROR,
                 pgrx::PgSqlErrorCode::ERRCODE_UNTRANSLATABLE_CHARACTER,
@@ -188,6 +187,12 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
         pg_sys::CommandCounterIncrement();
         written
     }
+}
+
+/// Whether the session's client encoding is the database's (what the binary format needs).
+fn client_encoding_is_databases() -> bool {
+    // SAFETY: reads two backend globals.
+    unsafe { pg_sys::pg_get_client_encoding() == pg_sys::GetDatabaseEncoding() }
 }
 
 /// The type of each named column of the open relation `rel` (InvalidOid: no such column).

@@ -197,6 +197,13 @@ pub fn check_target(target: &Relation, app: bool) -> Result<()> {
 
 /// SQL: the pg_index row `i` is a valid, unique, non-partial index on the column named by
 /// the text parameter `$2` alone (what `ON CONFLICT ($2)` and keyset reading rely on).
+/// The table `$1` and every table under it (partitions and inheritance children, at any
+/// depth), as the CTE `tree(relid)` that a query goes on from. pg_inherits has no cycles,
+/// and UNION visits a table under two parents once.
+pub const INHERITANCE_TREE: &str = "WITH RECURSIVE tree(relid) AS ( \
+    SELECT $1::pg_catalog.oid \
+    UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid)";
+
 pub const UNIQUE_ON_COLUMN: &str = "(i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL \
     AND i.indnkeyatts OPERATOR(pg_catalog.=) 1::pg_catalog.int2 \
     AND (SELECT a.attname FROM pg_catalog.pg_attribute a WHERE a.attrelid OPERATOR(pg_catalog.=) i.indrelid \

@@ -13,7 +13,7 @@
 use pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE;
 use pgrx::prelude::*;
 
-use crate::pg::catalog::{target_columns, Relation};
+use crate::pg::catalog::{target_columns, Relation, INHERITANCE_TREE};
 use crate::pg::error::{Error, Result};
 use crate::pg::subxact::in_subtransaction_catching;
 
@@ -178,14 +178,13 @@ impl Calibration {
         unpriced.extend(unpriced_indexes);
         // Of a partitioned target, its partitions' (an unlogged parent can have logged ones).
         let logged = Spi::get_one_with_args::<bool>(
-            "WITH RECURSIVE tree(relid) AS ( \
-               SELECT $1::pg_catalog.oid \
-               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid) \
+            &[INHERITANCE_TREE, " \
              SELECT pg_catalog.bool_or(c.relpersistence OPERATOR(pg_catalog.=) 'p'::pg_catalog.\"char\") \
                FROM tree JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) tree.relid \
               WHERE c.relkind OPERATOR(pg_catalog.<>) 'p'::pg_catalog.\"char\" \
                  OR c.oid OPERATOR(pg_catalog.=) $1 AND NOT EXISTS (SELECT FROM pg_catalog.pg_inherits i \
-                                                               WHERE i.inhparent OPERATOR(pg_catalog.=) $1)",
+                                                               WHERE i.inhparent OPERATOR(pg_catalog.=) $1)"]
+                .concat(),
             &[target.oid.into()],
         )?
         .unwrap_or(true);
@@ -415,15 +414,14 @@ fn copy_indexes(target: &Relation, table: &str, table_oid: pg_sys::Oid) -> Resul
     // A partitioned target's partitions may have indexes of their own, which an INSERT updates
     // for the rows routed there: not made here (their expressions would see every row), named.
     let own = three_texts(
-        "WITH RECURSIVE tree(relid) AS ( \
-           SELECT $1::pg_catalog.oid \
-           UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid) \
+        &[INHERITANCE_TREE, " \
          SELECT pg_catalog.format('%I'::pg_catalog.text, c.relname), ''::pg_catalog.text, ''::pg_catalog.text \
            FROM tree JOIN pg_catalog.pg_index x ON x.indrelid OPERATOR(pg_catalog.=) tree.relid \
            JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) x.indexrelid \
           WHERE tree.relid OPERATOR(pg_catalog.<>) $1 AND x.indisready \
             AND NOT EXISTS (SELECT FROM pg_catalog.pg_inherits h WHERE h.inhrelid OPERATOR(pg_catalog.=) x.indexrelid) \
-          ORDER BY 1",
+          ORDER BY 1"]
+            .concat(),
         target.oid,
     )?;
     unpriced.extend(own.into_iter().map(|(name, _, _)| format!("{name} (an index of a partition only)")));

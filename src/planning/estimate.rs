@@ -22,6 +22,7 @@ use pgrx::prelude::*;
 use crate::engine::backfill::Backfill;
 use crate::engine::read::{sample_clause, source_where};
 use crate::engine::request::Settings;
+use crate::pg::catalog::INHERITANCE_TREE;
 use crate::pg::error::{Error, Result};
 use crate::pg::gucs;
 use crate::pg::subxact::in_rolled_back_subtransaction;
@@ -423,16 +424,13 @@ struct SourceSize {
 }
 
 fn source_size(source: pg_sys::Oid) -> Result<SourceSize> {
-    // pg_inherits holds both partitions and inheritance children; it has no cycles, and
-    // UNION visits a table under two parents once. The aggregates are computed whatever
+    // The tree holds partitions and inheritance children alike. The aggregates are computed whatever
     // the outer CASE decides, so the division inside one guards itself.
     // Stored bytes are the files' sizes: dead rows and free space count as chat (the
     // statistics' live and dead tuple counters are too loose to correct for them: an
     // inheritance parent's live count can read 0), so a bloated source is overestimated,
     // the safe side.
-    let sql =         "WITH RECURSIVE tree(relid) AS ( \
-                   SELECT $1::pg_catalog.oid \
-                   UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN tree t ON i.inhparent OPERATOR(pg_catalog.=) t.relid), \
+    let sql = [INHERITANCE_TREE, ", \
                  sized AS ( \
                    SELECT c.relkind, c.reltuples::pg_catalog.float8 AS tuples, c.relpages::pg_catalog.float8 AS pages, \
                           pg_catalog.pg_total_relation_size(c.oid::pg_catalog.regclass) AS total, \
@@ -450,9 +448,9 @@ fn source_size(source: pg_sys::Oid) -> Result<SourceSize> {
                              THEN pg_catalog.sum(CASE WHEN blocks OPERATOR(pg_catalog.=) 0::pg_catalog.float8 \
                                                            OR pages OPERATOR(pg_catalog.<=) 0::pg_catalog.float8 THEN 0::pg_catalog.float8 \
                                                       ELSE tuples OPERATOR(pg_catalog./) pages OPERATOR(pg_catalog.*) blocks END) END \
-                   FROM sized";
+                   FROM sized"].concat();
     let row = Spi::connect(|client| -> Result<(bool, i64, i64, Option<f64>)> {
-        let row = client.select(sql, None, &[source.into()])?.first();
+        let row = client.select(sql.as_str(), None, &[source.into()])?.first();
         Ok((
             row.get::<bool>(1)?.unwrap_or(false),
             row.get::<i64>(2)?.unwrap_or(0),
