@@ -276,6 +276,10 @@ WORKERS = {"call": 1, "call_w2": 2, "call_w4": 4}
 
 
 def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
+    # "<method>_lz4": the same on a target whose text and json columns compress with lz4
+    # (ALTER TABLE ... SET COMPRESSION lz4, as plan() advises where the server has lz4).
+    lz4 = method.endswith("_lz4")
+    base = method.removesuffix("_lz4")
     db = f"b_{method}_{mode}_{os.getpid()}"
     admin = env["dsn"]("postgres")
     psql(admin, f'DROP DATABASE IF EXISTS "{db}"')
@@ -288,6 +292,14 @@ def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
         install_baseline(cur, BASELINE)
     if method != "openwebui":
         cur.execute(TARGET_DDL if mode == "reference" else PK_ONLY_DDL)
+    if lz4:
+        cur.execute("SELECT string_agg(format('ALTER COLUMN %I SET COMPRESSION lz4', attname), ', ') FROM pg_attribute "
+                    "WHERE attrelid = 'chat_message'::regclass AND attnum > 0 AND attlen = -1")
+        cur.execute(f"ALTER TABLE chat_message {cur.fetchone()[0]}")
+    if base == "ours_copy":
+        # A statement trigger is one thing the direct path leaves to COPY (binary format here).
+        cur.execute("CREATE FUNCTION pg_temp.nothing() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
+        cur.execute("CREATE TRIGGER s AFTER INSERT ON chat_message FOR EACH STATEMENT EXECUTE FUNCTION pg_temp.nothing()")
     cur.execute("CHECKPOINT")
     cur.execute("SELECT pg_backend_pid(), pg_current_wal_lsn()")
     pid, lsn0 = cur.fetchone()
@@ -308,25 +320,25 @@ def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
         sampler.start()
         run_reference(env["url"](db), NOW)
     else:
-        sampler = RssSampler(pid, others if method in WORKERS else None)
+        sampler = RssSampler(pid, others if base in WORKERS else None)
         sampler.start()
         # With workers the CALL only waits: sample the workers, not it.
-        waits = WaitSampler(admin, db, pid if method in WORKERS and WORKERS[method] > 1 else None)
+        waits = WaitSampler(admin, db, pid if base in WORKERS and WORKERS[base] > 1 else None)
         waits.start()
         size = f", batch_size => {int(batch_size)}" if batch_size else ""
-        if method in ("ours", "baseline", "ours_text"):
-            if method == "ours_text":
+        if base in ("ours", "baseline", "ours_text", "ours_copy"):
+            if base == "ours_text":
                 # A client encoding other than the database's makes the batches go to COPY in
                 # its text format (the output here is ASCII either way).
                 cur.execute("SET client_encoding = 'SQL_ASCII'")
             cur.execute(f"SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s{size})", (NOW,))
-        elif method in WORKERS:
-            cur.execute(f"CALL backfill_chat_messages_resumable(now => %s, workers => {WORKERS[method]}{size})", (NOW,))
-        elif method == "single_sql":
+        elif base in WORKERS:
+            cur.execute(f"CALL backfill_chat_messages_resumable(now => %s, workers => {WORKERS[base]}{size})", (NOW,))
+        elif base == "single_sql":
             cur.execute(SINGLE_STATEMENT, {"now": NOW})
-        elif method == "single_jsonb":
+        elif base == "single_jsonb":
             cur.execute(SINGLE_JSONB, {"now": NOW})
-        elif method == "copy":
+        elif base == "copy":
             with open(expanded_file) as f:
                 cur.copy_expert("COPY chat_message FROM STDIN", f)
     loaded = time.perf_counter() - t0
@@ -382,8 +394,8 @@ def main():
     ap.add_argument("--baseline", nargs=3, metavar=("VERSION", "LIBRARY", "SQL"),
                     help="also run a previous release: its version, its chat_backfill.so and its install script")
     ap.add_argument("--methods", default=None,
-                    help="comma-separated subset of ours,ours_text,call,call_w2,call_w4,baseline,single_sql,single_jsonb,"
-                         "openwebui,copy")
+                    help="comma-separated subset of ours,ours_copy,ours_text,call,call_w2,call_w4,baseline,single_sql,"
+                         "single_jsonb,openwebui,copy, and copy_lz4,ours_lz4,call_w2_lz4 (target columns lz4)")
     ap.add_argument("--batch-sizes", default=None,
                     help="instead: the batch-size study, backfill_chat_messages() at each of these sizes in both modes")
     ap.add_argument("--repeat", type=int, default=1,
@@ -435,10 +447,12 @@ def main():
         sizes = [int(x) for x in args.batch_sizes.split(",")]
         plan = [("ours", mode, size) for mode in ("reference", "bulk") for size in sizes]
     else:
-        plan = [(m, "reference", None) for m in ("ours", "ours_text", "baseline", "call", "call_w2", "call_w4",
-                                                 "single_sql", "single_jsonb", "openwebui", "copy")]
-        plan += [(m, "bulk", None) for m in ("ours", "ours_text", "baseline", "call", "call_w2", "call_w4",
-                                             "single_sql", "single_jsonb", "copy")]
+        plan = [(m, "reference", None) for m in ("ours", "ours_copy", "ours_text", "baseline", "call", "call_w2",
+                                                 "call_w4", "single_sql", "single_jsonb", "openwebui", "copy",
+                                                 "copy_lz4", "ours_lz4", "call_w2_lz4")]
+        plan += [(m, "bulk", None) for m in ("ours", "ours_copy", "ours_text", "baseline", "call", "call_w2", "call_w4",
+                                             "single_sql", "single_jsonb", "copy", "copy_lz4", "ours_lz4",
+                                             "call_w2_lz4")]
         wanted = set(args.methods.split(",")) if args.methods else {m for m, _, _ in plan}
         wanted |= {"ours", "copy"}  # every ratio is against these
         if not BASELINE:
@@ -472,12 +486,15 @@ def median_run(rs):
 
 
 NAMES = {"ours": "backfill_chat_messages()",
-         "ours_text": "backfill_chat_messages(), COPY text format (client encoding not the database's)",
+         "ours_copy": "backfill_chat_messages(), COPY binary format (a statement trigger on the target)",
+         "ours_text": "backfill_chat_messages(), COPY text format (the same, client encoding not the database's)",
          "call": "CALL ..._resumable(), 1 session",
          "call_w2": "CALL ..._resumable(workers => 2)", "call_w4": "CALL ..._resumable(workers => 4)",
          "single_sql": "single SQL statement (json, json_each)",
          "single_jsonb": "single SQL statement (jsonb once per chat, jsonb_each)",
-         "openwebui": "Open WebUI migration (wheel 0.12.4, Alembic, psycopg2)", "copy": "COPY of expanded rows (floor)"}
+         "openwebui": "Open WebUI migration (wheel 0.12.4, Alembic, psycopg2)", "copy": "COPY of expanded rows (floor)",
+         "copy_lz4": "COPY of expanded rows, target columns lz4", "ours_lz4": "backfill_chat_messages(), target columns lz4",
+         "call_w2_lz4": "CALL ..._resumable(workers => 2), target columns lz4"}
 
 
 def setup_line(facts, args) -> str:
@@ -517,11 +534,20 @@ def render(results, facts, args) -> str:
         f"- ours vs the expert's single statement (jsonb): {ratio(('single_jsonb', 'reference'), ('ours', 'reference'))} "
         f"(reference DDL), {ratio(('single_jsonb', 'bulk'), ('ours', 'bulk'))} (bulk); vs the json one: "
         f"{ratio(('single_sql', 'reference'), ('ours', 'reference'))}, {ratio(('single_sql', 'bulk'), ('ours', 'bulk'))}",
-        f"- ours (COPY binary format) vs ours with COPY's text format, time ratio: "
-        f"{ratio(('ours', 'reference'), ('ours_text', 'reference'))} (reference DDL), "
-        f"{ratio(('ours', 'bulk'), ('ours_text', 'bulk'))} (bulk); the text format vs the COPY floor: "
+        f"- ours (direct path) vs ours through COPY's binary format, time ratio: "
+        f"{ratio(('ours', 'reference'), ('ours_copy', 'reference'))} (reference DDL), "
+        f"{ratio(('ours', 'bulk'), ('ours_copy', 'bulk'))} (bulk); COPY binary vs the COPY floor: "
+        f"{ratio(('ours_copy', 'reference'), ('copy', 'reference'))}, {ratio(('ours_copy', 'bulk'), ('copy', 'bulk'))}"
+        if ('ours_copy', 'reference') in by else "",
+        f"- ours with COPY's text format vs the COPY floor: "
         f"{ratio(('ours_text', 'reference'), ('copy', 'reference'))}, {ratio(('ours_text', 'bulk'), ('copy', 'bulk'))}"
         if ('ours_text', 'reference') in by else "",
+        f"- lz4 on the target's columns, vs the pglz COPY floor: COPY {ratio(('copy_lz4', 'reference'), ('copy', 'reference'))}, "
+        f"ours {ratio(('ours_lz4', 'reference'), ('copy', 'reference'))}, two workers "
+        f"{ratio(('call_w2_lz4', 'reference'), ('copy', 'reference'))} (reference DDL); "
+        f"COPY {ratio(('copy_lz4', 'bulk'), ('copy', 'bulk'))}, ours {ratio(('ours_lz4', 'bulk'), ('copy', 'bulk'))}, "
+        f"two workers {ratio(('call_w2_lz4', 'bulk'), ('copy', 'bulk'))} (bulk)"
+        if ('ours_lz4', 'reference') in by or ('copy_lz4', 'reference') in by else "",
         f"- ours vs the COPY floor: {ratio(('ours', 'reference'), ('copy', 'reference'))} (reference DDL), "
         f"{ratio(('ours', 'bulk'), ('copy', 'bulk'))} (bulk); the committing CALL, one session: "
         f"{ratio(('call', 'reference'), ('copy', 'reference'))}, {ratio(('call', 'bulk'), ('copy', 'bulk'))}",

@@ -250,6 +250,25 @@ impl CopySource for Rows {
             }
         }
     }
+
+    fn value(&self, n: usize, i: usize) -> Option<pg_sys::Datum> {
+        match self.fields()[n] {
+            Field::Text(c) => self.text[c][i],
+            Field::Json(c) => Some(self.json[c][i]),
+            Field::Done => self.done[i].map(pg_sys::Datum::from),
+            Field::Timestamp => Some(pg_sys::Datum::from(self.timestamp[i])),
+            Field::Updated => Some(pg_sys::Datum::from(self.updated[i])),
+        }
+    }
+
+    fn value_type(&self, n: usize) -> pg_sys::Oid {
+        match self.fields()[n] {
+            Field::Text(_) => pg_sys::TEXTOID,
+            Field::Json(_) => pg_sys::JSONOID,
+            Field::Done => pg_sys::BOOLOID,
+            Field::Timestamp | Field::Updated => pg_sys::INT8OID,
+        }
+    }
 }
 
 /// Where each target column's value lives in `Rows`.

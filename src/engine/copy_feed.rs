@@ -9,6 +9,8 @@ use std::ffi::{c_char, c_int, c_void, CString};
 
 use pgrx::pg_sys;
 
+use crate::engine::direct_insert::{direct_columns, insert_direct};
+
 
 /// Rows to feed, produced on demand row by row, in COPY's text or binary format.
 pub trait CopySource {
@@ -19,6 +21,10 @@ pub trait CopySource {
     /// as a length and the bytes of its type's binary form); `jsonb[n]`: field `n` goes to a
     /// jsonb column, whose binary form starts with a version byte.
     fn write_binary(&self, i: usize, jsonb: &[bool], out: &mut Vec<u8>);
+    /// Row `i`'s field `n` as a datum of `value_type(n)` (`None`: NULL), for the direct
+    /// path (`direct_insert`); it lives as long as `self`.
+    fn value(&self, n: usize, i: usize) -> Option<pg_sys::Datum>;
+    fn value_type(&self, n: usize) -> pg_sys::Oid;
 }
 
 /// The start of COPY's binary format: its signature, no flags, no header extension.
@@ -116,7 +122,9 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
 }
 
 /// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written.
-/// Raises on any failure (the caller runs it in a subtransaction).
+/// Raises on any failure (the caller runs it in a subtransaction). Where the locked table
+/// allows it (`direct_columns`), the rows go straight in (`insert_direct`) instead: the same
+/// writes as COPY's without a format in between.
 /// `types`, the columns' types when the run checked the target, allows COPY's binary
 /// format: no escaping on our side and no line parsing on COPY's (each value goes straight
 /// to its type's receive function, which validates it as its input function would). Taken
@@ -144,6 +152,13 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
     unsafe {
         let lockmode = pg_sys::RowExclusiveLock as c_int;
         let rel = pg_sys::table_open(target, lockmode);
+        if let Some(positions) = direct_columns(rel, &*source, names) {
+            pgrx::debug1!("chat_backfill: direct insert of {} rows", (*source).rows());
+            let written = insert_direct(rel, &*source, &positions);
+            pg_sys::table_close(rel, pg_sys::NoLock as c_int);
+            pg_sys::CommandCounterIncrement();
+            return written;
+        }
         let binary = types.filter(|t| client_encoding_is_databases() && current_types(rel, names) == *t).map(|t| {
             t.iter().map(|&oid| oid == pg_sys::JSONBOID).collect::<Vec<bool>>()
         });
