@@ -40,10 +40,12 @@ ALTER TABLE chat_backfill.run_ranges
     ADD COLUMN partial_fingerprint pg_catalog.int8;
 GRANT UPDATE (partial_key, partial_done, partial_fingerprint) ON chat_backfill.run_ranges TO PUBLIC;
 
--- 2. Rows a BEFORE trigger on the target dropped: a run's count, shown last in the status view
---    (CREATE OR REPLACE: same columns, one appended, so views built on it and its grants stay).
+-- 2. Rows a BEFORE trigger on the target dropped: a run's count; and how its last batch went
+--    in (write_path); both shown last in the status view.
 ALTER TABLE chat_backfill.runs ADD COLUMN messages_dropped pg_catalog.int8 NOT NULL DEFAULT 0;
 GRANT UPDATE (messages_dropped) ON chat_backfill.runs TO PUBLIC;
+ALTER TABLE chat_backfill.runs ADD COLUMN write_path pg_catalog.text;
+GRANT UPDATE (write_path) ON chat_backfill.runs TO PUBLIC;
 CREATE FUNCTION chat_backfill.status_rows()
 RETURNS TABLE (
     run_id pg_catalog.int8, source pg_catalog.text, target pg_catalog.text, state pg_catalog.text,
@@ -56,7 +58,7 @@ RETURNS TABLE (
     started_at pg_catalog.timestamptz, updated_at pg_catalog.timestamptz,
     finished_at pg_catalog.timestamptz, last_error pg_catalog.text, started_by pg_catalog.text,
     replica_lag_bytes pg_catalog.int8, workers pg_catalog.int4, batch_size pg_catalog.int4,
-    rows pg_catalog.text, messages_dropped pg_catalog.int8)
+    rows pg_catalog.text, messages_dropped pg_catalog.int8, write_path pg_catalog.text)
 LANGUAGE sql STABLE
 BEGIN ATOMIC
 -- The lock table is read once (materialized), not once per run: read per run, its row
@@ -112,7 +114,7 @@ SELECT r.run_id, r.source, r.target,
        CASE WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
             THEN r.replica_lag_bytes END AS replica_lag_bytes,
        CASE WHEN h.workers OPERATOR(pg_catalog.>) 0::pg_catalog.int4 THEN h.workers END AS workers, r.batch_size, r.rows,
-       r.messages_dropped
+       r.messages_dropped, r.write_path
 FROM chat_backfill.runs r
 LEFT JOIN LATERAL (
     SELECT COALESCE(pg_catalog.min(l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2),
@@ -132,7 +134,7 @@ CREATE OR REPLACE VIEW chat_backfill.status AS SELECT * FROM chat_backfill.statu
 -- The function checks as the reader now; the view keeps no option of its own, as when installed.
 ALTER VIEW chat_backfill.status RESET (security_invoker);
 
--- 3. The one-transaction form: messages_dropped, appended last to its result. A new result
+-- 3. The one-transaction form: messages_dropped and write_path, appended last to its result. A new result
 --    type is a new function: the old one goes first, and the new one gets the default
 --    privileges (EXECUTE for PUBLIC): a REVOKE made on the old one must be made again.
 DROP FUNCTION @extschema@.backfill_chat_messages(pg_catalog.regclass, pg_catalog.regclass, pg_catalog.int4,
@@ -163,7 +165,8 @@ CREATE FUNCTION backfill_chat_messages(
 	"chats_skipped" bigint,
 	"chats_vanished" bigint,
 	"batch_size" INT,
-	"messages_dropped" bigint
+	"messages_dropped" bigint,
+	"write_path" TEXT
 )
 VOLATILE
 LANGUAGE c

@@ -90,7 +90,7 @@ RETURNS TABLE (
     started_at pg_catalog.timestamptz, updated_at pg_catalog.timestamptz,
     finished_at pg_catalog.timestamptz, last_error pg_catalog.text, started_by pg_catalog.text,
     replica_lag_bytes pg_catalog.int8, workers pg_catalog.int4, batch_size pg_catalog.int4,
-    rows pg_catalog.text, messages_dropped pg_catalog.int8)
+    rows pg_catalog.text, messages_dropped pg_catalog.int8, write_path pg_catalog.text)
 LANGUAGE sql STABLE
 BEGIN ATOMIC
 -- The lock table is read once (materialized), not once per run: read per run, its row
@@ -146,7 +146,7 @@ SELECT r.run_id, r.source, r.target,
        CASE WHEN h.pid IS NOT NULL AND r.status OPERATOR(pg_catalog.=) 'throttled'::pg_catalog.text
             THEN r.replica_lag_bytes END AS replica_lag_bytes,
        CASE WHEN h.workers OPERATOR(pg_catalog.>) 0::pg_catalog.int4 THEN h.workers END AS workers, r.batch_size, r.rows,
-       r.messages_dropped
+       r.messages_dropped, r.write_path
 FROM chat_backfill.runs r
 LEFT JOIN LATERAL (
     SELECT COALESCE(pg_catalog.min(l.pid) FILTER (WHERE l.objsubid OPERATOR(pg_catalog.=) 1::pg_catalog.int2),

@@ -33,6 +33,7 @@ CREATE TABLE chat_backfill.runs (
     partial_done      pg_catalog.int8,              -- how many of its messages are handled,
     partial_fingerprint pg_catalog.int8,            -- and its text's fingerprint (a changed chat is read whole again)
     messages_dropped  pg_catalog.int8 NOT NULL DEFAULT 0,  -- a BEFORE trigger on the target returned NULL for them
+    write_path        pg_catalog.text,              -- how the last batch went in: direct, copy binary, copy text, insert
     id_column         pg_catalog.text,              -- the source's key column, to check a reader can see the chats
     restricted        pg_catalog.bool               -- whether the source's row-level security applied to started_by
                                                     -- (NULL: unknown, a run before 0.7.0): another role resumes only a
@@ -58,7 +59,7 @@ GRANT INSERT (source_oid, target_oid, source, target, source_filter, high_water,
 GRANT UPDATE (last_key, chats_read, messages_inserted, messages_rejected, messages_existing, messages_skipped,
               chats_skipped, chats_vanished, batches, active_ms, status, updated_at, finished_at, last_error,
               replica_lag_bytes, batch_size, partial_key, partial_done, partial_fingerprint,
-              messages_dropped, source_oid, target_oid)
+              messages_dropped, source_oid, target_oid, write_path)
     ON chat_backfill.runs TO PUBLIC;
 GRANT USAGE ON SEQUENCE chat_backfill.runs_run_id_seq TO PUBLIC;
 ALTER TABLE chat_backfill.runs ENABLE ROW LEVEL SECURITY;

@@ -653,6 +653,7 @@ impl Backfill {
                 report.messages_inserted += sub.messages_inserted;
                 report.messages_existing += sub.messages_existing;
                 report.messages_dropped += sub.messages_dropped;
+                report.write_path = sub.write_path.or(report.write_path);
                 return Ok(());
             }
             Err(failure) => failure,

@@ -121,7 +121,8 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
     }
 }
 
-/// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written.
+/// COPY `source`'s rows into `target`'s chat_message columns; returns the rows written and
+/// the path taken (as the status view names it).
 /// Raises on any failure (the caller runs it in a subtransaction). Where the locked table
 /// allows it (`direct_columns`), the rows go straight in (`insert_direct`) instead: the same
 /// writes as COPY's without a format in between.
@@ -134,7 +135,12 @@ pub fn copy_allowed(target: pg_sys::Oid) -> bool {
 /// from the client encoding, which the text format's ENCODING option cannot override for
 /// them). Otherwise the text format, whose input functions parse each value as the column
 /// is now.
-pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], types: Option<&[pg_sys::Oid]>) -> u64 {
+pub fn copy_rows(
+    target: pg_sys::Oid,
+    source: &dyn CopySource,
+    names: &[&str],
+    types: Option<&[pg_sys::Oid]>,
+) -> (u64, &'static str) {
     let source: *const (dyn CopySource + '_) = source;
     // SAFETY: only erases the lifetime; the pointer is used only while this call runs,
     // and FEED is cleared on every way out (ClearFeed).
@@ -157,7 +163,7 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
             let written = insert_direct(rel, &*source, &positions);
             pg_sys::table_close(rel, pg_sys::NoLock as c_int);
             pg_sys::CommandCounterIncrement();
-            return written;
+            return (written, "direct");
         }
         let binary = types.filter(|t| client_encoding_is_databases() && current_types(rel, names) == *t).map(|t| {
             t.iter().map(|&oid| oid == pg_sys::JSONBOID).collect::<Vec<bool>>()
@@ -200,7 +206,7 @@ pub fn copy_rows(target: pg_sys::Oid, source: &dyn CopySource, names: &[&str], t
         pg_sys::free_parsestate(pstate);
         pg_sys::table_close(rel, pg_sys::NoLock as c_int);
         pg_sys::CommandCounterIncrement();
-        written
+        (written, if binary_taken { "copy binary" } else { "copy text" })
     }
 }
 

@@ -22,6 +22,9 @@ pub struct BatchReport {
     pub partial: Option<Partial>,
     /// Rows a BEFORE trigger on the target dropped (returned NULL for).
     pub messages_dropped: i64,
+    /// How the batch's rows went in (its last write): `direct`, `copy binary`, `copy text`
+    /// or `insert`; `None`: nothing was written.
+    pub write_path: Option<&'static str>,
 }
 
 /// Where a committed batch left a chat bigger than a batch: its first `done` messages are

@@ -125,6 +125,7 @@ impl Writer {
         if rows.len() == 0 || self.copy(rows, report) {
             return Ok(());
         }
+        report.write_path = Some("insert");
         if self.app {
             return self.insert_chats(rows, &rows.chats(), report, outcome);
         }
@@ -139,6 +140,7 @@ impl Writer {
         if rows.len() == 0 || self.copy(rows, report) {
             return Ok(());
         }
+        report.write_path = Some("insert");
         pgrx::check_for_interrupts!();
         self.send(rows, 0..rows.len())?.count(rows.len(), report);
         Ok(())
@@ -253,7 +255,8 @@ impl Writer {
             self.check_deferred().map(|()| written)
         }));
         match copied {
-            Ok(Ok(written)) => {
+            Ok(Ok((written, path))) => {
+                report.write_path = Some(path);
                 // COPY stops at an id already there: a row it did not write was dropped by a
                 // BEFORE trigger.
                 report.messages_inserted += written as i64;

@@ -225,6 +225,7 @@ pub fn checkpoint(run_id: i64, last_key: Option<&str>, partial: Option<&Partial>
              partial_key = $12::pg_catalog.text, partial_done = $13::pg_catalog.int8, \
              partial_fingerprint = $14::pg_catalog.int8, \
              messages_dropped = messages_dropped OPERATOR(pg_catalog.+) $15::pg_catalog.int8, \
+             write_path = coalesce($16::pg_catalog.text, write_path), \
              updated_at = pg_catalog.clock_timestamp() \
          WHERE run_id OPERATOR(pg_catalog.=) $1",
         &[
@@ -243,6 +244,7 @@ pub fn checkpoint(run_id: i64, last_key: Option<&str>, partial: Option<&Partial>
             partial_done,
             partial_fingerprint,
             r.messages_dropped.into(),
+            text_or_null(r.write_path),
         ],
     )?;
     Ok(())

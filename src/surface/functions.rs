@@ -245,7 +245,8 @@ CREATE FUNCTION backfill_chat_messages(
     "rows" text DEFAULT 'migration')
 RETURNS TABLE (batch integer, chats_read bigint, messages_inserted bigint, messages_rejected bigint,
                messages_existing bigint, last_chat_id text, elapsed_ms double precision, messages_skipped bigint,
-               chats_skipped bigint, chats_vanished bigint, batch_size integer, messages_dropped bigint)
+               chats_skipped bigint, chats_vanished bigint, batch_size integer, messages_dropped bigint,
+               write_path text)
 VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#)]
 fn backfill_chat_messages(
@@ -276,6 +277,7 @@ fn backfill_chat_messages(
         name!(chats_vanished, i64),
         name!(batch_size, i32),
         name!(messages_dropped, i64),
+        name!(write_path, Option<String>),
     ),
 > {
     // NULL means the default, as in the CALL and plan().
@@ -317,6 +319,7 @@ fn backfill_chat_messages(
             b.chats_vanished,
             b.batch_size,
             b.messages_dropped,
+            b.write_path.map(str::to_owned),
         )
     }))
 }

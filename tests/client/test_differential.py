@@ -246,8 +246,13 @@ def test_the_direct_path_and_copy_in_binary_and_in_text_write_the_same_rows(clus
             cur.execute(f"SET client_encoding = '{encoding}'; SET client_min_messages = debug1")
             del conn.notices[:]
             # force: no admission trial, which writes into a table of its own.
-            cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(target => %s, now => %s, "
+            cur.execute("SELECT array_agg(DISTINCT write_path) FROM backfill_chat_messages(target => %s, now => %s, "
                         "batch_size => 200, force => true)", (target, chatgen.NOW))
+            # What the result names, each batch's path (a batch with a row that COPY refuses, a
+            # NUL in jsonb, goes to the INSERT path), agrees with what the log says.
+            named = {"direct": "direct insert", "copy binary": "binary format", "copy text": "text format"}
+            write_paths = {named[p] for p in cur.fetchone()[0] if p != "insert"}
+            assert write_paths == {p for n in conn.notices for p in named.values() if p in n}, conn.notices
             paths[target] = {p for n in conn.notices for p in ("direct insert", "binary format", "text format")
                              if p in n}
             cur.execute("RESET client_encoding; RESET client_min_messages")

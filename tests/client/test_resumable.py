@@ -112,6 +112,31 @@ def test_call_gives_the_one_shot_result(cluster, expected):
     assert (state, done, total, percent, inserted, pid) == ("finished", total, total, 100, len(want), None)
 
 
+def test_the_status_view_names_how_the_last_batch_went_in(cluster):
+    """Issue 23: the status view's write_path says how the last batch went in: straight
+    into a plain table of Open WebUI's DDL, through COPY where the target has something the
+    direct path leaves to it (here a statement trigger), through the INSERT path where COPY
+    cannot take a batch whole (its ids are there already: a restarted run)."""
+    db = make_db(cluster, chats_for_test(count=40, hostile=False))
+    paths = []
+    for setup, extra in (("", ""),
+                         ("CREATE FUNCTION nothing() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END';"
+                          "CREATE TRIGGER s AFTER INSERT ON chat_message FOR EACH STATEMENT EXECUTE FUNCTION nothing();"
+                          "TRUNCATE chat_message", ", restart => true"),
+                         ("", ", restart => true")):
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            if setup:
+                cur.execute(setup)
+        call(cluster, db, "batch_size => 40" + extra)
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("SELECT write_path, messages_inserted, messages_existing FROM chat_backfill.status "
+                        "ORDER BY run_id DESC LIMIT 1")
+            paths.append(cur.fetchone())
+    (direct, n, _), (copy, m, _), (insert, none, existing) = paths
+    assert (direct, copy, insert) == ("direct", "copy binary", "insert"), paths
+    assert n == m == existing > 0 and none == 0, paths
+
+
 def test_max_runtime_stops_after_a_batch_and_the_next_call_resumes(cluster, expected):
     """Each CALL resumes right after the key the previous one checkpointed (its NOTICE
     names it) and reads exactly the chats after it: the chats_done it adds are the
