@@ -34,7 +34,7 @@ import psycopg2.errors  # noqa: E402
 
 from chatgen import NOW, Chat  # noqa: E402
 from load_sample import TARGET_DDL, copy_chats  # noqa: E402
-from run import PK_ONLY_DDL, chat_of_size, dataset, text_of  # noqa: E402
+from run import PK_ONLY_DDL, chat_of_short_messages, chat_of_size, dataset, skewed  # noqa: E402
 
 ITEMS = [("chats", "chats"), ("estimated_messages", "messages"), ("estimated_target_bytes", "target bytes"),
          ("estimated_wal_bytes", "WAL bytes"), ("estimated_seconds", "seconds, one transaction"),
@@ -50,32 +50,6 @@ def connect(dsn):
         yield conn
     finally:
         conn.close()
-
-
-def skewed(rng: random.Random, total_mb: float) -> list[Chat]:
-    """Tiny chats: one or two messages of 100 to 600 bytes each."""
-    chats, total = [], 0
-    while total < total_mb * 1e6:
-        cid = f"{rng.getrandbits(48):012x}"
-        doc = chat_of_short_messages(rng, cid, rng.randint(100, 1200))
-        chats.append(Chat(cid, f"user-{rng.randint(1, 200)}", doc))
-        total += len(doc)
-    return chats
-
-
-def chat_of_short_messages(rng: random.Random, cid: str, size: int) -> str:
-    """A chat of `size` bytes of short messages (100 to 600 bytes of text each)."""
-    ts = rng.randint(1_650_000_000, NOW - 10_000)
-    messages, parent, total, i = {}, None, 0, 0
-    while total < size or i == 0:
-        mid = f"{cid}-{i}"
-        content = text_of(rng, rng.randint(100, 600))
-        messages[mid] = {"id": mid, "parentId": parent, "childrenIds": [], "role": "user" if i % 2 == 0 else "assistant",
-                         "content": content, "timestamp": ts + i}
-        parent = mid
-        total += len(content) + 120
-        i += 1
-    return json.dumps({"title": "t", "history": {"messages": messages, "currentId": parent}, "messages": []})
 
 
 def measure(dsn, ddl, sample) -> dict:

@@ -184,6 +184,33 @@ def chat_of_size(rng: random.Random, cid: str, size: int) -> str:
     return json.dumps({"title": "t", "history": {"messages": messages, "currentId": parent}, "messages": []})
 
 
+def skewed(rng: random.Random, total_mb: float) -> list[Chat]:
+    """The skewed set: tiny chats of one or two messages of 100 to 600 bytes each (with --big chats of
+    such short messages, most bytes and most messages are in a few chats)."""
+    chats, total = [], 0
+    while total < total_mb * 1e6:
+        cid = f"{rng.getrandbits(48):012x}"
+        doc = chat_of_short_messages(rng, cid, rng.randint(100, 1200))
+        chats.append(Chat(cid, f"user-{rng.randint(1, 200)}", doc))
+        total += len(doc)
+    return chats
+
+
+def chat_of_short_messages(rng: random.Random, cid: str, size: int) -> str:
+    """A chat of `size` bytes of short messages (100 to 600 bytes of text each)."""
+    ts = rng.randint(1_650_000_000, NOW - 10_000)
+    messages, parent, total, i = {}, None, 0, 0
+    while total < size or i == 0:
+        mid = f"{cid}-{i}"
+        content = text_of(rng, rng.randint(100, 600))
+        messages[mid] = {"id": mid, "parentId": parent, "childrenIds": [], "role": "user" if i % 2 == 0 else "assistant",
+                         "content": content, "timestamp": ts + i}
+        parent = mid
+        total += len(content) + 120
+        i += 1
+    return json.dumps({"title": "t", "history": {"messages": messages, "currentId": parent}, "messages": []})
+
+
 def dataset(total_mb: float, seed: int) -> list[Chat]:
     """Sizes modelled on a real 68 GB installation: 55% under 10 KB (mean 4 KB), 33% of
     10-100 KB (mean 27 KB), 12% of hundreds of KB to MBs (the tail, scaled to the set)."""
@@ -385,7 +412,11 @@ def install_baseline(cur, baseline) -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=150)
-    ap.add_argument("--big", type=int, default=2, help="chats of 30 MB added to the data")
+    ap.add_argument("--big", type=int, default=2, help="chats of --big-mb MB added to the data")
+    ap.add_argument("--big-mb", type=int, default=30)
+    ap.add_argument("--skewed", action="store_true",
+                    help="--mb of tiny chats (1 or 2 short messages) instead of the realistic mix, and big chats of "
+                         "short messages: most bytes and most messages in a few chats")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default=None)
     ap.add_argument("--fsync", choices=["on", "off"], default="on",
@@ -421,12 +452,14 @@ def main():
         "dsn": lambda db: f"host={kv['PGHOST']} port={kv['PGPORT']} user=postgres dbname={db}",
         "url": lambda db: f"postgresql://postgres@/{db}?host={kv['PGHOST']}&port={kv['PGPORT']}",
     }
-    print(f"generating ~{args.mb} MB of chats and {args.big} of 30 MB ...", flush=True)
-    chats = dataset(args.mb, args.seed)
+    print(f"generating ~{args.mb} MB of chats and {args.big} of {args.big_mb} MB ...", flush=True)
     rng = random.Random(args.seed + 1)
+    chats = skewed(rng, args.mb) if args.skewed else dataset(args.mb, args.seed)
     for i in range(args.big):
         cid = f"big{i:09x}"
-        chats.append(Chat(cid, "user-big", chat_of_size(rng, cid, 30_000_000)))
+        size = args.big_mb * 1_000_000
+        chats.append(Chat(cid, "user-big", chat_of_short_messages(rng, cid, size) if args.skewed
+                          else chat_of_size(rng, cid, size)))
     chats_mb = sum(len(c.chat) for c in chats) / 1e6
     template = "bench_template"
     admin = env["dsn"]("postgres")
@@ -505,9 +538,12 @@ def setup_line(facts, args) -> str:
     return (f"A throwaway PostgreSQL 15 cluster on this machine (2 cores): {durability}, shared_buffers "
             f"{facts['shared_buffers']}, max_wal_size 8GB; every method starts from a copy of the same loaded `chat` "
             f"table, after a CHECKPOINT. Data: {facts['n_chats']} generated chats, {facts['chats_mb']:.1f} MB of chat JSON "
-            f"({facts['stored_mb']:.1f} MB stored, TOAST-compressed; seed {args.seed}): 55% under 10 KB, 33% of "
-            f"10-100 KB, 12% of 150 KB to 4 MB, plus {args.big} chats of 30 MB; messages of 200 B to 20 KB "
-            f"(log-uniform); {text}. Each figure is the median of {args.repeat} run(s).")
+            f"({facts['stored_mb']:.1f} MB stored, TOAST-compressed; seed {args.seed}): "
+            + (f"the skewed set: tiny chats of 1 or 2 messages of 100-600 B, plus {args.big} chats of {args.big_mb} MB "
+               f"of such messages; {text}." if args.skewed else
+               f"55% under 10 KB, 33% of 10-100 KB, 12% of 150 KB to 4 MB, plus {args.big} chats of {args.big_mb} MB; "
+               f"messages of 200 B to 20 KB (log-uniform); {text}.")
+            + f" Each figure is the median of {args.repeat} run(s).")
 
 
 def render(results, facts, args) -> str:
@@ -560,8 +596,10 @@ def render(results, facts, args) -> str:
     ] + ["```"]
     parallel = render_parallel(by)
     return "\n".join([
-        f"Rerun: `.venv/bin/python bench/run.py --mb {args.mb:g} --big {args.big} --fsync {args.fsync} --text {args.text} "
-        f"--repeat {args.repeat}" + (f" --baseline {BASELINE['version']} LIBRARY SQL" if BASELINE else "") + "`. "
+        f"Rerun: `.venv/bin/python bench/run.py --mb {args.mb:g} --big {args.big} --big-mb {args.big_mb} --fsync {args.fsync} "
+        f"--text {args.text} --repeat {args.repeat}" + (" --skewed" if args.skewed else "")
+        + (f" --methods {args.methods}" if args.methods else "")
+        + (f" --baseline {BASELINE['version']} LIBRARY SQL" if BASELINE else "") + "`. "
         + setup_line(facts, args),
         "",
         *lines,

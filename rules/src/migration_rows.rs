@@ -609,31 +609,108 @@ pub(crate) trait FieldSlots<'a>: Default {
     fn slot(&mut self, key: &[u8]) -> Option<&mut Option<&'a str>>;
 }
 
-/// Reads the fields of a message; `None` if `raw` is not a JSON object (it was validated
-/// as JSON already). Other keys are skipped without building anything.
+/// Reads the fields of a message; `None` if `raw` is not a JSON object. `raw` was validated
+/// as JSON already (it is an entry the index found in a document it parsed whole), so its
+/// members are found by structure alone (`object_members`: quotes, backslashes and
+/// brackets), not parsed a second time; other keys are skipped without building anything.
 pub(crate) fn read_fields<'a, F: FieldSlots<'a>>(raw: &'a str) -> Option<F> {
-    struct FieldsVisitor<F>(std::marker::PhantomData<F>);
-    impl<'de, F: FieldSlots<'de>> Visitor<'de> for FieldsVisitor<F> {
-        type Value = F;
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("a message object")
+    let mut fields = F::default();
+    object_members(raw, |key, value| {
+        if let Some(slot) = fields.slot(&F::KEYS.of(key)) {
+            *slot = Some(value);
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut fields = F::default();
-            while let Some(key) = map.next_key::<&'de RawValue>()? {
-                match fields.slot(&F::KEYS.of(key.get())) {
-                    Some(slot) => *slot = Some(map.next_value::<&'de RawValue>()?.get()),
-                    None => {
-                        map.next_value::<IgnoredAny>()?;
-                    }
-                }
-            }
-            Ok(fields)
-        }
-    }
-    serde_json::Deserializer::from_str(raw).deserialize_map(FieldsVisitor(std::marker::PhantomData)).ok()
+    })?;
+    Some(fields)
 }
 
+/// Calls `each` with the raw key token (quotes included) and the raw value (no surrounding
+/// whitespace) of each member of `raw`, a JSON object that is known to be valid JSON, in
+/// order; `None` if it is not an object. The same slices serde_json's `RawValue` gives
+/// (`app_rows::scan::members`, which parses, and which the tests compare it with), found by structure alone:
+/// within valid JSON a string ends at the first quote not escaped by a backslash, and a
+/// nested value where its brackets balance outside strings. Never panics, whatever `raw`.
+pub(crate) fn object_members<'a>(raw: &'a str, mut each: impl FnMut(&'a str, &'a str)) -> Option<()> {
+    let b = raw.as_bytes();
+    let mut i = skip_ws(b, 0);
+    if *b.get(i)? != b'{' {
+        return None;
+    }
+    i = skip_ws(b, i + 1);
+    if *b.get(i)? == b'}' {
+        return Some(());
+    }
+    loop {
+        if *b.get(i)? != b'"' {
+            return None;
+        }
+        let key_end = string_end(b, i)?;
+        let key = raw.get(i..key_end)?;
+        i = skip_ws(b, key_end);
+        if *b.get(i)? != b':' {
+            return None;
+        }
+        let start = skip_ws(b, i + 1);
+        let end = value_end(b, start)?;
+        each(key, raw.get(start..end)?);
+        i = skip_ws(b, end);
+        match *b.get(i)? {
+            b',' => i = skip_ws(b, i + 1),
+            b'}' => return Some(()),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+        i += 1;
+    }
+    i
+}
+
+/// Just past the string token starting at `b[i]` (a quote).
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        j += memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        if b[j] == b'\\' {
+            j += 2;
+        } else {
+            return Some(j + 1);
+        }
+    }
+}
+
+/// Just past the value starting at `b[i]`.
+fn value_end(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => string_end(b, i),
+        b'{' | b'[' => {
+            // Outside strings only brackets matter; a string is skipped whole (memchr).
+            let mut depth = 0usize;
+            let mut j = i;
+            loop {
+                match *b.get(j)? {
+                    b'"' => {
+                        j = string_end(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some(j + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        // A number, true, false or null: up to the next delimiter.
+        _ => Some(i + b.get(i..)?.iter().position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r')).unwrap_or(b.len() - i)),
+    }
+}
 
 fn expand_message<'a>(key: Decoded<'a>, raw: &'a str, now: i64) -> Entry<'a> {
     let shown_key = || key.display();
@@ -687,7 +764,7 @@ fn expand_message<'a>(key: Decoded<'a>, raw: &'a str, now: i64) -> Entry<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -778,7 +855,7 @@ mod tests {
         assert_eq!(m.usage, big);
     }
 
-    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+    pub(crate) fn arb_json() -> impl Strategy<Value = serde_json::Value> {
         let leaf = prop_oneof![
             Just(serde_json::Value::Null),
             any::<bool>().prop_map(serde_json::Value::Bool),

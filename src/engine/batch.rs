@@ -12,6 +12,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
 use crate::engine::copy_feed::{push_binary_field, push_binary_null, push_escaped, CopySource};
+use crate::engine::direct_insert::DatumSource;
 use crate::pg::datums::{bool_array, datum_array, int8_array, text_datum, text_str};
 
 pub struct Rows {
@@ -201,9 +202,6 @@ impl Drop for Rows {
 }
 
 impl CopySource for Rows {
-    fn rows(&self) -> usize {
-        self.len()
-    }
 
     fn write_line(&self, i: usize, out: &mut Vec<u8>) {
         for (n, &field) in self.fields().iter().enumerate() {
@@ -249,6 +247,12 @@ impl CopySource for Rows {
                 Field::Updated => push_binary_field(out, &[], &self.updated[i].to_be_bytes()),
             }
         }
+    }
+}
+
+impl DatumSource for Rows {
+    fn rows(&self) -> usize {
+        self.len()
     }
 
     fn value(&self, n: usize, i: usize) -> Option<pg_sys::Datum> {

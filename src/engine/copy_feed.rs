@@ -9,22 +9,18 @@ use std::ffi::{c_char, c_int, c_void, CString};
 
 use pgrx::pg_sys;
 
-use crate::engine::direct_insert::{direct_columns, insert_direct};
+use crate::engine::direct_insert::{direct_columns, insert_direct, DatumSource};
 
 
-/// Rows to feed, produced on demand row by row, in COPY's text or binary format.
-pub trait CopySource {
-    fn rows(&self) -> usize;
+/// Rows to feed, produced on demand row by row, in COPY's text or binary format (or as
+/// datums, for the direct path).
+pub trait CopySource: DatumSource {
     /// Appends row `i` as one line of COPY's text format, newline included.
     fn write_line(&self, i: usize, out: &mut Vec<u8>);
     /// Appends row `i` as one tuple of COPY's binary format (its field count, then each field
     /// as a length and the bytes of its type's binary form); `jsonb[n]`: field `n` goes to a
     /// jsonb column, whose binary form starts with a version byte.
     fn write_binary(&self, i: usize, jsonb: &[bool], out: &mut Vec<u8>);
-    /// Row `i`'s field `n` as a datum of `value_type(n)` (`None`: NULL), for the direct
-    /// path (`direct_insert`); it lives as long as `self`.
-    fn value(&self, n: usize, i: usize) -> Option<pg_sys::Datum>;
-    fn value_type(&self, n: usize) -> pg_sys::Oid;
 }
 
 /// The start of COPY's binary format: its signature, no flags, no header extension.

@@ -14,7 +14,14 @@ use std::ffi::c_int;
 
 use pgrx::pg_sys;
 
-use crate::engine::copy_feed::CopySource;
+/// A batch's rows as datums, field by field.
+pub trait DatumSource {
+    fn rows(&self) -> usize;
+    /// Row `i`'s field `n` as a datum of `value_type(n)` (`None`: NULL); it lives as long
+    /// as `self`.
+    fn value(&self, n: usize, i: usize) -> Option<pg_sys::Datum>;
+    fn value_type(&self, n: usize) -> pg_sys::Oid;
+}
 
 /// COPY's own limits for one multi-insert (MAX_BUFFERED_TUPLES, MAX_BUFFERED_BYTES).
 const BUFFERED_ROWS: usize = 1000;
@@ -25,7 +32,7 @@ const BUFFERED_BYTES: usize = 65535;
 ///
 /// # Safety
 /// `rel` is open and locked against schema changes (RowExclusiveLock) until the write ends.
-pub unsafe fn direct_columns(rel: pg_sys::Relation, source: &dyn CopySource, names: &[&str]) -> Option<Vec<usize>> {
+pub unsafe fn direct_columns(rel: pg_sys::Relation, source: &dyn DatumSource, names: &[&str]) -> Option<Vec<usize>> {
     // SAFETY: the caller holds `rel` open; its relcache entry, trigger descriptor and tuple
     // descriptor stay valid while it does.
     unsafe {
@@ -81,7 +88,7 @@ pub unsafe fn direct_columns(rel: pg_sys::Relation, source: &dyn CopySource, nam
 ///
 /// # Safety
 /// As for `direct_columns`, with `positions` from it for the same `rel` and `source`.
-pub unsafe fn insert_direct(rel: pg_sys::Relation, source: &dyn CopySource, positions: &[usize]) -> u64 {
+pub unsafe fn insert_direct(rel: pg_sys::Relation, source: &dyn DatumSource, positions: &[usize]) -> u64 {
     // SAFETY: mirrors CopyFrom for a plain table: an executor state for the index and
     // trigger machinery, a ResultRelInfo with the indexes open, the AFTER trigger query
     // level opened before the first row and ended after the last, slots of the relation's

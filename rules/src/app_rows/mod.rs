@@ -25,7 +25,7 @@
 //! `scan`, `json_text`, `current_id`, `python_int`, `columns`, `load`.
 
 mod message;
-mod scan;
+pub(crate) mod scan;
 mod json_text;
 mod current_id;
 mod python_int;

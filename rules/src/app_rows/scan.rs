@@ -161,8 +161,8 @@ pub(super) fn member<'a>(object: &'a str, name: &str) -> Option<&'a str> {
     members(object).into_iter().rev().find(|(k, _)| Keys::Sanitized.of(k).as_ref() == name.as_bytes()).map(|(_, v)| v)
 }
 
-/// An object's members in order: (key token, value text).
-pub(super) fn members(object: &str) -> Vec<(&str, &str)> {
+/// An object's members in order: (key token, value text), as serde_json parses them.
+pub(crate) fn members(object: &str) -> Vec<(&str, &str)> {
     struct V;
     impl<'de> Visitor<'de> for V {
         type Value = Vec<(&'de str, &'de str)>;
@@ -178,4 +178,89 @@ pub(super) fn members(object: &str) -> Vec<(&str, &str)> {
         }
     }
     serde_json::Deserializer::from_str(object).deserialize_map(V).unwrap_or_default()
+}
+
+/// The structural scan of a message (`migration_rows::object_members`, which reads a message
+/// the index validated already) against the parsing one here.
+#[cfg(test)]
+mod structure_tests {
+    use proptest::prelude::*;
+
+    use crate::app_rows::scan::members;
+    use crate::migration_rows::object_members;
+    use crate::migration_rows::tests::arb_json;
+
+    fn members_by_structure(text: &str) -> Option<Vec<(&str, &str)>> {
+        let mut members = Vec::new();
+        object_members(text, |k, v| members.push((k, v))).map(|()| members)
+    }
+
+    /// A key as a JSON string token: as serde_json writes it, or every character as a
+    /// \u escape (surrogate pairs beyond the BMP).
+    fn key_token() -> impl Strategy<Value = String> {
+        ("\\PC{0,6}", any::<bool>()).prop_map(|(key, escaped)| {
+            if !escaped {
+                return serde_json::to_string(&key).unwrap();
+            }
+            let mut out = String::from("\"");
+            for unit in key.encode_utf16() {
+                out.push_str(&format!("\\u{unit:04x}"));
+            }
+            out.push('"');
+            out
+        })
+    }
+
+    #[test]
+    fn members_by_structure_on_hand_written_objects() {
+        for text in [
+            r#"{}"#,
+            r#" { } "#,
+            r#"{"a":1}"#,
+            r#"{ "a" : "x\"}" , "b":[1,{"c":"]"}],"a":null }"#,
+            r#"{"\\":"\\","q\"":{"[":"{"},"e":[],"f":{},"n":-1.5e+3,"t":true}"#,
+            "{\n\t\"k\"\r\n:\n[\n1\n,\n2\n]\n}",
+        ] {
+            assert_eq!(members_by_structure(text), Some(members(text)), "{text}");
+        }
+        // Not objects.
+        for text in [r#"[]"#, r#""s""#, "1", "", "{", r#"{"a""#, r#"{"a":"#, r#"{"a":1"#, r#"{"a":[}"#] {
+            assert_eq!(members_by_structure(text), None, "{text}");
+        }
+    }
+
+    proptest! {
+        /// Members found by structure are the members serde_json parses, on any valid
+        /// object: escapes, nesting, whitespace around every token, duplicate keys.
+        #[test]
+        fn members_by_structure_equal_members_parsed(
+            parts in prop::collection::vec(
+                (key_token(), arb_json(), any::<bool>(), "[ \t\n\r]{0,2}", "[ \t\n\r]{0,2}"), 0..8),
+            outer in "[ \t\n\r]{0,2}",
+        ) {
+            let body: Vec<String> = parts
+                .iter()
+                .map(|(k, v, pretty, a, b)| {
+                    let v = if *pretty { serde_json::to_string_pretty(v).unwrap() } else { v.to_string() };
+                    format!("{a}{k}{b}:{a}{v}{b}")
+                })
+                .collect();
+            let text = format!("{{{outer}{}{outer}}}", body.join(","));
+            prop_assert_eq!(members_by_structure(&text), Some(members(&text)));
+        }
+
+        /// Whatever the text (it is never invalid JSON in use), finding members never
+        /// panics; on every prefix of a valid object neither.
+        #[test]
+        fn members_by_structure_never_panics(text in "\\PC{0,64}", value in arb_json()) {
+            let _ = members_by_structure(&text);
+            let valid = serde_json::json!({"m": value}).to_string();
+            for end in 0..=valid.len() {
+                if let Some(prefix) = valid.get(..end) {
+                    let _ = members_by_structure(prefix);
+                }
+            }
+        }
+
+    }
 }
