@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 
 use pgrx::pg_sys;
 
-use crate::engine::direct_insert::{direct_columns, insert_direct, DatumSource};
+use crate::engine::direct_insert::{direct_columns, insert_direct, unwritten_domain, DatumSource};
 
 
 /// Rows to feed, produced on demand row by row, in COPY's text or binary format (or as
@@ -154,6 +154,15 @@ pub fn copy_rows(
     unsafe {
         let lockmode = pg_sys::RowExclusiveLock as c_int;
         let rel = pg_sys::table_open(target, lockmode);
+        if unwritten_domain(rel, names) {
+            // Refused inside the caller's subtransaction (a class it catches: never shown):
+            // the batch goes to the INSERT path.
+            pgrx::ereport!(
+                ERROR,
+                pgrx::PgSqlErrorCode::ERRCODE_INTEGRITY_CONSTRAINT_VIOLATION,
+                "chat_backfill: a column not written has a domain type, whose constraints only INSERT checks"
+            );
+        }
         if let Some(positions) = direct_columns(rel, &*source, names) {
             pgrx::debug1!("chat_backfill: direct insert of {} rows", (*source).rows());
             let written = insert_direct(rel, &*source, &positions);

@@ -27,6 +27,22 @@ pub trait DatumSource {
 const BUFFERED_ROWS: usize = 1000;
 const BUFFERED_BYTES: usize = 65535;
 
+/// Whether a column of `rel` that the batch does not write has a domain type: COPY (and so
+/// this path) would store NULL there without checking the domain's constraints, where the
+/// caller's own INSERT checks them (a NOT NULL domain refuses the row). Such a target gets
+/// the INSERT path.
+///
+/// # Safety
+/// As for `direct_columns`.
+pub unsafe fn unwritten_domain(rel: pg_sys::Relation, names: &[&str]) -> bool {
+    // SAFETY: the caller holds `rel` open; its tuple descriptor is valid while it does.
+    let desc = unsafe { pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att) };
+    desc.iter().any(|a| {
+        // SAFETY: a syscache lookup of the column's type.
+        !a.attisdropped && !names.contains(&a.name()) && unsafe { pg_sys::get_typtype(a.atttypid) } == pg_sys::TYPTYPE_DOMAIN as std::ffi::c_char
+    })
+}
+
 /// Where each field of `source` goes in the open relation `rel` (its attribute index), if
 /// the direct path may write it; `None`: COPY must.
 ///

@@ -293,3 +293,27 @@ def test_a_trigger_that_changes_client_encoding_during_a_binary_copy_corrupts_no
         cur.execute("SELECT count(*) FILTER (WHERE content::text = format('\"café ünïcode %s\"', "
                     "substr(chat_id, 2))), count(*) FROM chat_message")
         assert cur.fetchone() == (10, 10)
+
+
+def test_a_column_not_written_of_a_not_null_domain_refuses_rows_as_insert_does(cluster):
+    """The eighteenth review (low): COPY, and so the direct path, stored NULL in a column the
+    backfill does not write whose domain is NOT NULL, which the caller's own INSERT refuses.
+    Such a target gets the INSERT path: every row is rejected with 23502, none written."""
+    chats = chatgen.realistic_chats(seed=5, count=10)
+    db = cluster.create_db("domain_column")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        load_chats(conn, chats)
+        cur.execute(TARGET_DDL)
+        cur.execute("CREATE DOMAIN required AS text NOT NULL")
+        cur.execute("ALTER TABLE chat_message ADD COLUMN x required")
+        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected), array_agg(DISTINCT write_path) "
+                    "FROM backfill_chat_messages(now => %s, force => true)", (chatgen.NOW,))
+        inserted, rejected, paths = cur.fetchone()
+        cur.execute("SELECT count(*), array_agg(DISTINCT sqlstate) FROM chat_backfill.rejected_messages")
+        recorded, states = cur.fetchone()
+        # Control: without the domain column the same chats are written.
+        cur.execute("ALTER TABLE chat_message DROP COLUMN x")
+        cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s, force => true)", (chatgen.NOW,))
+        (written,) = cur.fetchone()
+    assert (inserted, paths, states) == (0, ["insert"], ["23502"]) and rejected == recorded == written > 0, \
+        (inserted, rejected, paths, recorded, states, written)

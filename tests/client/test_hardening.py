@@ -65,7 +65,7 @@ def one_shot(conn, extra="batch_size => 5000") -> dict:
         cur.execute(ONE_SHOT.format(extra=extra), {"now": NOW})
         names = [d.name for d in cur.description]
         rows = cur.fetchall()
-    totals = {n: 0 for n in names if n not in ("batch", "last_chat_id", "elapsed_ms")}
+    totals = {n: 0 for n in names if n not in ("batch", "last_chat_id", "elapsed_ms", "write_path")}
     for row in rows:
         for n, v in zip(names, row):
             if n in totals:
