@@ -312,13 +312,23 @@ impl Writer {
 
 /// The target's INITIALLY DEFERRED constraints (foreign keys, unique and exclusion
 /// constraints, constraint triggers), schema-qualified for SET CONSTRAINTS, which also
-/// reaches their copies on partitions; `None` when it has none.
+/// reaches their copies on partitions; `None` when it has none. SET CONSTRAINTS names a
+/// constraint by schema and name only, so it would also reach another table's constraint
+/// of the same name (a NOT DEFERRABLE one fails every write; a deferrable one would be left
+/// DEFERRED in the caller's transaction): a name that another table in the schema also
+/// uses, other than the target's own partitions, is left out, and its checks run at COMMIT
+/// as PostgreSQL defers them (the eighteenth review's low).
 fn deferred_constraints(target: pg_sys::Oid) -> Result<Option<String>> {
     Ok(crate::pg::read_only::get_one::<String>(
         "SELECT pg_catalog.string_agg(pg_catalog.format('%I.%I'::pg_catalog.text, n.nspname, c.conname), \
                                       ', '::pg_catalog.text ORDER BY c.conname) \
          FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.connamespace \
-         WHERE c.conrelid OPERATOR(pg_catalog.=) $1 AND c.condeferred",
+         WHERE c.conrelid OPERATOR(pg_catalog.=) $1 AND c.condeferred \
+           AND NOT EXISTS (SELECT FROM pg_catalog.pg_constraint o \
+                           WHERE o.connamespace OPERATOR(pg_catalog.=) c.connamespace \
+                             AND o.conname OPERATOR(pg_catalog.=) c.conname \
+                             AND o.conrelid OPERATOR(pg_catalog.<>) c.conrelid \
+                             AND o.conparentid OPERATOR(pg_catalog.<>) c.oid)",
         &[target.into()],
     )?)
 }

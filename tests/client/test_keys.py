@@ -257,6 +257,30 @@ def test_a_deferred_constraint_rejects_the_violating_chat_and_commits_the_rest(c
         assert cur.fetchall() == [("c07", "23503")]
 
 
+def test_another_tables_constraint_of_the_same_name_is_left_alone(cluster):
+    """The eighteenth review (low): SET CONSTRAINTS names a constraint by schema and name, so
+    another table's NOT DEFERRABLE constraint trigger named like the target's deferred
+    foreign key failed every write ("is not deferrable"): anyone who could create a table in
+    the schema could stop every backfill. Such a shared name is left to COMMIT now."""
+    db = deferred_db(cluster)
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO app_user VALUES ('ghost')")
+        cur.execute("CREATE FUNCTION nothing() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
+        cur.execute("CREATE TABLE other (a int)")
+        cur.execute("CREATE CONSTRAINT TRIGGER message_user AFTER INSERT ON other FOR EACH ROW EXECUTE FUNCTION nothing()")
+        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) FROM "
+                    "backfill_chat_messages('src', now => %s, source_filter => NULL, batch_size => 10)", (NOW,))
+        assert cur.fetchone() == (36, 0)
+        # What leaving the name out costs: its checks run at COMMIT, as PostgreSQL defers
+        # them, so a violating chat fails the transaction instead of being recorded (the test
+        # above shows it recorded where the name is the target's alone).
+        cur.execute("TRUNCATE chat_message")
+        cur.execute("DELETE FROM app_user WHERE id = 'ghost'")
+        with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+            cur.execute("SELECT sum(messages_inserted) FROM "
+                        "backfill_chat_messages('src', now => %s, source_filter => NULL, batch_size => 10)", (NOW,))
+
+
 def test_plan_names_deferred_constraints(cluster):
     db = deferred_db(cluster)
     with cluster.connect(db) as conn, conn.cursor() as cur:
