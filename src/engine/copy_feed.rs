@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 
 use pgrx::pg_sys;
 
-use crate::engine::direct_insert::{direct_columns, insert_direct, unwritten_domain, DatumSource};
+use crate::engine::direct_insert::{column_named, direct_columns, insert_direct, unwritten_domain, DatumSource};
 
 
 /// Rows to feed, produced on demand row by row, in COPY's text or binary format (or as
@@ -232,11 +232,7 @@ unsafe fn current_types(rel: pg_sys::Relation, names: &[&str]) -> Vec<pg_sys::Oi
     let desc = unsafe { pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att) };
     names
         .iter()
-        .map(|name| {
-            desc.iter()
-                .find(|a| !a.attisdropped && a.name() == *name)
-                .map_or(pg_sys::InvalidOid, |a| a.atttypid)
-        })
+        .map(|name| column_named(&desc, name).map_or(pg_sys::InvalidOid, |(_, a)| a.atttypid))
         .collect()
 }
 

@@ -27,6 +27,11 @@ pub trait DatumSource {
 const BUFFERED_ROWS: usize = 1000;
 const BUFFERED_BYTES: usize = 65535;
 
+/// The live (not dropped) column called `name` in `desc`: its attribute index and attribute.
+pub fn column_named<'a>(desc: &'a pgrx::PgTupleDesc<'_>, name: &str) -> Option<(usize, &'a pg_sys::FormData_pg_attribute)> {
+    desc.iter().enumerate().find(|(_, a)| !a.attisdropped && a.name() == name)
+}
+
 /// Whether a column of `rel` that the batch does not write has a domain type: COPY (and so
 /// this path) would store NULL there without checking the domain's constraints, where the
 /// caller's own INSERT checks them (a NOT NULL domain refuses the row). Such a target gets
@@ -70,7 +75,7 @@ pub unsafe fn direct_columns(rel: pg_sys::Relation, source: &dyn DatumSource, na
         let desc = pgrx::PgTupleDesc::from_pg_unchecked((*rel).rd_att);
         let mut positions = Vec::with_capacity(names.len());
         for (n, name) in names.iter().enumerate() {
-            let (at, attribute) = desc.iter().enumerate().find(|(_, a)| !a.attisdropped && a.name() == *name)?;
+            let (at, attribute) = column_named(&desc, name)?;
             let ours = source.value_type(n);
             let same = attribute.atttypid == ours
                 || (ours == pg_sys::TEXTOID && attribute.atttypid == pg_sys::VARCHAROID && attribute.atttypmod < 0);
