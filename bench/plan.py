@@ -5,7 +5,8 @@
 The data is bench/run.py's (same generator and seed) plus --big chats of 30 MB each (the
 largest chats real installations have). A throwaway cluster with PostgreSQL's default
 durability (fsync and synchronous_commit on). For each DDL mode and sample size: plan() on
-a fresh copy (its own time is reported), then the one-transaction run (force => true)
+a fresh copy (its own time is reported), then the one-transaction run with its defaults
+(admission control included: what admission took, from its DEBUG1 line, is reported too)
 measured for time, WAL (pg_current_wal_lsn before and after), target growth
 (pg_total_relation_size), rows and chats; then the target is emptied and the committing
 CALL is timed. Ratios are estimate / measured. In bulk-load order the plan estimates the load
@@ -61,15 +62,6 @@ def measure(dsn, ddl, sample) -> dict:
         cur.execute("SELECT item, value FROM chat_backfill.plan() WHERE value IS NOT NULL")
         est = {k: float(v) for k, v in cur.fetchall()}
         est["plan seconds"] = time.monotonic() - began
-        # Admission control's own cost: the one-transaction form refused by a limit of zero
-        # right after its estimate (the refusal is all it does).
-        cur.execute("SET chat_backfill.max_atomic_wal = 0")
-        began = time.monotonic()
-        try:
-            cur.execute("SELECT * FROM backfill_chat_messages(now => %s)", (NOW,))
-        except psycopg2.errors.ConfigurationLimitExceeded:
-            est["admission seconds"] = time.monotonic() - began
-        cur.execute("RESET chat_backfill.max_atomic_wal")
         # What the estimate's constants are fitted from: the trial's parts, logged at DEBUG1.
         cur.execute("SET client_min_messages = debug1")
         cur.execute("SELECT count(*) FROM chat_backfill.plan()")
@@ -82,11 +74,20 @@ def measure(dsn, ddl, sample) -> dict:
         cur.execute("CHECKPOINT")
         cur.execute("SELECT pg_total_relation_size('chat_message'), pg_current_wal_lsn()")
         size0, lsn0 = cur.fetchone()
+        # The run as a user starts it, admission control included; what admission took is in
+        # its DEBUG1 line.
+        cur.execute("SET client_min_messages = debug1")
+        conn.notices.clear()
         began = time.monotonic()
         cur.execute("SELECT sum(messages_inserted + messages_rejected + messages_existing), sum(chats_read) "
-                    "FROM backfill_chat_messages(now => %s, force => true)", (NOW,))
+                    "FROM backfill_chat_messages(now => %s)", (NOW,))
         messages, chats = cur.fetchone()
         seconds = time.monotonic() - began
+        cur.execute("RESET client_min_messages")
+        admitted = [n for n in conn.notices if "chat_backfill admission:" in n]
+        if admitted:
+            est["admission seconds"] = float(admitted[-1].split("admission:")[1].split(" s,")[0])
+            est["admission looks"] = 1.0 if "first look" in admitted[-1] else 2.0
         cur.execute("SELECT pg_total_relation_size('chat_message') - %s, pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
                     (size0, lsn0))
         grown, wal = cur.fetchone()
@@ -171,7 +172,7 @@ def render(results, n_chats, chats_mb, source_bytes, version, args) -> str:
         f"{chats_mb:.1f} MB of JSON, {source_bytes / 1e6:.1f} MB as stored. PostgreSQL {version}, fsync and "
         f"synchronous_commit on, shared_buffers 1GB, 2 cores. Medians of {args.repeat} runs each (each on a fresh copy of the data).",
         "",
-        "| DDL mode | sample | plan() s | admission s | sample % | " + " | ".join(f"{label}: est / measured (ratio)" for _, label in ITEMS) + " |",
+        "| DDL mode | sample | plan() s | admission s (% of the run; looks) | sample % | " + " | ".join(f"{label}: est / measured (ratio)" for _, label in ITEMS) + " |",
         "|---|---|---:|---:|---:|" + "---:|" * len(ITEMS),
     ]
     for r in results:
@@ -184,12 +185,21 @@ def render(results, n_chats, chats_mb, source_bytes, version, args) -> str:
             ratio = est / float(got) if got else float("nan")
             cells.append(f"{fmt(est, item)} / {fmt(got, item)} ({ratio:.2f})")
         lines.append(f"| {r['mode']} | {r['sample']} | {r['est']['plan seconds']:.2f} | "
-                     f"{r['est'].get('admission seconds', float('nan')):.2f} | {r['est'].get('sample', 0):.1f} | "
+                     f"{admission(r)} | {r['est'].get('sample', 0):.1f} | "
                      + " | ".join(cells) + " |")
     worst = max(max(r["est"][i] / float(r["got"][i]), float(r["got"][i]) / r["est"][i])
                 for r in results for i, _ in ITEMS if r["got"][i] and r["est"].get(i))
     lines += ["", f"Largest deviation either way: {worst:.2f}x."]
     return "\n".join(lines) + "\n"
+
+
+def admission(r) -> str:
+    """What admission control took inside the measured one-transaction run."""
+    took = r["est"].get("admission seconds")
+    if took is None:
+        return "-"
+    return (f"{took:.3f} ({100 * took / float(r['got']['estimated_seconds']):.1f}%; "
+            f"{r['est'].get('admission looks', 0):.0f})")
 
 
 def fmt(value, item) -> str:

@@ -81,7 +81,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"chat_backfill.plan_sample_size",
         c"How much chat text plan() and admission control read and trial-insert.",
-        c"A larger sample gives better estimates and takes longer; the sample is rolled back.",
+        c"A larger sample gives better estimates and takes longer; the sample is rolled back. Admission looks at a 64th of the source first, within this.",
         &PLAN_SAMPLE_SIZE,
         64,
         1024 * 1024,

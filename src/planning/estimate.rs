@@ -32,6 +32,14 @@ use crate::planning::calibration::{Calibration, Compression, Sizes};
 /// the sample is expanded and counted only. Enough for a stable compression ratio and
 /// index growth, small beside the run it prices (the writing is most of a run's cost).
 const CALIBRATION_CHAT_BYTES: usize = 2 << 20;
+/// Admission's first look (`Depth::Quick`): a sample of the source's stored bytes divided by
+/// QUICK_SHARE, at least QUICK_MIN_BYTES (and at most the setting), of which the rows of the
+/// first QUICK_CALIBRATION_BYTES of chat text are written. Its cost grows with the source, as
+/// the run's does: the full sample cost up to 9% of a one-second run of many small chats
+/// (issue 23's skewed set), most of it in expanding and writing, not in the catalog work.
+const QUICK_SHARE: i64 = 64;
+const QUICK_MIN_BYTES: i64 = 1 << 20;
+const QUICK_CALIBRATION_BYTES: usize = 512 << 10;
 /// Messages per batch while a page sample is written, so that the writing stops close to
 /// CALIBRATION_CHAT_BYTES (a run's batch holds up to 8 MB of rows). Not for a source read
 /// whole, whose batches are counted as the run will cut them.
@@ -52,6 +60,17 @@ const WAL_PER_INDEX_ENTRY: f64 = 100.0;
 const WRITE_COST: f64 = 1.0;
 const WAL_BYTES_PER_SECOND: f64 = 4.0e8;
 const SECONDS_PER_INDEX_ENTRY: f64 = 1.4e-6;
+
+/// How much a trial reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// `chat_backfill.plan_sample_size` of the source, the rows of its first
+    /// CALIBRATION_CHAT_BYTES of chat text written: plan(), and admission near its limit.
+    Full,
+    /// A sample in proportion to the source (QUICK_SHARE), less written: admission's first
+    /// look, which only has to tell a run far below its limit.
+    Quick,
+}
 
 /// What the trial read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,12 +132,18 @@ pub struct CompressionAdvice {
 /// `full`: plan()'s estimate, which also prices the committing form's COMMITs (one WAL
 /// flush, `seconds_resumable`; zero otherwise) and compares compressions; admission control
 /// needs only the WAL.
-pub fn measure(settings: &Settings, full: bool) -> Result<Estimate> {
+pub fn measure(settings: &Settings, full: bool, depth: Depth) -> Result<Estimate> {
     refuse_read_only()?;
     let source = source_size(settings.source.oid)?;
-    let budget = gucs::plan_sample_bytes();
+    let setting = gucs::plan_sample_bytes();
+    let (budget, calibration) = match depth {
+        Depth::Full => (setting, CALIBRATION_CHAT_BYTES),
+        Depth::Quick => {
+            ((source.stored / QUICK_SHARE).clamp(QUICK_MIN_BYTES.min(setting), setting), QUICK_CALIBRATION_BYTES)
+        }
+    };
     if !source.has_pages {
-        return first_rows(settings, full, budget);
+        return first_rows(settings, full, budget, calibration);
     }
     let mut percent = if source.total <= budget { 100.0 } else { 100.0 * budget as f64 / source.total as f64 };
     // A sample that lands on no chat passing source_filter is read once more, ten times
@@ -181,7 +206,7 @@ pub fn measure(settings: &Settings, full: bool) -> Result<Estimate> {
         }
     };
     let sampled = (percent < 100.0).then_some(percent);
-    let trial = run_trial(settings, sampled, full, None)?;
+    let trial = run_trial(settings, sampled, full, None, calibration)?;
     let sampling = if sampled.is_some() { Sampling::Pages } else { Sampling::Whole };
     let measured = Measured { sampling, percent, scale, byte_scale, chats: sample.chats, chat_bytes: sample.bytes };
     scale_up(settings, &measured, &trial)
@@ -191,8 +216,8 @@ pub fn measure(settings: &Settings, full: bool) -> Result<Estimate> {
 /// of chat text have been read, scaled by the planner's estimate of the rows that pass the
 /// filter. Biased towards what the scan meets first, and as good as the planner's estimate:
 /// the plan says so.
-fn first_rows(settings: &Settings, full: bool, budget: i64) -> Result<Estimate> {
-    let trial = run_trial(settings, None, full, Some(budget.max(1) as usize))?;
+fn first_rows(settings: &Settings, full: bool, budget: i64, calibration: usize) -> Result<Estimate> {
+    let trial = run_trial(settings, None, full, Some(budget.max(1) as usize), calibration)?;
     let (sampling, scale, percent) = if trial.whole || trial.chats == 0 {
         (Sampling::Whole, 1.0, 100.0)
     } else {
@@ -318,9 +343,15 @@ struct Trial {
 
 /// Runs the engine over `sample_percent` of the source (all: `None`), stopping once
 /// `budget` bytes of chat text have gone through, in a subtransaction that is rolled back.
-/// The rows of the first CALIBRATION_CHAT_BYTES of chat text are written into a temporary
+/// The rows of the first `calibration_bytes` of chat text are written into a temporary
 /// table made like the target (`calibration`); the rest are expanded and counted only.
-fn run_trial(settings: &Settings, sample_percent: Option<f64>, full: bool, budget: Option<usize>) -> Result<Trial> {
+fn run_trial(
+    settings: &Settings,
+    sample_percent: Option<f64>,
+    full: bool,
+    budget: Option<usize>,
+    calibration_bytes: usize,
+) -> Result<Trial> {
     let mut trial = settings.clone();
     trial.sample_percent = sample_percent;
     trial.trial = true;
@@ -342,7 +373,7 @@ fn run_trial(settings: &Settings, sample_percent: Option<f64>, full: bool, budge
         let mut calibrated = false;
         let mut calibration = (0, 0);
         while run.next_batch()?.is_some() {
-            if !calibrated && run.chat_bytes_read() >= CALIBRATION_CHAT_BYTES {
+            if !calibrated && run.chat_bytes_read() >= calibration_bytes {
                 calibrated = true;
                 run.count_only();
                 if small_batches {

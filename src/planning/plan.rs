@@ -70,7 +70,7 @@ pub(crate) fn findings(request: Request<'_>) -> Result<Vec<Finding>> {
         }
     };
     let settings = request.check()?;
-    let estimate = estimate::measure(&settings, true)?;
+    let estimate = estimate::measure(&settings, true, estimate::Depth::Full)?;
     if stored.is_none() {
         out.push(unstored_source_size(&source, Some(&estimate)));
     }

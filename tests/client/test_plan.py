@@ -11,6 +11,7 @@ tests/pg_regress/sql/plan.sql.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import psycopg2
@@ -501,6 +502,43 @@ def test_the_trial_needs_temporary_and_takes_a_free_name(cluster):
         for n in range(8):
             cur.execute(f'CREATE TEMP TABLE "chat_backfill_trial_{pid}_{n}" ()')
         assert plan(cur)["estimated_messages"][1] > 0
+
+
+def test_admission_looks_twice_only_near_its_limit(cluster):
+    """Issue 23: admission's first look is a sample in proportion to the source (the full
+    one cost up to 9% of a short run); it admits a run estimated at no more than half the
+    limit. Nearer the limit, or over it, plan()'s own sample decides, so a refusal never rests
+    on the small one."""
+    db = make_db(cluster, chatgen.realistic_chats(seed=31, count=800, content_bytes=(300, 5000), messages=(2, 24)),
+                 "plan_looks")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        wal = plan(cur)["estimated_wal_bytes"][1]
+        assert wal > 8 << 20, "limits in whole MB need a bigger estimate: this test could not tell the looks apart"
+
+        def admission(limit_mb):
+            cur.execute(f"SET chat_backfill.max_atomic_wal = '{limit_mb}MB'")
+            cur.execute("SET client_min_messages = debug1")
+            conn.notices.clear()
+            cur.execute("BEGIN")
+            try:
+                cur.execute("SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s)", (NOW,))
+                refused = None
+            except psycopg2.Error as e:
+                refused = e.pgcode
+            cur.execute("ROLLBACK")
+            said = [n.split("admission: ")[1] for n in conn.notices if "chat_backfill admission:" in n]
+            assert len(said) == 1, conn.notices
+            return refused, said[0]
+
+        mb = wal / (1 << 20)
+        refused, said = admission(math.ceil(mb * 4))
+        assert refused is None and "admitted at the first look" in said, said
+        refused, said = admission(math.ceil(mb * 1.25))
+        assert refused is None and "admitted at the second look" in said, said
+        refused, said = admission(math.floor(mb * 0.8))
+        assert refused == "53400" and "refused at the second look" in said, said
+        cur.execute("SELECT count(*) FROM chat_message")
+        assert cur.fetchone() == (0,)
 
 
 def test_admission_refuses_over_max_atomic_wal_with_a_hint_and_force_runs(cluster):
