@@ -61,7 +61,11 @@ impl<T> OrRaise<T> for Result<T> {
 
 /// The five-character SQLSTATE of a PostgreSQL error code (unpacks MAKE_SQLSTATE).
 pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
-    let packed = code as i32;
+    packed_sqlstate_text(code as i32)
+}
+
+/// The same, of a code as PostgreSQL packed it, which may be one PgSqlErrorCode lacks.
+pub fn packed_sqlstate_text(packed: i32) -> String {
     (0..5).map(|i| (((packed >> (6 * i)) & 0x3F) as u8 + b'0') as char).collect()
 }
 

@@ -313,6 +313,39 @@ def test_rows_a_trigger_drops_are_counted(cluster):
         assert cur.fetchone() == ("finished", 12, 12, 0)
 
 
+def test_a_trigger_raising_a_sqlstate_of_its_own_rejects_its_rows_and_the_run_goes_on(cluster):
+    """The eighteenth review (low, left then): pgrx turns a SQLSTATE its error enum lacks
+    into XX000, so an AFTER ROW trigger raising `USING ERRCODE = 'P0999'` for some rows
+    stopped the whole run, on every write path, instead of those rows being recorded. The
+    code is read as PostgreSQL raised it now. A code of a class that is not about the data
+    still stops the run, and its detail names the code."""
+    db = cluster.create_db("own_sqlstate")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE src (id text PRIMARY KEY, user_id text, chat json)")
+        for n in range(6):
+            cur.execute("INSERT INTO src VALUES (%s, 'u', %s)", (f"c{n}", chat_doc(4, f"c{n}")))
+        cur.execute(TARGET.format(name="chat_message"))
+        cur.execute("""CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
+                       $$BEGIN IF NEW.role = 'assistant' THEN
+                         RAISE EXCEPTION 'no assistants' USING ERRCODE = current_setting('test.code');
+                       END IF; RETURN NULL; END$$""")
+        cur.execute("CREATE TRIGGER picky AFTER INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION picky()")
+        cur.execute("SET test.code = 'P0999'")
+        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) "
+                    "FROM backfill_chat_messages('src', now => %s, source_filter => NULL)", (NOW,))
+        assert cur.fetchone() == (12, 12)
+        cur.execute("SELECT count(*), array_agg(DISTINCT sqlstate), array_agg(DISTINCT error) "
+                    "FROM chat_backfill.rejected_messages")
+        count, states, reasons = cur.fetchone()
+        assert (count, states) == (12, ["P0999"]) and "no assistants" in reasons[0], (count, states, reasons)
+        cur.execute("TRUNCATE chat_message")
+        cur.execute("SET test.code = 'U0001'")
+        with pytest.raises(psycopg2.Error) as e:
+            cur.execute("SELECT * FROM backfill_chat_messages('src', now => %s, source_filter => NULL)", (NOW,))
+        assert e.value.diag.message_primary == "no assistants", e.value.diag.message_primary
+        assert "raised with SQLSTATE U0001" in (e.value.diag.message_detail or ""), e.value.diag.message_detail
+
+
 def encoded_db(cluster, encoding: str) -> str:
     db = f"enc_{encoding.lower()}"
     with cluster.connect() as conn, conn.cursor() as cur:
