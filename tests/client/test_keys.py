@@ -290,13 +290,18 @@ def test_plan_names_deferred_constraints(cluster):
         assert status == "info" and "message_user FOREIGN KEY (user_id) REFERENCES app_user(id) DEFERRABLE INITIALLY DEFERRED" in detail
 
 
+def six_chats_of_two_roles(cur):
+    """A source `src` of 6 chats of 4 messages (2 users', 2 assistants'), and the target."""
+    cur.execute("CREATE TABLE src (id text PRIMARY KEY, user_id text, chat json)")
+    for n in range(6):
+        cur.execute("INSERT INTO src VALUES (%s, 'u', %s)", (f"c{n}", chat_doc(4, f"c{n}")))
+    cur.execute(TARGET.format(name="chat_message"))
+
+
 def test_rows_a_trigger_drops_are_counted(cluster):
     db = cluster.create_db("dropped")
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE src (id text PRIMARY KEY, user_id text, chat json)")
-        for n in range(6):
-            cur.execute("INSERT INTO src VALUES (%s, 'u', %s)", (f"c{n}", chat_doc(4, f"c{n}")))
-        cur.execute(TARGET.format(name="chat_message"))
+        six_chats_of_two_roles(cur)
         cur.execute("""CREATE FUNCTION no_assistants() RETURNS trigger LANGUAGE plpgsql AS
                        $$BEGIN IF NEW.role = 'assistant' THEN RETURN NULL; END IF; RETURN NEW; END$$""")
         cur.execute("CREATE TRIGGER no_assistants BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION no_assistants()")
@@ -321,10 +326,7 @@ def test_a_trigger_raising_a_sqlstate_of_its_own_rejects_its_rows_and_the_run_go
     still stops the run, and its detail names the code."""
     db = cluster.create_db("own_sqlstate")
     with cluster.connect(db) as conn, conn.cursor() as cur:
-        cur.execute("CREATE TABLE src (id text PRIMARY KEY, user_id text, chat json)")
-        for n in range(6):
-            cur.execute("INSERT INTO src VALUES (%s, 'u', %s)", (f"c{n}", chat_doc(4, f"c{n}")))
-        cur.execute(TARGET.format(name="chat_message"))
+        six_chats_of_two_roles(cur)
         cur.execute("""CREATE FUNCTION picky() RETURNS trigger LANGUAGE plpgsql AS
                        $$BEGIN IF NEW.role = 'assistant' THEN
                          RAISE EXCEPTION 'no assistants' USING ERRCODE = current_setting('test.code');
