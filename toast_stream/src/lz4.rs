@@ -1,0 +1,278 @@
+//! A streaming decoder for the LZ4 block format, which is what PostgreSQL stores for
+//! `COMPRESSION lz4` (the output of `LZ4_compress_default`, no frame, no checksum), so
+//! a TOASTed value can be decompressed as its chunks arrive.
+//!
+//! The format: a sequence of (token, literals, match). The token's high nibble is the
+//! literal count, its low nibble the match length minus 4; a nibble of 15 is followed by
+//! extension bytes that each add 0..=255, continuing while a byte is 255. Then the
+//! literals, a 2-byte little-endian offset (1..=65535), and the match-length extension.
+//! The block ends after the literals of a sequence: the last sequence has no offset
+//! and no match, and the only way to know it is last is that the input ends there.
+//!
+//! What counts as corrupt: offset 0 or reaching before the start of the output, output
+//! longer than the declared raw size, input ending anywhere but right after a
+//! sequence's literals, and (unlike PostgreSQL, which accepts any length up to the
+//! declared size) a final length other than the raw size. The format's end-of-block
+//! rules for encoders (last 5 bytes are literals, last match starts 12 bytes before
+//! the end) are not checked: the reference decoder does not need them either.
+
+use crate::error::DecodeError;
+use crate::window::Window;
+
+/// How far back an lz4 match can reach (the offset is 16 bits).
+pub const LZ4_WINDOW: usize = 65535;
+
+const MIN_MATCH: usize = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Expecting a token.
+    Token,
+    /// Reading literal-length extension bytes.
+    LiteralLen { literals: usize, match_nibble: u8 },
+    /// Copying `left` more literal bytes.
+    Literals { left: usize, match_nibble: u8 },
+    /// After a sequence's literals: the end of the block, or the first offset byte.
+    Offset { match_nibble: u8 },
+    /// Have the low offset byte, expecting the high one.
+    OffsetHigh { low: u8, match_nibble: u8 },
+    /// Reading match-length extension bytes.
+    MatchLen { offset: usize, len: usize },
+}
+
+pub struct Lz4Decoder {
+    window: Window,
+    raw_size: u64,
+    state: State,
+    done: bool,
+}
+
+impl Lz4Decoder {
+    /// A decoder for a block that decompresses to exactly `raw_size` bytes.
+    pub fn new(raw_size: u64) -> Lz4Decoder {
+        Lz4Decoder {
+            window: Window::new(LZ4_WINDOW),
+            raw_size,
+            state: State::Token,
+            done: false,
+        }
+    }
+
+    /// Bytes of output so far.
+    pub fn produced(&self) -> u64 {
+        self.window.produced()
+    }
+
+    /// Decodes `input`, the next bytes of the block, handing the output to `out` (in
+    /// pieces of any size; all of the output `input` completes is handed over before
+    /// this returns). After an error the decoder is unusable.
+    pub fn feed(&mut self, input: &[u8], out: &mut impl FnMut(&[u8])) -> Result<(), DecodeError> {
+        if self.done {
+            return Err(DecodeError::Finished);
+        }
+        let result = self.feed_inner(input, out);
+        self.window.flush(out);
+        if result.is_err() {
+            self.done = true;
+        }
+        result
+    }
+
+    /// Fails if `more` bytes of output would pass the raw size. Checked as lengths are
+    /// read, so a corrupt run of 255s errors early instead of counting towards overflow.
+    fn check_room(&self, more: usize) -> Result<(), DecodeError> {
+        if self.window.produced() + more as u64 > self.raw_size {
+            return Err(DecodeError::OutputTooLong {
+                raw_size: self.raw_size,
+            });
+        }
+        Ok(())
+    }
+
+    fn feed_inner(&mut self, input: &[u8], out: &mut impl FnMut(&[u8])) -> Result<(), DecodeError> {
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                State::Token => {
+                    let token = input[i];
+                    i += 1;
+                    let literals = (token >> 4) as usize;
+                    let match_nibble = token & 0x0f;
+                    self.state = if literals == 15 {
+                        State::LiteralLen {
+                            literals,
+                            match_nibble,
+                        }
+                    } else if literals == 0 {
+                        // No literals: straight to where the block may end.
+                        State::Offset { match_nibble }
+                    } else {
+                        self.check_room(literals)?;
+                        State::Literals {
+                            left: literals,
+                            match_nibble,
+                        }
+                    };
+                }
+                State::LiteralLen {
+                    literals,
+                    match_nibble,
+                } => {
+                    let b = input[i];
+                    i += 1;
+                    let literals = literals + b as usize;
+                    self.check_room(literals)?;
+                    self.state = if b == 255 {
+                        State::LiteralLen {
+                            literals,
+                            match_nibble,
+                        }
+                    } else {
+                        State::Literals {
+                            left: literals,
+                            match_nibble,
+                        }
+                    };
+                }
+                State::Literals { left, match_nibble } => {
+                    let n = left.min(input.len() - i);
+                    self.window.push(&input[i..i + n], out);
+                    i += n;
+                    self.state = if n == left {
+                        State::Offset { match_nibble }
+                    } else {
+                        State::Literals {
+                            left: left - n,
+                            match_nibble,
+                        }
+                    };
+                }
+                State::Offset { match_nibble } => {
+                    // Input after the literals: this was not the last sequence.
+                    self.state = State::OffsetHigh {
+                        low: input[i],
+                        match_nibble,
+                    };
+                    i += 1;
+                }
+                State::OffsetHigh { low, match_nibble } => {
+                    let offset = u16::from_le_bytes([low, input[i]]) as usize;
+                    i += 1;
+                    let produced = self.window.produced();
+                    if offset == 0 || offset as u64 > produced {
+                        return Err(DecodeError::BadOffset { offset, produced });
+                    }
+                    let len = match_nibble as usize + MIN_MATCH;
+                    if match_nibble == 15 {
+                        self.state = State::MatchLen { offset, len };
+                    } else {
+                        self.check_room(len)?;
+                        self.window.copy(offset, len, out);
+                        self.state = State::Token;
+                    }
+                }
+                State::MatchLen { offset, len } => {
+                    let b = input[i];
+                    i += 1;
+                    let len = len + b as usize;
+                    self.check_room(len)?;
+                    if b == 255 {
+                        self.state = State::MatchLen { offset, len };
+                    } else {
+                        self.window.copy(offset, len, out);
+                        self.state = State::Token;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the block: the input must have ended right after a sequence's literals and
+    /// the output must be exactly the raw size. Returns the output length.
+    pub fn finish(&mut self, out: &mut impl FnMut(&[u8])) -> Result<u64, DecodeError> {
+        if self.done {
+            return Err(DecodeError::Finished);
+        }
+        self.done = true;
+        self.window.flush(out);
+        if !matches!(self.state, State::Offset { .. }) {
+            return Err(DecodeError::Truncated);
+        }
+        let produced = self.window.produced();
+        if produced != self.raw_size {
+            return Err(DecodeError::OutputTooShort {
+                raw_size: self.raw_size,
+                produced,
+            });
+        }
+        Ok(produced)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(raw_size: u64, input: &[u8]) -> Result<Vec<u8>, DecodeError> {
+        let mut got = Vec::new();
+        let mut d = Lz4Decoder::new(raw_size);
+        let mut sink = |b: &[u8]| got.extend_from_slice(b);
+        d.feed(input, &mut sink)?;
+        d.finish(&mut sink)?;
+        Ok(got)
+    }
+
+    #[test]
+    fn literals_overlapping_match_and_last_literals() {
+        // 'a', match offset 1 length 4+1, then last sequence 'b'.
+        let input = [0x11, b'a', 0x01, 0x00, 0x10, b'b'];
+        assert_eq!(decode(7, &input).unwrap(), b"aaaaaab");
+    }
+
+    #[test]
+    fn length_extensions() {
+        // 15 + 255 + 0 = 270 literals; match 4 + 15 + 255 + 1 = 275 at offset 270.
+        let lits: Vec<u8> = (0..270u32).map(|i| (i * 13 % 256) as u8).collect();
+        let mut input = vec![0xff, 255, 0];
+        input.extend_from_slice(&lits);
+        input.extend_from_slice(&[0x0e, 0x01, 255, 1]);
+        input.push(0x00); // last sequence: no literals
+        let mut expect = lits.clone();
+        for k in 0..275 {
+            expect.push(expect[k]);
+        }
+        assert_eq!(decode(expect.len() as u64, &input).unwrap(), expect);
+    }
+
+    #[test]
+    fn corrupt_inputs_are_errors() {
+        assert!(matches!(
+            decode(10, &[0x10, b'a', 0x00, 0x00, 0x00]),
+            Err(DecodeError::BadOffset { offset: 0, .. })
+        ));
+        assert!(matches!(
+            decode(10, &[0x10, b'a', 0x02, 0x00, 0x00]),
+            Err(DecodeError::BadOffset { offset: 2, .. })
+        ));
+        assert!(matches!(
+            decode(4, &[0x10, b'a', 0x01, 0x00, 0x00]),
+            Err(DecodeError::OutputTooLong { .. })
+        ));
+        // A run of 255s never loops or overflows: it passes the raw size and stops.
+        assert!(matches!(
+            decode(1000, &[0xf0; 1].iter().chain([255u8; 100].iter()).copied().collect::<Vec<_>>()),
+            Err(DecodeError::OutputTooLong { .. })
+        ));
+        // Input ending inside literals, an offset, a length extension, or before any token.
+        assert_eq!(decode(3, &[0x30, b'a']), Err(DecodeError::Truncated));
+        assert_eq!(decode(9, &[0x10, b'a', 0x01]), Err(DecodeError::Truncated));
+        assert_eq!(decode(999, &[0x1f, b'a', 0x01, 0x00, 255]), Err(DecodeError::Truncated));
+        assert_eq!(decode(0, &[]), Err(DecodeError::Truncated));
+        // A block that ends after a match (no final literals sequence).
+        assert_eq!(decode(5, &[0x10, b'a', 0x01, 0x00]), Err(DecodeError::Truncated));
+        assert!(matches!(decode(5, &[0x10, b'a']), Err(DecodeError::OutputTooShort { .. })));
+        // Empty value: a single empty token.
+        assert_eq!(decode(0, &[0x00]).unwrap(), b"");
+    }
+}
