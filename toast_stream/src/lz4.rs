@@ -261,17 +261,33 @@ mod tests {
         ));
         // A run of 255s never loops or overflows: it passes the raw size and stops.
         assert!(matches!(
-            decode(1000, &[0xf0; 1].iter().chain([255u8; 100].iter()).copied().collect::<Vec<_>>()),
+            decode(
+                1000,
+                &[0xf0; 1]
+                    .iter()
+                    .chain([255u8; 100].iter())
+                    .copied()
+                    .collect::<Vec<_>>()
+            ),
             Err(DecodeError::OutputTooLong { .. })
         ));
         // Input ending inside literals, an offset, a length extension, or before any token.
         assert_eq!(decode(3, &[0x30, b'a']), Err(DecodeError::Truncated));
         assert_eq!(decode(9, &[0x10, b'a', 0x01]), Err(DecodeError::Truncated));
-        assert_eq!(decode(999, &[0x1f, b'a', 0x01, 0x00, 255]), Err(DecodeError::Truncated));
+        assert_eq!(
+            decode(999, &[0x1f, b'a', 0x01, 0x00, 255]),
+            Err(DecodeError::Truncated)
+        );
         assert_eq!(decode(0, &[]), Err(DecodeError::Truncated));
         // A block that ends after a match (no final literals sequence).
-        assert_eq!(decode(5, &[0x10, b'a', 0x01, 0x00]), Err(DecodeError::Truncated));
-        assert!(matches!(decode(5, &[0x10, b'a']), Err(DecodeError::OutputTooShort { .. })));
+        assert_eq!(
+            decode(5, &[0x10, b'a', 0x01, 0x00]),
+            Err(DecodeError::Truncated)
+        );
+        assert!(matches!(
+            decode(5, &[0x10, b'a']),
+            Err(DecodeError::OutputTooShort { .. })
+        ));
         // Empty value: a single empty token.
         assert_eq!(decode(0, &[0x00]).unwrap(), b"");
     }

@@ -209,9 +209,15 @@ mod tests {
             Err(DecodeError::OutputTooLong { .. })
         ));
         // Tag cut off, inside the length extension.
-        assert_eq!(decode(100, &[0b10, b'a', 0x0f, 0x01]), Err(DecodeError::Truncated));
+        assert_eq!(
+            decode(100, &[0b10, b'a', 0x0f, 0x01]),
+            Err(DecodeError::Truncated)
+        );
         // Shorter than declared.
-        assert!(matches!(decode(5, &[0, b'a']), Err(DecodeError::OutputTooShort { .. })));
+        assert!(matches!(
+            decode(5, &[0, b'a']),
+            Err(DecodeError::OutputTooShort { .. })
+        ));
         // Input after the raw size is reached, even a lone control byte.
         assert_eq!(decode(1, &[0, b'a', b'b']), Err(DecodeError::TrailingInput));
         assert_eq!(

@@ -10,7 +10,10 @@ use crate::pglz::PglzDecoder;
 
 enum Inner {
     /// Still reading `va_tcinfo`.
-    Header { bytes: [u8; TCINFO_LEN], len: usize },
+    Header {
+        bytes: [u8; TCINFO_LEN],
+        len: usize,
+    },
     Pglz(PglzDecoder),
     Lz4(Lz4Decoder),
 }
@@ -43,7 +46,11 @@ impl ToastDecoder {
     }
 
     /// Decodes the next bytes of the value's data, handing output to `out`.
-    pub fn feed(&mut self, mut input: &[u8], out: &mut impl FnMut(&[u8])) -> Result<(), DecodeError> {
+    pub fn feed(
+        &mut self,
+        mut input: &[u8],
+        out: &mut impl FnMut(&[u8]),
+    ) -> Result<(), DecodeError> {
         if let Inner::Header { bytes, len } = &mut self.inner {
             let n = (TCINFO_LEN - *len).min(input.len());
             bytes[*len..*len + n].copy_from_slice(&input[..n]);

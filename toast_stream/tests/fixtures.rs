@@ -30,13 +30,25 @@ fn postgres_values_decode_to_their_text() {
         let (chunks, text) = fixture(name);
         // Whole, one byte at a time, TOAST's own chunk size (1996 bytes on 8 kB pages),
         // and a scatter of odd sizes that split tags, tokens and length extensions.
-        for sizes in [vec![chunks.len()], vec![1], vec![1996], vec![1, 2, 3, 5, 8, 13, 700, 4]] {
+        for sizes in [
+            vec![chunks.len()],
+            vec![1],
+            vec![1996],
+            vec![1, 2, 3, 5, 8, 13, 700, 4],
+        ] {
             let mut decoder = ToastDecoder::new();
             let out = feed_in_slices(&mut decoder, &chunks, &sizes)
                 .unwrap_or_else(|e| panic!("{name} in slices {sizes:?}: {e}"));
             assert_eq!(decoder.tcinfo().unwrap().method, method, "{name}");
-            assert_eq!(decoder.tcinfo().unwrap().raw_size as usize, text.len(), "{name}");
-            assert!(out == text, "{name} in slices {sizes:?}: output differs from the text");
+            assert_eq!(
+                decoder.tcinfo().unwrap().raw_size as usize,
+                text.len(),
+                "{name}"
+            );
+            assert!(
+                out == text,
+                "{name} in slices {sizes:?}: output differs from the text"
+            );
         }
         // The value is really compressed, and big enough to have slid the window.
         assert!(chunks.len() < text.len() / 2, "{name}");
@@ -54,6 +66,9 @@ fn truncated_postgres_values_are_errors() {
         // And a byte too many.
         let mut longer = chunks.clone();
         longer.push(0);
-        assert!(feed_in_slices(&mut ToastDecoder::new(), &longer, &[7]).is_err(), "{name}");
+        assert!(
+            feed_in_slices(&mut ToastDecoder::new(), &longer, &[7]).is_err(),
+            "{name}"
+        );
     }
 }

@@ -165,7 +165,11 @@ pub trait Stream {
 macro_rules! stream_impl {
     ($t:ty) => {
         impl Stream for $t {
-            fn feed_dyn(&mut self, input: &[u8], mut out: &mut dyn FnMut(&[u8])) -> Result<(), DecodeError> {
+            fn feed_dyn(
+                &mut self,
+                input: &[u8],
+                mut out: &mut dyn FnMut(&[u8]),
+            ) -> Result<(), DecodeError> {
                 self.feed(input, &mut out)
             }
             fn finish_dyn(&mut self, mut out: &mut dyn FnMut(&[u8])) -> Result<u64, DecodeError> {
@@ -180,12 +184,20 @@ stream_impl!(ToastDecoder);
 
 /// Feeds `input` to `decoder` in slices of the given sizes (cycled; 0 reads as 1), then
 /// finishes it; returns the output.
-pub fn feed_in_slices(decoder: &mut impl Stream, input: &[u8], sizes: &[usize]) -> Result<Vec<u8>, DecodeError> {
+pub fn feed_in_slices(
+    decoder: &mut impl Stream,
+    input: &[u8],
+    sizes: &[usize],
+) -> Result<Vec<u8>, DecodeError> {
     let mut got = Vec::new();
     let mut pos = 0;
     let mut k = 0;
     while pos < input.len() {
-        let size = if sizes.is_empty() { 1 } else { sizes[k % sizes.len()].max(1) };
+        let size = if sizes.is_empty() {
+            1
+        } else {
+            sizes[k % sizes.len()].max(1)
+        };
         let end = (pos + size).min(input.len());
         decoder.feed_dyn(&input[pos..end], &mut |b| got.extend_from_slice(b))?;
         pos = end;
