@@ -18,6 +18,11 @@ pub enum DecodeError {
     OutputTooShort { raw_size: u64, produced: u64 },
     /// The `va_tcinfo` method bits name no method this crate knows (2 or 3).
     UnknownMethod(u8),
+    /// An lz4 block breaks an end-of-block rule liblz4's `LZ4_decompress_safe` enforces
+    /// (and so PostgreSQL): a match ending in the last 5 bytes of the raw size, or a
+    /// sequence that is not the last one starting its match within 12 bytes of the end
+    /// of output or 8 bytes of the end of input.
+    Lz4EndOfBlock,
     /// `feed` was called after `finish`, or after an earlier error.
     Finished,
 }
@@ -45,6 +50,10 @@ impl fmt::Display for DecodeError {
                 "compressed data is corrupt: it decompresses to {produced} bytes, {raw_size} declared"
             ),
             DecodeError::UnknownMethod(m) => write!(f, "unknown TOAST compression method id {m}"),
+            DecodeError::Lz4EndOfBlock => write!(
+                f,
+                "compressed lz4 data is corrupt: it breaks the format's end-of-block rules"
+            ),
             DecodeError::Finished => write!(f, "decoder already finished or failed"),
         }
     }

@@ -9,12 +9,16 @@
 //! The block ends after the literals of a sequence: the last sequence has no offset
 //! and no match, and the only way to know it is last is that the input ends there.
 //!
-//! What counts as corrupt: offset 0 or reaching before the start of the output, output
-//! longer than the declared raw size, input ending anywhere but right after a
-//! sequence's literals, and (unlike PostgreSQL, which accepts any length up to the
-//! declared size) a final length other than the raw size. The format's end-of-block
-//! rules for encoders (last 5 bytes are literals, last match starts 12 bytes before
-//! the end) are not checked: the reference decoder does not need them either.
+//! What counts as corrupt is what liblz4's `LZ4_decompress_safe` (PostgreSQL's
+//! decoder, given the declared raw size as the output capacity) rejects, so this
+//! decoder accepts no value PostgreSQL would refuse to read: a copy reaching before the
+//! start of the output, output longer than the raw size, input ending anywhere but
+//! right after a sequence's literals, and the end-of-block rules liblz4 checks (a match
+//! may not end in the last 5 bytes of the raw size; a sequence that is not the last
+//! must end its literals at least 12 bytes before the end of the output and 8 bytes
+//! before the end of the input). Two differences, both stricter: offset 0 is an error
+//! (the format says it is invalid; liblz4 copies from the byte it is writing), and so
+//! is a final length short of the raw size (PostgreSQL accepts any length up to it).
 
 use crate::error::DecodeError;
 use crate::window::Window;
@@ -23,6 +27,14 @@ use crate::window::Window;
 pub const LZ4_WINDOW: usize = 65535;
 
 const MIN_MATCH: usize = 4;
+/// liblz4's `LASTLITERALS`: a match may not end in the last 5 bytes of the output.
+const LAST_LITERALS: u64 = 5;
+/// liblz4's `MFLIMIT`: literals ending within 12 bytes of the end of the output must
+/// be the last sequence's.
+const MF_LIMIT: u64 = 12;
+/// Literals ending within 2 + 1 + LASTLITERALS bytes of the end of the input (room for an
+/// offset, a token and the last literals) must be the last sequence's.
+const INPUT_LIMIT: u64 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -44,6 +56,11 @@ pub struct Lz4Decoder {
     window: Window,
     raw_size: u64,
     state: State,
+    /// Input bytes consumed so far, over the whole block.
+    consumed: u64,
+    /// Where in the input the literals of the latest sequence that turned out not to be
+    /// the last one ended: at least `INPUT_LIMIT` bytes must follow, checked at `finish`.
+    nonfinal_literals_end: Option<u64>,
     done: bool,
 }
 
@@ -54,6 +71,8 @@ impl Lz4Decoder {
             window: Window::new(LZ4_WINDOW),
             raw_size,
             state: State::Token,
+            consumed: 0,
+            nonfinal_literals_end: None,
             done: false,
         }
     }
@@ -71,6 +90,7 @@ impl Lz4Decoder {
             return Err(DecodeError::Finished);
         }
         let result = self.feed_inner(input, out);
+        self.consumed += input.len() as u64;
         self.window.flush(out);
         if result.is_err() {
             self.done = true;
@@ -85,6 +105,19 @@ impl Lz4Decoder {
             return Err(DecodeError::OutputTooLong {
                 raw_size: self.raw_size,
             });
+        }
+        Ok(())
+    }
+
+    /// Fails if a match of `len` would end in the last `LAST_LITERALS` bytes.
+    fn check_match_end(&self, len: usize) -> Result<(), DecodeError> {
+        if self.window.produced() + len as u64 + LAST_LITERALS > self.raw_size {
+            if self.window.produced() + len as u64 > self.raw_size {
+                return Err(DecodeError::OutputTooLong {
+                    raw_size: self.raw_size,
+                });
+            }
+            return Err(DecodeError::Lz4EndOfBlock);
         }
         Ok(())
     }
@@ -148,7 +181,12 @@ impl Lz4Decoder {
                     };
                 }
                 State::Offset { match_nibble } => {
-                    // Input after the literals: this was not the last sequence.
+                    // Input after the literals: this was not the last sequence, so its
+                    // literals must have ended where liblz4 allows a non-last one to.
+                    if self.window.produced() + MF_LIMIT > self.raw_size {
+                        return Err(DecodeError::Lz4EndOfBlock);
+                    }
+                    self.nonfinal_literals_end = Some(self.consumed + i as u64);
                     self.state = State::OffsetHigh {
                         low: input[i],
                         match_nibble,
@@ -166,7 +204,7 @@ impl Lz4Decoder {
                     if match_nibble == 15 {
                         self.state = State::MatchLen { offset, len };
                     } else {
-                        self.check_room(len)?;
+                        self.check_match_end(len)?;
                         self.window.copy(offset, len, out);
                         self.state = State::Token;
                     }
@@ -179,6 +217,7 @@ impl Lz4Decoder {
                     if b == 255 {
                         self.state = State::MatchLen { offset, len };
                     } else {
+                        self.check_match_end(len)?;
                         self.window.copy(offset, len, out);
                         self.state = State::Token;
                     }
@@ -198,6 +237,11 @@ impl Lz4Decoder {
         self.window.flush(out);
         if !matches!(self.state, State::Offset { .. }) {
             return Err(DecodeError::Truncated);
+        }
+        if let Some(end) = self.nonfinal_literals_end {
+            if self.consumed - end < INPUT_LIMIT {
+                return Err(DecodeError::Lz4EndOfBlock);
+            }
         }
         let produced = self.window.produced();
         if produced != self.raw_size {
@@ -225,9 +269,10 @@ mod tests {
 
     #[test]
     fn literals_overlapping_match_and_last_literals() {
-        // 'a', match offset 1 length 4+1, then last sequence 'b'.
-        let input = [0x11, b'a', 0x01, 0x00, 0x10, b'b'];
-        assert_eq!(decode(7, &input).unwrap(), b"aaaaaab");
+        // 'a', match offset 1 length 3+4, then the last sequence's 5 literals (the
+        // fewest liblz4 allows after a match).
+        let input = [0x13, b'a', 0x01, 0x00, 0x50, b'b', b'c', b'd', b'e', b'f'];
+        assert_eq!(decode(13, &input).unwrap(), b"aaaaaaaabcdef");
     }
 
     #[test]
@@ -237,43 +282,39 @@ mod tests {
         let mut input = vec![0xff, 255, 0];
         input.extend_from_slice(&lits);
         input.extend_from_slice(&[0x0e, 0x01, 255, 1]);
-        input.push(0x00); // last sequence: no literals
+        input.extend_from_slice(&[0x50, b'v', b'w', b'x', b'y', b'z']);
         let mut expect = lits.clone();
         for k in 0..275 {
             expect.push(expect[k]);
         }
+        expect.extend_from_slice(b"vwxyz");
         assert_eq!(decode(expect.len() as u64, &input).unwrap(), expect);
     }
 
     #[test]
     fn corrupt_inputs_are_errors() {
         assert!(matches!(
-            decode(10, &[0x10, b'a', 0x00, 0x00, 0x00]),
+            decode(100, &[0x10, b'a', 0x00, 0x00, 0x00]),
             Err(DecodeError::BadOffset { offset: 0, .. })
         ));
         assert!(matches!(
-            decode(10, &[0x10, b'a', 0x02, 0x00, 0x00]),
+            decode(100, &[0x10, b'a', 0x02, 0x00, 0x00]),
             Err(DecodeError::BadOffset { offset: 2, .. })
         ));
         assert!(matches!(
-            decode(4, &[0x10, b'a', 0x01, 0x00, 0x00]),
+            decode(20, &[0x1f, b'a', 0x01, 0x00, 255]),
             Err(DecodeError::OutputTooLong { .. })
         ));
         // A run of 255s never loops or overflows: it passes the raw size and stops.
+        let mut runaway = vec![0xf0];
+        runaway.extend_from_slice(&[255; 100]);
         assert!(matches!(
-            decode(
-                1000,
-                &[0xf0; 1]
-                    .iter()
-                    .chain([255u8; 100].iter())
-                    .copied()
-                    .collect::<Vec<_>>()
-            ),
+            decode(1000, &runaway),
             Err(DecodeError::OutputTooLong { .. })
         ));
         // Input ending inside literals, an offset, a length extension, or before any token.
         assert_eq!(decode(3, &[0x30, b'a']), Err(DecodeError::Truncated));
-        assert_eq!(decode(9, &[0x10, b'a', 0x01]), Err(DecodeError::Truncated));
+        assert_eq!(decode(99, &[0x10, b'a', 0x01]), Err(DecodeError::Truncated));
         assert_eq!(
             decode(999, &[0x1f, b'a', 0x01, 0x00, 255]),
             Err(DecodeError::Truncated)
@@ -281,14 +322,38 @@ mod tests {
         assert_eq!(decode(0, &[]), Err(DecodeError::Truncated));
         // A block that ends after a match (no final literals sequence).
         assert_eq!(
-            decode(5, &[0x10, b'a', 0x01, 0x00]),
+            decode(99, &[0x10, b'a', 0x01, 0x00]),
             Err(DecodeError::Truncated)
         );
         assert!(matches!(
             decode(5, &[0x10, b'a']),
             Err(DecodeError::OutputTooShort { .. })
         ));
-        // Empty value: a single empty token.
+        // Empty value: a single empty token, as LZ4_decompress_safe wants it.
         assert_eq!(decode(0, &[0x00]).unwrap(), b"");
+    }
+
+    #[test]
+    fn liblz4_end_of_block_rules() {
+        // A match ending 4 bytes before the end (the last 5 must be literals).
+        assert_eq!(
+            decode(13, &[0x14, b'a', 0x01, 0x00, 0x40, b'b', b'c', b'd', b'e']),
+            Err(DecodeError::Lz4EndOfBlock)
+        );
+        // A non-last sequence whose literals end 11 bytes before the end of output.
+        assert_eq!(
+            decode(
+                13,
+                &[0x20, b'a', b'b', 0x01, 0x00, 0x70, 1, 2, 3, 4, 5, 6, 7]
+            ),
+            Err(DecodeError::Lz4EndOfBlock)
+        );
+        // A non-last sequence whose literals end 4 bytes before the end of input (only
+        // reachable when the output is short of the raw size, which is an error anyway,
+        // but liblz4's reason comes first).
+        assert_eq!(
+            decode(100, &[0x10, b'a', 0x01, 0x00, 0x10, b'b']),
+            Err(DecodeError::Lz4EndOfBlock)
+        );
     }
 }
