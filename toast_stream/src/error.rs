@@ -18,10 +18,8 @@ pub enum DecodeError {
     OutputTooShort { raw_size: u64, produced: u64 },
     /// The `va_tcinfo` method bits name no method this crate knows (2 or 3).
     UnknownMethod(u8),
-    /// An lz4 block breaks an end-of-block rule liblz4's `LZ4_decompress_safe` enforces
-    /// (and so PostgreSQL): a match ending in the last 5 bytes of the raw size, or a
-    /// sequence that is not the last one starting its match within 12 bytes of the end
-    /// of output or 8 bytes of the end of input.
+    /// An lz4 block breaks the format's end-of-block rules: a match starting in the last
+    /// 12 bytes of the block or ending in the last 5, or an empty block other than 0x00.
     Lz4EndOfBlock,
     /// `feed` was called after `finish`, or after an earlier error.
     Finished,

@@ -9,16 +9,19 @@
 //! The block ends after the literals of a sequence: the last sequence has no offset
 //! and no match, and the only way to know it is last is that the input ends there.
 //!
-//! What counts as corrupt is what liblz4's `LZ4_decompress_safe` (PostgreSQL's
-//! decoder, given the declared raw size as the output capacity) rejects, so this
-//! decoder accepts no value PostgreSQL would refuse to read: a copy reaching before the
-//! start of the output, output longer than the raw size, input ending anywhere but
-//! right after a sequence's literals, and the end-of-block rules liblz4 checks (a match
-//! may not end in the last 5 bytes of the raw size; a sequence that is not the last
-//! must end its literals at least 12 bytes before the end of the output and 8 bytes
-//! before the end of the input). Two differences, both stricter: offset 0 is an error
-//! (the format says it is invalid; liblz4 copies from the byte it is writing), and so
-//! is a final length short of the raw size (PostgreSQL accepts any length up to it).
+//! What counts as corrupt: a copy reaching before the start of the output (or offset
+//! 0, which the format calls invalid), output longer than the raw size, input ending
+//! anywhere but right after a sequence's literals, a final length short of the raw size,
+//! and a block that breaks the format's end-of-block rules: the last match must start at
+//! least 12 bytes before the end of the block and the last 5 bytes must be literals
+//! (so an empty block is the one byte 0x00). Every encoder follows those rules,
+//! `LZ4_compress_default` included, so no value PostgreSQL wrote breaks them; checking
+//! them makes this decoder accept nothing PostgreSQL's decoder (liblz4's
+//! `LZ4_decompress_safe`, given the raw size as the output capacity) would reject.
+//! liblz4 checks them only on its careful paths: its fast shortcut for short sequences
+//! skips them, so it accepts some blocks that break them, and this decoder does not.
+//! Likewise liblz4 copies from the byte it is writing for offset 0, and PostgreSQL
+//! accepts an output shorter than the raw size; both are errors here.
 
 use crate::error::DecodeError;
 use crate::window::Window;
@@ -27,14 +30,11 @@ use crate::window::Window;
 pub const LZ4_WINDOW: usize = 65535;
 
 const MIN_MATCH: usize = 4;
-/// liblz4's `LASTLITERALS`: a match may not end in the last 5 bytes of the output.
+/// `LASTLITERALS`: a match may not end in the last 5 bytes of the block.
 const LAST_LITERALS: u64 = 5;
-/// liblz4's `MFLIMIT`: literals ending within 12 bytes of the end of the output must
-/// be the last sequence's.
+/// `MFLIMIT`: a match may not start in the last 12 bytes of the block, so literals that
+/// end there must be the last sequence's.
 const MF_LIMIT: u64 = 12;
-/// Literals ending within 2 + 1 + LASTLITERALS bytes of the end of the input (room for an
-/// offset, a token and the last literals) must be the last sequence's.
-const INPUT_LIMIT: u64 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -56,11 +56,6 @@ pub struct Lz4Decoder {
     window: Window,
     raw_size: u64,
     state: State,
-    /// Input bytes consumed so far, over the whole block.
-    consumed: u64,
-    /// Where in the input the literals of the latest sequence that turned out not to be
-    /// the last one ended: at least `INPUT_LIMIT` bytes must follow, checked at `finish`.
-    nonfinal_literals_end: Option<u64>,
     done: bool,
 }
 
@@ -71,8 +66,6 @@ impl Lz4Decoder {
             window: Window::new(LZ4_WINDOW),
             raw_size,
             state: State::Token,
-            consumed: 0,
-            nonfinal_literals_end: None,
             done: false,
         }
     }
@@ -90,7 +83,6 @@ impl Lz4Decoder {
             return Err(DecodeError::Finished);
         }
         let result = self.feed_inner(input, out);
-        self.consumed += input.len() as u64;
         self.window.flush(out);
         if result.is_err() {
             self.done = true;
@@ -129,6 +121,12 @@ impl Lz4Decoder {
                 State::Token => {
                     let token = input[i];
                     i += 1;
+                    // An empty block is the one byte 0x00: the end rules leave no room
+                    // for a match, and liblz4 checks the byte (elsewhere it ignores a
+                    // last sequence's match nibble, as this decoder does).
+                    if self.raw_size == 0 && token != 0 {
+                        return Err(DecodeError::Lz4EndOfBlock);
+                    }
                     let literals = (token >> 4) as usize;
                     let match_nibble = token & 0x0f;
                     self.state = if literals == 15 {
@@ -181,12 +179,11 @@ impl Lz4Decoder {
                     };
                 }
                 State::Offset { match_nibble } => {
-                    // Input after the literals: this was not the last sequence, so its
-                    // literals must have ended where liblz4 allows a non-last one to.
+                    // Input after the literals: this was not the last sequence, so a
+                    // match starts here, which must be 12 bytes before the end.
                     if self.window.produced() + MF_LIMIT > self.raw_size {
                         return Err(DecodeError::Lz4EndOfBlock);
                     }
-                    self.nonfinal_literals_end = Some(self.consumed + i as u64);
                     self.state = State::OffsetHigh {
                         low: input[i],
                         match_nibble,
@@ -237,11 +234,6 @@ impl Lz4Decoder {
         self.window.flush(out);
         if !matches!(self.state, State::Offset { .. }) {
             return Err(DecodeError::Truncated);
-        }
-        if let Some(end) = self.nonfinal_literals_end {
-            if self.consumed - end < INPUT_LIMIT {
-                return Err(DecodeError::Lz4EndOfBlock);
-            }
         }
         let produced = self.window.produced();
         if produced != self.raw_size {
@@ -331,28 +323,22 @@ mod tests {
         ));
         // Empty value: a single empty token, as LZ4_decompress_safe wants it.
         assert_eq!(decode(0, &[0x00]).unwrap(), b"");
+        assert_eq!(decode(0, &[0x05]), Err(DecodeError::Lz4EndOfBlock));
     }
 
     #[test]
-    fn liblz4_end_of_block_rules() {
+    fn end_of_block_rules() {
         // A match ending 4 bytes before the end (the last 5 must be literals).
         assert_eq!(
             decode(13, &[0x14, b'a', 0x01, 0x00, 0x40, b'b', b'c', b'd', b'e']),
             Err(DecodeError::Lz4EndOfBlock)
         );
-        // A non-last sequence whose literals end 11 bytes before the end of output.
+        // A match starting 11 bytes before the end.
         assert_eq!(
             decode(
                 13,
                 &[0x20, b'a', b'b', 0x01, 0x00, 0x70, 1, 2, 3, 4, 5, 6, 7]
             ),
-            Err(DecodeError::Lz4EndOfBlock)
-        );
-        // A non-last sequence whose literals end 4 bytes before the end of input (only
-        // reachable when the output is short of the raw size, which is an error anyway,
-        // but liblz4's reason comes first).
-        assert_eq!(
-            decode(100, &[0x10, b'a', 0x01, 0x00, 0x10, b'b']),
             Err(DecodeError::Lz4EndOfBlock)
         );
     }
