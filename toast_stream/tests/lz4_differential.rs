@@ -20,7 +20,11 @@ fn u32_at(b: &[u8], at: usize) -> usize {
 #[test]
 #[ignore]
 fn agrees_with_liblz4() {
-    let path = std::env::var("LZ4_DIFFERENTIAL_CASES").expect("LZ4_DIFFERENTIAL_CASES");
+    // Skipped, not failed, without the cases, so `-- --ignored` runs the rest anyway.
+    let Ok(path) = std::env::var("LZ4_DIFFERENTIAL_CASES") else {
+        println!("LZ4_DIFFERENTIAL_CASES is not set: skipped (see the module comment)");
+        return;
+    };
     let cases = std::fs::read(path).unwrap();
     let (mut pos, mut n, mut agreed_ok, mut agreed_err) = (0, 0, 0, 0);
     let (mut offset0, mut end_rules) = (0, 0);
