@@ -19,7 +19,9 @@
 use crate::error::DecodeError;
 use crate::window::Window;
 
-/// How far back a pglz tag can reach (`PGLZ_MAX_OFFSET`).
+/// How far back a pglz tag can reach: 12 bits of offset. (PostgreSQL's compressor stops
+/// looking at 4094, `thisoff >= 0x0fff` in pglz_find_match, but its decoder takes 4095,
+/// and so does this one.)
 pub const PGLZ_WINDOW: usize = 4095;
 
 pub struct PglzDecoder {

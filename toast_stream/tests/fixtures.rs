@@ -72,3 +72,19 @@ fn truncated_postgres_values_are_errors() {
         );
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Each value again, in random slice sizes.
+    #[test]
+    fn postgres_values_in_random_slices(
+        which in 0usize..4,
+        sizes in proptest::collection::vec(1usize..5000, 1..30),
+    ) {
+        let name = ["pglz_big", "pglz_small", "lz4_big", "lz4_small"][which];
+        let (chunks, text) = fixture(name);
+        let out = feed_in_slices(&mut ToastDecoder::new(), &chunks, &sizes).unwrap();
+        proptest::prop_assert!(out == text, "{} in slices {:?}", name, sizes);
+    }
+}
