@@ -257,6 +257,18 @@ impl Span {
     pub fn value<'a>(&self, doc: &'a str) -> &'a str {
         &doc[self.value.0 as usize..self.value.1 as usize]
     }
+
+    /// Where the entry lies, from its key's first byte to its value's last.
+    pub fn bytes(&self) -> Range<usize> {
+        self.key.0 as usize..self.value.1 as usize
+    }
+
+    /// The same entry, `by` bytes earlier: offsets within a piece of the document that
+    /// starts `by` bytes into it.
+    pub fn shifted_back(&self, by: usize) -> Span {
+        let by = by as u32;
+        Span { key: (self.key.0 - by, self.key.1 - by), value: (self.value.0 - by, self.value.1 - by) }
+    }
 }
 
 /// PostgreSQL values are at most 1 GB, so offsets fit in `u32`; refuse anything larger

@@ -18,7 +18,8 @@ use chat_backfill_rules::migration_rows::{self, Body, Column, Document, Entry, S
 use pgrx::PgMemoryContexts;
 use pgrx::prelude::*;
 
-use crate::pg::datums::ChatText;
+use crate::pg::datums::{Chat, ChatText};
+use crate::pg::toast_read::ToastStream;
 use crate::pg::error::Result;
 use crate::pg::subxact::in_subtransaction;
 use super::batch::Rows;
@@ -55,6 +56,10 @@ struct OpenChat {
     chat_id: String,
     user_id: Option<String>,
     text: Option<ChatText>,
+    /// Instead of `text`: the chat read a slice at a time.
+    streamed: Option<Streamed>,
+    /// The text's size, decompressed.
+    len: usize,
     body: Body,
     spans: Vec<Span>,
     next: usize,
@@ -68,6 +73,7 @@ struct OpenChat {
 impl OpenChat {
     fn partial(&self) -> Partial {
         let fingerprint = self.fingerprint.get().unwrap_or_else(|| {
+            // (A streamed chat's was taken as it was indexed.)
             let text = self.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
             let f = fingerprint(text.as_bytes());
             self.fingerprint.set(Some(f));
@@ -85,6 +91,43 @@ impl OpenChat {
         {
             self.next = partial.done as usize;
         }
+    }
+}
+
+/// A chat read a slice at a time from its TOAST table (`Chat::Toasted`, issue 26): its
+/// entries are expanded in the document's order from the stream, which holds the text from
+/// the next entry's key to the end of what was read, never the chat.
+struct Streamed {
+    stream: ToastStream,
+    /// The document's bytes from offset `from` on, as far as the stream has given them.
+    held: Vec<u8>,
+    from: usize,
+    /// Where the indexed text starts in the document (after JSON whitespace).
+    base: usize,
+}
+
+impl Streamed {
+    /// The text of `range` (offsets in the indexed text), reading on as far as it ends and
+    /// dropping what lies before it: ranges must come in increasing order.
+    fn text(&mut self, range: std::ops::Range<usize>) -> Result<&str> {
+        let (start, end) = (range.start + self.base, range.end + self.base);
+        let passed = start.saturating_sub(self.from).min(self.held.len());
+        self.held.drain(..passed);
+        self.from += passed;
+        let Streamed { stream, held, from, .. } = self;
+        while *from + held.len() < end {
+            let more = stream.next_slice(&mut |piece: &[u8]| {
+                // Bytes before `start` (between two entries) are not kept.
+                let skip = if held.is_empty() { start.saturating_sub(*from).min(piece.len()) } else { 0 };
+                *from += skip;
+                held.extend_from_slice(&piece[skip..]);
+            })?;
+            if !more && *from + held.len() < end {
+                return Err(stream.corrupted(&"the document ended before its indexed entries"));
+            }
+        }
+        std::str::from_utf8(&self.held[start - self.from..end - self.from])
+            .map_err(|_| self.stream.corrupted(&"an entry is not UTF-8"))
     }
 }
 
@@ -118,7 +161,7 @@ impl Batch {
 
     /// App rows: whether the chat is bigger than a batch, so written a slice at a time.
     fn too_big(chat: &OpenChat, settings: &Settings) -> bool {
-        chat.spans.len() > settings.batch_size || chat.text.as_ref().map_or(0, ChatText::len) > MAX_BATCH_ROW_BYTES
+        chat.spans.len() > settings.batch_size || chat.len > MAX_BATCH_ROW_BYTES
     }
 
     /// Whether `chat` fits whole in what is left of the batch. A chat that does not is
@@ -127,7 +170,7 @@ impl Batch {
     /// App rows go whole into a batch (all or nothing, as Open WebUI writes them): a chat
     /// bigger than a batch is one batch of its own.
     fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
-        let text = chat.text.as_ref().map_or(0, ChatText::len);
+        let text = chat.len;
         let (messages, bytes) = self.held();
         if settings.rows.is_app() && Batch::too_big(chat, settings) {
             return messages == 0 && self.report.chats_read == 0;
@@ -136,69 +179,105 @@ impl Batch {
     }
 
     /// Takes a fetched chat: `Some` when it has messages to expand.
-    fn open(&mut self, fetched: Fetched, settings: &Settings) -> Option<OpenChat> {
+    fn open(&mut self, fetched: Fetched, settings: &Settings) -> Result<Option<OpenChat>> {
         let Fetched { chat_id, user_id, chat } = fetched;
         let Some(chat_id) = chat_id else {
             self.report.chats_read += 1;
             self.report.chats_skipped += 1;
-            return None;
+            return Ok(None);
         };
-        self.chat_bytes += chat.as_ref().map_or(0, ChatText::len);
+        let len = chat.as_ref().map_or(0, Chat::len);
+        self.chat_bytes += len;
+        let (chat, mut streamed) = match chat {
+            None => (None, None),
+            Some(Chat::Held(text)) => (Some(text), None),
+            // App rows read the chat whole (the app's checks look across it).
+            Some(Chat::Toasted(mut stream)) if settings.rows.is_app() => (Some(ChatText::read_whole(&mut stream)?), None),
+            Some(Chat::Toasted(stream)) => (None, Some(stream)),
+        };
         if settings.rows.is_app() {
-            return self.open_app(chat_id, user_id, chat);
+            return Ok(self.open_app(chat_id, user_id, chat, len));
         }
-        let column = chat.as_ref().and_then(ChatText::as_str);
-        let opened = match (&chat, column) {
-            (Some(_), None) => Err(migration_rows::ChatSkip::NotJson),
-            _ => Document::open(column).and_then(|doc| {
-                let spans = doc.index_polling(&mut || {
-                    pgrx::check_for_interrupts!();
-                })?;
-                Ok((spans, doc.into_body(column.unwrap_or_default())))
-            }),
-        };
-        match opened {
-            // Counted as read when its last message is in a batch.
-            Ok((spans, body)) if !spans.is_empty() => {
-                Some(OpenChat {
-                    chat_id,
-                    user_id,
-                    text: chat,
-                    body,
-                    spans,
-                    next: 0,
-                    codec: app_rows::Codec { exact_ints: false, plain: true },
-                    current_id: None,
-                    fingerprint: Default::default(),
+        let mut fingerprint = None;
+        let opened = match (&chat, &mut streamed) {
+            (_, Some(stream)) => index_streamed(stream, &mut fingerprint)?,
+            (Some(text), None) if text.as_str().is_none() => Err(migration_rows::ChatSkip::NotJson),
+            (_, None) => {
+                let column = chat.as_ref().and_then(ChatText::as_str);
+                Document::open(column).and_then(|doc| {
+                    let spans = doc.index_polling(&mut || {
+                        pgrx::check_for_interrupts!();
+                    })?;
+                    Ok(Indexed::Held(spans, doc.into_body(column.unwrap_or_default())))
                 })
             }
-            Ok(_) => {
-                self.report.chats_read += 1;
-                self.report.last_chat_id = Some(chat_id);
-                None
+        };
+        let (spans, body, streamed, chat) = match opened {
+            Ok(Indexed::Held(spans, body)) => (spans, body, None, chat),
+            Ok(Indexed::Streamed(spans, base)) => {
+                debug1!("chat_backfill: chat {chat_id} streams from its TOAST table ({len} bytes, {} messages)", spans.len());
+                let stream = streamed.take().map(ToastStream::restarted);
+                (spans, Body::Within(0..0), stream.map(|stream| Streamed { stream, held: Vec::new(), from: 0, base }), None)
             }
-            Err(skip) => {
-                if skip.is_problem() {
-                    self.report.chats_skipped += 1;
-                    self.rejections.push(Rejection {
-                        chat_id: chat_id.clone(),
-                        message_key: None,
-                        message_id: None,
-                        sqlstate: chat_sqlstate(skip).to_owned(),
-                        error: skip.describe().to_owned(),
-                        detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
-                        message: None,
-                    });
+            // A document the stream cannot take (not an object, or a key repeated in its
+            // messages): read whole, as any other.
+            Ok(Indexed::Whole(text)) => {
+                let column = text.as_str();
+                let indexed = Document::open(column).and_then(|doc| {
+                    let spans = doc.index_polling(&mut || {
+                        pgrx::check_for_interrupts!();
+                    })?;
+                    Ok((spans, doc.into_body(column.unwrap_or_default())))
+                });
+                match indexed {
+                    Ok((spans, body)) => (spans, body, None, Some(text)),
+                    Err(skip) => return Ok(self.skip_chat(chat_id, skip)),
                 }
-                self.report.chats_read += 1;
-                self.report.last_chat_id = Some(chat_id);
-                None
             }
+            Err(skip) => return Ok(self.skip_chat(chat_id, skip)),
+        };
+        if spans.is_empty() {
+            // Counted as read when its last message is in a batch; this one has none.
+            self.report.chats_read += 1;
+            self.report.last_chat_id = Some(chat_id);
+            return Ok(None);
         }
+        Ok(Some(OpenChat {
+            chat_id,
+            user_id,
+            text: chat,
+            streamed,
+            len,
+            body,
+            spans,
+            next: 0,
+            codec: app_rows::Codec { exact_ints: false, plain: true },
+            current_id: None,
+            fingerprint: std::cell::Cell::new(fingerprint),
+        }))
+    }
+
+    /// A chat the migration writes nothing of; recorded unless it is simply empty.
+    fn skip_chat(&mut self, chat_id: String, skip: migration_rows::ChatSkip) -> Option<OpenChat> {
+        if skip.is_problem() {
+            self.report.chats_skipped += 1;
+            self.rejections.push(Rejection {
+                chat_id: chat_id.clone(),
+                message_key: None,
+                message_id: None,
+                sqlstate: chat_sqlstate(skip).to_owned(),
+                error: skip.describe().to_owned(),
+                detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
+                message: None,
+            });
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat_id);
+        None
     }
 
     /// `open` for app rows: the checks of the app's read path (`app_rows::open`, `index`).
-    fn open_app(&mut self, chat_id: String, user_id: Option<String>, chat: Option<ChatText>) -> Option<OpenChat> {
+    fn open_app(&mut self, chat_id: String, user_id: Option<String>, chat: Option<ChatText>, len: usize) -> Option<OpenChat> {
         let column = chat.as_ref().and_then(ChatText::as_str);
         let opened = match (&chat, column) {
             (Some(_), None) => Err(AppSkip::NotObject),
@@ -216,6 +295,8 @@ impl Batch {
                     chat_id,
                     user_id,
                     text: chat,
+                    streamed: None,
+                    len,
                     body,
                     spans,
                     next: 0,
@@ -290,29 +371,37 @@ impl Batch {
     }
 
     /// Expands the chat's next messages while the batch has room; `Some` if some are left.
-    fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Option<OpenChat> {
+    fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Result<Option<OpenChat>> {
         if settings.rows.is_app() {
             if Batch::too_big(&chat, settings) {
                 self.whole = Some(chat);
             } else {
                 self.expand_app(chat, settings);
             }
-            return None;
+            return Ok(None);
         }
         let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
         let doc = chat.body.text(column);
         while chat.next < chat.spans.len() {
             if !self.room_for_rows(settings) {
-                return Some(chat);
+                return Ok(Some(chat));
             }
             pgrx::check_for_interrupts!();
-            let entry = migration_rows::entry_at(doc, chat.spans[chat.next], settings.now);
+            let span = chat.spans[chat.next];
+            let entry = match &mut chat.streamed {
+                None => migration_rows::entry_at(doc, span, settings.now),
+                Some(streamed) => {
+                    let bytes = span.bytes();
+                    let text = streamed.text(bytes.clone())?;
+                    migration_rows::entry_at(text, span.shifted_back(bytes.start), settings.now)
+                }
+            };
             self.add(&chat.chat_id, chat.user_id.as_deref(), entry);
             chat.next += 1;
         }
         self.report.chats_read += 1;
         self.report.last_chat_id = Some(chat.chat_id);
-        None
+        Ok(None)
     }
 
     fn add(&mut self, chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) {
@@ -339,6 +428,48 @@ impl Batch {
 }
 
 /// The rejection of a message the app cannot write, which leaves its whole chat unwritten.
+/// How a chat was indexed.
+enum Indexed {
+    /// Held: its entries, and where its document lies in the text.
+    Held(Vec<Span>, Body),
+    /// Streamed: its entries, in the document's order, and where the indexed text starts.
+    Streamed(Vec<Span>, usize),
+    /// Read whole after all (see `index_streamed`).
+    Whole(ChatText),
+}
+
+/// The index pass over a streamed chat: where its entries lie, and its fingerprint.
+/// A document whose entries are not in the document's order (a repeated key takes its
+/// last value at its first place) or that is not an object (a JSON string holding one) is
+/// read whole instead. (For now this pass reads the text whole and drops it, so only the
+/// expansion streams: the streaming index, `rules::stream_index`, replaces it.)
+fn index_streamed(stream: &mut ToastStream, fingerprint: &mut Option<i64>) -> Result<std::result::Result<Indexed, migration_rows::ChatSkip>> {
+    let text = ChatText::read_whole(stream)?;
+    let Some(column) = text.as_str() else { return Ok(Err(migration_rows::ChatSkip::NotJson)) };
+    *fingerprint = Some(self::fingerprint(column.as_bytes()));
+    let doc = match Document::open(Some(column)) {
+        Ok(doc) => doc,
+        Err(skip) => return Ok(Err(skip)),
+    };
+    // An object lies within the column's text; a JSON string holding one was decoded
+    // into a copy of its own.
+    let (at, column_at) = (doc.text().as_ptr() as usize, column.as_ptr() as usize);
+    if !(column_at..=column_at + column.len()).contains(&at) {
+        return Ok(Ok(Indexed::Whole(text)));
+    }
+    let base = at - column_at;
+    let spans = match doc.index_polling(&mut || {
+        pgrx::check_for_interrupts!();
+    }) {
+        Ok(spans) => spans,
+        Err(skip) => return Ok(Err(skip)),
+    };
+    if spans.windows(2).any(|w| w[0].bytes().end > w[1].bytes().start) {
+        return Ok(Ok(Indexed::Whole(text)));
+    }
+    Ok(Ok(Indexed::Streamed(spans, base)))
+}
+
 fn app_failure(chat_id: &str, key: String, failure: &app_rows::Failure, raw: &str, held_back: usize) -> Rejection {
     Rejection {
         chat_id: chat_id.to_owned(),
@@ -436,7 +567,7 @@ impl Backfill {
             whole: None,
         };
         if let Some(chat) = self.open_chat.take() {
-            self.open_chat = batch.expand(chat, &self.settings);
+            self.open_chat = batch.expand(chat, &self.settings)?;
         }
         if self.open_chat.is_none() && !self.exhausted {
             let (settings, reader, resume) = (&self.settings, &mut self.reader, &mut self.resume);
@@ -445,14 +576,14 @@ impl Backfill {
                     let Some(fetched) = reader.next(client, settings)? else { return Ok((None, true)) };
                     // Only the first chat read can be the one an earlier CALL left.
                     let resume = resume.take();
-                    if let Some(mut chat) = batch.open(fetched, settings) {
+                    if let Some(mut chat) = batch.open(fetched, settings)? {
                         if let Some(partial) = &resume {
                             chat.resume(partial);
                         }
                         if !batch.fits(&chat, settings) {
                             return Ok((Some(chat), false));
                         }
-                        if let Some(unfinished) = batch.expand(chat, settings) {
+                        if let Some(unfinished) = batch.expand(chat, settings)? {
                             return Ok((Some(unfinished), false));
                         }
                     }

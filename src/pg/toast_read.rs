@@ -52,6 +52,21 @@ impl ToastStream {
         Some(ToastStream { pointer, stored, offset: 0, decoder, raw })
     }
 
+    /// A datum that points at the value again (a TOAST pointer, as the row holds it), in
+    /// the current memory context.
+    pub fn pointer_datum(&self) -> pg_sys::Datum {
+        let size = 2 + std::mem::size_of::<pg_sys::varatt_external>();
+        // SAFETY: a new palloc'd varlena of an on-disk TOAST pointer's size: the 1-byte
+        // external header (0x01, then the tag), then the pointer, unaligned, as the row holds it.
+        unsafe {
+            let bytes = pg_sys::palloc(size).cast::<u8>();
+            *bytes = 0x01;
+            *bytes.add(1) = pg_sys::vartag_external::VARTAG_ONDISK as u8;
+            std::ptr::write_unaligned(bytes.add(2).cast::<pg_sys::varatt_external>(), self.pointer);
+            pg_sys::Datum::from(bytes)
+        }
+    }
+
     /// The document's size, decompressed.
     pub fn raw_size(&self) -> usize {
         self.raw
@@ -105,7 +120,13 @@ impl ToastStream {
         }
     }
 
-    fn corrupted(&self, error: &dyn std::fmt::Display) -> Error {
+    /// The same value, to be read again from its start.
+    pub fn restarted(self) -> ToastStream {
+        let decoder = self.decoder.as_ref().map(|_| ToastDecoder::new());
+        ToastStream { offset: 0, decoder, ..self }
+    }
+
+    pub fn corrupted(&self, error: &dyn std::fmt::Display) -> Error {
         Error::new(
             ERRCODE_DATA_CORRUPTED,
             format!(
