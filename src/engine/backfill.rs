@@ -20,6 +20,7 @@ use pgrx::prelude::*;
 
 use crate::pg::datums::{Chat, ChatText};
 use crate::pg::toast_read::ToastStream;
+use super::streamed::{fingerprint, index_streamed, Indexed, Streamed};
 use crate::pg::error::Result;
 use crate::pg::subxact::in_subtransaction;
 use super::batch::Rows;
@@ -34,22 +35,6 @@ const MAX_BATCH_BYTES: usize = 64 << 20;
 /// A batch ends once its rows hold this much text, so the INSERT path's arrays (a second
 /// copy) and its halves stay small whatever the messages weigh.
 const MAX_BATCH_ROW_BYTES: usize = 8 << 20;
-
-/// A fingerprint of a chat's text, stable across processes and releases (a checkpoint
-/// outlives both): a multiply-rotate hash over 8-byte words, and the length.
-pub fn fingerprint(text: &[u8]) -> i64 {
-    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-    let mut h = text.len() as u64;
-    let mut words = text.chunks_exact(8);
-    for word in &mut words {
-        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    (h ^ (h >> 29)) as i64
-}
 
 /// A chat whose messages are being expanded, possibly over several batches.
 struct OpenChat {
@@ -91,43 +76,6 @@ impl OpenChat {
         {
             self.next = partial.done as usize;
         }
-    }
-}
-
-/// A chat read a slice at a time from its TOAST table (`Chat::Toasted`, issue 26): its
-/// entries are expanded in the document's order from the stream, which holds the text from
-/// the next entry's key to the end of what was read, never the chat.
-struct Streamed {
-    stream: ToastStream,
-    /// The document's bytes from offset `from` on, as far as the stream has given them.
-    held: Vec<u8>,
-    from: usize,
-    /// Where the indexed text starts in the document (after JSON whitespace).
-    base: usize,
-}
-
-impl Streamed {
-    /// The text of `range` (offsets in the indexed text), reading on as far as it ends and
-    /// dropping what lies before it: ranges must come in increasing order.
-    fn text(&mut self, range: std::ops::Range<usize>) -> Result<&str> {
-        let (start, end) = (range.start + self.base, range.end + self.base);
-        let passed = start.saturating_sub(self.from).min(self.held.len());
-        self.held.drain(..passed);
-        self.from += passed;
-        let Streamed { stream, held, from, .. } = self;
-        while *from + held.len() < end {
-            let more = stream.next_slice(&mut |piece: &[u8]| {
-                // Bytes before `start` (between two entries) are not kept.
-                let skip = if held.is_empty() { start.saturating_sub(*from).min(piece.len()) } else { 0 };
-                *from += skip;
-                held.extend_from_slice(&piece[skip..]);
-            })?;
-            if !more && *from + held.len() < end {
-                return Err(stream.corrupted(&"the document ended before its indexed entries"));
-            }
-        }
-        std::str::from_utf8(&self.held[start - self.from..end - self.from])
-            .map_err(|_| self.stream.corrupted(&"an entry is not UTF-8"))
     }
 }
 
@@ -217,7 +165,7 @@ impl Batch {
             Ok(Indexed::Streamed(spans, base)) => {
                 debug1!("chat_backfill: chat {chat_id} streams from its TOAST table ({len} bytes, {} messages)", spans.len());
                 let stream = streamed.take().map(ToastStream::restarted);
-                (spans, Body::Within(0..0), stream.map(|stream| Streamed { stream, held: Vec::new(), from: 0, base }), None)
+                (spans, Body::Within(0..0), stream.map(|stream| Streamed::new(stream, base)), None)
             }
             // A document the stream cannot take (not an object, or a key repeated in its
             // messages): read whole, as any other.
@@ -428,48 +376,6 @@ impl Batch {
 }
 
 /// The rejection of a message the app cannot write, which leaves its whole chat unwritten.
-/// How a chat was indexed.
-enum Indexed {
-    /// Held: its entries, and where its document lies in the text.
-    Held(Vec<Span>, Body),
-    /// Streamed: its entries, in the document's order, and where the indexed text starts.
-    Streamed(Vec<Span>, usize),
-    /// Read whole after all (see `index_streamed`).
-    Whole(ChatText),
-}
-
-/// The index pass over a streamed chat: where its entries lie, and its fingerprint.
-/// A document whose entries are not in the document's order (a repeated key takes its
-/// last value at its first place) or that is not an object (a JSON string holding one) is
-/// read whole instead. (For now this pass reads the text whole and drops it, so only the
-/// expansion streams: the streaming index, `rules::stream_index`, replaces it.)
-fn index_streamed(stream: &mut ToastStream, fingerprint: &mut Option<i64>) -> Result<std::result::Result<Indexed, migration_rows::ChatSkip>> {
-    let text = ChatText::read_whole(stream)?;
-    let Some(column) = text.as_str() else { return Ok(Err(migration_rows::ChatSkip::NotJson)) };
-    *fingerprint = Some(self::fingerprint(column.as_bytes()));
-    let doc = match Document::open(Some(column)) {
-        Ok(doc) => doc,
-        Err(skip) => return Ok(Err(skip)),
-    };
-    // An object lies within the column's text; a JSON string holding one was decoded
-    // into a copy of its own.
-    let (at, column_at) = (doc.text().as_ptr() as usize, column.as_ptr() as usize);
-    if !(column_at..=column_at + column.len()).contains(&at) {
-        return Ok(Ok(Indexed::Whole(text)));
-    }
-    let base = at - column_at;
-    let spans = match doc.index_polling(&mut || {
-        pgrx::check_for_interrupts!();
-    }) {
-        Ok(spans) => spans,
-        Err(skip) => return Ok(Err(skip)),
-    };
-    if spans.windows(2).any(|w| w[0].bytes().end > w[1].bytes().start) {
-        return Ok(Ok(Indexed::Whole(text)));
-    }
-    Ok(Ok(Indexed::Streamed(spans, base)))
-}
-
 fn app_failure(chat_id: &str, key: String, failure: &app_rows::Failure, raw: &str, held_back: usize) -> Rejection {
     Rejection {
         chat_id: chat_id.to_owned(),
@@ -920,30 +826,6 @@ impl Backfill {
             (t.messages_inserted as f64) / secs.max(1e-9),
             self.settings.run_id,
         )
-    }
-}
-
-#[cfg(test)]
-mod fingerprint_tests {
-    use super::fingerprint;
-
-    /// Checkpoints keep fingerprints across releases: the function must never change. The
-    /// values were computed by an independent implementation of the same definition.
-    #[test]
-    fn fingerprints_are_stable() {
-        assert_eq!(fingerprint(b""), 0);
-        assert_eq!(fingerprint(b"a"), -5_715_860_101_994_261_550);
-        assert_eq!(fingerprint(b"12345678"), -6_136_387_933_679_464_117);
-        assert_eq!(fingerprint(br#"{"history":{"messages":{}}}"#), -1_574_588_376_558_343_103);
-    }
-
-    #[test]
-    fn one_byte_changes_the_fingerprint() {
-        let a = br#"{"history":{"messages":{"a":{"content":"hello"}}}}"#.to_vec();
-        let mut b = a.clone();
-        b[40] ^= 1;
-        assert_ne!(fingerprint(&a), fingerprint(&b));
-        assert_ne!(fingerprint(&a), fingerprint(&a[..a.len() - 1]));
     }
 }
 
