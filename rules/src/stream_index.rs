@@ -265,6 +265,26 @@ fn hex(c: u8) -> Option<u16> {
     (c as char).to_digit(16).map(|d| d as u16)
 }
 
+/// How many bytes at the start of `b` are plain string contents: not `"`, `\\` or a
+/// control character. Eight bytes at a time: string contents are most of a document.
+fn string_run(b: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // The classic "has a byte less than n" test. Its lowest set bit is exact (a borrow
+    // only carries past a byte that matched), which is all that is read.
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * n as u64) & !x & HIGH;
+    let mut i = 0;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let w = u64::from_le_bytes(chunk.try_into().unwrap_or([0; 8]));
+        let hits = below(w ^ (ONES * b'"' as u64), 1) | below(w ^ (ONES * b'\\' as u64), 1) | below(w, 0x20);
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    i + b[i..].iter().position(|&x| x == b'"' || x == b'\\' || x < 0x20).unwrap_or(b.len() - i)
+}
+
 /// Marks a failure; the caller turns it into `ChatSkip::NotJson`.
 struct Invalid;
 
@@ -390,7 +410,7 @@ impl StreamIndex {
                 State::Str(Esc::None) => {
                     // Most of a document is string contents: find the next byte that
                     // matters in one scan.
-                    let end = b[i..].iter().position(|&x| x == b'"' || x == b'\\' || x < 0x20).map_or(n, |p| i + p);
+                    let end = i + string_run(&b[i..]);
                     if end > i {
                         if self.mode != StrMode::Raw {
                             self.literal_run(&b[i..end])?;
