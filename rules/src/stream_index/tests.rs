@@ -94,6 +94,10 @@ fn sanitized_keys_drop_nul_and_lone_surrogates() {
     all_splits(doc);
     assert_eq!(streamed(doc, Keys::Exact), Ok(Streamed::Indexed(Found::NoHistory, None)));
     assert!(matches!(streamed(doc, Keys::Sanitized), Ok(Streamed::Indexed(Found::Messages(_), None))));
+    // However many of them: the comparison buffer holds what is left, not the text.
+    let doc = format!(r#"{{"h{}istory":{{"mes\udfffsages":[0]}}}}"#, "\\u0000".repeat(50));
+    all_splits(&doc);
+    assert_eq!(streamed(&doc, Keys::Sanitized), Ok(Streamed::Indexed(Found::MessagesNotObject { truthy: true }, None)));
     // Sanitized, "a\u0000" and "a" are one key.
     let doc = r#"{"history":{"messages":{"a\u0000":1,"a":2}}}"#;
     all_splits(doc);
@@ -309,6 +313,14 @@ fn surrogates_in_keys_pair_as_decode_string_does() {
     all_splits(doc);
     let Ok(Streamed::RepeatedKeys { spans, .. }) = streamed(doc, Keys::Exact) else { panic!() };
     assert_eq!(spans.len(), 4);
+    // The edges of the surrogate ranges: U+10FFFF escaped is the character itself.
+    let doc = "{\"history\":{\"messages\":{\"\\udbff\\udfff\":1,\"\u{10FFFF}\":2}}}";
+    all_splits(doc);
+    assert!(matches!(streamed(doc, Keys::Exact), Ok(Streamed::RepeatedKeys { .. })));
+    assert_eq!(found(r#"{"history":{"messages":"\udbff\udfff"}}"#), Ok(Found::MessagesNotObject { truthy: true }));
+    assert_eq!(found(r#"{"history":{"messages":"\ud7ff\ue000"}}"#), Ok(Found::MessagesNotObject { truthy: true }));
+    assert_eq!(found(r#"{"history":{"messages":"\udbff\ue000"}}"#), Err(ChatSkip::NotJson));
+    assert_eq!(found(r#"{"history":{"messages":"\ud800\udbff"}}"#), Err(ChatSkip::NotJson));
     // A surrogate next to other escapes.
     found(r#"{"\ud800\n":1,"\udc00\ud800":2,"history":{"messages":{"\ud800\"":1,"\ud800\\":2}}}"#).unwrap();
 }
@@ -400,6 +412,7 @@ fn level_scalar() -> impl Strategy<Value = String> {
         Just("\"\\udc00x\"".to_owned()),
         Just("\"\\ud83d\\ude00\"".to_owned()),
         Just("\"\\ud800\\ud800\"".to_owned()),
+        Just("\"\\udbff\\udfff\"".to_owned()),
         Just("0".to_owned()),
         Just("-0".to_owned()),
         Just("-0.0".to_owned()),
@@ -549,6 +562,30 @@ proptest! {
         if cut {
             doc.truncate(doc.len() / 2 + 1);
         }
+        both_keys(&doc, &sizes)?;
+    }
+
+    /// Long strings with escapes, quotes and multi-byte characters anywhere, cut anywhere:
+    /// the word-at-a-time scan across piece boundaries.
+    #[test]
+    fn long_strings_agree(parts in prop::collection::vec(prop_oneof![
+        12 => "[a-z ]{0,30}",
+        1 => Just("\\\"".to_owned()),
+        1 => Just("\\\\".to_owned()),
+        1 => Just("\\u00e9\\ud83d\\ude00".to_owned()),
+        1 => Just("\\ud800".to_owned()),
+        1 => Just("é€😀".to_owned()),
+        1 => Just("\\n\\t\\/".to_owned()),
+        1 => Just("\u{7f}".to_owned()),
+        1 => Just("\u{1}".to_owned()),
+    ], 0..24), at in 0u8..4, sizes in sizes()) {
+        let text = parts.concat();
+        let doc = match at {
+            0 => format!(r#"{{"history":{{"messages":{{"{text}":{{"content":"{text}"}},"b":"{text}"}}}}}}"#),
+            1 => format!(r#"{{"x":"{text}","history":{{"currentId":"{text}","messages":{{}}}}}}"#),
+            2 => format!(r#"{{"history":{{"messages":"{text}"}}}}"#),
+            _ => format!(r#"{{"{text}":1,"history":"{text}"}}"#),
+        };
         both_keys(&doc, &sizes)?;
     }
 
