@@ -589,6 +589,26 @@ proptest! {
         both_keys(&doc, &sizes)?;
     }
 
+    /// Any bytes at all, alone or where a key or a value goes: never a panic, and the
+    /// oracle's answer whenever they are UTF-8.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..48), shape in 0u8..4, sizes in sizes()) {
+        let doc: Vec<u8> = match shape {
+            0 => bytes,
+            1 => [&b"{\"history\":{\"messages\":{\""[..], &bytes, b"\":1}}}"].concat(),
+            2 => [&b"{\"history\":\""[..], &bytes, b"\"}"].concat(),
+            _ => [&b"{\"history\":{\"messages\":{\"a\":"[..], &bytes, b"}}}"].concat(),
+        };
+        for keys in [Keys::Exact, Keys::Sanitized] {
+            let got = stream(&doc, &sizes, keys);
+            if let Ok(text) = std::str::from_utf8(&doc) {
+                agree(text, &sizes, keys).map_err(TestCaseError::fail)?;
+            } else {
+                prop_assert!(!matches!(got, Ok(Streamed::ReadWhole(_))));
+            }
+        }
+    }
+
     /// The word-at-a-time scan stops where a byte-at-a-time one does, every byte value.
     #[test]
     fn string_run_finds_the_first_special_byte(b in prop::collection::vec(prop_oneof![12 => 0x20u8..=0xff, 1 => any::<u8>()], 0..64), skew in 0usize..8) {
