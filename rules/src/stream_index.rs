@@ -3,7 +3,9 @@
 //! Why: a chat document can be up to 1 GB of JSON, and today the engine detoasts it whole to
 //! index it. A later step feeds this index the decompressed TOAST chunks of the document one
 //! at a time, so the document is never held whole: memory is the output (16 bytes a message)
-//! and a 64-bit hash a message for finding repeated keys, whatever the document's size.
+//! and a set of 64-bit hashes (about 16 bytes a message) for finding repeated keys, plus a
+//! few fixed buffers, whatever the document's size. (While a repeated `messages` is read,
+//! the previous one's output is kept until it is replaced.)
 //!
 //! The result is, byte for byte, what `migration_rows::find_messages_and_current` returns
 //! for the concatenation of everything fed (the property tests below hold it to that), so
@@ -34,8 +36,10 @@
 //! Three outcomes defer to the whole-document path (`Streamed` says which):
 //! - `RepeatedKeys`: the final `messages` object repeats a decoded key, or two of its keys'
 //!   64-bit hashes collide. Python keeps the first position and the last value; telling a
-//!   collision from a repeat needs the key texts, which are not kept. The spans (document
-//!   order, unresolved) come with it: `dedupe_keys` on them and the text gives the answer.
+//!   collision from a repeat needs the key texts, which are not kept: the caller indexes
+//!   the whole text (`find_messages_and_current`). The spans (document order, unresolved)
+//!   come with it, for a caller that can read just the key tokens they point at; the
+//!   tests hold that `dedupe_keys` on them gives the whole-text answer.
 //! - `ReadWhole(LongLevelNumber)`: the value of `history` or `messages` is a number literal
 //!   longer than `MAX_LEVEL_NUMBER` bytes, whose range check (serde_json's own float
 //!   parser) is not reproduced here. Only a hostile document has one.
@@ -71,8 +75,9 @@ pub enum Streamed {
     /// Exactly `find_messages_and_current`'s `Ok`.
     Indexed(Found, Option<Range<usize>>),
     /// `history.messages` is an object whose decoded keys repeat (or whose keys' hashes
-    /// collide): `spans` are its entries in document order, not resolved. The caller must
-    /// read the document whole, or at least these keys, and resolve them (`dedupe_keys`).
+    /// collide): `spans` are its entries in document order, not resolved (Python keeps a
+    /// repeated key's first position and last value). The caller must read the document
+    /// whole, or at least these keys, to resolve them. The document is valid and
     /// `current_id` is final.
     RepeatedKeys { spans: Vec<Span>, current_id: Option<Range<usize>> },
     /// A hostile document this index does not decide: index the whole text instead.
@@ -341,7 +346,8 @@ impl StreamIndex {
     }
 
     /// Feed the next bytes of the document (any split, even inside a token or a UTF-8
-    /// sequence). An `Err` is final: the whole document is `ChatSkip::NotJson`.
+    /// sequence). An `Err` is final: the whole document is `ChatSkip::NotJson`. Calls
+    /// `poll` every `POLL_EVERY` messages and every 4 MB of input.
     pub fn feed(&mut self, bytes: &[u8], poll: &mut dyn FnMut()) -> Result<(), ChatSkip> {
         if self.failed {
             return Err(ChatSkip::NotJson);
