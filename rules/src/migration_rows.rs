@@ -240,6 +240,11 @@ pub struct Span {
 }
 
 impl Span {
+    /// From byte offsets (key token, value), for an index built without the text in hand.
+    pub(crate) fn from_offsets(key: (u32, u32), value: (u32, u32)) -> Span {
+        Span { key, value }
+    }
+
     fn of(base: &str, key: &str, value: &str) -> Span {
         let at = |s: &str| {
             let start = s.as_ptr() as usize - base.as_ptr() as usize;
@@ -307,6 +312,7 @@ impl Keys {
 }
 
 /// What `chat.history.messages` is in a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
     NoHistory,
     HistoryNotObject,
@@ -536,7 +542,7 @@ where
 /// Keys are first told apart by a 64-bit hash (9 bytes a key in the set, not the 25 of a
 /// set of the keys themselves: a chat of a million messages is checked in 18 MB); only when
 /// two hashes agree are the keys themselves compared.
-fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut(), keys: Keys) -> Vec<Span> {
+pub(crate) fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut(), keys: Keys) -> Vec<Span> {
     let key = |span: &Span| keys.of(span.key(doc));
     let hash = |span: &Span| {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
