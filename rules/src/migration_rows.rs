@@ -284,7 +284,13 @@ const MAX_DOCUMENT_BYTES: usize = u32::MAX as usize;
 pub const POLL_EVERY: usize = 4096;
 
 fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Vec<Span>, ChatSkip> {
-    match find_messages(doc, poll, Keys::Exact)? {
+    spans_of(find_messages(doc, poll, Keys::Exact)?)
+}
+
+/// The migration's entries of what `find_messages` (or a streamed index) found: none, or
+/// the chat skipped.
+pub fn spans_of(found: Found) -> Result<Vec<Span>, ChatSkip> {
+    match found {
         Found::NoHistory | Found::NoMessages => Ok(Vec::new()),
         Found::HistoryNotObject => Err(ChatSkip::HistoryNotObject),
         Found::MessagesNotObject { .. } => Err(ChatSkip::MessagesNotObject),

@@ -19,7 +19,6 @@ use pgrx::PgMemoryContexts;
 use pgrx::prelude::*;
 
 use crate::pg::datums::{Chat, ChatText};
-use crate::pg::toast_read::ToastStream;
 use super::streamed::{fingerprint, index_streamed, Indexed, Streamed};
 use crate::pg::error::Result;
 use crate::pg::subxact::in_subtransaction;
@@ -89,6 +88,8 @@ struct Batch {
     chat_bytes: usize,
     /// App rows: a chat bigger than a batch, alone in this one (see `write_whole`).
     whole: Option<OpenChat>,
+    /// Streamed chats deleted while they were being expanded (counted as vanished).
+    gone: Vec<String>,
 }
 
 impl Batch {
@@ -164,7 +165,10 @@ impl Batch {
             Ok(Indexed::Held(spans, body)) => (spans, body, None, chat),
             Ok(Indexed::Streamed(spans, base)) => {
                 debug1!("chat_backfill: chat {chat_id} streams from its TOAST table ({len} bytes, {} messages)", spans.len());
-                let stream = streamed.take().map(ToastStream::restarted);
+                let stream = streamed.take().map(|mut stream| {
+                    stream.restart();
+                    stream
+                });
                 (spans, Body::Within(0..0), stream.map(|stream| Streamed::new(stream, base)), None)
             }
             // A document the stream cannot take (not an object, or a key repeated in its
@@ -340,7 +344,16 @@ impl Batch {
                 None => migration_rows::entry_at(doc, span, settings.now),
                 Some(streamed) => {
                     let bytes = span.bytes();
-                    let text = streamed.text(bytes.clone())?;
+                    let Some(text) = streamed.text(bytes.clone())? else {
+                        notice!(
+                            "chat_backfill: chat {} was deleted while it was being expanded (its TOAST value is gone): \
+                             its messages from the {}th on were not written",
+                            chat.chat_id,
+                            chat.next + 1
+                        );
+                        self.gone.push(chat.chat_id.clone());
+                        break;
+                    };
                     migration_rows::entry_at(text, span.shifted_back(bytes.start), settings.now)
                 }
             };
@@ -471,6 +484,7 @@ impl Backfill {
             report: BatchReport { batch: self.batch + 1, batch_size: self.settings.batch_size as i32, ..Default::default() },
             chat_bytes: 0,
             whole: None,
+            gone: Vec::new(),
         };
         if let Some(chat) = self.open_chat.take() {
             self.open_chat = batch.expand(chat, &self.settings)?;
@@ -501,7 +515,7 @@ impl Backfill {
             self.exhausted = exhausted;
         }
         let finished = self.exhausted && self.open_chat.is_none();
-        let Batch { rows, mut rejections, mut report, chat_bytes, whole, .. } = batch;
+        let Batch { rows, mut rejections, mut report, chat_bytes, whole, gone, .. } = batch;
         report.partial = self.open_chat.as_ref().map(OpenChat::partial);
         self.chat_bytes_read += chat_bytes;
         self.row_bytes += rows.bytes();
@@ -520,11 +534,13 @@ impl Backfill {
         }
         if self.settings.dry_run {
             report.messages_inserted = rows.len() as i64;
+            report.chats_vanished = gone.len() as i64;
         } else {
             let mut outcome = Outcome::default();
             let writing = Instant::now();
             in_scratch(|| self.writer.write(&rows, &mut report, &mut outcome))?;
             self.writing += writing.elapsed();
+            outcome.vanished.extend(gone);
             if let Some(last) = &self.last_vanished {
                 outcome.vanished.remove(last);
             }

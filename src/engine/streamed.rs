@@ -4,7 +4,8 @@
 //! text that a checkpoint inside a chat keeps, whole or as it streams. The engine (`backfill`) opens a
 //! chat this way when `read` gives it as `Chat::Toasted`.
 
-use chat_backfill_rules::migration_rows::{self, Body, Document, Span};
+use chat_backfill_rules::migration_rows::{self, Body, Keys, Span};
+use chat_backfill_rules::stream_index::{StreamIndex, Streamed as StreamIndexed};
 
 use crate::pg::datums::ChatText;
 use crate::pg::error::Result;
@@ -106,25 +107,32 @@ impl Streamed {
     }
 
     /// The text of `range` (offsets in the indexed text), reading on as far as it ends and
-    /// dropping what lies before it: ranges must come in increasing order.
-    pub fn text(&mut self, range: std::ops::Range<usize>) -> Result<&str> {
+    /// dropping what lies before it: ranges must come in increasing order. `None` when the
+    /// chat's TOAST value is gone (its row deleted and vacuumed since a COMMIT between
+    /// batches).
+    pub fn text(&mut self, range: std::ops::Range<usize>) -> Result<Option<&str>> {
         let (start, end) = (range.start + self.base, range.end + self.base);
         let passed = start.saturating_sub(self.from).min(self.held.len());
         self.held.drain(..passed);
         self.from += passed;
         let Streamed { stream, held, from, .. } = self;
         while *from + held.len() < end {
-            let more = stream.next_slice(&mut |piece: &[u8]| {
+            let more = stream.next_slice_unless_gone(&mut |piece: &[u8]| {
                 // Bytes before `start` (between two entries) are not kept.
                 let skip = if held.is_empty() { start.saturating_sub(*from).min(piece.len()) } else { 0 };
                 *from += skip;
                 held.extend_from_slice(&piece[skip..]);
             })?;
-            if !more && *from + held.len() < end {
-                return Err(stream.corrupted(&"the document ended before its indexed entries"));
+            match more {
+                None => return Ok(None),
+                Some(false) if *from + held.len() < end => {
+                    return Err(stream.corrupted(&"the document ended before its indexed entries"));
+                }
+                Some(_) => {}
             }
         }
         std::str::from_utf8(&self.held[start - self.from..end - self.from])
+            .map(Some)
             .map_err(|_| self.stream.corrupted(&"an entry is not UTF-8"))
     }
 }
@@ -133,42 +141,62 @@ impl Streamed {
 pub enum Indexed {
     /// Held: its entries, and where its document lies in the text.
     Held(Vec<Span>, Body),
-    /// Streamed: its entries, in the document's order, and where the indexed text starts.
+    /// Streamed: its entries, in the document's order, and where the indexed text starts
+    /// in the document (the offsets' origin).
     Streamed(Vec<Span>, usize),
     /// Read whole after all (see `index_streamed`).
     Whole(ChatText),
 }
 
-/// The index pass over a streamed chat: where its entries lie, and its fingerprint.
-/// A document whose entries are not in the document's order (a repeated key takes its
-/// last value at its first place) or that is not an object (a JSON string holding one) is
-/// read whole instead. (For now this pass reads the text whole and drops it, so only the
-/// expansion streams: the streaming index, `rules::stream_index`, replaces it.)
-pub fn index_streamed(stream: &mut ToastStream, fingerprinted: &mut Option<i64>) -> Result<std::result::Result<Indexed, migration_rows::ChatSkip>> {
-    let text = ChatText::read_whole(stream)?;
-    let Some(column) = text.as_str() else { return Ok(Err(migration_rows::ChatSkip::NotJson)) };
-    *fingerprinted = Some(fingerprint(column.as_bytes()));
-    let doc = match Document::open(Some(column)) {
-        Ok(doc) => doc,
-        Err(skip) => return Ok(Err(skip)),
-    };
-    // An object lies within the column's text; a JSON string holding one was decoded
-    // into a copy of its own.
-    let (at, column_at) = (doc.text().as_ptr() as usize, column.as_ptr() as usize);
-    if !(column_at..=column_at + column.len()).contains(&at) {
-        return Ok(Ok(Indexed::Whole(text)));
-    }
-    let base = at - column_at;
-    let spans = match doc.index_polling(&mut || {
+/// The index pass over a streamed chat: where its entries lie (`StreamIndex`, the same
+/// entries as the whole text's index), its fingerprint and its UTF-8, as the text streams.
+/// A document that is not an object (a JSON string holding one, which is decoded into a
+/// copy) or whose messages repeat a key (Python keeps its first place and its last value,
+/// out of the document's order) is read whole instead, as are the hostile shapes the
+/// streamed index leaves to the whole text.
+pub fn index_streamed(
+    stream: &mut ToastStream,
+    fingerprinted: &mut Option<i64>,
+) -> Result<std::result::Result<Indexed, migration_rows::ChatSkip>> {
+    let mut index = StreamIndex::new(Keys::Exact);
+    let mut utf8 = Utf8Check::default();
+    let mut print = Fingerprinter::new(stream.raw_size());
+    let mut failed = None;
+    let mut object = None;
+    let mut poll = || {
         pgrx::check_for_interrupts!();
-    }) {
-        Ok(spans) => spans,
-        Err(skip) => return Ok(Err(skip)),
     };
-    if spans.windows(2).any(|w| w[0].bytes().end > w[1].bytes().start) {
-        return Ok(Ok(Indexed::Whole(text)));
+    while stream.next_slice(&mut |piece: &[u8]| {
+        if object.is_none() {
+            object = piece.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).map(|b| *b == b'{');
+        }
+        utf8.update(piece);
+        print.update(piece);
+        if failed.is_none() && object != Some(false) {
+            failed = index.feed(piece, &mut poll).err();
+        }
+    })? {
+        if object == Some(false) {
+            break;
+        }
     }
-    Ok(Ok(Indexed::Streamed(spans, base)))
+    if object != Some(true) {
+        return Ok(Ok(Indexed::Whole(ChatText::read_whole(&mut stream.restart())?)));
+    }
+    if !utf8.finish() {
+        return Ok(Err(migration_rows::ChatSkip::NotJson));
+    }
+    *fingerprinted = Some(print.finish());
+    if let Some(skip) = failed {
+        return Ok(Err(skip));
+    }
+    match index.finish(&mut poll) {
+        Err(skip) => Ok(Err(skip)),
+        Ok(StreamIndexed::Indexed(found, _)) => Ok(migration_rows::spans_of(found).map(|spans| Indexed::Streamed(spans, 0))),
+        Ok(StreamIndexed::RepeatedKeys { .. } | StreamIndexed::ReadWhole(_)) => {
+            Ok(Ok(Indexed::Whole(ChatText::read_whole(&mut stream.restart())?)))
+        }
+    }
 }
 
 #[cfg(test)]

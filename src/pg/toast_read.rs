@@ -5,11 +5,14 @@
 //! their history windows only). Detoasting holds the whole document, and the compressed
 //! copy while it decompresses: memory grew with the largest chat.
 
+use std::panic::AssertUnwindSafe;
+
 use chat_backfill_toast_stream::ToastDecoder;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED;
 
 use crate::pg::error::{Error, Result};
+use crate::pg::subxact::in_subtransaction_catching;
 
 /// Stored bytes fetched per slice: a few hundred chunks, one index descent for each.
 const SLICE_BYTES: usize = 1 << 20;
@@ -73,14 +76,25 @@ impl ToastStream {
     }
 
     /// Hands the next slice of the document's text to `out`, in pieces; `false` once the
-    /// whole document has been given.
+    /// whole document has been given. For a value read in the transaction that fetched its
+    /// row (whose snapshot keeps it), where a missing chunk is corruption.
     pub fn next_slice(&mut self, out: &mut impl FnMut(&[u8])) -> Result<bool> {
+        match self.next_slice_unless_gone(out)? {
+            Some(more) => Ok(more),
+            None => Err(self.corrupted(&"chunks are missing")),
+        }
+    }
+
+    /// The same, `None` when the value's chunks are gone: read on in a later transaction
+    /// (the committing form goes on with a chat after a COMMIT), the row may have been
+    /// deleted and vacuumed in between.
+    pub fn next_slice_unless_gone(&mut self, out: &mut impl FnMut(&[u8])) -> Result<Option<bool>> {
         if self.offset >= self.stored {
-            return Ok(false);
+            return Ok(Some(false));
         }
         check_for_interrupts!();
         let length = SLICE_BYTES.min(self.stored - self.offset);
-        let slice = self.fetch(length)?;
+        let Some(slice) = self.fetch(length)? else { return Ok(None) };
         self.offset += length;
         let last = self.offset >= self.stored;
         let decoded = match &mut self.decoder {
@@ -91,39 +105,51 @@ impl ToastStream {
             Some(decoder) => decoder.feed(&slice, out).and_then(|()| if last { decoder.finish(out).map(drop) } else { Ok(()) }),
         };
         decoded.map_err(|e| self.corrupted(&e))?;
-        Ok(!last)
+        Ok(Some(!last))
     }
 
-    /// `length` stored bytes from the current offset, copied out of PostgreSQL's memory.
-    fn fetch(&self, length: usize) -> Result<Vec<u8>> {
-        // SAFETY: the TOAST table the pointer names, opened and closed here under
-        // AccessShareLock as detoasting does; the result buffer is palloc'd at the size
-        // relation_fetch_toast_slice writes (VARHDRSZ plus the slice) and freed after the copy.
-        // An ERROR inside (a dropped table, a missing chunk) unwinds with the relation and
-        // the buffer released by the (sub)transaction's cleanup.
-        unsafe {
-            let rel = pg_sys::table_open(self.pointer.va_toastrelid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            let result = pg_sys::palloc(length + pg_sys::VARHDRSZ).cast::<pg_sys::varlena>();
-            pgrx::varlena::set_varsize_4b(result, (length + pg_sys::VARHDRSZ) as i32);
-            pg_sys::table_relation_fetch_toast_slice(
-                rel,
-                self.pointer.va_valueid,
-                self.stored as i32,
-                self.offset as i32,
-                length as i32,
-                result,
-            );
-            pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-            let bytes = std::slice::from_raw_parts(pgrx::varlena::vardata_4b(result).cast::<u8>(), length).to_vec();
-            pg_sys::pfree(result.cast());
-            Ok(bytes)
-        }
+    /// `length` stored bytes from the current offset, copied out of PostgreSQL's memory;
+    /// `None` when a chunk is missing (PostgreSQL's XX001 "missing chunk number"), in a
+    /// subtransaction so that the caller can go on.
+    fn fetch(&self, length: usize) -> Result<Option<Vec<u8>>> {
+        let (pointer, stored, offset) = (self.pointer, self.stored, self.offset);
+        let fetched = in_subtransaction_catching(
+            AssertUnwindSafe(|| {
+                // SAFETY: the TOAST table the pointer names, opened and closed here under
+                // AccessShareLock as detoasting does; the result buffer is palloc'd at the size
+                // relation_fetch_toast_slice writes (VARHDRSZ plus the slice) and freed after
+                // the copy. An ERROR inside (a dropped table, a missing chunk) unwinds with the
+                // relation and the buffer released by the subtransaction's abort.
+                unsafe {
+                    let rel = pg_sys::table_open(pointer.va_toastrelid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                    let result = pg_sys::palloc(length + pg_sys::VARHDRSZ).cast::<pg_sys::varlena>();
+                    pgrx::varlena::set_varsize_4b(result, (length + pg_sys::VARHDRSZ) as i32);
+                    pg_sys::table_relation_fetch_toast_slice(
+                        rel,
+                        pointer.va_valueid,
+                        stored as i32,
+                        offset as i32,
+                        length as i32,
+                        result,
+                    );
+                    pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                    let bytes = std::slice::from_raw_parts(pgrx::varlena::vardata_4b(result).cast::<u8>(), length).to_vec();
+                    pg_sys::pfree(result.cast());
+                    bytes
+                }
+            }),
+            |sqlstate| sqlstate == "XX001",
+        );
+        Ok(fetched.ok())
     }
 
     /// The same value, to be read again from its start.
-    pub fn restarted(self) -> ToastStream {
-        let decoder = self.decoder.as_ref().map(|_| ToastDecoder::new());
-        ToastStream { offset: 0, decoder, ..self }
+    pub fn restart(&mut self) -> &mut ToastStream {
+        self.offset = 0;
+        if self.decoder.is_some() {
+            self.decoder = Some(ToastDecoder::new());
+        }
+        self
     }
 
     pub fn corrupted(&self, error: &dyn std::fmt::Display) -> Error {

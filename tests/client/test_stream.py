@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import json
+import threading
+import time
 
 import pytest
 
@@ -75,3 +77,48 @@ def test_streamed_chats_give_the_rows_held_ones_do(cluster, stored):
                     "FROM chat_backfill.rejected_messages GROUP BY target ORDER BY target")
         rejected = cur.fetchall()
         assert len({r[1:] for r in rejected}) == 1 and rejected[0][1] > 0, rejected
+
+
+def test_a_streamed_chat_deleted_between_batches_is_counted_as_vanished(cluster):
+    """The committing form goes on with a streamed chat after each COMMIT, reading its TOAST
+    value again: deleted and vacuumed in between (here during the CALL's pause, which holds
+    no snapshot), the value is gone. The chat counts as vanished, as a held chat deleted
+    during a run does; the run goes on with the next chat, and a NOTICE says so."""
+    db = cluster.create_db("stream_gone")
+    doc = json.dumps({"history": {"messages": {f"m{i:03d}": {"role": "user", "content": f"{i} " + "z" * 2000}
+                                               for i in range(2000)}}})
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CHAT_DDL)
+        cur.execute("ALTER TABLE chat ALTER COLUMN chat SET STORAGE EXTERNAL")
+        cur.execute("INSERT INTO chat VALUES ('a-big', 'u', 't', %s), ('b-after', 'u', 't', "
+                    "'{\"history\": {\"messages\": {\"x\": {\"role\": \"user\"}}}}')", (doc,))
+        cur.execute(TARGET_DDL)
+        cur.execute("ALTER DATABASE %s SET chat_backfill.stream_chats_over = 0" % db)
+    notices = []
+
+    def run():
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            # A slice is a megabyte (about 500 of these messages): the second batch reads on.
+            cur.execute("CALL backfill_chat_messages_resumable(now => %s, batch_size => 300, "
+                        "pause => '1 second')", (NOW,))
+            notices.extend(conn.notices)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        deadline = time.monotonic() + 30
+        while True:
+            cur.execute("SELECT count(*) FROM chat_message")
+            if cur.fetchone()[0] > 0:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        cur.execute("DELETE FROM chat WHERE id = 'a-big'")
+        cur.execute("VACUUM chat")
+    caller.join()
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT state, chats_vanished FROM chat_backfill.status")
+        assert cur.fetchone() == ("finished", 1)
+        cur.execute("SELECT chat_id, count(*) FROM chat_message GROUP BY chat_id")
+        assert cur.fetchall() == [("b-after", 1)]
+    assert any("was deleted while it was being expanded" in n for n in notices), notices
