@@ -11,6 +11,9 @@ Cases (the target has Open WebUI's DDL, tests/client/load_sample.py TARGET_DDL):
   c2  case c twice as large (4000 chats): memory must not grow with the table
   d   one chat of 1,000,000 messages that the rules reject (an object as role): recorded
       in chat_backfill.rejected_messages a batch at a time, none written
+  t50, t200, t800   one chat of 50, 200, 800 MB of realistic text (issue 26)
+  i50, i200, i800   the same sizes, every fourth message a pasted image of 0.5-3 MB as a
+      base64 data URL (incompressible)
 Each case runs twice: a first run into the empty target (the COPY path), then, after a
 few rows are deleted, a re-run (COPY meets existing rows, the INSERT path writes the
 missing ones). With --verify, 10 more rows are deleted and chat_backfill.verify() (the
@@ -29,6 +32,7 @@ goes to stderr, the Markdown report to stdout (and to --out).
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -191,6 +195,27 @@ def case_many_20kb(seed: int, chats: int):
         yield chunk
 
 
+def case_big_chat(seed: int, mb: int, images: bool):
+    """Issue 26: one chat of `mb` MB. Text-heavy: messages of realistic text, 200 B to
+    20 KB. Image-heavy: every fourth message carries a pasted image as a data URL of 0.5 to
+    3 MB of base64 (incompressible, as real images are), the way Open WebUI stores them in
+    a message's `files`; the others are text as above."""
+    rng = random.Random(seed)
+    pool = TextPool(rng)
+    sizes, total = [], 0
+    while total < mb * MB * 0.93:
+        s = int(200 * (100 ** rng.random()))
+        sizes.append(s)
+        total += s + (2_000_000 if images and len(sizes) % 4 == 0 else 0)
+    doc = json.loads(chat_doc(rng, pool, f"big{mb}{'i' if images else 't'}00000", sizes))
+    if images:
+        for i, m in enumerate(doc["history"]["messages"].values()):
+            if i % 4 == 3:
+                raw = rng.randbytes(rng.randint(375_000, 2_250_000))
+                m["files"] = [{"type": "image", "url": "data:image/png;base64," + base64.b64encode(raw).decode()}]
+    yield [Chat(f"big-{mb}-{'images' if images else 'text'}", "user-1", json.dumps(doc, ensure_ascii=False))]
+
+
 CASES = {
     "a": ("(a) 1 chat x 1,000,000 tiny messages, batch_size 1000", 1000, lambda s: case_million(s)),
     "b": ("(b) 1 chat of ~50 MB, messages 200 B-20 KB, batch_size 5000", 5000, lambda s: case_one_50mb(s)),
@@ -199,6 +224,11 @@ CASES = {
     "d": ("(d) 1 chat x 1,000,000 messages the rules reject (recorded, none written), batch_size 5000", 5000,
           lambda s: case_million_rejected(s)),
 }
+for _mb in (50, 200, 800):
+    CASES[f"t{_mb}"] = (f"(t{_mb}) 1 chat of ~{_mb} MB of text, messages 200 B-20 KB", 5000,
+                        lambda s, mb=_mb: case_big_chat(s, mb, images=False))
+    CASES[f"i{_mb}"] = (f"(i{_mb}) 1 chat of ~{_mb} MB, every 4th message an image of 0.5-3 MB as a data URL", 5000,
+                        lambda s, mb=_mb: case_big_chat(s, mb, images=True))
 
 
 # --------------------------------------------------------------------------------------

@@ -62,6 +62,10 @@ echo "-- the rules: unit and property tests"
 step cargo test -p chat_backfill_rules --profile citest
 rules_tests=$(passed "$summary")
 [ "$rules_tests" -gt 0 ] || { echo "   the rules ran no test"; exit 1; }
+echo "-- the TOAST decompressors (pglz, lz4): unit, property and PostgreSQL-fixture tests"
+step cargo test -p chat_backfill_toast_stream --profile citest
+toast_tests=$(passed "$summary")
+[ "$toast_tests" -gt 0 ] || { echo "   the decompressors ran no test"; exit 1; }
 
 # 15 first (the other majors build meanwhile), then the others in order.
 ordered=()
@@ -148,7 +152,7 @@ if [[ " ${majors[*]} " == *" 15 "* ]]; then
 fi
 
 # Every supported major must have run tests: a major skipped or silently empty fails here.
-echo "== majors: supported ${supported[*]} (and $rules_tests unit and property tests of the rules, which need no server)"
+echo "== majors: supported ${supported[*]} (and $rules_tests unit and property tests of the rules and $toast_tests of the decompressors, which need no server)"
 status=0
 for major in "${supported[@]}"; do
   entry=$(printf '%s\n' "${ran[@]:-}" | grep "^$major:" || true)

@@ -6,9 +6,12 @@
 //! - `migration_rows`: migration 8452d01d26d7's rows (`rows => 'migration'`), and the
 //!   document scanner both row modes share.
 //! - `app_rows`: the rows the app itself writes when it opens a chat (`rows => 'app'`).
+//! - `stream_index`: the document scanner's index (`find_messages_and_current`) over a
+//!   document fed in pieces, so a huge chat is never held whole.
 //! - `scalar`: how one raw JSON value becomes a stored text, boolean or bigint, as Python
 //!   and psycopg do it.
 
 pub mod app_rows;
 pub mod migration_rows;
 pub mod scalar;
+pub mod stream_index;

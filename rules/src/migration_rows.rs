@@ -240,6 +240,11 @@ pub struct Span {
 }
 
 impl Span {
+    /// From byte offsets (key token, value), for an index built without the text in hand.
+    pub(crate) fn from_offsets(key: (u32, u32), value: (u32, u32)) -> Span {
+        Span { key, value }
+    }
+
     fn of(base: &str, key: &str, value: &str) -> Span {
         let at = |s: &str| {
             let start = s.as_ptr() as usize - base.as_ptr() as usize;
@@ -257,6 +262,18 @@ impl Span {
     pub fn value<'a>(&self, doc: &'a str) -> &'a str {
         &doc[self.value.0 as usize..self.value.1 as usize]
     }
+
+    /// Where the entry lies, from its key's first byte to its value's last.
+    pub fn bytes(&self) -> Range<usize> {
+        self.key.0 as usize..self.value.1 as usize
+    }
+
+    /// The same entry, `by` bytes earlier: offsets within a piece of the document that
+    /// starts `by` bytes into it.
+    pub fn shifted_back(&self, by: usize) -> Span {
+        let by = by as u32;
+        Span { key: (self.key.0 - by, self.key.1 - by), value: (self.value.0 - by, self.value.1 - by) }
+    }
 }
 
 /// PostgreSQL values are at most 1 GB, so offsets fit in `u32`; refuse anything larger
@@ -267,7 +284,13 @@ const MAX_DOCUMENT_BYTES: usize = u32::MAX as usize;
 pub const POLL_EVERY: usize = 4096;
 
 fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Vec<Span>, ChatSkip> {
-    match find_messages(doc, poll, Keys::Exact)? {
+    spans_of(find_messages(doc, poll, Keys::Exact)?)
+}
+
+/// The migration's entries of what `find_messages` (or a streamed index) found: none, or
+/// the chat skipped.
+pub fn spans_of(found: Found) -> Result<Vec<Span>, ChatSkip> {
+    match found {
         Found::NoHistory | Found::NoMessages => Ok(Vec::new()),
         Found::HistoryNotObject => Err(ChatSkip::HistoryNotObject),
         Found::MessagesNotObject { .. } => Err(ChatSkip::MessagesNotObject),
@@ -295,6 +318,7 @@ impl Keys {
 }
 
 /// What `chat.history.messages` is in a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Found {
     NoHistory,
     HistoryNotObject,
@@ -524,7 +548,7 @@ where
 /// Keys are first told apart by a 64-bit hash (9 bytes a key in the set, not the 25 of a
 /// set of the keys themselves: a chat of a million messages is checked in 18 MB); only when
 /// two hashes agree are the keys themselves compared.
-fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut(), keys: Keys) -> Vec<Span> {
+pub(crate) fn dedupe_keys(doc: &str, spans: Vec<Span>, poll: &mut dyn FnMut(), keys: Keys) -> Vec<Span> {
     let key = |span: &Span| keys.of(span.key(doc));
     let hash = |span: &Span| {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();

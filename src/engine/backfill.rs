@@ -18,7 +18,8 @@ use chat_backfill_rules::migration_rows::{self, Body, Column, Document, Entry, S
 use pgrx::PgMemoryContexts;
 use pgrx::prelude::*;
 
-use crate::pg::datums::ChatText;
+use crate::pg::datums::{Chat, ChatText};
+use super::streamed::{fingerprint, index_streamed, Indexed, Streamed};
 use crate::pg::error::Result;
 use crate::pg::subxact::in_subtransaction;
 use super::batch::Rows;
@@ -34,27 +35,15 @@ const MAX_BATCH_BYTES: usize = 64 << 20;
 /// copy) and its halves stay small whatever the messages weigh.
 const MAX_BATCH_ROW_BYTES: usize = 8 << 20;
 
-/// A fingerprint of a chat's text, stable across processes and releases (a checkpoint
-/// outlives both): a multiply-rotate hash over 8-byte words, and the length.
-pub fn fingerprint(text: &[u8]) -> i64 {
-    const K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
-    let mut h = text.len() as u64;
-    let mut words = text.chunks_exact(8);
-    for word in &mut words {
-        let w = u64::from_le_bytes(word.try_into().unwrap_or_default());
-        h = (h.rotate_left(5) ^ w).wrapping_mul(K);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    h = (h.rotate_left(5) ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    (h ^ (h >> 29)) as i64
-}
-
 /// A chat whose messages are being expanded, possibly over several batches.
 struct OpenChat {
     chat_id: String,
     user_id: Option<String>,
     text: Option<ChatText>,
+    /// Instead of `text`: the chat read a slice at a time.
+    streamed: Option<Streamed>,
+    /// The text's size, decompressed.
+    len: usize,
     body: Body,
     spans: Vec<Span>,
     next: usize,
@@ -68,6 +57,7 @@ struct OpenChat {
 impl OpenChat {
     fn partial(&self) -> Partial {
         let fingerprint = self.fingerprint.get().unwrap_or_else(|| {
+            // (A streamed chat's was taken as it was indexed.)
             let text = self.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
             let f = fingerprint(text.as_bytes());
             self.fingerprint.set(Some(f));
@@ -98,6 +88,8 @@ struct Batch {
     chat_bytes: usize,
     /// App rows: a chat bigger than a batch, alone in this one (see `write_whole`).
     whole: Option<OpenChat>,
+    /// Streamed chats deleted while they were being expanded (counted as vanished).
+    gone: Vec<String>,
 }
 
 impl Batch {
@@ -118,7 +110,7 @@ impl Batch {
 
     /// App rows: whether the chat is bigger than a batch, so written a slice at a time.
     fn too_big(chat: &OpenChat, settings: &Settings) -> bool {
-        chat.spans.len() > settings.batch_size || chat.text.as_ref().map_or(0, ChatText::len) > MAX_BATCH_ROW_BYTES
+        chat.spans.len() > settings.batch_size || chat.len > MAX_BATCH_ROW_BYTES
     }
 
     /// Whether `chat` fits whole in what is left of the batch. A chat that does not is
@@ -127,7 +119,7 @@ impl Batch {
     /// App rows go whole into a batch (all or nothing, as Open WebUI writes them): a chat
     /// bigger than a batch is one batch of its own.
     fn fits(&self, chat: &OpenChat, settings: &Settings) -> bool {
-        let text = chat.text.as_ref().map_or(0, ChatText::len);
+        let text = chat.len;
         let (messages, bytes) = self.held();
         if settings.rows.is_app() && Batch::too_big(chat, settings) {
             return messages == 0 && self.report.chats_read == 0;
@@ -136,69 +128,108 @@ impl Batch {
     }
 
     /// Takes a fetched chat: `Some` when it has messages to expand.
-    fn open(&mut self, fetched: Fetched, settings: &Settings) -> Option<OpenChat> {
+    fn open(&mut self, fetched: Fetched, settings: &Settings) -> Result<Option<OpenChat>> {
         let Fetched { chat_id, user_id, chat } = fetched;
         let Some(chat_id) = chat_id else {
             self.report.chats_read += 1;
             self.report.chats_skipped += 1;
-            return None;
+            return Ok(None);
         };
-        self.chat_bytes += chat.as_ref().map_or(0, ChatText::len);
+        let len = chat.as_ref().map_or(0, Chat::len);
+        self.chat_bytes += len;
+        let (chat, mut streamed) = match chat {
+            None => (None, None),
+            Some(Chat::Held(text)) => (Some(text), None),
+            // App rows read the chat whole (the app's checks look across it).
+            Some(Chat::Toasted(mut stream)) if settings.rows.is_app() => (Some(ChatText::read_whole(&mut stream)?), None),
+            Some(Chat::Toasted(stream)) => (None, Some(stream)),
+        };
         if settings.rows.is_app() {
-            return self.open_app(chat_id, user_id, chat);
+            return Ok(self.open_app(chat_id, user_id, chat, len));
         }
-        let column = chat.as_ref().and_then(ChatText::as_str);
-        let opened = match (&chat, column) {
-            (Some(_), None) => Err(migration_rows::ChatSkip::NotJson),
-            _ => Document::open(column).and_then(|doc| {
-                let spans = doc.index_polling(&mut || {
-                    pgrx::check_for_interrupts!();
-                })?;
-                Ok((spans, doc.into_body(column.unwrap_or_default())))
-            }),
-        };
-        match opened {
-            // Counted as read when its last message is in a batch.
-            Ok((spans, body)) if !spans.is_empty() => {
-                Some(OpenChat {
-                    chat_id,
-                    user_id,
-                    text: chat,
-                    body,
-                    spans,
-                    next: 0,
-                    codec: app_rows::Codec { exact_ints: false, plain: true },
-                    current_id: None,
-                    fingerprint: Default::default(),
+        let mut fingerprint = None;
+        let opened = match (&chat, &mut streamed) {
+            (_, Some(stream)) => index_streamed(stream, &mut fingerprint)?,
+            (Some(text), None) if text.as_str().is_none() => Err(migration_rows::ChatSkip::NotJson),
+            (_, None) => {
+                let column = chat.as_ref().and_then(ChatText::as_str);
+                Document::open(column).and_then(|doc| {
+                    let spans = doc.index_polling(&mut || {
+                        pgrx::check_for_interrupts!();
+                    })?;
+                    Ok(Indexed::Held(spans, doc.into_body(column.unwrap_or_default())))
                 })
             }
-            Ok(_) => {
-                self.report.chats_read += 1;
-                self.report.last_chat_id = Some(chat_id);
-                None
+        };
+        let (spans, body, streamed, chat) = match opened {
+            Ok(Indexed::Held(spans, body)) => (spans, body, None, chat),
+            Ok(Indexed::Streamed(spans, base)) => {
+                debug1!("chat_backfill: chat {chat_id} streams from its TOAST table ({len} bytes, {} messages)", spans.len());
+                let stream = streamed.take().map(|mut stream| {
+                    stream.restart();
+                    stream
+                });
+                (spans, Body::Within(0..0), stream.map(|stream| Streamed::new(stream, base)), None)
             }
-            Err(skip) => {
-                if skip.is_problem() {
-                    self.report.chats_skipped += 1;
-                    self.rejections.push(Rejection {
-                        chat_id: chat_id.clone(),
-                        message_key: None,
-                        message_id: None,
-                        sqlstate: chat_sqlstate(skip).to_owned(),
-                        error: skip.describe().to_owned(),
-                        detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
-                        message: None,
-                    });
+            // A document the stream cannot take (not an object, or a key repeated in its
+            // messages): read whole, as any other.
+            Ok(Indexed::Whole(text)) => {
+                let column = text.as_str();
+                let indexed = Document::open(column).and_then(|doc| {
+                    let spans = doc.index_polling(&mut || {
+                        pgrx::check_for_interrupts!();
+                    })?;
+                    Ok((spans, doc.into_body(column.unwrap_or_default())))
+                });
+                match indexed {
+                    Ok((spans, body)) => (spans, body, None, Some(text)),
+                    Err(skip) => return Ok(self.skip_chat(chat_id, skip)),
                 }
-                self.report.chats_read += 1;
-                self.report.last_chat_id = Some(chat_id);
-                None
             }
+            Err(skip) => return Ok(self.skip_chat(chat_id, skip)),
+        };
+        if spans.is_empty() {
+            // Counted as read when its last message is in a batch; this one has none.
+            self.report.chats_read += 1;
+            self.report.last_chat_id = Some(chat_id);
+            return Ok(None);
         }
+        Ok(Some(OpenChat {
+            chat_id,
+            user_id,
+            text: chat,
+            streamed,
+            len,
+            body,
+            spans,
+            next: 0,
+            codec: app_rows::Codec { exact_ints: false, plain: true },
+            current_id: None,
+            fingerprint: std::cell::Cell::new(fingerprint),
+        }))
+    }
+
+    /// A chat the migration writes nothing of; recorded unless it is simply empty.
+    fn skip_chat(&mut self, chat_id: String, skip: migration_rows::ChatSkip) -> Option<OpenChat> {
+        if skip.is_problem() {
+            self.report.chats_skipped += 1;
+            self.rejections.push(Rejection {
+                chat_id: chat_id.clone(),
+                message_key: None,
+                message_id: None,
+                sqlstate: chat_sqlstate(skip).to_owned(),
+                error: skip.describe().to_owned(),
+                detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
+                message: None,
+            });
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat_id);
+        None
     }
 
     /// `open` for app rows: the checks of the app's read path (`app_rows::open`, `index`).
-    fn open_app(&mut self, chat_id: String, user_id: Option<String>, chat: Option<ChatText>) -> Option<OpenChat> {
+    fn open_app(&mut self, chat_id: String, user_id: Option<String>, chat: Option<ChatText>, len: usize) -> Option<OpenChat> {
         let column = chat.as_ref().and_then(ChatText::as_str);
         let opened = match (&chat, column) {
             (Some(_), None) => Err(AppSkip::NotObject),
@@ -216,6 +247,8 @@ impl Batch {
                     chat_id,
                     user_id,
                     text: chat,
+                    streamed: None,
+                    len,
                     body,
                     spans,
                     next: 0,
@@ -290,29 +323,46 @@ impl Batch {
     }
 
     /// Expands the chat's next messages while the batch has room; `Some` if some are left.
-    fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Option<OpenChat> {
+    fn expand(&mut self, mut chat: OpenChat, settings: &Settings) -> Result<Option<OpenChat>> {
         if settings.rows.is_app() {
             if Batch::too_big(&chat, settings) {
                 self.whole = Some(chat);
             } else {
                 self.expand_app(chat, settings);
             }
-            return None;
+            return Ok(None);
         }
         let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
         let doc = chat.body.text(column);
         while chat.next < chat.spans.len() {
             if !self.room_for_rows(settings) {
-                return Some(chat);
+                return Ok(Some(chat));
             }
             pgrx::check_for_interrupts!();
-            let entry = migration_rows::entry_at(doc, chat.spans[chat.next], settings.now);
+            let span = chat.spans[chat.next];
+            let entry = match &mut chat.streamed {
+                None => migration_rows::entry_at(doc, span, settings.now),
+                Some(streamed) => {
+                    let bytes = span.bytes();
+                    let Some(text) = streamed.text(bytes.clone())? else {
+                        notice!(
+                            "chat_backfill: chat {} was deleted while it was being expanded (its TOAST value is gone): \
+                             its messages from the {}th on were not written",
+                            chat.chat_id,
+                            chat.next + 1
+                        );
+                        self.gone.push(chat.chat_id.clone());
+                        break;
+                    };
+                    migration_rows::entry_at(text, span.shifted_back(bytes.start), settings.now)
+                }
+            };
             self.add(&chat.chat_id, chat.user_id.as_deref(), entry);
             chat.next += 1;
         }
         self.report.chats_read += 1;
         self.report.last_chat_id = Some(chat.chat_id);
-        None
+        Ok(None)
     }
 
     fn add(&mut self, chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) {
@@ -434,9 +484,10 @@ impl Backfill {
             report: BatchReport { batch: self.batch + 1, batch_size: self.settings.batch_size as i32, ..Default::default() },
             chat_bytes: 0,
             whole: None,
+            gone: Vec::new(),
         };
         if let Some(chat) = self.open_chat.take() {
-            self.open_chat = batch.expand(chat, &self.settings);
+            self.open_chat = batch.expand(chat, &self.settings)?;
         }
         if self.open_chat.is_none() && !self.exhausted {
             let (settings, reader, resume) = (&self.settings, &mut self.reader, &mut self.resume);
@@ -445,14 +496,14 @@ impl Backfill {
                     let Some(fetched) = reader.next(client, settings)? else { return Ok((None, true)) };
                     // Only the first chat read can be the one an earlier CALL left.
                     let resume = resume.take();
-                    if let Some(mut chat) = batch.open(fetched, settings) {
+                    if let Some(mut chat) = batch.open(fetched, settings)? {
                         if let Some(partial) = &resume {
                             chat.resume(partial);
                         }
                         if !batch.fits(&chat, settings) {
                             return Ok((Some(chat), false));
                         }
-                        if let Some(unfinished) = batch.expand(chat, settings) {
+                        if let Some(unfinished) = batch.expand(chat, settings)? {
                             return Ok((Some(unfinished), false));
                         }
                     }
@@ -464,7 +515,7 @@ impl Backfill {
             self.exhausted = exhausted;
         }
         let finished = self.exhausted && self.open_chat.is_none();
-        let Batch { rows, mut rejections, mut report, chat_bytes, whole, .. } = batch;
+        let Batch { rows, mut rejections, mut report, chat_bytes, whole, gone, .. } = batch;
         report.partial = self.open_chat.as_ref().map(OpenChat::partial);
         self.chat_bytes_read += chat_bytes;
         self.row_bytes += rows.bytes();
@@ -483,11 +534,13 @@ impl Backfill {
         }
         if self.settings.dry_run {
             report.messages_inserted = rows.len() as i64;
+            report.chats_vanished = gone.len() as i64;
         } else {
             let mut outcome = Outcome::default();
             let writing = Instant::now();
             in_scratch(|| self.writer.write(&rows, &mut report, &mut outcome))?;
             self.writing += writing.elapsed();
+            outcome.vanished.extend(gone);
             if let Some(last) = &self.last_vanished {
                 outcome.vanished.remove(last);
             }
@@ -789,30 +842,6 @@ impl Backfill {
             (t.messages_inserted as f64) / secs.max(1e-9),
             self.settings.run_id,
         )
-    }
-}
-
-#[cfg(test)]
-mod fingerprint_tests {
-    use super::fingerprint;
-
-    /// Checkpoints keep fingerprints across releases: the function must never change. The
-    /// values were computed by an independent implementation of the same definition.
-    #[test]
-    fn fingerprints_are_stable() {
-        assert_eq!(fingerprint(b""), 0);
-        assert_eq!(fingerprint(b"a"), -5_715_860_101_994_261_550);
-        assert_eq!(fingerprint(b"12345678"), -6_136_387_933_679_464_117);
-        assert_eq!(fingerprint(br#"{"history":{"messages":{}}}"#), -1_574_588_376_558_343_103);
-    }
-
-    #[test]
-    fn one_byte_changes_the_fingerprint() {
-        let a = br#"{"history":{"messages":{"a":{"content":"hello"}}}}"#.to_vec();
-        let mut b = a.clone();
-        b[40] ^= 1;
-        assert_ne!(fingerprint(&a), fingerprint(&b));
-        assert_ne!(fingerprint(&a), fingerprint(&a[..a.len() - 1]));
     }
 }
 

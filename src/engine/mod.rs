@@ -4,7 +4,7 @@
 //! `batch` holds a batch's rows as columns, `write` writes them (straight into the table
 //! through `direct_insert`, or COPY through `copy_feed`, or one array INSERT, halving on
 //! failure down to a row), and `rejections` records what could
-//! not be written. `verify` compares a target with what the rules expect. `tuning` sizes
+//! not be written; `streamed` reads a chat from its TOAST table a slice at a time. `verify` compares a target with what the rules expect. `tuning` sizes
 //! batches by time; `state_guard` checks the state tables before a transaction writes them.
 //! Nothing here commits: the callers above (the SQL functions, the committing run) own the
 //! transactions.
@@ -18,6 +18,7 @@ pub mod rejections;
 pub mod report;
 pub mod request;
 pub mod state_guard;
+pub mod streamed;
 pub mod tuning;
 pub mod verify;
 pub mod write;

@@ -8,15 +8,29 @@ use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 
-use crate::pg::datums::ChatText;
+use crate::pg::datums::{Chat, ChatText};
 use crate::pg::error::{Error, Result};
 use super::request::Settings;
 
-/// One row of the source.
-pub struct Fetched {
+/// One row of the source: its chat as read (`Chat`: held, or streamed from its TOAST
+/// table), or held whole (`ChatText`).
+pub struct Fetched<C = Chat> {
     pub chat_id: Option<String>,
     pub user_id: Option<String>,
-    pub chat: Option<ChatText>,
+    pub chat: Option<C>,
+}
+
+impl Fetched {
+    /// The same row with its chat held whole, for a reader that needs the whole text
+    /// (`verify()`): a streamed chat is read to its end.
+    pub fn held(self) -> Result<Fetched<ChatText>> {
+        let chat = match self.chat {
+            None => None,
+            Some(Chat::Held(text)) => Some(text),
+            Some(Chat::Toasted(mut stream)) => Some(ChatText::read_whole(&mut stream)?),
+        };
+        Ok(Fetched { chat_id: self.chat_id, user_id: self.user_id, chat })
+    }
 }
 
 enum Reading {
@@ -73,7 +87,7 @@ impl Reader {
                     Some(row) => Some(Fetched {
                         chat_id: row.get::<String>(1)?,
                         user_id: row.get::<String>(2)?,
-                        chat: row.get::<ChatText>(3)?,
+                        chat: row.get::<Chat>(3)?,
                     }),
                     None => None,
                 }

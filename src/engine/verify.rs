@@ -21,6 +21,7 @@ use pgrx::prelude::*;
 
 use crate::pg::datums::varlena_array;
 use crate::pg::error::Result;
+use crate::pg::datums::ChatText;
 use super::read::{Fetched, Reader};
 use super::request::Settings;
 
@@ -84,12 +85,12 @@ pub struct Verifier {
     started: Instant,
     /// A chat of more than `SLICE` messages being checked, and the chats fetched after it.
     long: Option<LongChat>,
-    carried: VecDeque<Fetched>,
+    carried: VecDeque<Fetched<ChatText>>,
 }
 
 /// A long chat part way through its check.
 struct LongChat {
-    chat: Fetched,
+    chat: Fetched<ChatText>,
     chat_id: String,
     body: Body,
     spans: Vec<Span>,
@@ -181,7 +182,7 @@ impl Verifier {
     }
 
     fn batch(&mut self) -> Result<()> {
-        let mut chats: Vec<Fetched> = Vec::new();
+        let mut chats: Vec<Fetched<ChatText>> = Vec::new();
         let mut bytes = 0;
         let (settings, reader) = (&self.settings, &mut self.reader);
         while chats.len() < CHATS_PER_BATCH && bytes < BYTES_PER_BATCH {
@@ -196,6 +197,7 @@ impl Verifier {
                     None => return Ok(true),
                     Some(f) if f.chat_id.is_none() => {}
                     Some(f) => {
+                        let f = f.held()?;
                         bytes += f.chat.as_ref().map_or(0, |c| c.len());
                         chats.push(f);
                     }
@@ -260,7 +262,7 @@ impl Verifier {
     }
 
     /// The target's rows of these chats, by chat id, then row id (see `fetch_rows`).
-    fn target_rows(&self, chats: &[Fetched], wanted: &HashSet<&str>) -> Result<HashMap<String, HashMap<String, Found>>> {
+    fn target_rows(&self, chats: &[Fetched<ChatText>], wanted: &HashSet<&str>) -> Result<HashMap<String, HashMap<String, Found>>> {
         let ids = chats.iter().map(|c| c.chat_id.as_deref());
         // SAFETY: a text[] of the batch's chat ids.
         let ids = unsafe { DatumWithOid::new(varlena_array(ids, pg_sys::TEXTOID), pg_sys::TEXTARRAYOID) };
@@ -269,7 +271,7 @@ impl Verifier {
 
     /// The rows the rules give for one chat, by row id; or, for a chat of more than `SLICE`
     /// messages (migration rows), where its messages lie, to be checked a slice at a time.
-    fn expected(&self, chat: &Fetched) -> Expected {
+    fn expected(&self, chat: &Fetched<ChatText>) -> Expected {
         let chat_id = chat.chat_id.as_deref().unwrap_or_default();
         let column = chat.chat.as_ref().and_then(|c| c.as_str());
         let now = self.settings.now;

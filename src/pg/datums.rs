@@ -16,6 +16,8 @@ use pgrx::pgrx_sql_entity_graph::metadata::{
 };
 use pgrx::{FromDatum, IntoDatum};
 
+use crate::pg::toast_read::ToastStream;
+
 /// `json` handed to PostgreSQL as it is, in the database's encoding (`to_server`).
 pub struct RawJson(pub Vec<u8>);
 
@@ -220,6 +222,47 @@ impl ChatText {
     }
 }
 
+impl ChatText {
+    /// A value without text yet, in a new context of its own: made first, so that an ERROR
+    /// while its text is read (which unwinds through the reader) drops it and deletes the context.
+    fn empty() -> ChatText {
+        // SAFETY: a new context under TopMemoryContext, owned by the value made right away.
+        let context = unsafe {
+            pg_sys::AllocSetContextCreateExtended(
+                pg_sys::TopMemoryContext,
+                c"chat_backfill chat".as_ptr(),
+                0,
+                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
+                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
+            )
+        };
+        ChatText { context, data: std::ptr::null(), len: 0, utf8: false }
+    }
+
+    /// The whole text of a TOASTed chat, read through `stream` from its start: a chat that
+    /// is not streamed after all (app rows, a document that is not an object) held once,
+    /// without the compressed copy detoasting holds beside it.
+    pub fn read_whole(stream: &mut ToastStream) -> crate::pg::error::Result<ChatText> {
+        let mut text = ChatText::empty();
+        let size = stream.raw_size();
+        // SAFETY: `size` bytes in the value's own context; the stream hands out exactly the
+        // document's decompressed size (its decoder checks), never more than is copied here.
+        unsafe {
+            let data = pg_sys::MemoryContextAlloc(text.context, size.max(1)).cast::<u8>();
+            let mut filled = 0usize;
+            while stream.next_slice(&mut |piece: &[u8]| {
+                let n = piece.len().min(size - filled);
+                std::ptr::copy_nonoverlapping(piece.as_ptr(), data.add(filled), n);
+                filled += n;
+            })? {}
+            text.data = data;
+            text.len = filled;
+            text.utf8 = std::str::from_utf8(std::slice::from_raw_parts(text.data, text.len)).is_ok();
+        }
+        Ok(text)
+    }
+}
+
 impl Drop for ChatText {
     fn drop(&mut self) {
         // SAFETY: the context was created for this value alone and nothing else points into it.
@@ -232,18 +275,8 @@ impl FromDatum for ChatText {
         if is_null {
             return None;
         }
-        // SAFETY: a new context, owned by the value made right away, so that an ERROR while
-        // detoasting (which unwinds through here) drops the value and deletes the context.
-        let context = unsafe {
-            pg_sys::AllocSetContextCreateExtended(
-                pg_sys::TopMemoryContext,
-                c"chat_backfill chat".as_ptr(),
-                0,
-                pg_sys::ALLOCSET_DEFAULT_INITSIZE as usize,
-                pg_sys::ALLOCSET_DEFAULT_MAXSIZE as usize,
-            )
-        };
-        let mut text = ChatText { context, data: std::ptr::null(), len: 0, utf8: false };
+        let mut text = ChatText::empty();
+        let context = text.context;
         // SAFETY: the caller passes a non-null datum of a varlena type (the source query casts
         // the chat to text); detoasting or copying allocates in `text`'s context.
         unsafe {
@@ -290,6 +323,56 @@ impl IntoDatum for ChatText {
 
     fn is_compatible_with(other: pg_sys::Oid) -> bool {
         [pg_sys::TEXTOID, pg_sys::VARCHAROID, pg_sys::JSONOID].contains(&other)
+    }
+}
+
+/// A chat as read from the source: held (detoasted, or stored in the row), or, when it
+/// lies in a TOAST table and is bigger than `chat_backfill.stream_chats_over`, a stream
+/// over it, read a slice at a time (issue 26: memory no longer follows the largest chat).
+pub enum Chat {
+    Held(ChatText),
+    Toasted(ToastStream),
+}
+
+impl Chat {
+    /// The text's size, decompressed.
+    pub fn len(&self) -> usize {
+        match self {
+            Chat::Held(text) => text.len(),
+            Chat::Toasted(stream) => stream.raw_size(),
+        }
+    }
+}
+
+impl FromDatum for Chat {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, oid: pg_sys::Oid) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: a non-null varlena datum of the row fetched (as for ChatText).
+        match unsafe { ToastStream::of(datum.cast_mut_ptr()) } {
+            Some(stream) if stream.raw_size() > crate::pg::gucs::stream_chats_over() => Some(Chat::Toasted(stream)),
+            // SAFETY: the same datum, read whole.
+            _ => unsafe { ChatText::from_polymorphic_datum(datum, false, oid) }.map(Chat::Held),
+        }
+    }
+}
+
+/// As ChatText: read as text (or json or varchar, as they are).
+impl IntoDatum for Chat {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        match self {
+            Chat::Held(text) => text.into_datum(),
+            Chat::Toasted(stream) => Some(stream.pointer_datum()),
+        }
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::TEXTOID
+    }
+
+    fn is_compatible_with(other: pg_sys::Oid) -> bool {
+        ChatText::is_compatible_with(other)
     }
 }
 

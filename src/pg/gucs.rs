@@ -26,6 +26,8 @@ static REPLICA_SLOT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>
 static MAX_WAL_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 /// kB of chat that plan() and admission control read.
 static PLAN_SAMPLE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
+/// Chats stored in a TOAST table above this size (kB) are read a slice at a time.
+static STREAM_CHATS_OVER: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 /// Background workers one CALL may start (superuser-set: the slots are the server's).
 static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
 
@@ -89,6 +91,16 @@ pub fn init() {
         GucFlags::UNIT_KB,
     );
     GucRegistry::define_int_guc(
+        c"chat_backfill.stream_chats_over",
+        c"Chats stored in a TOAST table bigger than this are read and expanded a slice at a time.",
+        c"Smaller chats are read whole, which is faster; a streamed chat costs memory for one message, not the chat. 0: every chat in a TOAST table.",
+        &STREAM_CHATS_OVER,
+        0,
+        1024 * 1024,
+        GucContext::Userset,
+        GucFlags::UNIT_KB,
+    );
+    GucRegistry::define_int_guc(
         c"chat_backfill.max_workers",
         c"Most background workers one CALL backfill_chat_messages_resumable(workers => n) starts.",
         c"Worker slots (max_worker_processes) are shared with parallel query and logical replication; only a superuser may raise this.",
@@ -131,6 +143,10 @@ pub fn max_wal_rate() -> Option<f64> {
 
 pub fn max_workers() -> usize {
     MAX_WORKERS.get().max(1) as usize
+}
+
+pub fn stream_chats_over() -> usize {
+    (STREAM_CHATS_OVER.get().max(0) as usize) << 10
 }
 
 pub fn plan_sample_bytes() -> i64 {

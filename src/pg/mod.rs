@@ -13,6 +13,7 @@ pub mod gucs;
 pub mod key_text;
 pub mod read_only;
 pub mod subxact;
+pub mod toast_read;
 pub mod transaction;
 pub mod version;
 pub mod visibility;

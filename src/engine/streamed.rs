@@ -1,0 +1,251 @@
+//! Chats read a slice at a time from their TOAST table (issue 26): the index pass over
+//! the stream (where the entries lie, the text's fingerprint, UTF-8) and the expansion's
+//! cursor, which holds the text from the next entry on; and the fingerprint of a chat's
+//! text that a checkpoint inside a chat keeps, whole or as it streams. The engine (`backfill`) opens a
+//! chat this way when `read` gives it as `Chat::Toasted`.
+
+use chat_backfill_rules::migration_rows::{self, Body, Keys, Span};
+use chat_backfill_rules::stream_index::{StreamIndex, Streamed as StreamIndexed};
+
+use crate::pg::datums::ChatText;
+use crate::pg::error::Result;
+use crate::pg::toast_read::ToastStream;
+
+/// A fingerprint of a chat's text, stable across processes and releases (a checkpoint
+/// outlives both): a multiply-rotate hash over 8-byte words, and the length.
+pub fn fingerprint(text: &[u8]) -> i64 {
+    let mut f = Fingerprinter::new(text.len());
+    f.update(text);
+    f.finish()
+}
+
+/// `fingerprint` of a text given in pieces, whose length is known up front (a stream's
+/// raw size): the same words, carried over between pieces.
+pub struct Fingerprinter {
+    h: u64,
+    word: [u8; 8],
+    filled: usize,
+}
+
+const FINGERPRINT_K: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl Fingerprinter {
+    pub fn new(len: usize) -> Fingerprinter {
+        Fingerprinter { h: len as u64, word: [0; 8], filled: 0 }
+    }
+
+    pub fn update(&mut self, mut piece: &[u8]) {
+        while !piece.is_empty() {
+            let n = (8 - self.filled).min(piece.len());
+            self.word[self.filled..self.filled + n].copy_from_slice(&piece[..n]);
+            self.filled += n;
+            piece = &piece[n..];
+            if self.filled == 8 {
+                self.h = (self.h.rotate_left(5) ^ u64::from_le_bytes(self.word)).wrapping_mul(FINGERPRINT_K);
+                self.filled = 0;
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> i64 {
+        self.word[self.filled..].fill(0);
+        let h = (self.h.rotate_left(5) ^ u64::from_le_bytes(self.word)).wrapping_mul(FINGERPRINT_K);
+        (h ^ (h >> 29)) as i64
+    }
+}
+
+/// UTF-8 checked across pieces: a character split between two is carried (at most 3
+/// bytes) to the next.
+#[derive(Default)]
+pub struct Utf8Check {
+    carry: Vec<u8>,
+    bad: bool,
+}
+
+impl Utf8Check {
+    pub fn update(&mut self, piece: &[u8]) {
+        if self.bad {
+            return;
+        }
+        let mut joined;
+        let bytes = if self.carry.is_empty() {
+            piece
+        } else {
+            joined = std::mem::take(&mut self.carry);
+            joined.extend_from_slice(piece);
+            &joined[..]
+        };
+        match std::str::from_utf8(bytes) {
+            Ok(_) => self.carry.clear(),
+            // Cut inside a character at the end: the rest comes with the next piece.
+            Err(e) if e.error_len().is_none() => self.carry = bytes[e.valid_up_to()..].to_vec(),
+            Err(_) => self.bad = true,
+        }
+    }
+
+    /// Whether everything given was UTF-8, whole characters.
+    pub fn finish(self) -> bool {
+        !self.bad && self.carry.is_empty()
+    }
+}
+
+/// A chat read a slice at a time from its TOAST table (`Chat::Toasted`, issue 26): its
+/// entries are expanded in the document's order from the stream, which holds the text from
+/// the next entry's key to the end of what was read, never the chat.
+pub struct Streamed {
+    stream: ToastStream,
+    /// The document's bytes from offset `from` on, as far as the stream has given them.
+    held: Vec<u8>,
+    from: usize,
+    /// Where the indexed text starts in the document (after JSON whitespace).
+    base: usize,
+}
+
+impl Streamed {
+    pub fn new(stream: ToastStream, base: usize) -> Streamed {
+        Streamed { stream, held: Vec::new(), from: 0, base }
+    }
+
+    /// The text of `range` (offsets in the indexed text), reading on as far as it ends and
+    /// dropping what lies before it: ranges must come in increasing order. `None` when the
+    /// chat's TOAST value is gone (its row deleted and vacuumed since a COMMIT between
+    /// batches).
+    pub fn text(&mut self, range: std::ops::Range<usize>) -> Result<Option<&str>> {
+        let (start, end) = (range.start + self.base, range.end + self.base);
+        let passed = start.saturating_sub(self.from).min(self.held.len());
+        self.held.drain(..passed);
+        self.from += passed;
+        let Streamed { stream, held, from, .. } = self;
+        while *from + held.len() < end {
+            let more = stream.next_slice_unless_gone(&mut |piece: &[u8]| {
+                // Bytes before `start` (between two entries) are not kept.
+                let skip = if held.is_empty() { start.saturating_sub(*from).min(piece.len()) } else { 0 };
+                *from += skip;
+                held.extend_from_slice(&piece[skip..]);
+            })?;
+            match more {
+                None => return Ok(None),
+                Some(false) if *from + held.len() < end => {
+                    return Err(stream.corrupted(&"the document ended before its indexed entries"));
+                }
+                Some(_) => {}
+            }
+        }
+        std::str::from_utf8(&self.held[start - self.from..end - self.from])
+            .map(Some)
+            .map_err(|_| self.stream.corrupted(&"an entry is not UTF-8"))
+    }
+}
+
+/// How a chat was indexed.
+pub enum Indexed {
+    /// Held: its entries, and where its document lies in the text.
+    Held(Vec<Span>, Body),
+    /// Streamed: its entries, in the document's order, and where the indexed text starts
+    /// in the document (the offsets' origin).
+    Streamed(Vec<Span>, usize),
+    /// Read whole after all (see `index_streamed`).
+    Whole(ChatText),
+}
+
+/// The index pass over a streamed chat: where its entries lie (`StreamIndex`, the same
+/// entries as the whole text's index), its fingerprint and its UTF-8, as the text streams.
+/// A document that is not an object (a JSON string holding one, which is decoded into a
+/// copy) or whose messages repeat a key (Python keeps its first place and its last value,
+/// out of the document's order) is read whole instead, as are the hostile shapes the
+/// streamed index leaves to the whole text.
+pub fn index_streamed(
+    stream: &mut ToastStream,
+    fingerprinted: &mut Option<i64>,
+) -> Result<std::result::Result<Indexed, migration_rows::ChatSkip>> {
+    let mut index = StreamIndex::new(Keys::Exact);
+    let mut utf8 = Utf8Check::default();
+    let mut print = Fingerprinter::new(stream.raw_size());
+    let mut failed = None;
+    let mut object = None;
+    let mut poll = || {
+        pgrx::check_for_interrupts!();
+    };
+    while stream.next_slice(&mut |piece: &[u8]| {
+        if object.is_none() {
+            object = piece.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).map(|b| *b == b'{');
+        }
+        utf8.update(piece);
+        print.update(piece);
+        if failed.is_none() && object != Some(false) {
+            failed = index.feed(piece, &mut poll).err();
+        }
+    })? {
+        if object == Some(false) {
+            break;
+        }
+    }
+    if object != Some(true) {
+        return Ok(Ok(Indexed::Whole(ChatText::read_whole(&mut stream.restart())?)));
+    }
+    if !utf8.finish() {
+        return Ok(Err(migration_rows::ChatSkip::NotJson));
+    }
+    *fingerprinted = Some(print.finish());
+    if let Some(skip) = failed {
+        return Ok(Err(skip));
+    }
+    match index.finish(&mut poll) {
+        Err(skip) => Ok(Err(skip)),
+        Ok(StreamIndexed::Indexed(found, _)) => Ok(migration_rows::spans_of(found).map(|spans| Indexed::Streamed(spans, 0))),
+        Ok(StreamIndexed::RepeatedKeys { .. } | StreamIndexed::ReadWhole(_)) => {
+            Ok(Ok(Indexed::Whole(ChatText::read_whole(&mut stream.restart())?)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::{fingerprint, Fingerprinter, Utf8Check};
+
+    /// Checkpoints keep fingerprints across releases: the function must never change. The
+    /// values were computed by an independent implementation of the same definition.
+    #[test]
+    fn fingerprints_are_stable() {
+        assert_eq!(fingerprint(b""), 0);
+        assert_eq!(fingerprint(b"a"), -5_715_860_101_994_261_550);
+        assert_eq!(fingerprint(b"12345678"), -6_136_387_933_679_464_117);
+        assert_eq!(fingerprint(br#"{"history":{"messages":{}}}"#), -1_574_588_376_558_343_103);
+    }
+
+    #[test]
+    fn a_text_in_pieces_has_the_fingerprint_of_the_whole() {
+        let text: Vec<u8> = (0..1000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for len in [0, 1, 7, 8, 9, 15, 16, 17, 999, 1000] {
+            for step in [1, 2, 3, 5, 8, 13, 64, 1000] {
+                let mut f = Fingerprinter::new(len);
+                text[..len].chunks(step).for_each(|piece| f.update(piece));
+                assert_eq!(f.finish(), fingerprint(&text[..len]), "len {len} step {step}");
+            }
+        }
+    }
+
+    #[test]
+    fn utf8_is_checked_across_pieces() {
+        let text = "aé中🙂z".repeat(50);
+        for step in 1..9 {
+            let mut check = Utf8Check::default();
+            text.as_bytes().chunks(step).for_each(|piece| check.update(piece));
+            assert!(check.finish(), "step {step}");
+        }
+        for bad in [&b"a\xff"[..], b"\xe4\xb8", b"\xe4\xb8a", b"\xc0\x80"] {
+            let mut check = Utf8Check::default();
+            bad.chunks(1).for_each(|piece| check.update(piece));
+            assert!(!check.finish(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn one_byte_changes_the_fingerprint() {
+        let a = br#"{"history":{"messages":{"a":{"content":"hello"}}}}"#.to_vec();
+        let mut b = a.clone();
+        b[40] ^= 1;
+        assert_ne!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&a[..a.len() - 1]));
+    }
+}

@@ -1,0 +1,129 @@
+//! The bounded output history both decoders copy matches from. A back-reference can
+//! reach at most `window` bytes back (pglz 4095, lz4 65535), so that is all that must
+//! be kept. The buffer is a Vec that grows to at most 2 x `window` and then drops all
+//! but its last `window` bytes: one memmove per `window` bytes of output, and copies
+//! stay contiguous slices (no ring-buffer wrap to split them).
+//!
+//! Decoded bytes are handed to the sink lazily: everything past `flushed` has not been
+//! seen by the sink yet, and is flushed before it could be dropped and at the end of
+//! each `feed`.
+
+pub(crate) struct Window {
+    buf: Vec<u8>,
+    /// `buf[..flushed]` has been handed to the sink.
+    flushed: usize,
+    window: usize,
+    /// Bytes of output so far, over the whole stream.
+    produced: u64,
+}
+
+impl Window {
+    pub(crate) fn new(window: usize) -> Window {
+        Window {
+            buf: Vec::with_capacity(2 * window),
+            flushed: 0,
+            window,
+            produced: 0,
+        }
+    }
+
+    pub(crate) fn produced(&self) -> u64 {
+        self.produced
+    }
+
+    /// Hands the not-yet-seen output to the sink.
+    pub(crate) fn flush(&mut self, out: &mut impl FnMut(&[u8])) {
+        if self.flushed < self.buf.len() {
+            out(&self.buf[self.flushed..]);
+            self.flushed = self.buf.len();
+        }
+    }
+
+    /// Makes room for `n <= window` more bytes without the buffer passing 2 x `window`,
+    /// keeping the last `window` bytes, which is as far back as a copy can reach.
+    fn make_room(&mut self, n: usize, out: &mut impl FnMut(&[u8])) {
+        debug_assert!(n <= self.window);
+        if self.buf.len() + n > 2 * self.window {
+            self.flush(out);
+            let drop = self.buf.len() - self.window;
+            self.buf.drain(..drop);
+            self.flushed = self.buf.len();
+        }
+    }
+
+    /// Appends literal bytes.
+    pub(crate) fn push(&mut self, data: &[u8], out: &mut impl FnMut(&[u8])) {
+        for piece in data.chunks(self.window) {
+            self.make_room(piece.len(), out);
+            self.buf.extend_from_slice(piece);
+            self.produced += piece.len() as u64;
+        }
+    }
+
+    /// Appends `len` bytes copied from `offset` bytes back. The caller has checked
+    /// `1 <= offset <= min(produced, window)`. The copy may overlap its own output
+    /// (offset < len, e.g. a run of one byte is offset 1): the result repeats the
+    /// `offset` bytes before it.
+    pub(crate) fn copy(&mut self, offset: usize, len: usize, out: &mut impl FnMut(&[u8])) {
+        debug_assert!(offset >= 1 && offset <= self.window && offset as u64 <= self.produced);
+        let mut remaining = len;
+        while remaining > 0 {
+            let n = remaining.min(self.window);
+            self.make_room(n, out);
+            // make_room keeps the last `window` bytes, so `offset` bytes back exist.
+            let start = self.buf.len() - offset;
+            let target = self.buf.len() + n;
+            // Everything from `start` on repeats with period `offset`, so copying from
+            // `start` as much as already exists (offset, then 2 x offset, ...) is the
+            // same as copying byte by byte, in O(log) slice copies.
+            while self.buf.len() < target {
+                let k = (self.buf.len() - start).min(target - self.buf.len());
+                self.buf.extend_from_within(start..start + k);
+            }
+            self.produced += n as u64;
+            remaining -= n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(w: &mut Window, got: &mut Vec<u8>) {
+        w.flush(&mut |b: &[u8]| got.extend_from_slice(b));
+    }
+
+    #[test]
+    fn overlapping_copy_repeats_the_period() {
+        let mut got = Vec::new();
+        let mut w = Window::new(16);
+        let mut sink = |b: &[u8]| got.extend_from_slice(b);
+        w.push(b"abc", &mut sink);
+        w.copy(3, 10, &mut sink);
+        w.copy(1, 5, &mut sink);
+        w.flush(&mut sink);
+        assert_eq!(got, b"abcabcabcabcaaaaaa");
+    }
+
+    #[test]
+    fn stays_bounded_and_keeps_the_window() {
+        let mut got = Vec::new();
+        let mut w = Window::new(8);
+        let mut expect = Vec::new();
+        for i in 0..1000u32 {
+            let b = [(i % 251) as u8];
+            w.push(&b, &mut |s: &[u8]| got.extend_from_slice(s));
+            expect.push(b[0]);
+            if i >= 8 {
+                let back = expect[expect.len() - 8..expect.len() - 5].to_vec();
+                w.copy(8, 3, &mut |s: &[u8]| got.extend_from_slice(s));
+                expect.extend_from_slice(&back);
+            }
+            assert!(w.buf.len() <= 16);
+        }
+        collect(&mut w, &mut got);
+        assert_eq!(got, expect);
+        assert_eq!(w.produced(), expect.len() as u64);
+    }
+}
