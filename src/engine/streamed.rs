@@ -112,13 +112,22 @@ impl Streamed {
     /// batches).
     pub fn text(&mut self, range: std::ops::Range<usize>) -> Result<Option<&str>> {
         let (start, end) = (range.start + self.base, range.end + self.base);
+        // What lies before `start` is dropped once it is half of what is held: each byte is
+        // moved at most once (dropping it at every entry moved a whole slice per message).
         let passed = start.saturating_sub(self.from).min(self.held.len());
-        self.held.drain(..passed);
-        self.from += passed;
+        if passed * 2 >= self.held.len() {
+            self.held.drain(..passed);
+            self.from += passed;
+        }
         let Streamed { stream, held, from, .. } = self;
         while *from + held.len() < end {
             let more = stream.next_slice_unless_gone(&mut |piece: &[u8]| {
-                // Bytes before `start` (between two entries) are not kept.
+                // Nothing held is wanted any more, and what comes before `start` (between two
+                // entries, or text that is no entry) is not kept.
+                if *from + held.len() <= start {
+                    *from += held.len();
+                    held.clear();
+                }
                 let skip = if held.is_empty() { start.saturating_sub(*from).min(piece.len()) } else { 0 };
                 *from += skip;
                 held.extend_from_slice(&piece[skip..]);

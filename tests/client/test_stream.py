@@ -1,5 +1,5 @@
 """Issue 26: a chat stored in a TOAST table is read a slice at a time and its messages are
-expanded as the text streams (`chat_backfill.stream_chats_over`, 16 MB by default; 0 here,
+expanded as the text streams (`chat_backfill.stream_chats_over`, 64 MB by default; 0 here,
 so that every chat the table moved out of its rows streams). The rows must be the rows
 the same chats give read whole, byte for byte, in every stored form (uncompressed,
 pglz, lz4), in the one-transaction form and in the committing one, whose batches end

@@ -24,6 +24,11 @@ use crate::window::Window;
 /// and so does this one.)
 pub const PGLZ_WINDOW: usize = 4095;
 
+/// A control group's most input (the control byte and 8 tags of 3 bytes) and output (8
+/// copies of 273 bytes).
+const GROUP_INPUT: usize = 1 + 8 * 3;
+const GROUP_OUTPUT: usize = 8 * 273;
+
 pub struct PglzDecoder {
     window: Window,
     raw_size: u64,
@@ -75,6 +80,18 @@ impl PglzDecoder {
     fn feed_inner(&mut self, input: &[u8], out: &mut impl FnMut(&[u8])) -> Result<(), DecodeError> {
         let mut i = 0;
         while i < input.len() {
+            // Most of a stream: a whole control group in the input (at most 25 bytes) and
+            // room for its largest output before the raw size, decoded without the per-item
+            // state and bounds of the general path below (twice as fast; the same output
+            // and the same errors, which can only be a bad offset here).
+            if self.tag_len == 0
+                && self.ctrl_left == 0
+                && input.len() - i >= GROUP_INPUT
+                && self.raw_size - self.window.produced() >= GROUP_OUTPUT as u64
+            {
+                i = self.group(input, i, out)?;
+                continue;
+            }
             // pglz_decompress stops reading once the output is full; anything left in
             // the input (even a lone control byte) fails its check_complete.
             if self.tag_len == 0 && self.window.produced() == self.raw_size {
@@ -126,6 +143,35 @@ impl PglzDecoder {
             self.window.copy(offset, len, out);
         }
         Ok(())
+    }
+
+    /// Decodes the control group at `input[i..]`, which holds all of it, into room for
+    /// its largest output; returns where the next one starts.
+    fn group(&mut self, input: &[u8], mut i: usize, out: &mut impl FnMut(&[u8])) -> Result<usize, DecodeError> {
+        let ctrl = input[i];
+        i += 1;
+        self.window.reserve(GROUP_OUTPUT, out);
+        for bit in 0..8 {
+            if ctrl >> bit & 1 == 0 {
+                self.window.push_byte(input[i]);
+                i += 1;
+                continue;
+            }
+            let (b0, b1) = (input[i], input[i + 1]);
+            i += 2;
+            let mut len = (b0 & 0x0f) as usize + 3;
+            if len == 18 {
+                len += input[i] as usize;
+                i += 1;
+            }
+            let offset = (((b0 & 0xf0) as usize) << 4) | b1 as usize;
+            let produced = self.window.produced();
+            if offset == 0 || offset as u64 > produced {
+                return Err(DecodeError::BadOffset { offset, produced });
+            }
+            self.window.copy_reserved(offset, len);
+        }
+        Ok(i)
     }
 
     /// Ends the stream: the input must have ended after a whole item (not inside a
