@@ -20,10 +20,12 @@ use pgrx::prelude::*;
 
 use crate::pg::datums::{Chat, ChatText};
 use super::streamed::{fingerprint, index_streamed, Indexed, Streamed};
-use crate::pg::error::Result;
+use pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
+
+use crate::pg::error::{Error, Result};
 use crate::pg::subxact::in_subtransaction;
 use super::batch::Rows;
-use super::read::{Fetched, Reader};
+use super::read::{self, Fetched, Reader};
 use super::rejections::{chat_sqlstate, rule_sqlstate, Recorder, Rejection};
 use super::report::{BatchReport, Partial};
 use super::request::Settings;
@@ -77,6 +79,17 @@ impl OpenChat {
         }
     }
 }
+
+/// How far `expand_entries` got.
+enum Progress {
+    Done,
+    BatchFull,
+    /// A streamed chat's TOAST value is gone.
+    Gone,
+}
+
+/// Times a streamed chat is read again when it changes under a run before the run stops.
+const MAX_REREADS: u32 = 3;
 
 /// A batch being filled.
 struct Batch {
@@ -332,11 +345,57 @@ impl Batch {
             }
             return Ok(None);
         }
+        let mut rereads = 0;
+        loop {
+            match self.expand_entries(&mut chat, settings)? {
+                Progress::BatchFull => return Ok(Some(chat)),
+                Progress::Done => break,
+                Progress::Gone => {
+                    // Updated or deleted since the chat was opened (its TOAST value is gone
+                    // after a COMMIT): read again. An update is expanded from its start (the
+                    // rows written already count as present); a deleted chat counts as
+                    // vanished, as a held one does when its rows cannot be written.
+                    rereads += 1;
+                    if rereads > MAX_REREADS {
+                        return Err(Error::new(
+                            ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                            format!("chat {} changed {rereads} times while it was being expanded", chat.chat_id),
+                            "CALL the backfill again: it goes on from its checkpoint and reads the chat again.",
+                        ));
+                    }
+                    match read::reread(settings, &chat.chat_id)? {
+                        None => {
+                            notice!(
+                                "chat_backfill: chat {} was deleted while it was being expanded (its TOAST value is gone): \
+                                 its messages from the {}th on were not written",
+                                chat.chat_id,
+                                chat.next + 1
+                            );
+                            self.gone.push(chat.chat_id.clone());
+                            break;
+                        }
+                        Some(fetched) => match self.open(fetched, settings)? {
+                            Some(again) => chat = again,
+                            // Counted by `open`: the chat has no messages any more, or is not
+                            // a chat any more (then recorded).
+                            None => return Ok(None),
+                        },
+                    }
+                }
+            }
+        }
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat.chat_id);
+        Ok(None)
+    }
+
+    /// Expands entries from the chat's next while the batch has room.
+    fn expand_entries(&mut self, chat: &mut OpenChat, settings: &Settings) -> Result<Progress> {
         let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
         let doc = chat.body.text(column);
         while chat.next < chat.spans.len() {
             if !self.room_for_rows(settings) {
-                return Ok(Some(chat));
+                return Ok(Progress::BatchFull);
             }
             pgrx::check_for_interrupts!();
             let span = chat.spans[chat.next];
@@ -344,25 +403,14 @@ impl Batch {
                 None => migration_rows::entry_at(doc, span, settings.now),
                 Some(streamed) => {
                     let bytes = span.bytes();
-                    let Some(text) = streamed.text(bytes.clone())? else {
-                        notice!(
-                            "chat_backfill: chat {} was deleted while it was being expanded (its TOAST value is gone): \
-                             its messages from the {}th on were not written",
-                            chat.chat_id,
-                            chat.next + 1
-                        );
-                        self.gone.push(chat.chat_id.clone());
-                        break;
-                    };
+                    let Some(text) = streamed.text(bytes.clone())? else { return Ok(Progress::Gone) };
                     migration_rows::entry_at(text, span.shifted_back(bytes.start), settings.now)
                 }
             };
             self.add(&chat.chat_id, chat.user_id.as_deref(), entry);
             chat.next += 1;
         }
-        self.report.chats_read += 1;
-        self.report.last_chat_id = Some(chat.chat_id);
-        Ok(None)
+        Ok(Progress::Done)
     }
 
     fn add(&mut self, chat_id: &str, user_id: Option<&str>, entry: Entry<'_>) {

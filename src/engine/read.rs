@@ -151,6 +151,20 @@ pub fn source_where(settings: &Settings, condition: Option<&str>) -> String {
     }
 }
 
+/// The chat with key `chat_id` as it is now, or `None` when no row with that key passes the
+/// filter any more: a streamed chat whose TOAST value is gone after a COMMIT was updated or
+/// deleted meanwhile, and only reading it again tells which.
+pub fn reread(settings: &Settings, chat_id: &str) -> Result<Option<Fetched>> {
+    let sql = select_sql(settings, Some(&settings.key_equals(1)), "");
+    Spi::connect(|client| -> Result<Option<Fetched>> {
+        let table = client.select(&sql, Some(1), &[DatumWithOid::from(chat_id)])?;
+        match table.into_iter().next() {
+            Some(row) => Ok(Some(Fetched { chat_id: row.get::<String>(1)?, user_id: row.get::<String>(2)?, chat: row.get::<Chat>(3)? })),
+            None => Ok(None),
+        }
+    })
+}
+
 /// The three source columns, filtered, then `tail` (ORDER BY / LIMIT, or empty). Ids as
 /// text; the document as stored (a json or text value is its text: a cast would print and
 /// re-read it, copying a chat of tens of MB twice), or a jsonb document printed as text.

@@ -95,7 +95,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"chat_backfill.stream_chats_over",
         c"Chats stored in a TOAST table bigger than this are read and expanded a slice at a time.",
-        c"Smaller chats are read whole, which is faster; a streamed chat costs memory for one message, not the chat. 0: every chat in a TOAST table.",
+        c"Smaller chats are read whole, which is faster; a streamed chat costs memory for one message and its index (16 bytes a message), not its text. 0: every chat in a TOAST table.",
         &STREAM_CHATS_OVER,
         0,
         1024 * 1024,

@@ -14,8 +14,12 @@ use pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED;
 use crate::pg::error::{Error, Result};
 use crate::pg::subxact::in_subtransaction_catching;
 
-/// Stored bytes fetched per slice: a few hundred chunks, one index descent for each.
+/// Stored bytes fetched at a time: a few hundred chunks, one index descent for each.
 const SLICE_BYTES: usize = 1 << 20;
+/// Stored bytes decompressed at a time: what one step can hand out is bounded by this
+/// times the format's best ratio (lz4 about 255, pglz 91), 4 MB, not by a whole fetch
+/// (a reviewer's megabyte of lz4 padding decompressed to 255 MB in one step).
+const FEED_BYTES: usize = 16 << 10;
 
 /// A value in a TOAST table, read from its start.
 pub struct ToastStream {
@@ -26,6 +30,9 @@ pub struct ToastStream {
     /// `None`: stored uncompressed.
     decoder: Option<ToastDecoder>,
     raw: usize,
+    /// Stored bytes fetched and not yet decompressed, from `pending_at` on.
+    pending: Vec<u8>,
+    pending_at: usize,
 }
 
 impl ToastStream {
@@ -52,7 +59,7 @@ impl ToastStream {
         let raw = (pointer.va_rawsize as usize).saturating_sub(pg_sys::VARHDRSZ);
         // VARATT_EXTERNAL_IS_COMPRESSED: stored smaller than the text.
         let decoder = (stored < raw).then(ToastDecoder::new);
-        Some(ToastStream { pointer, stored, offset: 0, decoder, raw })
+        Some(ToastStream { pointer, stored, offset: 0, decoder, raw, pending: Vec::new(), pending_at: 0 })
     }
 
     /// A datum that points at the value again (a TOAST pointer, as the row holds it), in
@@ -87,22 +94,29 @@ impl ToastStream {
 
     /// The same, `None` when the value's chunks are gone: read on in a later transaction
     /// (the committing form goes on with a chat after a COMMIT), the row may have been
-    /// deleted and vacuumed in between.
+    /// updated or deleted, and vacuumed, in between, or the table rewritten.
     pub fn next_slice_unless_gone(&mut self, out: &mut impl FnMut(&[u8])) -> Result<Option<bool>> {
-        if self.offset >= self.stored {
-            return Ok(Some(false));
+        if self.pending_at >= self.pending.len() {
+            if self.offset >= self.stored {
+                return Ok(Some(false));
+            }
+            check_for_interrupts!();
+            let length = SLICE_BYTES.min(self.stored - self.offset);
+            let Some(slice) = self.fetch(length)? else { return Ok(None) };
+            self.offset += length;
+            self.pending = slice;
+            self.pending_at = 0;
         }
-        check_for_interrupts!();
-        let length = SLICE_BYTES.min(self.stored - self.offset);
-        let Some(slice) = self.fetch(length)? else { return Ok(None) };
-        self.offset += length;
-        let last = self.offset >= self.stored;
+        let range = self.pending_at..self.pending.len().min(self.pending_at + FEED_BYTES);
+        self.pending_at = range.end;
+        let last = self.offset >= self.stored && self.pending_at >= self.pending.len();
+        let piece = &self.pending[range];
         let decoded = match &mut self.decoder {
             None => {
-                out(&slice);
+                out(piece);
                 Ok(())
             }
-            Some(decoder) => decoder.feed(&slice, out).and_then(|()| if last { decoder.finish(out).map(drop) } else { Ok(()) }),
+            Some(decoder) => decoder.feed(piece, out).and_then(|()| if last { decoder.finish(out).map(drop) } else { Ok(()) }),
         };
         decoded.map_err(|e| self.corrupted(&e))?;
         Ok(Some(!last))
@@ -121,7 +135,12 @@ impl ToastStream {
                 // the copy. An ERROR inside (a dropped table, a missing chunk) unwinds with the
                 // relation and the buffer released by the subtransaction's abort.
                 unsafe {
-                    let rel = pg_sys::table_open(pointer.va_toastrelid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                    // Gone with its table (the source rewritten since the value was read): as
+                    // gone as a missing chunk.
+                    let rel = pg_sys::try_table_open(pointer.va_toastrelid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                    if rel.is_null() {
+                        return None;
+                    }
                     let result = pg_sys::palloc(length + pg_sys::VARHDRSZ).cast::<pg_sys::varlena>();
                     pgrx::varlena::set_varsize_4b(result, (length + pg_sys::VARHDRSZ) as i32);
                     pg_sys::table_relation_fetch_toast_slice(
@@ -135,17 +154,19 @@ impl ToastStream {
                     pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
                     let bytes = std::slice::from_raw_parts(pgrx::varlena::vardata_4b(result).cast::<u8>(), length).to_vec();
                     pg_sys::pfree(result.cast());
-                    bytes
+                    Some(bytes)
                 }
             }),
             |sqlstate| sqlstate == "XX001",
         );
-        Ok(fetched.ok())
+        Ok(fetched.ok().flatten())
     }
 
     /// The same value, to be read again from its start.
     pub fn restart(&mut self) -> &mut ToastStream {
         self.offset = 0;
+        self.pending = Vec::new();
+        self.pending_at = 0;
         if self.decoder.is_some() {
             self.decoder = Some(ToastDecoder::new());
         }

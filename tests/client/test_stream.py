@@ -79,13 +79,17 @@ def test_streamed_chats_give_the_rows_held_ones_do(cluster, stored):
         assert len({r[1:] for r in rejected}) == 1 and rejected[0][1] > 0, rejected
 
 
-def test_a_streamed_chat_deleted_between_batches_is_counted_as_vanished(cluster):
+@pytest.mark.parametrize("change", ["delete", "update", "rewrite"])
+def test_a_streamed_chat_changed_between_batches(cluster, change):
     """The committing form goes on with a streamed chat after each COMMIT, reading its TOAST
-    value again: deleted and vacuumed in between (here during the CALL's pause, which holds
-    no snapshot), the value is gone. The chat counts as vanished, as a held chat deleted
-    during a run does; the run goes on with the next chat, and a NOTICE says so."""
-    db = cluster.create_db("stream_gone")
-    doc = json.dumps({"history": {"messages": {f"m{i:03d}": {"role": "user", "content": f"{i} " + "z" * 2000}
+    value again; changed in between (here during the CALL's pause, which holds no snapshot),
+    the value is gone. The chat is read again: deleted, it counts as vanished (a NOTICE says
+    so) and the run goes on; updated (the app rewrites a chat's JSON on every message), or
+    its table rewritten, it is expanded again from its start and every message is written
+    (the twentieth review's high and medium: the update lost the rest of the chat, counted as
+    deleted; the rewrite stopped the CALL with XX000: "could not open relation")."""
+    db = cluster.create_db(f"stream_{change}")
+    doc = json.dumps({"history": {"messages": {f"m{i:04d}": {"role": "user", "content": f"{i} " + "z" * 2000}
                                                for i in range(2000)}}})
     with cluster.connect(db) as conn, conn.cursor() as cur:
         cur.execute(CHAT_DDL)
@@ -113,12 +117,26 @@ def test_a_streamed_chat_deleted_between_batches_is_counted_as_vanished(cluster)
                 break
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        cur.execute("DELETE FROM chat WHERE id = 'a-big'")
+        cur.execute({"delete": "DELETE FROM chat WHERE id = 'a-big'",
+                     "update": "UPDATE chat SET chat = (chat::jsonb || '{\"title\": \"renamed\"}')::json "
+                               "WHERE id = 'a-big'",
+                     "rewrite": "ALTER TABLE chat ALTER COLUMN chat TYPE text"}[change])
         cur.execute("VACUUM chat")
     caller.join()
     with cluster.connect(db) as conn, conn.cursor() as cur:
         cur.execute("SELECT state, chats_vanished FROM chat_backfill.status")
-        assert cur.fetchone() == ("finished", 1)
-        cur.execute("SELECT chat_id, count(*) FROM chat_message GROUP BY chat_id")
-        assert cur.fetchall() == [("b-after", 1)]
-    assert any("was deleted while it was being expanded" in n for n in notices), notices
+        state = cur.fetchone()
+        cur.execute("SELECT chat_id, count(*) FROM chat_message GROUP BY chat_id ORDER BY chat_id")
+        rows = cur.fetchall()
+    deleted = any("was deleted while it was being expanded" in n for n in notices)
+    if change == "delete":
+        assert (state, rows, deleted) == (("finished", 1), [("b-after", 1)], True), (state, rows, notices)
+    elif change == "rewrite":
+        # A table rewrite is not MVCC-safe: a transaction whose snapshot is older than the
+        # ALTER sees the new table empty, and the CALL's next batch may be one (the chat then
+        # reads as deleted, and so may the next ones, on either path). What is pinned: the
+        # run finishes, no internal error.
+        assert state[0] == "finished", (state, rows, notices)
+    else:
+        assert (state, rows, deleted) == (("finished", 0), [("a-big", 2000), ("b-after", 1)], False), \
+            (state, rows, notices)
