@@ -27,8 +27,8 @@ static MAX_WAL_RATE: GucSetting<f64> = GucSetting::<f64>::new(0.0);
 /// kB of chat that plan() and admission control read.
 static PLAN_SAMPLE_SIZE: GucSetting<i32> = GucSetting::<i32>::new(16 * 1024);
 /// Chats stored in a TOAST table above this size (kB) are read a slice at a time. Below
-/// it a chat is held (faster: streaming decompresses it twice, 8% slower on a 50 MB chat of
-/// text) at about twice its size, under 128 MB.
+/// it a chat is held (faster: streaming decompresses it twice, 9-13% slower on a 50 MB chat
+/// of text) at about twice its size, under 128 MB.
 static STREAM_CHATS_OVER: GucSetting<i32> = GucSetting::<i32>::new(64 * 1024);
 /// Background workers one CALL may start (superuser-set: the slots are the server's).
 static MAX_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(4);
