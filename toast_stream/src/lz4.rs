@@ -231,18 +231,7 @@ impl Lz4Decoder {
             return Err(DecodeError::Finished);
         }
         self.done = true;
-        self.window.flush(out);
-        if !matches!(self.state, State::Offset { .. }) {
-            return Err(DecodeError::Truncated);
-        }
-        let produced = self.window.produced();
-        if produced != self.raw_size {
-            return Err(DecodeError::OutputTooShort {
-                raw_size: self.raw_size,
-                produced,
-            });
-        }
-        Ok(produced)
+        self.window.end(self.raw_size, matches!(self.state, State::Offset { .. }), out)
     }
 }
 

@@ -181,18 +181,7 @@ impl PglzDecoder {
             return Err(DecodeError::Finished);
         }
         self.done = true;
-        self.window.flush(out);
-        if self.tag_len != 0 {
-            return Err(DecodeError::Truncated);
-        }
-        let produced = self.window.produced();
-        if produced != self.raw_size {
-            return Err(DecodeError::OutputTooShort {
-                raw_size: self.raw_size,
-                produced,
-            });
-        }
-        Ok(produced)
+        self.window.end(self.raw_size, self.tag_len == 0, out)
     }
 }
 

@@ -15,6 +15,8 @@
 /// the sink pieces of that size.
 const SLACK: usize = 64 << 10;
 
+use crate::error::DecodeError;
+
 pub(crate) struct Window {
     buf: Vec<u8>,
     /// `buf[..flushed]` has been handed to the sink.
@@ -43,6 +45,20 @@ impl Window {
 
     pub(crate) fn produced(&self) -> u64 {
         self.produced
+    }
+
+    /// Ends a stream (both formats end the same way): hands over what is left, then the
+    /// input must have ended after a whole item and the output must be exactly `raw_size`.
+    /// Returns the output length.
+    pub(crate) fn end(&mut self, raw_size: u64, whole_item: bool, out: &mut impl FnMut(&[u8])) -> Result<u64, DecodeError> {
+        self.flush(out);
+        if !whole_item {
+            return Err(DecodeError::Truncated);
+        }
+        if self.produced != raw_size {
+            return Err(DecodeError::OutputTooShort { raw_size, produced: self.produced });
+        }
+        Ok(self.produced)
     }
 
     /// Hands the not-yet-seen output to the sink.

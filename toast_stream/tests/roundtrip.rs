@@ -24,6 +24,17 @@ fn lz4_roundtrip(data: &[u8], compressed: &[u8], sizes: &[usize]) -> Result<Vec<
 /// Data built to hit the interesting encodings: random bytes, runs of one byte (offset-1
 /// overlapping copies, max-length matches), repeats of what came `distance` bytes earlier
 /// (at the formats' maximum offsets among others), and text.
+/// `data` through the test encoder and through lz4_flex's, each decoded in `sizes` slices;
+/// the test encoder's output is valid lz4 by the independent decoder too.
+fn lz4_both_encoders(data: &[u8], sizes: &[usize]) -> Result<(), TestCaseError> {
+    let ours = lz4_compress(data);
+    prop_assert_eq!(&lz4_flex::block::decompress(&ours, data.len()).unwrap(), data);
+    prop_assert_eq!(lz4_roundtrip(data, &ours, sizes).unwrap(), data);
+    let theirs = lz4_flex::block::compress(data);
+    prop_assert_eq!(lz4_roundtrip(data, &theirs, sizes).unwrap(), data);
+    Ok(())
+}
+
 fn shaped_data() -> impl Strategy<Value = Vec<u8>> {
     #[derive(Debug, Clone)]
     enum Piece {
@@ -92,21 +103,12 @@ proptest! {
 
     #[test]
     fn lz4_any_bytes(data in proptest::collection::vec(any::<u8>(), 0..5000), sizes in slice_sizes()) {
-        let ours = lz4_compress(&data);
-        // The test encoder's output is valid lz4 by the independent decoder too.
-        prop_assert_eq!(&lz4_flex::block::decompress(&ours, data.len()).unwrap(), &data);
-        prop_assert_eq!(lz4_roundtrip(&data, &ours, &sizes).unwrap(), data.clone());
-        let theirs = lz4_flex::block::compress(&data);
-        prop_assert_eq!(lz4_roundtrip(&data, &theirs, &sizes).unwrap(), data);
+        lz4_both_encoders(&data, &sizes)?;
     }
 
     #[test]
     fn lz4_shaped(data in shaped_data(), sizes in slice_sizes()) {
-        let ours = lz4_compress(&data);
-        prop_assert_eq!(&lz4_flex::block::decompress(&ours, data.len()).unwrap(), &data);
-        prop_assert_eq!(lz4_roundtrip(&data, &ours, &sizes).unwrap(), data.clone());
-        let theirs = lz4_flex::block::compress(&data);
-        prop_assert_eq!(lz4_roundtrip(&data, &theirs, &sizes).unwrap(), data);
+        lz4_both_encoders(&data, &sizes)?;
     }
 
     /// The header plus stream, as TOAST chunks hold them, through ToastDecoder.
