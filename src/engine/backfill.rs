@@ -18,10 +18,9 @@ use chat_backfill_rules::migration_rows::{self, Body, Column, Document, Entry, S
 use pgrx::PgMemoryContexts;
 use pgrx::prelude::*;
 
-use crate::pg::datums::{Chat, ChatText};
-use super::streamed::{fingerprint, index_streamed, Indexed, Streamed};
 use pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
 
+use crate::pg::datums::{Chat, ChatText};
 use crate::pg::error::{Error, Result};
 use crate::pg::subxact::in_subtransaction;
 use super::batch::Rows;
@@ -29,6 +28,7 @@ use super::read::{self, Fetched, Reader};
 use super::rejections::{chat_sqlstate, rule_sqlstate, Recorder, Rejection};
 use super::report::{BatchReport, Partial};
 use super::request::Settings;
+use super::streamed::{fingerprint, index_streamed, Indexed, Streamed};
 use super::write::{Outcome, Writer};
 
 /// A batch stops taking new chats once this much chat text has been read.
@@ -78,6 +78,20 @@ impl OpenChat {
             self.next = partial.done as usize;
         }
     }
+}
+
+/// The entries of a chat held whole, and where its document lies in the text (a JSON
+/// string holding one is decoded into a copy of its own).
+fn index_held(chat: Option<&ChatText>) -> std::result::Result<(Vec<Span>, Body), migration_rows::ChatSkip> {
+    let column = match chat.map(ChatText::as_str) {
+        Some(None) => return Err(migration_rows::ChatSkip::NotJson),
+        column => column.flatten(),
+    };
+    let doc = Document::open(column)?;
+    let spans = doc.index_polling(&mut || {
+        pgrx::check_for_interrupts!();
+    })?;
+    Ok((spans, doc.into_body(column.unwrap_or_default())))
 }
 
 /// How far `expand_entries` got.
@@ -161,44 +175,26 @@ impl Batch {
             return Ok(self.open_app(chat_id, user_id, chat, len));
         }
         let mut fingerprint = None;
-        let opened = match (&chat, &mut streamed) {
-            (_, Some(stream)) => index_streamed(stream, &mut fingerprint)?,
-            (Some(text), None) if text.as_str().is_none() => Err(migration_rows::ChatSkip::NotJson),
-            (_, None) => {
-                let column = chat.as_ref().and_then(ChatText::as_str);
-                Document::open(column).and_then(|doc| {
-                    let spans = doc.index_polling(&mut || {
-                        pgrx::check_for_interrupts!();
-                    })?;
-                    Ok(Indexed::Held(spans, doc.into_body(column.unwrap_or_default())))
-                })
-            }
+        let opened = match &mut streamed {
+            Some(stream) => index_streamed(stream, &mut fingerprint)?,
+            None => index_held(chat.as_ref()).map(|(spans, body)| Indexed::Held(spans, body)),
         };
         let (spans, body, streamed, chat) = match opened {
             Ok(Indexed::Held(spans, body)) => (spans, body, None, chat),
-            Ok(Indexed::Streamed(spans, base)) => {
+            Ok(Indexed::Streamed(spans)) => {
                 debug1!("chat_backfill: chat {chat_id} streams from its TOAST table ({len} bytes, {} messages)", spans.len());
                 let stream = streamed.take().map(|mut stream| {
                     stream.restart();
-                    stream
+                    Streamed::new(stream)
                 });
-                (spans, Body::Within(0..0), stream.map(|stream| Streamed::new(stream, base)), None)
+                (spans, Body::Within(0..0), stream, None)
             }
             // A document the stream cannot take (not an object, or a key repeated in its
             // messages): read whole, as any other.
-            Ok(Indexed::Whole(text)) => {
-                let column = text.as_str();
-                let indexed = Document::open(column).and_then(|doc| {
-                    let spans = doc.index_polling(&mut || {
-                        pgrx::check_for_interrupts!();
-                    })?;
-                    Ok((spans, doc.into_body(column.unwrap_or_default())))
-                });
-                match indexed {
-                    Ok((spans, body)) => (spans, body, None, Some(text)),
-                    Err(skip) => return Ok(self.skip_chat(chat_id, skip)),
-                }
-            }
+            Ok(Indexed::Whole(text)) => match index_held(Some(&text)) {
+                Ok((spans, body)) => (spans, body, None, Some(text)),
+                Err(skip) => return Ok(self.skip_chat(chat_id, skip)),
+            },
             Err(skip) => return Ok(self.skip_chat(chat_id, skip)),
         };
         if spans.is_empty() {
@@ -225,16 +221,12 @@ impl Batch {
     /// A chat the migration writes nothing of; recorded unless it is simply empty.
     fn skip_chat(&mut self, chat_id: String, skip: migration_rows::ChatSkip) -> Option<OpenChat> {
         if skip.is_problem() {
-            self.report.chats_skipped += 1;
-            self.rejections.push(Rejection {
-                chat_id: chat_id.clone(),
-                message_key: None,
-                message_id: None,
-                sqlstate: chat_sqlstate(skip).to_owned(),
-                error: skip.describe().to_owned(),
-                detail: Some("The chat stays in the source table unchanged; no message of it was written.".into()),
-                message: None,
-            });
+            self.reject_chat(
+                &chat_id,
+                chat_sqlstate(skip),
+                skip.describe(),
+                "The chat stays in the source table unchanged; no message of it was written.",
+            );
         }
         self.report.chats_read += 1;
         self.report.last_chat_id = Some(chat_id);
@@ -281,17 +273,27 @@ impl Batch {
     /// A chat the app loads no messages from; recorded unless it is simply empty.
     fn skip_app_chat(&mut self, chat_id: &str, skip: AppSkip) {
         if skip.is_problem() {
-            self.report.chats_skipped += 1;
-            self.rejections.push(Rejection {
-                chat_id: chat_id.to_owned(),
-                message_key: None,
-                message_id: None,
-                sqlstate: skip.sqlstate().to_owned(),
-                error: skip.describe().to_owned(),
-                detail: Some("Open WebUI writes no rows for this chat either and keeps reading its JSON.".into()),
-                message: None,
-            });
+            self.reject_chat(
+                chat_id,
+                skip.sqlstate(),
+                skip.describe(),
+                "Open WebUI writes no rows for this chat either and keeps reading its JSON.",
+            );
         }
+    }
+
+    /// Records a whole chat as unusable (a rejection without a message).
+    fn reject_chat(&mut self, chat_id: &str, sqlstate: &str, error: &str, detail: &str) {
+        self.report.chats_skipped += 1;
+        self.rejections.push(Rejection {
+            chat_id: chat_id.to_owned(),
+            message_key: None,
+            message_id: None,
+            sqlstate: sqlstate.to_owned(),
+            error: error.to_owned(),
+            detail: Some(detail.to_owned()),
+            message: None,
+        });
     }
 
     /// App rows: expands the whole chat and takes its rows only if the app writes them

@@ -97,21 +97,19 @@ pub struct Streamed {
     /// The document's bytes from offset `from` on, as far as the stream has given them.
     held: Vec<u8>,
     from: usize,
-    /// Where the indexed text starts in the document (after JSON whitespace).
-    base: usize,
 }
 
 impl Streamed {
-    pub fn new(stream: ToastStream, base: usize) -> Streamed {
-        Streamed { stream, held: Vec::new(), from: 0, base }
+    pub fn new(stream: ToastStream) -> Streamed {
+        Streamed { stream, held: Vec::new(), from: 0 }
     }
 
-    /// The text of `range` (offsets in the indexed text), reading on as far as it ends and
+    /// The text of `range` (offsets in the document), reading on as far as it ends and
     /// dropping what lies before it: ranges must come in increasing order. `None` when the
-    /// chat's TOAST value is gone (its row deleted and vacuumed since a COMMIT between
-    /// batches).
+    /// chat's TOAST value is gone (its row updated or deleted, and vacuumed, since a COMMIT
+    /// between batches, or its table rewritten).
     pub fn text(&mut self, range: std::ops::Range<usize>) -> Result<Option<&str>> {
-        let (start, end) = (range.start + self.base, range.end + self.base);
+        let (start, end) = (range.start, range.end);
         // What lies before `start` is dropped once it is half of what is held: each byte is
         // moved at most once (dropping it at every entry moved a whole slice per message).
         let passed = start.saturating_sub(self.from).min(self.held.len());
@@ -150,9 +148,9 @@ impl Streamed {
 pub enum Indexed {
     /// Held: its entries, and where its document lies in the text.
     Held(Vec<Span>, Body),
-    /// Streamed: its entries, in the document's order, and where the indexed text starts
-    /// in the document (the offsets' origin).
-    Streamed(Vec<Span>, usize),
+    /// Streamed: its entries, in the document's order (offsets from the document's first
+    /// byte, as `StreamIndex` gives them).
+    Streamed(Vec<Span>),
     /// Read whole after all (see `index_streamed`).
     Whole(ChatText),
 }
@@ -201,7 +199,7 @@ pub fn index_streamed(
     }
     match index.finish(&mut poll) {
         Err(skip) => Ok(Err(skip)),
-        Ok(StreamIndexed::Indexed(found, _)) => Ok(migration_rows::spans_of(found).map(|spans| Indexed::Streamed(spans, 0))),
+        Ok(StreamIndexed::Indexed(found, _)) => Ok(migration_rows::spans_of(found).map(Indexed::Streamed)),
         Ok(StreamIndexed::RepeatedKeys { .. } | StreamIndexed::ReadWhole(_)) => {
             Ok(Ok(Indexed::Whole(ChatText::read_whole(&mut stream.restart())?)))
         }
