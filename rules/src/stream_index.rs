@@ -876,4 +876,4 @@ impl StreamIndex {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -6,8 +6,9 @@ use crate::migration_rows::{find_messages_and_current, Found, Keys, Span};
 use crate::scalar::{kind, Kind};
 
 use super::message::{AppSkip, Codec, fields_at, key_at};
-use super::scan::scan;
-use super::current_id::repair;
+use crate::stream_index::{StreamIndex, Streamed};
+use super::scan::{scan, Shape, ShapeStream};
+use super::current_id::{repair, MessageFacts};
 use super::columns::{AppEntry, Server, entry};
 
 /// Nesting the app loads: the sanitizer re-serializes every document, with orjson up to
@@ -45,15 +46,20 @@ pub fn open<'a>(text: Option<&'a str>, user_id: Option<&str>, max_depth: usize) 
     if user_id.is_none() {
         return Err(AppSkip::NoUser);
     }
-    let shape = scan(doc);
+    let codec = codec_of(scan(doc), doc.contains("\\u0000"), max_depth)?;
+    Ok(Opened { doc, codec })
+}
+
+/// Which codec reads a document of this shape, or why the app cannot load it.
+fn codec_of(shape: Shape, nul_text: bool, max_depth: usize) -> Result<Codec, AppSkip> {
     let fallback = shape.overflow || shape.lone_surrogate || shape.depth > ORJSON_MAX_DEPTH;
-    let stripped = shape.lone_surrogate || doc.contains("\\u0000");
+    let stripped = shape.lone_surrogate || nul_text;
     let max_depth = if stripped { max_depth.min(APP_MAX_DEPTH_STRIPPED) } else { max_depth };
     if shape.depth > max_depth || (fallback && shape.longest_integer > 100) {
         return Err(AppSkip::Unloadable);
     }
     let plain = !shape.overflow && !shape.rewritten_strings && !shape.wide_integer;
-    Ok(Opened { doc, codec: Codec { exact_ints: fallback, plain } })
+    Ok(Codec { exact_ints: fallback, plain })
 }
 
 /// Where a chat's messages and its `history.currentId` lie.
@@ -65,6 +71,10 @@ pub struct Indexed {
 /// Locates the messages the app would write, keys compared as sanitized.
 pub fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Indexed, AppSkip> {
     let (found, current_id) = find_messages_and_current(doc, poll, Keys::Sanitized).map_err(|_| AppSkip::NotObject)?;
+    indexed(found, current_id)
+}
+
+fn indexed(found: Found, current_id: Option<Range<usize>>) -> Result<Indexed, AppSkip> {
     let spans = match found {
         Found::NoHistory | Found::NoMessages => Vec::new(),
         Found::HistoryNotObject => return Err(AppSkip::HistoryNotObject),
@@ -73,6 +83,79 @@ pub fn index(doc: &str, poll: &mut dyn FnMut()) -> Result<Indexed, AppSkip> {
         Found::Messages(spans) => spans,
     };
     Ok(Indexed { spans, current_id })
+}
+
+/// `open` and `index` over a chat object given in pieces, split anywhere (a chat streamed
+/// from its TOAST table, issue 26): the same codec, messages and `currentId`, holding
+/// neither the text nor anything of it but the index (see `StreamIndex`).
+pub struct StreamOpen {
+    shape: ShapeStream,
+    index: StreamIndex,
+    failed: bool,
+}
+
+/// What a streamed chat gives.
+pub enum StreamOpened {
+    /// As `open` then `index` on the whole text; offsets from the first byte fed.
+    Indexed(Indexed, Codec),
+    /// A document the stream does not decide (see `StreamIndex`, `ShapeStream`): read it
+    /// whole and `open` it.
+    ReadWhole,
+}
+
+impl Default for StreamOpen {
+    fn default() -> StreamOpen {
+        StreamOpen { shape: ShapeStream::default(), index: StreamIndex::new(Keys::Sanitized), failed: false }
+    }
+}
+
+impl StreamOpen {
+    /// The next bytes of a document whose first non-whitespace byte is `{` (the caller
+    /// reads any other whole).
+    pub fn feed(&mut self, piece: &[u8], poll: &mut dyn FnMut()) {
+        self.shape.feed(piece);
+        if !self.failed && !self.index.gave_up() {
+            self.failed = self.index.feed(piece, poll).is_err();
+        }
+    }
+
+    /// After the last byte: `open`'s and `index`'s answer for a chat of this user, in
+    /// their order (the shape first, then the index).
+    pub fn finish(self, user_id: Option<&str>, max_depth: usize, poll: &mut dyn FnMut()) -> Result<StreamOpened, AppSkip> {
+        if user_id.is_none() {
+            return Err(AppSkip::NoUser);
+        }
+        let Some((shape, nul_text)) = self.shape.finish() else { return Ok(StreamOpened::ReadWhole) };
+        let codec = codec_of(shape, nul_text, max_depth)?;
+        if self.failed {
+            return Err(AppSkip::NotObject);
+        }
+        match self.index.finish(poll).map_err(|_| AppSkip::NotObject)? {
+            Streamed::Indexed(found, current_id) => Ok(StreamOpened::Indexed(indexed(found, current_id)?, codec)),
+            Streamed::RepeatedKeys { .. } | Streamed::ReadWhole(_) => Ok(StreamOpened::ReadWhole),
+        }
+    }
+}
+
+/// The read path's repair check over a chat given a message at a time (`check` for a
+/// chat read in pieces): what it needs of each message is kept (`MessageFacts`), about a
+/// hundred bytes a message.
+#[derive(Default)]
+pub struct RepairCheck {
+    facts: Vec<MessageFacts>,
+}
+
+impl RepairCheck {
+    /// The message at `span` of `text` (a piece of the document holding it, the span
+    /// shifted into the piece); messages in the document's order.
+    pub fn add(&mut self, text: &str, span: Span) {
+        self.facts.push(MessageFacts::at(text, span));
+    }
+
+    /// Whether the app's read path loads the chat, given its `currentId`'s raw JSON.
+    pub fn finish(self, current_id: Option<&str>, poll: &mut dyn FnMut()) -> Result<(), AppSkip> {
+        repair(&self.facts, current_id, poll)
+    }
 }
 
 /// Every message of an indexed chat the app's way: the read path's repair of `currentId`
@@ -98,12 +181,17 @@ pub fn expand<'a>(
 }
 
 /// Whether the app's read path loads the chat at all (its repair of `currentId` does not
-/// raise). Reads the messages again rather than keeping what it read: memory stays at a
-/// bit per message, plus 12 bytes per message only when the repair must search for the
-/// latest leaf (no usable `currentId`).
+/// raise). Reads the messages again rather than keeping what it read: memory stays at
+/// what the repair needs of each message (`RepairCheck`).
 pub fn check(doc: &str, indexed: &Indexed, poll: &mut dyn FnMut()) -> Result<(), AppSkip> {
-    let current_id = indexed.current_id.clone().map(|r| &doc[r]);
-    repair(doc, &indexed.spans, current_id, poll)
+    let mut repair = RepairCheck::default();
+    for (n, &span) in indexed.spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        repair.add(doc, span);
+    }
+    repair.finish(indexed.current_id.clone().map(|r| &doc[r]), poll)
 }
 
 /// One entry of `history.messages` the app's way, read from the document on its own.

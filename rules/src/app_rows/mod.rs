@@ -37,4 +37,4 @@ mod tests;
 pub use message::{AppSkip, Codec, truthy};
 pub use json_text::{json_value};
 pub use columns::{AppEntry, AppMessage, Failure, Server, float8_text, int8_in};
-pub use load::{APP_MAX_DEPTH, APP_MAX_DEPTH_STRIPPED, Indexed, Opened, check, entry_at, expand, index, open};
+pub use load::{APP_MAX_DEPTH, APP_MAX_DEPTH_STRIPPED, Indexed, Opened, RepairCheck, StreamOpen, StreamOpened, check, entry_at, expand, index, open};

@@ -30,7 +30,7 @@ pub(super) fn elements(array: &str) -> Vec<&str> {
 
 /// The deepest nesting and the longest integer literal of a JSON text, in one linear
 /// pass (no recursion).
-pub(super) struct Shape {
+pub(crate) struct Shape {
     pub(super) depth: usize,
     pub(super) longest_integer: usize,
     /// A number beyond double range (orjson refuses it).
@@ -61,6 +61,226 @@ pub(super) fn scan(doc: &str) -> Shape {
         }
     });
     Shape { depth, longest_integer: longest, overflow, lone_surrogate, rewritten_strings, wide_integer }
+}
+
+/// Longest number token `ShapeStream` keeps to read: a longer one that is not an integer
+/// literal (whose shape its digits alone decide) leaves the shape undecided.
+pub const MAX_STREAMED_NUMBER: usize = 4096;
+
+/// `scan` of a document given in pieces, split anywhere (a chat streamed from its TOAST
+/// table, issue 26), and whether its text holds `\u0000` anywhere (what `open` asks of the
+/// whole text): the same answer for any split, holding only a number token and five bytes.
+/// A state machine over the bytes `walk_tokens` reads, with a string's escapes decoded as
+/// `decode_string` pairs surrogates, so that nothing of a string is kept.
+#[derive(Default)]
+pub struct ShapeStream {
+    shape: Shape,
+    depth: usize,
+    at: At,
+    /// The string being read: a high surrogate escape waiting for its low half, whether it
+    /// holds a NUL or surrogate escape, and whether one of those is unpaired.
+    pending_high: bool,
+    needs: bool,
+    lone: bool,
+    unit: u32,
+    hex_left: u8,
+    /// The number token being read (up to `MAX_STREAMED_NUMBER` bytes), its length, and
+    /// whether it is still an integer literal.
+    number: Vec<u8>,
+    number_len: usize,
+    number_integer: bool,
+    undecided: bool,
+    /// The last bytes fed (up to 5), for a `\u0000` split between pieces.
+    tail: Vec<u8>,
+    nul_text: bool,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum At {
+    #[default]
+    Outside,
+    String,
+    Escape,
+    Hex,
+    Number,
+}
+
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape { depth: 0, longest_integer: 0, overflow: false, lone_surrogate: false, rewritten_strings: false, wide_integer: false }
+    }
+}
+
+impl ShapeStream {
+    pub fn feed(&mut self, piece: &[u8]) {
+        self.find_nul_text(piece);
+        let mut i = 0;
+        while i < piece.len() {
+            let b = piece[i];
+            match self.at {
+                At::Outside => {
+                    match b {
+                        b'"' => {
+                            (self.pending_high, self.needs, self.lone) = (false, false, false);
+                            self.at = At::String;
+                        }
+                        b'-' | b'0'..=b'9' => {
+                            self.number.clear();
+                            (self.number_len, self.number_integer) = (0, true);
+                            self.at = At::Number;
+                            continue;
+                        }
+                        b'[' | b'{' => {
+                            self.depth += 1;
+                            self.shape.depth = self.shape.depth.max(self.depth);
+                        }
+                        b']' | b'}' => self.depth = self.depth.saturating_sub(1),
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                At::String => {
+                    // Plain text up to the next quote or backslash, at once.
+                    let run = piece[i..].iter().position(|&c| c == b'"' || c == b'\\').unwrap_or(piece.len() - i);
+                    if run > 0 {
+                        self.unpaired_if_pending();
+                        i += run;
+                        continue;
+                    }
+                    if b == b'"' {
+                        self.end_string();
+                    } else {
+                        self.at = At::Escape;
+                    }
+                    i += 1;
+                }
+                At::Escape => {
+                    if b == b'u' {
+                        (self.unit, self.hex_left) = (0, 4);
+                        self.at = At::Hex;
+                    } else {
+                        self.unpaired_if_pending();
+                        self.at = At::String;
+                    }
+                    i += 1;
+                }
+                At::Hex => {
+                    self.unit = self.unit * 16 + (b as char).to_digit(16).unwrap_or(0);
+                    self.hex_left -= 1;
+                    if self.hex_left == 0 {
+                        self.escaped_unit();
+                        self.at = At::String;
+                    }
+                    i += 1;
+                }
+                At::Number => {
+                    let run = piece[i..]
+                        .iter()
+                        .position(|c| !matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                        .unwrap_or(piece.len() - i);
+                    let digits = &piece[i..i + run];
+                    self.number_integer &= !digits.iter().any(|c| matches!(c, b'.' | b'e' | b'E'));
+                    self.number_len += run;
+                    if self.number.len() < MAX_STREAMED_NUMBER {
+                        let room = MAX_STREAMED_NUMBER - self.number.len();
+                        self.number.extend_from_slice(&digits[..run.min(room)]);
+                    }
+                    i += run;
+                    if i < piece.len() {
+                        self.end_number();
+                        self.at = At::Outside;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The shape, and whether the text holds `\u0000`; `None` when a number too long to
+    /// keep leaves it undecided (the caller scans the whole text).
+    pub fn finish(mut self) -> Option<(Shape, bool)> {
+        match self.at {
+            At::Number => self.end_number(),
+            At::String | At::Escape | At::Hex => self.end_string(),
+            At::Outside => {}
+        }
+        (!self.undecided).then_some((self.shape, self.nul_text))
+    }
+
+    fn unpaired_if_pending(&mut self) {
+        if self.pending_high {
+            (self.pending_high, self.lone) = (false, true);
+        }
+    }
+
+    /// A `\uXXXX` escape read: a high surrogate waits for its low half (`decode_string`
+    /// pairs only a high escape followed at once by a low one).
+    fn escaped_unit(&mut self) {
+        let unit = self.unit;
+        self.needs |= unit == 0 || (0xD800..0xE000).contains(&unit);
+        if self.pending_high && (0xDC00..0xE000).contains(&unit) {
+            self.pending_high = false;
+            return;
+        }
+        self.unpaired_if_pending();
+        match unit {
+            0xD800..=0xDBFF => self.pending_high = true,
+            0xDC00..=0xDFFF => self.lone = true,
+            _ => {}
+        }
+    }
+
+    fn end_string(&mut self) {
+        self.unpaired_if_pending();
+        // As `scan`: once a lone surrogate is found, no later string is looked at.
+        if !self.shape.lone_surrogate && self.needs {
+            self.shape.rewritten_strings = true;
+            self.shape.lone_surrogate = self.lone;
+        }
+        self.at = At::Outside;
+    }
+
+    fn end_number(&mut self) {
+        let len = self.number_len;
+        if self.number_integer {
+            self.shape.longest_integer = self.shape.longest_integer.max(len);
+        }
+        if len > MAX_STREAMED_NUMBER {
+            if self.number_integer {
+                // Over 21 characters: never within 64 bits, and an integer literal is finite
+                // as a double only up to 309 digits, which a kept token would have decided.
+                self.shape.wide_integer = true;
+                self.shape.overflow = true;
+            } else {
+                self.undecided = true;
+            }
+            return;
+        }
+        let text = std::str::from_utf8(&self.number).unwrap_or_default();
+        if self.number_integer {
+            self.shape.wide_integer = self.shape.wide_integer || !fits_64_bits(text);
+        }
+        self.shape.overflow = self.shape.overflow || text.parse::<f64>().map_or(false, f64::is_infinite);
+    }
+
+    fn find_nul_text(&mut self, piece: &[u8]) {
+        const NUL: &[u8] = b"\\u0000";
+        if self.nul_text {
+            return;
+        }
+        let head = &piece[..piece.len().min(NUL.len() - 1)];
+        let mut joined = std::mem::take(&mut self.tail);
+        joined.extend_from_slice(head);
+        self.nul_text = joined.windows(NUL.len()).any(|w| w == NUL) || piece.windows(NUL.len()).any(|w| w == NUL);
+        // The last five bytes of everything fed so far.
+        let keep = NUL.len() - 1;
+        if piece.len() >= keep {
+            joined.clear();
+            joined.extend_from_slice(&piece[piece.len() - keep..]);
+        } else if joined.len() > keep {
+            joined.drain(..joined.len() - keep);
+        }
+        self.tail = joined;
+    }
 }
 
 /// The tokens of a JSON text that the app's codec may treat differently.

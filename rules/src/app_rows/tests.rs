@@ -186,3 +186,168 @@ fn float8_and_int8_text() {
     assert_eq!(int8_in("9223372036854775808", 16), None);
     assert_eq!(int8_in("-9223372036854775808", 16), Some(i64::MIN));
 }
+
+// ---- A chat given in pieces (issue 26): the same answer as the whole text ----
+
+mod streamed {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::app_rows::scan::{scan, ShapeStream};
+    use crate::stream_index::tests::{chat, interesting_byte, json_text, mutate, sizes};
+
+    /// `doc` cut into pieces of the given sizes, cycled (none: whole).
+    fn pieces<'a>(doc: &'a [u8], sizes: &[usize]) -> Vec<&'a [u8]> {
+        let (mut out, mut rest, mut n) = (Vec::new(), doc, 0);
+        while !rest.is_empty() {
+            let size = if sizes.is_empty() { rest.len() } else { sizes[n % sizes.len()].clamp(1, rest.len()) };
+            n += 1;
+            out.push(&rest[..size]);
+            rest = &rest[size..];
+        }
+        out
+    }
+
+    fn shape_agrees(doc: &str, sizes: &[usize]) -> Result<(), TestCaseError> {
+        let mut stream = ShapeStream::default();
+        pieces(doc.as_bytes(), sizes).into_iter().for_each(|p| stream.feed(p));
+        let want = scan(doc);
+        let Some((got, nul_text)) = stream.finish() else {
+            // Only a number token longer than it keeps, not an integer literal.
+            prop_assert!(doc.len() > crate::app_rows::scan::MAX_STREAMED_NUMBER);
+            return Ok(());
+        };
+        prop_assert_eq!(nul_text, doc.contains("\\u0000"));
+        prop_assert_eq!(
+            (got.depth, got.longest_integer, got.overflow, got.lone_surrogate, got.rewritten_strings, got.wide_integer),
+            (want.depth, want.longest_integer, want.overflow, want.lone_surrogate, want.rewritten_strings, want.wide_integer),
+            "{:?}",
+            doc
+        );
+        Ok(())
+    }
+
+    /// `open` + `index` + `check` of the whole text, and the same through `StreamOpen` and
+    /// `RepairCheck` fed in pieces, with offsets made relative to the trimmed text.
+    fn open_agrees(doc: &str, sizes: &[usize], user: Option<&str>) -> Result<(), TestCaseError> {
+        let whole = open(Some(doc), user, APP_MAX_DEPTH).and_then(|o| {
+            let indexed = index(o.doc, &mut || {})?;
+            let checked = check(o.doc, &indexed, &mut || {});
+            Ok((indexed.spans, indexed.current_id, o.codec, checked))
+        });
+        let lead = doc.len() - doc.trim_start_matches([' ', '\t', '\n', '\r']).len();
+        if !doc[lead..].starts_with('{') {
+            return Ok(());
+        }
+        let mut stream = StreamOpen::default();
+        pieces(doc.as_bytes(), sizes).into_iter().for_each(|p| stream.feed(p, &mut || {}));
+        let streamed = match stream.finish(user, APP_MAX_DEPTH, &mut || {}) {
+            Ok(StreamOpened::ReadWhole) => return Ok(()),
+            Ok(StreamOpened::Indexed(indexed, codec)) => {
+                let mut repair = RepairCheck::default();
+                for &span in &indexed.spans {
+                    // Each message read alone, as the engine's cursor gives it.
+                    let bytes = span.bytes();
+                    repair.add(&doc[bytes.clone()], span.shifted_back(bytes.start));
+                }
+                let current_id = indexed.current_id.clone().map(|r| &doc[r]);
+                let checked = repair.finish(current_id, &mut || {});
+                let spans = indexed.spans.iter().map(|s| s.shifted_back(lead)).collect::<Vec<_>>();
+                let current_id = indexed.current_id.map(|r| r.start - lead..r.end - lead);
+                Ok((spans, current_id, codec, checked))
+            }
+            Err(skip) => Err(skip),
+        };
+        prop_assert_eq!(format!("{streamed:?}"), format!("{whole:?}"), "{:?}", doc);
+        Ok(())
+    }
+
+    #[test]
+    fn hand_written_shapes() {
+        for doc in [
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\ud800\udc00","b":"\udc00"}"#,
+            r#"{"a":"\ud800x","b":"\u0000"}"#,
+            r#"{"a":"\u0000","b":"\ud800"}"#,
+            r#"{"a":"\\u0000"}"#,
+            r#"{"a":"\\\ud800\\"}"#,
+            r#"{"a":[1e400,-12345678901234567890123,18446744073709551615,18446744073709551616]}"#,
+            r#"{"a":[[[[{"b":[]}]]]],"c":-0.5e-3}"#,
+        ] {
+            for size in 1..8 {
+                shape_agrees(doc, &[size]).unwrap();
+            }
+        }
+        let long = format!(r#"{{"a":{},"b":-{}}}"#, "9".repeat(5000), "1".repeat(4097));
+        shape_agrees(&long, &[7]).unwrap();
+        let mut stream = ShapeStream::default();
+        stream.feed(format!(r#"{{"a":0.{}}}"#, "1".repeat(5000)).as_bytes());
+        assert!(stream.finish().is_none(), "a long float is left to the whole text");
+    }
+
+    #[test]
+    fn hand_written_repairs() {
+        for doc in [
+            r#"{"history":{"currentId":"b","messages":{"a":{"id":"a","role":"user"},"b":{"id":"b","role":"assistant","parentId":"a"}}}}"#,
+            r#"{"history":{"messages":{"a":{"role":"user","timestamp":"x"},"b":{"role":"user","timestamp":2}}}}"#,
+            r#"{"history":{"messages":{"a":{"role":"user","timestamp":1},"b":{"role":"user","parentId":"a","timestamp":"x"}}}}"#,
+            r#"{"history":{"messages":{"a":{"role":"user","parentId":["x"]}}}}"#,
+            r#"{"history":{"currentId":{"x":1},"messages":{"a":{"role":"user"}}}}"#,
+            r#"{"history":{"currentId":"a","messages":{"a":{"role":"user","id":"a","output":3}}}}"#,
+            r#"{"history":{"currentId":"a","messages":{"a":{"role":"user","id":"a","output":[{"role":"assistant"}]},"b":{"role":"user","timestamp":"t"}}}}"#,
+            r#"{"history":{"currentId":"a\u0000","messages":{"a":{"id":"a","role":"user"},"b":1}}}"#,
+            r#"  {"history":{"messages":{"a":1,"b":{"role":"x","parentId":"a","timestamp":"z"},"c":{"role":"y","timestamp":4}}}}  "#,
+        ] {
+            for size in [1, 3, 1000] {
+                open_agrees(doc, &[size], Some("u")).unwrap();
+            }
+        }
+        open_agrees(r#"{"history":{}}"#, &[], None).unwrap();
+    }
+
+    fn hostile_text() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("\"\\ud800\"".to_owned()),
+            Just("\"\\udc00\\ud800\\udc00\"".to_owned()),
+            Just("\"\\u0000\"".to_owned()),
+            Just("\"\\\\u0000\"".to_owned()),
+            Just("\"\\\\\\ud83d\\ude00\"".to_owned()),
+            Just("1e400".to_owned()),
+            Just("-1.5e-3".to_owned()),
+            Just("123456789012345678901234".to_owned()),
+            (1usize..120).prop_map(|n| format!("-{}", "7".repeat(n))),
+            json_text(),
+        ];
+        (prop::collection::vec(piece, 0..6), 0usize..6).prop_map(|(items, depth)| {
+            format!("{}{{\"x\":[{}]}}{}", "[".repeat(depth), items.join(","), "]".repeat(depth))
+        })
+    }
+
+    fn cases(n: u32) -> ProptestConfig {
+        ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
+    }
+
+    proptest! {
+        #![proptest_config(cases(3000))]
+
+        #[test]
+        fn the_shape_streamed_is_the_shape(doc in prop_oneof![chat(), hostile_text(), json_text()], sizes in sizes()) {
+            shape_agrees(&doc, &sizes)?;
+        }
+
+        #[test]
+        fn a_chat_streamed_opens_indexes_and_repairs_as_the_whole_text(doc in chat(), sizes in sizes(), user in any::<bool>()) {
+            open_agrees(&doc, &sizes, user.then_some("u"))?;
+        }
+
+        #[test]
+        fn a_mutated_chat_streamed_agrees(doc in chat(), kind in any::<u8>(), at in any::<usize>(), byte in interesting_byte(), sizes in sizes()) {
+            // The column holds JSON (the json type, or text the engine checks first).
+            let valid = |d: &String| serde_json::from_str::<serde::de::IgnoredAny>(d).is_ok();
+            if let Some(doc) = mutate(&doc, kind, at, byte).filter(valid) {
+                shape_agrees(&doc, &sizes)?;
+                open_agrees(&doc, &sizes, Some("u"))?;
+            }
+        }
+    }
+}

@@ -390,7 +390,7 @@ fn key_like(word: &'static str) -> impl Strategy<Value = String> {
     ]
 }
 
-fn json_text() -> impl Strategy<Value = String> {
+pub(crate) fn json_text() -> impl Strategy<Value = String> {
     (arb_json(), any::<bool>()).prop_map(|(v, pretty)| {
         if pretty {
             serde_json::to_string_pretty(&v).unwrap()
@@ -476,7 +476,7 @@ fn history_value() -> impl Strategy<Value = String> {
     ]
 }
 
-fn chat() -> impl Strategy<Value = String> {
+pub(crate) fn chat() -> impl Strategy<Value = String> {
     let entry = prop_oneof![
         6 => (key_like("history"), history_value()),
         1 => ("\"[a-z]{0,4}\"", json_text()),
@@ -485,12 +485,12 @@ fn chat() -> impl Strategy<Value = String> {
     (prop::collection::vec(entry, 1..5), ws(), ws()).prop_map(|(e, sep, outer)| format!("{outer}{}{outer}", members(e, sep)))
 }
 
-fn sizes() -> impl Strategy<Value = Vec<usize>> {
+pub(crate) fn sizes() -> impl Strategy<Value = Vec<usize>> {
     prop_oneof![1 => Just(vec![1]), 1 => Just(vec![]), 3 => prop::collection::vec(1usize..40, 1..8)]
 }
 
 /// A mutation: truncation, one byte changed, removed or inserted.
-fn mutate(doc: &str, kind: u8, at: usize, byte: u8) -> Option<String> {
+pub(crate) fn mutate(doc: &str, kind: u8, at: usize, byte: u8) -> Option<String> {
     let mut b = doc.as_bytes().to_vec();
     let at = if b.is_empty() { 0 } else { at % (b.len() + 1) };
     match kind % 4 {
@@ -504,7 +504,7 @@ fn mutate(doc: &str, kind: u8, at: usize, byte: u8) -> Option<String> {
     String::from_utf8(b).ok()
 }
 
-fn interesting_byte() -> impl Strategy<Value = u8> {
+pub(crate) fn interesting_byte() -> impl Strategy<Value = u8> {
     prop_oneof![
         prop::sample::select(b"\"\\{}[],: \n0-1e.Eu+atfnlr\x01\x1f\x7f/".to_vec()),
         any::<u8>().prop_map(|b| b & 0x7f),
