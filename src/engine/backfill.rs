@@ -23,12 +23,13 @@ use pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
 use crate::pg::datums::{Chat, ChatText};
 use crate::pg::error::{Error, Result};
 use crate::pg::subxact::in_subtransaction;
+use crate::pg::toast_read::ToastStream;
 use super::batch::Rows;
 use super::read::{self, Fetched, Reader};
 use super::rejections::{chat_sqlstate, rule_sqlstate, Recorder, Rejection};
 use super::report::{BatchReport, Partial};
 use super::request::Settings;
-use super::streamed::{fingerprint, index_streamed, Indexed, Streamed};
+use super::streamed::{fingerprint, index_app_streamed, index_streamed, AppIndexed, Indexed, Messages, Streamed};
 use super::write::{Outcome, Writer};
 
 /// A batch stops taking new chats once this much chat text has been read.
@@ -94,6 +95,24 @@ fn index_held(chat: Option<&ChatText>) -> std::result::Result<(Vec<Span>, Body),
     Ok((spans, doc.into_body(column.unwrap_or_default())))
 }
 
+/// App rows of a chat held whole: the app's `open` and `index`, and where the document
+/// lies in the text.
+fn open_app_held(
+    chat: Option<&ChatText>,
+    user_id: Option<&str>,
+) -> std::result::Result<(Vec<Span>, Body, app_rows::Codec, Option<std::ops::Range<usize>>), AppSkip> {
+    let column = chat.and_then(ChatText::as_str);
+    if chat.is_some() && column.is_none() {
+        return Err(AppSkip::NotObject);
+    }
+    let opened = app_rows::open(column, user_id, app_rows::APP_MAX_DEPTH)?;
+    let indexed = app_rows::index(opened.doc, &mut || {
+        pgrx::check_for_interrupts!();
+    })?;
+    let start = opened.doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
+    Ok((indexed.spans, Body::Within(start..start + opened.doc.len()), opened.codec, indexed.current_id))
+}
+
 /// How far `expand_entries` got.
 enum Progress {
     Done,
@@ -135,9 +154,10 @@ impl Batch {
         self.whole.is_none() && self.room_for_rows(settings) && self.chat_bytes < MAX_BATCH_BYTES
     }
 
-    /// App rows: whether the chat is bigger than a batch, so written a slice at a time.
+    /// App rows: whether the chat is bigger than a batch, so written a slice at a time (a
+    /// streamed chat always is: its passes read the stream again rather than hold it).
     fn too_big(chat: &OpenChat, settings: &Settings) -> bool {
-        chat.spans.len() > settings.batch_size || chat.len > MAX_BATCH_ROW_BYTES
+        chat.spans.len() > settings.batch_size || chat.len > MAX_BATCH_ROW_BYTES || chat.streamed.is_some()
     }
 
     /// Whether `chat` fits whole in what is left of the batch. A chat that does not is
@@ -167,12 +187,10 @@ impl Batch {
         let (chat, mut streamed) = match chat {
             None => (None, None),
             Some(Chat::Held(text)) => (Some(text), None),
-            // App rows read the chat whole (the app's checks look across it).
-            Some(Chat::Toasted(mut stream)) if settings.rows.is_app() => (Some(ChatText::read_whole(&mut stream)?), None),
             Some(Chat::Toasted(stream)) => (None, Some(stream)),
         };
         if settings.rows.is_app() {
-            return Ok(self.open_app(chat_id, user_id, chat, len));
+            return self.open_app(chat_id, user_id, chat, streamed, len);
         }
         let mut fingerprint = None;
         let opened = match &mut streamed {
@@ -218,6 +236,28 @@ impl Batch {
         }))
     }
 
+    /// App rows of a streamed chat opened before the last COMMIT, about to be written in
+    /// passes over its stream: read again in this batch's snapshot, which keeps the value
+    /// it points at until the batch ends. The same value goes on as opened; a new one (the
+    /// chat updated) is opened again; a deleted chat counts as vanished.
+    fn reopen_streamed(&mut self, chat: OpenChat, settings: &Settings) -> Result<Option<OpenChat>> {
+        let Some(fetched) = read::reread(settings, &chat.chat_id)? else {
+            self.gone.push(chat.chat_id.clone());
+            self.report.chats_read += 1;
+            self.report.last_chat_id = Some(chat.chat_id);
+            return Ok(None);
+        };
+        let unchanged = match (&fetched.chat, &chat.streamed) {
+            (Some(Chat::Toasted(now)), Some(opened)) => now.same_value(opened.stream()),
+            _ => false,
+        };
+        debug1!("chat_backfill: chat {} read again before it is written: {}", chat.chat_id, if unchanged { "unchanged" } else { "changed" });
+        if unchanged && fetched.user_id == chat.user_id {
+            return Ok(Some(chat));
+        }
+        self.open(fetched, settings)
+    }
+
     /// A chat the migration writes nothing of; recorded unless it is simply empty.
     fn skip_chat(&mut self, chat_id: String, skip: migration_rows::ChatSkip) -> Option<OpenChat> {
         if skip.is_problem() {
@@ -233,26 +273,41 @@ impl Batch {
         None
     }
 
-    /// `open` for app rows: the checks of the app's read path (`app_rows::open`, `index`).
-    fn open_app(&mut self, chat_id: String, user_id: Option<String>, chat: Option<ChatText>, len: usize) -> Option<OpenChat> {
-        let column = chat.as_ref().and_then(ChatText::as_str);
-        let opened = match (&chat, column) {
-            (Some(_), None) => Err(AppSkip::NotObject),
-            _ => app_rows::open(column, user_id.as_deref(), app_rows::APP_MAX_DEPTH).and_then(|opened| {
-                let indexed = app_rows::index(opened.doc, &mut || {
-                    pgrx::check_for_interrupts!();
-                })?;
-                let start = opened.doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
-                Ok((indexed.spans, Body::Within(start..start + opened.doc.len()), opened.codec, indexed.current_id))
-            }),
+    /// `open` for app rows: the checks of the app's read path (`app_rows::open`, `index`),
+    /// on the text held or as it streams.
+    fn open_app(
+        &mut self,
+        chat_id: String,
+        user_id: Option<String>,
+        mut chat: Option<ChatText>,
+        stream: Option<ToastStream>,
+        len: usize,
+    ) -> Result<Option<OpenChat>> {
+        let mut streamed = None;
+        let opened = match stream {
+            None => open_app_held(chat.as_ref(), user_id.as_deref()),
+            Some(mut stream) => match index_app_streamed(&mut stream, user_id.as_deref())? {
+                Ok(AppIndexed::Streamed(indexed, codec)) => {
+                    debug1!("chat_backfill: chat {chat_id} streams from its TOAST table ({len} bytes, {} messages)", indexed.spans.len());
+                    stream.restart();
+                    streamed = Some(Streamed::new(stream));
+                    Ok((indexed.spans, Body::Within(0..0), codec, indexed.current_id))
+                }
+                Ok(AppIndexed::Whole(text)) => {
+                    let opened = open_app_held(Some(&text), user_id.as_deref());
+                    chat = Some(text);
+                    opened
+                }
+                Err(skip) => Err(skip),
+            },
         };
         match opened {
             Ok((spans, body, codec, current_id)) if !spans.is_empty() => {
-                return Some(OpenChat {
+                return Ok(Some(OpenChat {
                     chat_id,
                     user_id,
                     text: chat,
-                    streamed: None,
+                    streamed,
                     len,
                     body,
                     spans,
@@ -260,14 +315,14 @@ impl Batch {
                     codec,
                     current_id,
                     fingerprint: Default::default(),
-                })
+                }))
             }
             Ok(_) => {}
             Err(skip) => self.skip_app_chat(&chat_id, skip),
         }
         self.report.chats_read += 1;
         self.report.last_chat_id = Some(chat_id);
-        None
+        Ok(None)
     }
 
     /// A chat the app loads no messages from; recorded unless it is simply empty.
@@ -438,6 +493,34 @@ impl Batch {
     }
 }
 
+/// The app's repair check over a chat's messages read in one pass (held, or streamed from
+/// its start): what it needs of each message, and `currentId`, which lies before or after
+/// the messages in the document.
+fn repair_check(
+    messages: &mut Messages,
+    spans: &[Span],
+    current_id: Option<std::ops::Range<usize>>,
+    poll: &mut dyn FnMut(),
+) -> Result<std::result::Result<(), AppSkip>> {
+    let mut repair = app_rows::RepairCheck::default();
+    let first = spans.first().map_or(usize::MAX, |s| s.bytes().start);
+    let mut current = match &current_id {
+        Some(r) if r.end <= first => Some(messages.text(r.clone())?.to_owned()),
+        _ => None,
+    };
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        let (text, span) = messages.message(span)?;
+        repair.add(text, span);
+    }
+    if let (None, Some(r)) = (&current, current_id) {
+        current = Some(messages.text(r)?.to_owned());
+    }
+    Ok(repair.finish(current.as_deref(), poll))
+}
+
 /// The rejection of a message the app cannot write, which leaves its whole chat unwritten.
 fn app_failure(chat_id: &str, key: String, failure: &app_rows::Failure, raw: &str, held_back: usize) -> Rejection {
     Rejection {
@@ -537,7 +620,13 @@ impl Backfill {
             gone: Vec::new(),
         };
         if let Some(chat) = self.open_chat.take() {
-            self.open_chat = batch.expand(chat, &self.settings)?;
+            let chat = match chat.streamed.is_some() && self.settings.rows.is_app() {
+                true => batch.reopen_streamed(chat, &self.settings)?,
+                false => Some(chat),
+            };
+            if let Some(chat) = chat {
+                self.open_chat = batch.expand(chat, &self.settings)?;
+            }
         }
         if self.open_chat.is_none() && !self.exhausted {
             let (settings, reader, resume) = (&self.settings, &mut self.reader, &mut self.resume);
@@ -643,23 +732,26 @@ impl Backfill {
     /// each in a subtransaction rolled back, and recorded as they are found.
     fn write_whole(&mut self, chat: OpenChat, report: &mut BatchReport) -> Result<()> {
         let settings = &self.settings;
-        let column = chat.text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
-        let doc = chat.body.text(column);
-        let (now, codec) = (settings.now, chat.codec);
+        let OpenChat { chat_id, user_id, text, mut streamed, len, body, spans, codec, current_id, .. } = chat;
+        let column = text.as_ref().and_then(ChatText::as_str).unwrap_or_default();
+        let mut messages = match streamed.as_mut() {
+            Some(streamed) => Messages::Streamed(streamed),
+            None => Messages::Held(body.text(column)),
+        };
+        let now = settings.now;
         let server = app_rows::Server { major: crate::pg::version::major() };
         let mut poll = || {
             pgrx::check_for_interrupts!();
         };
-        let indexed = app_rows::Indexed { spans: chat.spans, current_id: chat.current_id };
-        let spans = &indexed.spans;
+        let spans = &spans;
         let record = !settings.dry_run && !settings.trial;
         report.chats_read += 1;
-        report.last_chat_id = Some(chat.chat_id.clone());
-        if let Err(skip) = app_rows::check(doc, &indexed, &mut poll) {
+        report.last_chat_id = Some(chat_id.clone());
+        if let Err(skip) = repair_check(&mut messages, spans, current_id, &mut poll)? {
             if skip.is_problem() {
                 report.chats_skipped += 1;
                 let rejection = Rejection {
-                    chat_id: chat.chat_id.clone(),
+                    chat_id: chat_id.clone(),
                     message_key: None,
                     message_id: None,
                     sqlstate: skip.sqlstate().to_owned(),
@@ -674,11 +766,13 @@ impl Backfill {
             return Ok(());
         }
         let (mut rows_total, mut failed) = (0usize, 0usize);
+        messages.rewind();
         for (n, &span) in spans.iter().enumerate() {
             if n % 1024 == 0 {
                 poll();
             }
-            match app_rows::entry_at(doc, span, now, server, codec) {
+            let (text, span) = messages.message(span)?;
+            match app_rows::entry_at(text, span, now, server, codec) {
                 AppEntry::Row(_) => rows_total += 1,
                 AppEntry::Failed { .. } => failed += 1,
                 AppEntry::Skipped { .. } => {}
@@ -691,11 +785,13 @@ impl Backfill {
             report.messages_skipped += held_back as i64;
             let mut pending = Vec::new();
             let mut bytes = 0;
+            messages.rewind();
             for &span in spans {
                 poll();
-                let AppEntry::Failed { key, failure, raw } = app_rows::entry_at(doc, span, now, server, codec) else { continue };
-                bytes += raw.len() + 2 * key.len() + chat.chat_id.len();
-                pending.push(app_failure(&chat.chat_id, key, &failure, raw, held_back));
+                let (text, span) = messages.message(span)?;
+                let AppEntry::Failed { key, failure, raw } = app_rows::entry_at(text, span, now, server, codec) else { continue };
+                bytes += raw.len() + 2 * key.len() + chat_id.len();
+                pending.push(app_failure(&chat_id, key, &failure, raw, held_back));
                 if pending.len() >= settings.batch_size || bytes >= MAX_BATCH_ROW_BYTES {
                     report.messages_rejected += pending.len() as i64;
                     if record {
@@ -715,34 +811,37 @@ impl Backfill {
         if settings.dry_run {
             report.messages_inserted += rows_total as i64;
             // Not formed when only counted: the messages' text stands for them.
-            self.row_bytes += doc.len();
+            self.row_bytes += match &messages {
+                Messages::Held(doc) => doc.len(),
+                Messages::Streamed(_) => len,
+            };
             return Ok(());
         }
-        // The rows of spans[range], a slice of at most a batch.
-        let (chat_id, user_id) = (chat.chat_id.as_str(), chat.user_id.as_deref());
-        let slices = || {
-            let mut start = 0;
-            std::iter::from_fn(move || {
-                (start < spans.len()).then(|| {
-                    let mut rows = Rows::new(true);
-                    while start < spans.len() && rows.len() < settings.batch_size && rows.bytes() < MAX_BATCH_ROW_BYTES {
-                        if start % 1024 == 0 {
-                            pgrx::check_for_interrupts!();
-                        }
-                        if let AppEntry::Row(m) = app_rows::entry_at(doc, spans[start], now, server, codec) {
-                            rows.push_app(chat_id, user_id, &m, now);
-                        }
-                        start += 1;
-                    }
-                    rows
-                })
-            })
+        // The rows of the next slice of at most a batch, from message `start` on.
+        let user_id = user_id.as_deref();
+        let slice = |messages: &mut Messages, start: &mut usize| -> Result<Option<Rows>> {
+            if *start >= spans.len() {
+                return Ok(None);
+            }
+            let mut rows = Rows::new(true);
+            while *start < spans.len() && rows.len() < settings.batch_size && rows.bytes() < MAX_BATCH_ROW_BYTES {
+                if *start % 1024 == 0 {
+                    pgrx::check_for_interrupts!();
+                }
+                let (text, span) = messages.message(spans[*start])?;
+                if let AppEntry::Row(m) = app_rows::entry_at(text, span, now, server, codec) {
+                    rows.push_app(&chat_id, user_id, &m, now);
+                }
+                *start += 1;
+            }
+            Ok(Some(rows))
         };
         let writer = &mut self.writer;
         let mut row_bytes = 0;
+        messages.rewind();
         let written = in_subtransaction(AssertUnwindSafe(|| -> Result<BatchReport> {
-            let mut sub = BatchReport::default();
-            for rows in slices() {
+            let (mut sub, mut start) = (BatchReport::default(), 0);
+            while let Some(rows) = slice(&mut messages, &mut start)? {
                 row_bytes += rows.bytes();
                 in_scratch(|| writer.write_or_raise(&rows, &mut sub))?;
             }
@@ -762,8 +861,9 @@ impl Backfill {
             Err(failure) => failure,
         };
         // Which rows failed: a slice at a time, each probe rolled back, recorded as found.
-        let mut bad = 0usize;
-        for rows in slices() {
+        let (mut bad, mut start) = (0usize, 0);
+        messages.rewind();
+        while let Some(rows) = slice(&mut messages, &mut start)? {
             let mut probe = Outcome::default();
             in_scratch(|| self.writer.probe(&rows, &mut probe))?;
             if !probe.vanished.is_empty() {
@@ -787,7 +887,7 @@ impl Backfill {
         report.messages_skipped += (rows_total - bad) as i64;
         if bad == 0 {
             let rejection = Rejection {
-                chat_id: chat.chat_id.clone(),
+                chat_id: chat_id.clone(),
                 message_key: None,
                 message_id: None,
                 sqlstate: failure.sqlstate,

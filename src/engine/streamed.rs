@@ -4,6 +4,7 @@
 //! text that a checkpoint inside a chat keeps, whole or as it streams. The engine (`backfill`) opens a
 //! chat this way when `read` gives it as `Chat::Toasted`.
 
+use chat_backfill_rules::app_rows::{self, AppSkip, StreamOpen, StreamOpened};
 use chat_backfill_rules::migration_rows::{self, Body, Keys, Span};
 use chat_backfill_rules::stream_index::{StreamIndex, Streamed as StreamIndexed};
 
@@ -102,6 +103,17 @@ pub struct Streamed {
 impl Streamed {
     pub fn new(stream: ToastStream) -> Streamed {
         Streamed { stream, held: Vec::new(), from: 0 }
+    }
+
+    pub fn stream(&self) -> &ToastStream {
+        &self.stream
+    }
+
+    /// Back to the document's first byte, for another pass over its entries.
+    pub fn rewind(&mut self) {
+        self.stream.restart();
+        self.held = Vec::new();
+        self.from = 0;
     }
 
     /// The text of `range` (offsets in the document), reading on as far as it ends and
@@ -204,6 +216,99 @@ pub fn index_streamed(
             Ok(Ok(Indexed::Whole(ChatText::read_whole(&mut stream.restart())?)))
         }
     }
+}
+
+/// How a chat was opened for app rows.
+pub enum AppIndexed {
+    /// Streamed: its messages and `currentId` (offsets from the text's first byte), and the
+    /// app's codec for it.
+    Streamed(app_rows::Indexed, app_rows::Codec),
+    /// Read whole after all: not an object, or a shape the stream leaves to the whole text.
+    Whole(ChatText),
+}
+
+/// The app's `open` and `index` over a streamed chat (`StreamOpen`): the same codec,
+/// messages and `currentId` as the whole text, or the same reason the app loads nothing.
+pub fn index_app_streamed(
+    stream: &mut ToastStream,
+    user_id: Option<&str>,
+) -> Result<std::result::Result<AppIndexed, AppSkip>> {
+    let mut open = StreamOpen::default();
+    let mut utf8 = Utf8Check::default();
+    let mut object = None;
+    let mut poll = || {
+        pgrx::check_for_interrupts!();
+    };
+    while stream.next_slice(&mut |piece: &[u8]| {
+        if object.is_none() {
+            object = piece.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).map(|b| *b == b'{');
+        }
+        if object == Some(true) {
+            utf8.update(piece);
+            open.feed(piece, &mut poll);
+        }
+    })? {
+        if object == Some(false) {
+            break;
+        }
+    }
+    if object != Some(true) {
+        return Ok(Ok(AppIndexed::Whole(ChatText::read_whole(&mut stream.restart())?)));
+    }
+    if !utf8.finish() {
+        return Ok(Err(AppSkip::NotObject));
+    }
+    Ok(match open.finish(user_id, app_rows::APP_MAX_DEPTH, &mut poll) {
+        Ok(StreamOpened::Indexed(indexed, codec)) => Ok(AppIndexed::Streamed(indexed, codec)),
+        Ok(StreamOpened::ReadWhole) => Ok(AppIndexed::Whole(ChatText::read_whole(&mut stream.restart())?)),
+        Err(skip) => Err(skip),
+    })
+}
+
+/// A chat's messages for a pass over them in the document's order (app rows of a chat
+/// bigger than a batch take several): the text held, or the stream read again from its
+/// start for each pass.
+pub enum Messages<'a> {
+    Held(&'a str),
+    Streamed(&'a mut Streamed),
+}
+
+impl Messages<'_> {
+    /// Before a pass.
+    pub fn rewind(&mut self) {
+        if let Messages::Streamed(streamed) = self {
+            streamed.rewind();
+        }
+    }
+
+    /// The text of `range` (offsets as the chat's spans): ranges in increasing order
+    /// between two rewinds.
+    pub fn text(&mut self, range: std::ops::Range<usize>) -> Result<&str> {
+        match self {
+            Messages::Held(doc) => Ok(&doc[range]),
+            // Read in this transaction's snapshot, which keeps the value (see
+            // `Backfill::next_batch`): gone now, it was changed under the run after all.
+            Messages::Streamed(streamed) => streamed.text(range)?.ok_or_else(streamed_gone),
+        }
+    }
+
+    /// The text holding the message at `span`, and the span within that text.
+    pub fn message(&mut self, span: Span) -> Result<(&str, Span)> {
+        if let Messages::Held(doc) = self {
+            return Ok((*doc, span));
+        }
+        let bytes = span.bytes();
+        let text = self.text(bytes.clone())?;
+        Ok((text, span.shifted_back(bytes.start)))
+    }
+}
+
+fn streamed_gone() -> crate::pg::error::Error {
+    crate::pg::error::Error::new(
+        pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "a streamed chat's TOAST value went while its rows were being written".to_owned(),
+        "CALL the backfill again: it goes on from its checkpoint and reads the chat again.",
+    )
 }
 
 #[cfg(test)]

@@ -62,6 +62,11 @@ impl ToastStream {
         Some(ToastStream { pointer, stored, offset: 0, decoder, raw, pending: Vec::new(), pending_at: 0 })
     }
 
+    /// Whether `other` points at the same stored value.
+    pub fn same_value(&self, other: &ToastStream) -> bool {
+        (self.pointer.va_valueid, self.pointer.va_toastrelid) == (other.pointer.va_valueid, other.pointer.va_toastrelid)
+    }
+
     /// A datum that points at the value again (a TOAST pointer, as the row holds it), in
     /// the current memory context.
     pub fn pointer_datum(&self) -> pg_sys::Datum {

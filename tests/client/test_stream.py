@@ -140,3 +140,123 @@ def test_a_streamed_chat_changed_between_batches(cluster, change):
     else:
         assert (state, rows, deleted) == (("finished", 0), [("a-big", 2000), ("b-after", 1)], False), \
             (state, rows, notices)
+
+
+def test_streamed_chats_give_the_app_rows_held_ones_do(cluster):
+    """rows => 'app' streams too: the app's load checks (its codec's shape of the document,
+    the sanitized index, the currentId repair) run as the text streams, then each pass of
+    the all-or-nothing write reads the stream again. The rows and the recorded rejections
+    must be those of the same chats held, on test_app_rows' corpus (checked there against
+    Open WebUI's own code), in both forms; in the committing one a streamed chat opened
+    before a COMMIT is written after it."""
+    from test_app_rows import all_chats
+    db = cluster.create_db("stream_app")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CHAT_DDL)
+        # Uncompressed, and every case padded with JSON whitespace past the 2 kB at which a
+        # row's values move out (before or after the document: the streamed offsets count
+        # from the text's first byte, the held ones from the trimmed document's).
+        cur.execute("ALTER TABLE chat ALTER COLUMN chat SET STORAGE EXTERNAL")
+        pad = lambda n, chat: chat if chat is None else (" \n" * 1100 + chat if n % 2 else chat + "\r\n\t" * 800)  # noqa: E731
+        cur.executemany("INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
+                        [(i, u, pad(n, c)) for n, (i, u, c) in enumerate(all_chats())])
+        cur.execute("SELECT reltoastrelid::regclass FROM pg_class WHERE oid = 'chat'::regclass")
+        (toast,) = cur.fetchone()
+        cur.execute(f"SELECT count(DISTINCT chunk_id) FROM {toast}")
+        assert cur.fetchone()[0] > 200, "too few chats in the TOAST table: this test could not fail"
+        cur.execute(TARGET_DDL)
+        cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text")
+        for copy in ("held", "committed"):
+            cur.execute(f"CREATE TABLE chat_message_{copy} (LIKE chat_message INCLUDING ALL)")
+        cur.execute("SET chat_backfill.stream_chats_over = 0; SET client_min_messages = debug1")
+        conn.notices = collections.deque()
+        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) "
+                    "FROM backfill_chat_messages(now => %s, rows => 'app', force => true)", (NOW,))
+        streamed = cur.fetchone()
+        said = [n for n in conn.notices if "streams from its TOAST table" in n]
+        assert len(said) > 150, len(said)
+        cur.execute("RESET client_min_messages")
+        cur.execute("CALL backfill_chat_messages_resumable(target => 'chat_message_committed', now => %s, "
+                    "rows => 'app', batch_size => 7)", (NOW,))
+        cur.execute("RESET chat_backfill.stream_chats_over")
+        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) FROM backfill_chat_messages("
+                    "target => 'chat_message_held', now => %s, rows => 'app', force => true)", (NOW,))
+        held = cur.fetchone()
+        assert streamed == held and held[0] > 300 and held[1] > 0, (streamed, held)
+        for other in ("chat_message_held", "chat_message_committed"):
+            cur.execute(f"SELECT (SELECT count(*) FROM {other}), "
+                        "(SELECT count(*) FROM (SELECT m::text FROM chat_message m EXCEPT ALL "
+                        f"                       SELECT t::text FROM {other} t) d), "
+                        f"(SELECT count(*) FROM (SELECT t::text FROM {other} t EXCEPT ALL "
+                        "                       SELECT m::text FROM chat_message m) d)")
+            assert cur.fetchone() == (held[0], 0, 0), other
+        cur.execute("SELECT target, count(*), count(DISTINCT (chat_id, message_key, sqlstate, error)) "
+                    "FROM chat_backfill.rejected_messages GROUP BY target ORDER BY target")
+        rejected = cur.fetchall()
+        assert len(rejected) == 3 and len({r[1:] for r in rejected}) == 1, rejected
+
+
+@pytest.mark.parametrize("change", ["delete", "update"])
+def test_a_streamed_app_chat_changed_before_it_is_written(cluster, change):
+    """App rows write a chat bigger than a batch in a batch of its own, after the COMMIT of
+    the batch that opened it. Changed before that COMMIT (here while a trigger holds the
+    first batch's write), then vacuumed during the pause, the value it was opened with is
+    gone: the chat is read again in the writing batch's snapshot, which keeps the value it
+    sees until the rows are in. Deleted, it counts as vanished; updated, its new text is
+    written whole."""
+    db = cluster.create_db(f"stream_app_{change}")
+    doc = {"history": {"messages": {f"m{i:04d}": {"id": f"m{i:04d}", "role": "user", "content": f"{i} " + "z" * 2000}
+                                    for i in range(600)}, "currentId": "m0599"}}
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CHAT_DDL)
+        cur.execute("ALTER TABLE chat ALTER COLUMN chat SET STORAGE EXTERNAL")
+        cur.execute("INSERT INTO chat VALUES ('a-small', 'u', 't', "
+                    "'{\"history\": {\"messages\": {\"x\": {\"role\": \"user\"}}}}'), ('b-big', 'u', 't', %s)",
+                    (json.dumps(doc),))
+        cur.execute(TARGET_DDL)
+        cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text")
+        cur.execute("CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                    "IF NEW.chat_id = 'a-small' THEN PERFORM pg_sleep(1); END IF; RETURN NEW; END $$")
+        cur.execute("CREATE TRIGGER slow BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION slow()")
+        cur.execute("ALTER DATABASE %s SET chat_backfill.stream_chats_over = 0" % db)
+    notices = []
+
+    def run():
+        with cluster.connect(db) as conn, conn.cursor() as cur:
+            cur.execute("SET client_min_messages = debug1")
+            cur.execute("CALL backfill_chat_messages_resumable(now => %s, rows => 'app', batch_size => 300, "
+                        "pause => '2 seconds')", (NOW,))
+            notices.extend(conn.notices)
+
+    def wait_for(cur, sql):
+        deadline = time.monotonic() + 30
+        while True:
+            cur.execute(sql)
+            if cur.fetchone()[0]:
+                return
+            assert time.monotonic() < deadline, sql
+            time.sleep(0.02)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        # The first batch has opened the big chat (carried: it is a batch of its own) and
+        # is writing the small one's row.
+        wait_for(cur, "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")
+        doc["history"]["messages"]["m0600"] = {"id": "m0600", "role": "user", "content": "added"}
+        cur.execute({"delete": "DELETE FROM chat WHERE id = 'b-big'",
+                     "update": "UPDATE chat SET chat = %s WHERE id = 'b-big'"}[change], (json.dumps(doc),))
+        wait_for(cur, "SELECT count(*) FROM chat_message")
+        cur.execute("VACUUM chat")
+    caller.join()
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute("SELECT state, chats_vanished FROM chat_backfill.status")
+        state = cur.fetchone()
+        cur.execute("SELECT chat_id, count(*) FROM chat_message GROUP BY chat_id ORDER BY chat_id")
+        rows = cur.fetchall()
+    said = [n for n in notices if "read again before it is written" in n]
+    if change == "delete":
+        assert (state, rows, said) == (("finished", 1), [("a-small", 1)], []), (state, rows, notices)
+    else:
+        assert (state, rows, [n.split(": ")[-1].strip() for n in said]) == \
+            (("finished", 0), [("a-small", 1), ("b-big", 601)], ["changed"]), (state, rows, notices)
