@@ -167,6 +167,29 @@ pub enum Indexed {
     Whole(ChatText),
 }
 
+/// Reads a streamed document through, giving each piece to `each` (with the UTF-8 check
+/// done here) while it is a JSON object: `None` if it is not one (it stops there, for the
+/// caller to read it whole), else whether every byte was UTF-8.
+fn stream_object(stream: &mut ToastStream, mut each: impl FnMut(&[u8])) -> Result<Option<bool>> {
+    let mut utf8 = Utf8Check::default();
+    let mut object = None;
+    while stream.next_slice(&mut |piece: &[u8]| {
+        if object.is_none() {
+            object = piece.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).map(|b| *b == b'{');
+        }
+        // Whitespace before the document is fed too: offsets count from the first byte.
+        if object != Some(false) {
+            utf8.update(piece);
+            each(piece);
+        }
+    })? {
+        if object == Some(false) {
+            break;
+        }
+    }
+    Ok((object == Some(true)).then(|| utf8.finish()))
+}
+
 /// The index pass over a streamed chat: where its entries lie (`StreamIndex`, the same
 /// entries as the whole text's index), its fingerprint and its UTF-8, as the text streams.
 /// A document that is not an object (a JSON string holding one, which is decoded into a
@@ -178,31 +201,21 @@ pub fn index_streamed(
     fingerprinted: &mut Option<i64>,
 ) -> Result<std::result::Result<Indexed, migration_rows::ChatSkip>> {
     let mut index = StreamIndex::new(Keys::Exact);
-    let mut utf8 = Utf8Check::default();
     let mut print = Fingerprinter::new(stream.raw_size());
     let mut failed = None;
-    let mut object = None;
     let mut poll = || {
         pgrx::check_for_interrupts!();
     };
-    while stream.next_slice(&mut |piece: &[u8]| {
-        if object.is_none() {
-            object = piece.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).map(|b| *b == b'{');
-        }
-        utf8.update(piece);
+    let utf8 = stream_object(stream, |piece| {
         print.update(piece);
-        if failed.is_none() && object != Some(false) {
+        if failed.is_none() {
             failed = index.feed(piece, &mut poll).err();
         }
-    })? {
-        if object == Some(false) {
-            break;
-        }
-    }
-    if object != Some(true) {
+    })?;
+    let Some(utf8) = utf8 else {
         return Ok(Ok(Indexed::Whole(ChatText::read_whole(&mut stream.restart())?)));
-    }
-    if !utf8.finish() {
+    };
+    if !utf8 {
         return Ok(Err(migration_rows::ChatSkip::NotJson));
     }
     *fingerprinted = Some(print.finish());
@@ -234,28 +247,13 @@ pub fn index_app_streamed(
     user_id: Option<&str>,
 ) -> Result<std::result::Result<AppIndexed, AppSkip>> {
     let mut open = StreamOpen::default();
-    let mut utf8 = Utf8Check::default();
-    let mut object = None;
     let mut poll = || {
         pgrx::check_for_interrupts!();
     };
-    while stream.next_slice(&mut |piece: &[u8]| {
-        if object.is_none() {
-            object = piece.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).map(|b| *b == b'{');
-        }
-        if object == Some(true) {
-            utf8.update(piece);
-            open.feed(piece, &mut poll);
-        }
-    })? {
-        if object == Some(false) {
-            break;
-        }
-    }
-    if object != Some(true) {
+    let Some(utf8) = stream_object(stream, |piece| open.feed(piece, &mut poll))? else {
         return Ok(Ok(AppIndexed::Whole(ChatText::read_whole(&mut stream.restart())?)));
-    }
-    if !utf8.finish() {
+    };
+    if !utf8 {
         return Ok(Err(AppSkip::NotObject));
     }
     Ok(match open.finish(user_id, app_rows::APP_MAX_DEPTH, &mut poll) {
