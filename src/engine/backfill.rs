@@ -29,7 +29,7 @@ use super::read::{self, Fetched, Reader};
 use super::rejections::{chat_sqlstate, rule_sqlstate, Recorder, Rejection};
 use super::report::{BatchReport, Partial};
 use super::request::Settings;
-use super::streamed::{fingerprint, index_app_streamed, index_streamed, AppIndexed, Indexed, Messages, Streamed};
+use super::streamed::{fingerprint, index_app_streamed, index_streamed, repair_check, AppIndexed, Indexed, Messages, Streamed};
 use super::write::{Outcome, Writer};
 
 /// A batch stops taking new chats once this much chat text has been read.
@@ -491,34 +491,6 @@ impl Batch {
             }
         }
     }
-}
-
-/// The app's repair check over a chat's messages read in one pass (held, or streamed from
-/// its start): what it needs of each message, and `currentId`, which lies before or after
-/// the messages in the document.
-fn repair_check(
-    messages: &mut Messages,
-    spans: &[Span],
-    current_id: Option<std::ops::Range<usize>>,
-    poll: &mut dyn FnMut(),
-) -> Result<std::result::Result<(), AppSkip>> {
-    let mut repair = app_rows::RepairCheck::default();
-    let first = spans.first().map_or(usize::MAX, |s| s.bytes().start);
-    let mut current = match &current_id {
-        Some(r) if r.end <= first => Some(messages.text(r.clone())?.to_owned()),
-        _ => None,
-    };
-    for (n, &span) in spans.iter().enumerate() {
-        if n % 1024 == 0 {
-            poll();
-        }
-        let (text, span) = messages.message(span)?;
-        repair.add(text, span);
-    }
-    if let (None, Some(r)) = (&current, current_id) {
-        current = Some(messages.text(r)?.to_owned());
-    }
-    Ok(repair.finish(current.as_deref(), poll))
 }
 
 /// The rejection of a message the app cannot write, which leaves its whole chat unwritten.

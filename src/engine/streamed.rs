@@ -301,6 +301,34 @@ impl Messages<'_> {
     }
 }
 
+/// The app's repair check over a chat's messages read in one pass (held, or streamed from
+/// its start): what it needs of each message, and `currentId`, which lies before or after
+/// the messages in the document.
+pub fn repair_check(
+    messages: &mut Messages,
+    spans: &[Span],
+    current_id: Option<std::ops::Range<usize>>,
+    poll: &mut dyn FnMut(),
+) -> Result<std::result::Result<(), AppSkip>> {
+    let mut repair = app_rows::RepairCheck::default();
+    let first = spans.first().map_or(usize::MAX, |s| s.bytes().start);
+    let mut current = match &current_id {
+        Some(r) if r.end <= first => Some(messages.text(r.clone())?.to_owned()),
+        _ => None,
+    };
+    for (n, &span) in spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        let (text, span) = messages.message(span)?;
+        repair.add(text, span);
+    }
+    if let (None, Some(r)) = (&current, current_id) {
+        current = Some(messages.text(r)?.to_owned());
+    }
+    Ok(repair.finish(current.as_deref(), poll))
+}
+
 fn streamed_gone() -> crate::pg::error::Error {
     crate::pg::error::Error::new(
         pgrx::PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -21,9 +21,11 @@ use pgrx::prelude::*;
 
 use crate::pg::datums::varlena_array;
 use crate::pg::error::Result;
-use crate::pg::datums::ChatText;
+use crate::pg::datums::{Chat, ChatText};
+use crate::pg::toast_read::ToastStream;
 use super::read::{Fetched, Reader};
 use super::request::Settings;
+use super::streamed::{index_app_streamed, index_streamed, repair_check, AppIndexed, Indexed, Messages, Streamed};
 
 /// A batch of the check ends after this many chats or this much chat text.
 const CHATS_PER_BATCH: usize = 500;
@@ -32,6 +34,8 @@ const BYTES_PER_BATCH: usize = 16 << 20;
 const TARGET_ROWS_PER_FETCH: i64 = 1000;
 /// Messages of a long chat checked at a time.
 const SLICE: usize = 2000;
+/// At most this much of a streamed chat's text is held for a slice (or one message).
+const SLICE_BYTES: usize = 8 << 20;
 
 /// Columns compared, in the order of `Row::values` (text-valued) after the fixed ones.
 const TEXT_COLUMNS: [&str; 5] = ["user_id", "role", "parent_id", "model_id", "context_summary"];
@@ -85,7 +89,14 @@ pub struct Verifier {
     started: Instant,
     /// A chat of more than `SLICE` messages being checked, and the chats fetched after it.
     long: Option<LongChat>,
-    carried: VecDeque<Fetched<ChatText>>,
+    carried: VecDeque<ToCheck>,
+}
+
+/// A chat read for the check: its text held, or (a chat over `stream_chats_over`) opened
+/// as a long chat whose text streams.
+enum ToCheck {
+    Held(Fetched<ChatText>),
+    Long(Box<LongChat>),
 }
 
 /// A long chat part way through its check.
@@ -98,11 +109,78 @@ struct LongChat {
     next: usize,
     /// App rows: how the app's codec reads the chat (`None`: the migration's rows).
     app: Option<app_rows::Codec>,
+    /// Instead of the chat's text: its stream (spans count from the text's first byte).
+    streamed: Option<Streamed>,
     /// Hashes of the row ids the rules give (8 bytes a row, reserved once), sorted before
     /// the extra rows are told by them.
     expected: Vec<u64>,
     found_any: bool,
     missing_any: bool,
+}
+
+impl LongChat {
+    fn new(chat: Fetched<ChatText>, body: Body, spans: Vec<Span>, app: Option<app_rows::Codec>, streamed: Option<Streamed>) -> LongChat {
+        let chat_id = chat.chat_id.clone().unwrap_or_default();
+        let expected = Vec::with_capacity(spans.len());
+        LongChat { chat, chat_id, body, spans, next: 0, app, streamed, expected, found_any: false, missing_any: false }
+    }
+}
+
+/// A fetched chat as the check takes it: held (read whole if it streams but the stream
+/// cannot take it), or a streamed chat opened as a long chat. A chat the rules give no rows
+/// for is held without text: its target rows are all extra.
+fn to_check(fetched: Fetched, settings: &Settings) -> Result<ToCheck> {
+    let Fetched { chat_id, user_id, chat } = fetched;
+    let held = |text: Option<ChatText>| ToCheck::Held(Fetched { chat_id: chat_id.clone(), user_id: user_id.clone(), chat: text });
+    let mut stream = match chat {
+        Some(Chat::Toasted(stream)) => stream,
+        chat => return Ok(ToCheck::Held(Fetched { chat_id, user_id, chat }.held()?)),
+    };
+    let long = |spans, app, stream: ToastStream| {
+        let streamed = Some(Streamed::new(stream));
+        let chat = Fetched { chat_id: chat_id.clone(), user_id: user_id.clone(), chat: None };
+        Ok(ToCheck::Long(Box::new(LongChat::new(chat, Body::Within(0..0), spans, app, streamed))))
+    };
+    if !settings.rows.is_app() {
+        return match index_streamed(&mut stream, &mut None)? {
+            Ok(Indexed::Streamed(spans)) => {
+                stream.restart();
+                long(spans, None, stream)
+            }
+            Ok(Indexed::Whole(text)) => Ok(held(Some(text))),
+            Ok(Indexed::Held(..)) | Err(_) => Ok(held(None)),
+        };
+    }
+    let (indexed, codec) = match index_app_streamed(&mut stream, user_id.as_deref())? {
+        Ok(AppIndexed::Streamed(indexed, codec)) => (indexed, codec),
+        Ok(AppIndexed::Whole(text)) => return Ok(held(Some(text))),
+        Err(_) => return Ok(held(None)),
+    };
+    // The app's check, and whether it fails on a message (then it writes no row of the
+    // chat): read off the stream first, keeping nothing.
+    stream.restart();
+    let mut streamed = Streamed::new(stream);
+    let mut messages = Messages::Streamed(&mut streamed);
+    let mut poll = || {
+        pgrx::check_for_interrupts!();
+    };
+    if repair_check(&mut messages, &indexed.spans, indexed.current_id.clone(), &mut poll)?.is_err() {
+        return Ok(held(None));
+    }
+    let server = app_rows::Server { major: crate::pg::version::major() };
+    messages.rewind();
+    for (n, &span) in indexed.spans.iter().enumerate() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        let (text, span) = messages.message(span)?;
+        if let AppEntry::Failed { .. } = app_rows::entry_at(text, span, settings.now, server, codec) {
+            return Ok(held(None));
+        }
+    }
+    streamed.rewind();
+    let chat = Fetched { chat_id: chat_id.clone(), user_id: user_id.clone(), chat: None };
+    Ok(ToCheck::Long(Box::new(LongChat::new(chat, Body::Within(0..0), indexed.spans, Some(codec), Some(streamed)))))
 }
 
 impl Verifier {
@@ -184,28 +262,55 @@ impl Verifier {
     fn batch(&mut self) -> Result<()> {
         let mut chats: Vec<Fetched<ChatText>> = Vec::new();
         let mut bytes = 0;
-        let (settings, reader) = (&self.settings, &mut self.reader);
+        // A streamed chat waiting in `carried` ends the batch before it.
+        let mut blocked = false;
         while chats.len() < CHATS_PER_BATCH && bytes < BYTES_PER_BATCH {
-            let Some(f) = self.carried.pop_front() else { break };
-            bytes += f.chat.as_ref().map_or(0, |c| c.len());
-            chats.push(f);
-        }
-        let exhausted = self.exhausted || Spi::connect(|client| -> Result<bool> {
-            while chats.len() < CHATS_PER_BATCH && bytes < BYTES_PER_BATCH {
-                pgrx::check_for_interrupts!();
-                match reader.next(client, settings)? {
-                    None => return Ok(true),
-                    Some(f) if f.chat_id.is_none() => {}
-                    Some(f) => {
-                        let f = f.held()?;
-                        bytes += f.chat.as_ref().map_or(0, |c| c.len());
-                        chats.push(f);
-                    }
+            match self.carried.pop_front() {
+                None => break,
+                Some(ToCheck::Held(f)) => {
+                    bytes += f.chat.as_ref().map_or(0, |c| c.len());
+                    chats.push(f);
+                }
+                Some(ToCheck::Long(long)) if chats.is_empty() => {
+                    self.long = Some(*long);
+                    return Ok(());
+                }
+                Some(long) => {
+                    self.carried.push_front(long);
+                    blocked = true;
+                    break;
                 }
             }
-            Ok(false)
-        })?;
-        self.exhausted = exhausted;
+        }
+        if !self.exhausted && !blocked {
+            let (settings, reader) = (&self.settings, &mut self.reader);
+            let (exhausted, long) = Spi::connect(|client| -> Result<(bool, Option<Box<LongChat>>)> {
+                while chats.len() < CHATS_PER_BATCH && bytes < BYTES_PER_BATCH {
+                    pgrx::check_for_interrupts!();
+                    match reader.next(client, settings)? {
+                        None => return Ok((true, None)),
+                        Some(f) if f.chat_id.is_none() => {}
+                        Some(f) => match to_check(f, settings)? {
+                            ToCheck::Held(f) => {
+                                bytes += f.chat.as_ref().map_or(0, |c| c.len());
+                                chats.push(f);
+                            }
+                            ToCheck::Long(long) => return Ok((false, Some(long))),
+                        },
+                    }
+                }
+                Ok((false, None))
+            })?;
+            self.exhausted = exhausted;
+            match long {
+                Some(long) if chats.is_empty() => {
+                    self.long = Some(*long);
+                    return Ok(());
+                }
+                Some(long) => self.carried.push_back(ToCheck::Long(long)),
+                None => {}
+            }
+        }
         if chats.is_empty() {
             return Ok(());
         }
@@ -220,21 +325,9 @@ impl Verifier {
                     let mut rest = chats.split_off(n);
                     let chat = rest.remove(0);
                     for later in rest.into_iter().rev() {
-                        self.carried.push_front(later);
+                        self.carried.push_front(ToCheck::Held(later));
                     }
-                    let chat_id = chat.chat_id.clone().unwrap_or_default();
-                    let expected = Vec::with_capacity(spans.len());
-                    self.long = Some(LongChat {
-                        chat,
-                        chat_id,
-                        body,
-                        spans,
-                        next: 0,
-                        app,
-                        expected,
-                        found_any: false,
-                        missing_any: false,
-                    });
+                    self.long = Some(LongChat::new(chat, body, spans, app, None));
                     break;
                 }
             }
@@ -324,14 +417,36 @@ impl Verifier {
     fn long_slice(&mut self) -> Result<()> {
         let Some(long) = self.long.as_mut() else { return Ok(()) };
         let now = self.settings.now;
-        let column = long.chat.chat.as_ref().and_then(|c| c.as_str()).unwrap_or_default();
-        let text = long.body.text(column);
         if long.next < long.spans.len() {
-            let end = (long.next + SLICE).min(long.spans.len());
-            let (user_id, slice) = (long.chat.user_id.as_deref(), &long.spans[long.next..end]);
+            let column = long.chat.chat.as_ref().and_then(|c| c.as_str()).unwrap_or_default();
+            let user_id = long.chat.user_id.as_deref();
+            let (text, slice, end) = match &mut long.streamed {
+                None => {
+                    let end = (long.next + SLICE).min(long.spans.len());
+                    (long.body.text(column), std::borrow::Cow::Borrowed(&long.spans[long.next..end]), end)
+                }
+                // The slice's messages as one piece of the text, at most SLICE_BYTES (or one
+                // message), the spans shifted into it.
+                Some(streamed) => {
+                    let from = long.spans[long.next].bytes().start;
+                    let mut end = long.next + 1;
+                    while end < long.spans.len() && end - long.next < SLICE && long.spans[end].bytes().end - from <= SLICE_BYTES {
+                        end += 1;
+                    }
+                    let text = streamed.text(from..long.spans[end - 1].bytes().end)?.ok_or_else(|| {
+                        crate::pg::error::Error::new(
+                            pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+                            format!("chat {}: its TOAST value went during the check", long.chat_id),
+                            "Run verify() again.",
+                        )
+                    })?;
+                    let slice = long.spans[long.next..end].iter().map(|s| s.shifted_back(from)).collect::<Vec<_>>();
+                    (text, std::borrow::Cow::Owned(slice), end)
+                }
+            };
             let expected = match long.app {
-                Some(codec) => app_rows_of(&long.chat_id, user_id, text, slice, now, codec),
-                None => migration_rows(&long.chat_id, user_id, text, slice, now),
+                Some(codec) => app_rows_of(&long.chat_id, user_id, text, &slice, now, codec),
+                None => migration_rows(&long.chat_id, user_id, text, &slice, now),
             };
             long.next = end;
             long.expected.extend(expected.iter().map(|(id, _)| id_hash(id)));
@@ -361,6 +476,7 @@ impl Verifier {
         // The text and the message positions are no longer needed; the hashes are looked up.
         long.spans = Vec::new();
         long.chat.chat = None;
+        long.streamed = None;
         long.expected.sort_unstable();
         let mut extra = Vec::new();
         Spi::connect(|client| -> Result<()> {

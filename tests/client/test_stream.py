@@ -258,3 +258,46 @@ def test_a_streamed_app_chat_changed_before_it_is_written(cluster, change):
     else:
         assert (state, rows, [n.split(": ")[-1].strip() for n in said]) == \
             (("finished", 0), [("a-small", 1), ("b-big", 601)], ["changed"]), (state, rows, notices)
+
+
+def test_verify_streams_and_finds_what_it_finds_held(cluster):
+    """verify() takes a chat over stream_chats_over as a long chat whose text streams: the
+    app's check and failures read off the stream first, then slices of at most 2000
+    messages or 8 MB of text. Its findings (missing, different, extra, partial) must be
+    those of the same chats held, in both row modes, on test_app_rows' corpus plus a 10 MB
+    chat of 2500 messages and a chat the app fails on, against a target with rows removed,
+    changed and added."""
+    from test_app_rows import all_chats
+    db = cluster.create_db("stream_verify")
+    big = {"history": {"messages": {f"m{i:04d}": {"id": f"m{i:04d}", "role": "user", "content": f"{i} " + "v" * 4000}
+                                    for i in range(2500)}, "currentId": "m2499"}}
+    bad = {"history": {"messages": {f"b{i}": {"role": "user", "content": "x", "timestamp": "t" if i == 7 else i}
+                                    for i in range(10)}}}
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CHAT_DDL)
+        cur.execute("ALTER TABLE chat ALTER COLUMN chat SET STORAGE EXTERNAL")
+        rows = all_chats() + [("zz-big", "u", json.dumps(big)), ("zz-bad", "u", json.dumps(bad))]
+        cur.executemany("INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
+                        [(i, u, c if c is None else " " * 2100 + c) for i, u, c in rows])
+        cur.execute(TARGET_DDL)
+        cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text")
+        cur.execute("SELECT count(*) FROM backfill_chat_messages(now => %s, rows => 'app', force => true)", (NOW,))
+        cur.execute("DELETE FROM chat_message WHERE id IN (SELECT id FROM chat_message ORDER BY md5(id) LIMIT 40)")
+        cur.execute("UPDATE chat_message SET content = '\"changed\"' "
+                    "WHERE id IN (SELECT id FROM chat_message ORDER BY md5(id || 'u') LIMIT 40)")
+        cur.execute("INSERT INTO chat_message (id, chat_id, user_id, role, content, created_at, updated_at) "
+                    "SELECT id || '-extra', chat_id, user_id, role, content, 0, 0 FROM chat_message "
+                    "WHERE id IN (SELECT id FROM chat_message ORDER BY md5(id || 'x') LIMIT 40) "
+                    "UNION ALL SELECT 'zz-bad-b1', 'zz-bad', 'u', 'user', '\"x\"', 0, 0")
+        findings = {}
+        for stream in ("0", "64MB"):
+            cur.execute(f"SET chat_backfill.stream_chats_over = '{stream}'")
+            for rows_mode in ("app", "migration"):
+                cur.execute("SELECT chat_id, message_key, kind, columns::text FROM chat_backfill.verify(rows => %s)",
+                            (rows_mode,))
+                findings[stream, rows_mode] = sorted(cur.fetchall(), key=repr)
+        kinds = collections.Counter(f[2] for f in findings["0", "app"])
+        assert kinds["missing"] >= 40 and kinds["different"] >= 30 and kinds["extra"] >= 41, kinds
+        assert ("zz-bad", "b1", "extra", None) in findings["0", "app"]
+        for rows_mode in ("app", "migration"):
+            assert findings["0", rows_mode] == findings["64MB", rows_mode], rows_mode
