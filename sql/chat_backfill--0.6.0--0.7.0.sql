@@ -565,3 +565,18 @@ CREATE EVENT TRIGGER chat_backfill_state_after ON ddl_command_end
     EXECUTE FUNCTION chat_backfill.state_ddl_end();
 ALTER EVENT TRIGGER chat_backfill_state_before ENABLE ALWAYS;
 ALTER EVENT TRIGGER chat_backfill_state_after ENABLE ALWAYS;
+
+-- chat_messages(json) and chat_message_problems(json) are the C functions themselves (they
+-- were SQL wrappers casting to text): a json column is passed as stored, so a chat still in
+-- its TOAST table streams (issue 26) instead of being printed whole by the cast. The same
+-- signatures, so CREATE OR REPLACE keeps their privileges.
+CREATE OR REPLACE FUNCTION @extschema@.chat_messages(chat_id pg_catalog.text, user_id pg_catalog.text, chat pg_catalog.json,
+                                          now pg_catalog.int8 DEFAULT NULL)
+RETURNS TABLE (id pg_catalog.text, chat_id pg_catalog.text, user_id pg_catalog.text, role pg_catalog.text, parent_id pg_catalog.text, content pg_catalog.json,
+               output pg_catalog.json, model_id pg_catalog.text, files pg_catalog.json, sources pg_catalog.json, embeds pg_catalog.json, done pg_catalog.bool,
+               status_history pg_catalog.json, error pg_catalog.json, usage pg_catalog.json, created_at pg_catalog.int8, updated_at pg_catalog.int8)
+STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'chat_messages_text_wrapper';
+
+CREATE OR REPLACE FUNCTION @extschema@.chat_message_problems(chat_id pg_catalog.text, chat pg_catalog.json)
+RETURNS TABLE (message_key pg_catalog.text, reason pg_catalog.text)
+IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'chat_message_problems_text_wrapper';

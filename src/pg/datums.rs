@@ -376,6 +376,48 @@ impl IntoDatum for Chat {
     }
 }
 
+/// A chat passed as an argument (`chat_messages`, `chat_message_problems`): as `ArgText`,
+/// or, a value still in its TOAST table (a column passed as it is) bigger than
+/// `chat_backfill.stream_chats_over`, a stream over it (issue 26). Only in a database whose
+/// text is UTF-8; in another one it is converted whole, as `ArgText` does.
+pub enum ChatArg {
+    Held(ArgText),
+    Toasted(ToastStream),
+}
+
+impl FromDatum for ChatArg {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, oid: pg_sys::Oid) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        if server_takes_utf8() {
+            // SAFETY: a non-null text datum, as the SQL signature says.
+            if let Some(stream) = unsafe { ToastStream::of(datum.cast_mut_ptr()) } {
+                if stream.raw_size() > crate::pg::gucs::stream_chats_over() {
+                    return Some(ChatArg::Toasted(stream));
+                }
+            }
+        }
+        // SAFETY: the same datum, read whole.
+        unsafe { ArgText::from_polymorphic_datum(datum, false, oid) }.map(ChatArg::Held)
+    }
+}
+
+unsafe impl SqlTranslatable for ChatArg {
+    const TYPE_IDENT: &'static str = pgrx::pgrx_resolved_type!(ChatArg);
+    const TYPE_ORIGIN: TypeOrigin = TypeOrigin::External;
+    const ARGUMENT_SQL: Result<SqlMappingRef, ArgumentError> = Ok(SqlMappingRef::literal("TEXT"));
+    const RETURN_SQL: Result<ReturnsRef, ReturnsError> = Ok(ReturnsRef::One(SqlMappingRef::literal("TEXT")));
+}
+
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for ChatArg {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        let index = arg.index();
+        // SAFETY: the argument is a text datum, as the SQL signature says.
+        unsafe { arg.unbox_arg_using_from_datum().unwrap_or_else(|| panic!("argument {index} must not be null")) }
+    }
+}
+
 /// A new `text` datum holding `s`, in the current memory context.
 pub fn text_datum(s: &str) -> pg_sys::Datum {
     // SAFETY: copies `s.len()` bytes of a live `&str` into a new palloc'd text; values

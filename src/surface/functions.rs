@@ -7,17 +7,20 @@ use pgrx::prelude::*;
 
 use crate::engine::backfill::Backfill;
 use crate::engine::request::{next_run_id, transaction_start_epoch, Request};
-use crate::pg::datums::{server_takes_utf8, to_server, ArgText, RawJson, RegClass, ServerText};
-use crate::pg::error::OrRaise;
+use crate::engine::streamed::{index_streamed, Indexed, Streamed};
+use crate::pg::datums::{server_takes_utf8, to_server, ArgText, ChatArg, RawJson, RegClass, ServerText};
+use crate::pg::error::{Error, OrRaise};
+use pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED;
 
 /// One chat's entries, expanded one at a time as rows are asked for: a chat of a million
 /// messages costs its text and its index, not a million rows at once, and a cancel lands
-/// between any two messages.
+/// between any two messages. A chat that streams (issue 26) costs its index and the
+/// current message.
 struct ChatEntries<T> {
     chat_id: String,
     user_id: Option<String>,
-    /// The document's text and where its messages are; `None`: no messages.
-    doc: Option<(String, Vec<Span>)>,
+    /// The document and where its messages are; `None`: no messages.
+    doc: Option<ChatDoc>,
     next: usize,
     now: i64,
     /// Turns an entry into an output row, or `None` to leave it out.
@@ -26,13 +29,36 @@ struct ChatEntries<T> {
     tail: Option<T>,
 }
 
+/// A chat's document: its text held, or its stream (spans count from the text's first byte).
+enum ChatDoc {
+    Held(String, Vec<Span>),
+    Streamed(Streamed, Vec<Span>),
+}
+
 impl<T> Iterator for ChatEntries<T> {
     type Item = T;
     fn next(&mut self) -> Option<T> {
-        if let Some((text, spans)) = &self.doc {
-            while self.next < spans.len() {
+        if let Some(doc) = &mut self.doc {
+            loop {
                 pgrx::check_for_interrupts!();
-                let entry = migration_rows::entry_at(text, spans[self.next], self.now);
+                let n = self.next;
+                let entry = match doc {
+                    ChatDoc::Held(text, spans) if n < spans.len() => migration_rows::entry_at(text, spans[n], self.now),
+                    ChatDoc::Streamed(streamed, spans) if n < spans.len() => {
+                        let bytes = spans[n].bytes();
+                        let text = streamed.text(bytes.clone()).or_raise().unwrap_or_else(|| {
+                            // One statement's snapshot keeps the value it was called with.
+                            Error::new(
+                                ERRCODE_DATA_CORRUPTED,
+                                format!("chat {}: its TOAST value went while it was being read", self.chat_id),
+                                "Run the statement again.",
+                            )
+                            .raise()
+                        });
+                        migration_rows::entry_at(text, spans[n].shifted_back(bytes.start), self.now)
+                    }
+                    _ => break,
+                };
                 self.next += 1;
                 if let Some(row) = (self.pick)(&self.chat_id, self.user_id.as_deref(), entry) {
                     return Some(row);
@@ -43,13 +69,32 @@ impl<T> Iterator for ChatEntries<T> {
     }
 }
 
-/// Opens and indexes one chat; the `Err` is why it has no messages.
-fn open_chat(chat: Option<&str>) -> Result<(String, Vec<Span>), migration_rows::ChatSkip> {
-    let doc = Document::open(chat)?;
-    let spans = doc.index_polling(&mut || {
-                    pgrx::check_for_interrupts!();
-                })?;
-    Ok((doc.text().to_owned(), spans))
+/// Opens and indexes one chat, held or as it streams; the `Err` is why it has no messages.
+fn open_chat(chat: Option<ChatArg>) -> Result<ChatDoc, migration_rows::ChatSkip> {
+    let held = |text: Option<&str>| -> Result<ChatDoc, migration_rows::ChatSkip> {
+        let doc = Document::open(text)?;
+        let spans = doc.index_polling(&mut || {
+            pgrx::check_for_interrupts!();
+        })?;
+        Ok(ChatDoc::Held(doc.text().to_owned(), spans))
+    };
+    let mut stream = match chat {
+        None => return held(None),
+        Some(ChatArg::Held(text)) => return held(readable(Some(text))?.as_deref()),
+        Some(ChatArg::Toasted(stream)) => stream,
+    };
+    match index_streamed(&mut stream, &mut None).or_raise()? {
+        Indexed::Streamed(spans) => {
+            debug1!("chat_backfill: a chat argument streams from its TOAST table ({} bytes)", stream.raw_size());
+            stream.restart();
+            Ok(ChatDoc::Streamed(Streamed::new(stream), spans))
+        }
+        Indexed::Whole(text) => match text.as_str() {
+            Some(text) => held(Some(text)),
+            None => Err(migration_rows::ChatSkip::NotJson),
+        },
+        Indexed::Held(..) => unreachable!("a stream is indexed as a stream or read whole"),
+    }
 }
 
 /// Every message of one chat as `chat_message` rows, following Open WebUI's migration
@@ -66,7 +111,7 @@ STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 fn chat_messages_text(
     chat_id: Option<ArgText>,
     user_id: Option<ArgText>,
-    chat: Option<ArgText>,
+    chat: Option<ChatArg>,
     now: Option<i64>,
 ) -> TableIterator<
     'static,
@@ -94,7 +139,7 @@ fn chat_messages_text(
     // (chat_message_problems says why), as a document that is not JSON does.
     let (chat_id, user_id) = (chat_id.and_then(|t| t.0), user_id.map(|t| t.0));
     let doc = match (&chat_id, &user_id) {
-        (Some(_), None | Some(Some(_))) => open_chat(readable(chat).ok().flatten().as_deref()).ok(),
+        (Some(_), None | Some(Some(_))) => open_chat(chat).ok(),
         _ => None,
     };
     TableIterator::new(ChatEntries {
@@ -199,15 +244,15 @@ IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
 "#)]
 fn chat_message_problems_text(
     chat_id: Option<ArgText>,
-    chat: Option<ArgText>,
+    chat: Option<ChatArg>,
 ) -> TableIterator<'static, (name!(message_key, Option<String>), name!(reason, String))> {
     let unreadable = |what: &str| Some((None, format!("chat skipped: its {what} is not valid UTF-8 in this database's encoding")));
     let (doc, tail) = match chat_id {
         None => (None, Some((None, "chat skipped: chat_id is NULL, so no message id can be formed".to_owned()))),
         Some(ArgText(None)) => (None, unreadable("id")),
-        Some(ArgText(Some(_))) => match readable(chat) {
-            Err(_) => (None, unreadable("document")),
-            Ok(chat) => match open_chat(chat.as_deref()) {
+        Some(ArgText(Some(_))) => match chat {
+            Some(ChatArg::Held(ArgText(None))) => (None, unreadable("document")),
+            chat => match open_chat(chat) {
                 Ok(doc) => (Some(doc), None),
                 Err(skip) => (None, skip.is_problem().then(|| (None, skip.describe().to_owned()))),
             },

@@ -301,3 +301,38 @@ def test_verify_streams_and_finds_what_it_finds_held(cluster):
         assert ("zz-bad", "b1", "extra", None) in findings["0", "app"]
         for rows_mode in ("app", "migration"):
             assert findings["0", rows_mode] == findings["64MB", rows_mode], rows_mode
+
+
+def test_chat_messages_and_problems_stream_a_toasted_argument(cluster):
+    """chat_messages() and chat_message_problems() given a column still in its TOAST table
+    (json, or text) stream it: the same rows and problems as the value held, on the
+    generator's and the hostile chats. (A jsonb argument is printed whole first, and a
+    value not in a TOAST table is held, as before.)"""
+    db = cluster.create_db("stream_args")
+    with cluster.connect(db) as conn, conn.cursor() as cur:
+        cur.execute(CHAT_DDL)
+        cur.execute("ALTER TABLE chat ADD COLUMN as_text text")
+        cur.execute("ALTER TABLE chat ALTER COLUMN chat SET STORAGE EXTERNAL, ALTER COLUMN as_text SET STORAGE EXTERNAL")
+        cur.executemany("INSERT INTO chat (id, user_id, title, chat, as_text) VALUES (%s, %s, 't', %s::json, %s)",
+                        [(c.id, c.user_id, c.chat if c.chat is None else " " * 2100 + c.chat,
+                          c.chat if c.chat is None else c.chat + " " * 2100) for c in chats()])
+        queries = {
+            "json": "SELECT m::text FROM chat c, chat_messages(c.id, c.user_id, c.chat, %s) m",
+            "text": "SELECT m::text FROM chat c, chat_messages(c.id, c.user_id, c.as_text, %s) m",
+            "problems": "SELECT c.id || ': ' || p::text FROM chat c, chat_message_problems(c.id, c.chat) p "
+                        "WHERE %s IS NOT NULL",
+        }
+        got = {}
+        for stream in ("0", "64MB"):
+            cur.execute(f"SET chat_backfill.stream_chats_over = '{stream}'; SET client_min_messages = debug1")
+            for name, sql in queries.items():
+                conn.notices = collections.deque(maxlen=100000)
+                cur.execute(sql, (NOW,))
+                got[stream, name] = collections.Counter(r[0] for r in cur.fetchall())
+                streamed = sum("a chat argument streams" in n for n in conn.notices)
+                assert (streamed > 100) == (stream == "0"), (stream, name, streamed)
+            cur.execute("RESET client_min_messages")
+        for name in queries:
+            assert got["0", name] == got["64MB", name], name
+        assert sum(got["0", "json"].values()) > 1000 and sum(got["0", "problems"].values()) > 10
+        assert got["0", "json"] == got["0", "text"]
