@@ -3,11 +3,13 @@
 //! after a crashed or skipped migration, before and after running the backfill.
 //!
 //! The source is read through one portal and the target a batch of chats at a time
-//! (by `chat_id`), so memory is bounded by a batch. A chat of more than `SLICE` messages is
-//! checked on its own, a slice of its messages at a time (the target's rows looked up by id),
-//! its extra rows last by their ids alone: memory follows the slice and the chat's text, not
-//! the chat's rows (app rows too: the app's repair check and whether it fails on a message,
-//! which leaves the chat without rows, are read off the text first, keeping nothing). Text,
+//! (by `chat_id`), so memory is bounded by a batch. A chat of more than `SLICE` messages or
+//! `SLICE_BYTES` of text is checked on its own, a slice of its messages at a time (the
+//! target's rows looked up by id), its extra rows last by their ids alone: memory follows the
+//! slice and the chat's text, not the chat's rows (app rows too: the app's repair check and
+//! whether it fails on a message, which leaves the chat without rows, are read off the text
+//! first, keeping what the repair needs of each message). A chat over `stream_chats_over` in
+//! its TOAST table is such a chat whose text streams (issue 26): memory follows the slice. Text,
 //! boolean and bigint columns are compared exactly, JSON columns as values; `updated_at`, and `created_at` where it came
 //! from the clock (the rules give `now`), are not compared.
 
@@ -32,9 +34,9 @@ const CHATS_PER_BATCH: usize = 500;
 const BYTES_PER_BATCH: usize = 16 << 20;
 /// Target rows per fetch of the cursor over a batch's chats.
 const TARGET_ROWS_PER_FETCH: i64 = 1000;
-/// Messages of a long chat checked at a time.
+/// A chat of more messages or more text than this is checked on its own, a slice of at
+/// most this many messages and this much of their text (or one message) at a time.
 const SLICE: usize = 2000;
-/// At most this much of a streamed chat's text is held for a slice (or one message).
 const SLICE_BYTES: usize = 8 << 20;
 
 /// Columns compared, in the order of `Row::values` (text-valued) after the fixed ones.
@@ -391,7 +393,7 @@ impl Verifier {
                     return Expected::Rows(out);
                 }
             }
-            if indexed.spans.len() > SLICE {
+            if indexed.spans.len() > SLICE || doc.len() > SLICE_BYTES {
                 let start = doc.as_ptr() as usize - column.unwrap_or_default().as_ptr() as usize;
                 return Expected::Long { body: Body::Within(start..start + doc.len()), spans: indexed.spans, app: Some(codec) };
             }
@@ -404,7 +406,7 @@ impl Verifier {
             }) else {
                 return Expected::Rows(out);
             };
-            if spans.len() > SLICE {
+            if spans.len() > SLICE || doc.text().len() > SLICE_BYTES {
                 return Expected::Long { body: doc.into_body(column), spans, app: None };
             }
             out = migration_rows(chat_id, chat.user_id.as_deref(), doc.text(), &spans, now);
@@ -420,19 +422,17 @@ impl Verifier {
         if long.next < long.spans.len() {
             let column = long.chat.chat.as_ref().and_then(|c| c.as_str()).unwrap_or_default();
             let user_id = long.chat.user_id.as_deref();
-            let (text, slice, end) = match &mut long.streamed {
-                None => {
-                    let end = (long.next + SLICE).min(long.spans.len());
-                    (long.body.text(column), std::borrow::Cow::Borrowed(&long.spans[long.next..end]), end)
-                }
-                // The slice's messages as one piece of the text, at most SLICE_BYTES (or one
-                // message), the spans shifted into it.
+            // At most SLICE messages and SLICE_BYTES of their text (or one message): the
+            // slice's expected rows and the target's rows of it are held, each about that much.
+            let from = long.spans[long.next].bytes().start;
+            let mut end = long.next + 1;
+            while end < long.spans.len() && end - long.next < SLICE && long.spans[end].bytes().end - from <= SLICE_BYTES {
+                end += 1;
+            }
+            let (text, slice) = match &mut long.streamed {
+                None => (long.body.text(column), std::borrow::Cow::Borrowed(&long.spans[long.next..end])),
+                // The slice's messages as one piece of the text, the spans shifted into it.
                 Some(streamed) => {
-                    let from = long.spans[long.next].bytes().start;
-                    let mut end = long.next + 1;
-                    while end < long.spans.len() && end - long.next < SLICE && long.spans[end].bytes().end - from <= SLICE_BYTES {
-                        end += 1;
-                    }
                     let text = streamed.text(from..long.spans[end - 1].bytes().end)?.ok_or_else(|| {
                         crate::pg::error::Error::new(
                             pgrx::PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
@@ -441,7 +441,7 @@ impl Verifier {
                         )
                     })?;
                     let slice = long.spans[long.next..end].iter().map(|s| s.shifted_back(from)).collect::<Vec<_>>();
-                    (text, std::borrow::Cow::Owned(slice), end)
+                    (text, std::borrow::Cow::Owned(slice))
                 }
             };
             let expected = match long.app {

@@ -4,11 +4,10 @@
 use crate::migration_rows::Span;
 use crate::scalar::{decode_string, kind, Kind};
 
-use super::message::{AppSkip, fields_at, key_at, truthy};
+use super::message::{AppSkip, Fields, fields_at, key_at, truthy};
 use super::scan::{elements, member};
 
 /// A value as Python's `>` sees it in the repair's leaf search.
-#[derive(Clone)]
 enum Ordered {
     Number(f64),
     Text(String),
@@ -41,50 +40,72 @@ impl Ordered {
     }
 }
 
-/// What the repair reads of one message, so that a chat read in pieces (issue 26) is
-/// checked without its text: its sanitized key, and what each step of the repair asks of
-/// its fields. About a hundred bytes a message, held for one chat.
-pub struct MessageFacts {
-    key: Box<str>,
-    object: bool,
-    parent: Parent,
-    /// As the current message: `Err` where reading its `output` raises; otherwise whether it
-    /// has an id and a role, and whether it is a bad leaf (an assistant output, no parent,
-    /// no timestamp) should the chat have more than one message.
-    current: Result<(bool, bool), ()>,
-    /// A message with a role, for the leaf search: whether it lists children, and its
-    /// timestamp as Python compares it.
-    leaf: Option<(bool, Ordered)>,
+/// What the repair reads of each message, in columns, so that a chat read in pieces (issue
+/// 26) is checked without its text: about 18 bytes a message, plus its sanitized key and a
+/// string `parentId`'s text (a real chat's: two UUIDs), plus a string timestamp's.
+#[derive(Default)]
+pub struct Facts {
+    keys: String,
+    key_ends: Vec<u32>,
+    parents: String,
+    parent_ends: Vec<u32>,
+    flags: Vec<u16>,
+    /// A number timestamp (`Ordered::Number`); a string one is in `text_stamps`.
+    stamps: Vec<f64>,
+    text_stamps: Vec<(u32, Box<str>)>,
 }
 
-/// A message's truthy `parentId`, as the repair links it.
-enum Parent {
-    None,
-    /// A list or an object: cannot be a dict key, so the repair raises.
-    Container,
-    Text(Box<str>),
-    Other,
-}
+/// The message is an object (else only its key counts).
+const OBJECT: u16 = 1;
+/// Its truthy `parentId` is a list or an object (the repair raises), or a string.
+const PARENT_CONTAINER: u16 = 1 << 1;
+const PARENT_TEXT: u16 = 1 << 2;
+/// As the current message: reading its `output` raises; it has an id and a role; it is a bad
+/// leaf (an assistant output, no parent, no timestamp) should the chat have more than one
+/// message.
+const CURRENT_RAISES: u16 = 1 << 3;
+const USABLE: u16 = 1 << 4;
+const BAD_LEAF: u16 = 1 << 5;
+/// It has a role (the leaf search looks at it), and lists children.
+const LEAF: u16 = 1 << 6;
+const LISTED_CHILDREN: u16 = 1 << 7;
+/// Its timestamp, as Python compares it: a number (in `stamps`), a string (in
+/// `text_stamps`), a list, or something that compares with nothing.
+const STAMP_TEXT: u16 = 1 << 8;
+const STAMP_LIST: u16 = 1 << 9;
+const STAMP_UNORDERED: u16 = 1 << 10;
 
-impl MessageFacts {
-    /// The facts of the message at `span` of `doc` (the whole document, or a piece holding
-    /// the message with the span shifted into it).
-    pub(super) fn at(doc: &str, span: Span) -> MessageFacts {
-        let key = key_at(doc, span).into_owned().into_boxed_str();
-        let Some(f) = fields_at(doc, span) else {
-            return MessageFacts { key, object: false, parent: Parent::None, current: Ok((false, false)), leaf: None };
+impl Facts {
+    /// The message at `span` of `doc` (the whole document, or a piece holding the message
+    /// with the span shifted into it), after those before it.
+    pub(super) fn push(&mut self, doc: &str, span: Span) {
+        let n = self.flags.len() as u32;
+        self.keys.push_str(&key_at(doc, span));
+        self.key_ends.push(self.keys.len() as u32);
+        let (flags, stamp) = match fields_at(doc, span) {
+            None => (0, 0.0),
+            Some(f) => self.fields(n, &f),
         };
-        let parent = match f.parent_id_camel.filter(|p| truthy(p)) {
-            None => Parent::None,
-            Some(p) => match kind(p) {
-                Kind::Array | Kind::Object => Parent::Container,
-                Kind::String => Parent::Text(decode_string(p).sanitized().into()),
-                _ => Parent::Other,
-            },
-        };
+        self.parent_ends.push(self.parents.len() as u32);
+        self.flags.push(flags);
+        self.stamps.push(stamp);
+    }
+
+    fn fields(&mut self, n: u32, f: &Fields<'_>) -> (u16, f64) {
+        let mut flags = OBJECT;
+        if let Some(p) = f.parent_id_camel.filter(|p| truthy(p)) {
+            match kind(p) {
+                Kind::Array | Kind::Object => flags |= PARENT_CONTAINER,
+                Kind::String => {
+                    flags |= PARENT_TEXT;
+                    self.parents.push_str(&decode_string(p).sanitized());
+                }
+                _ => {}
+            }
+        }
         let output = f.output.filter(|o| truthy(o));
-        let current = match output.map(kind) {
-            Some(Kind::Number | Kind::True) => Err(()),
+        match output.map(kind) {
+            Some(Kind::Number | Kind::True) => flags |= CURRENT_RAISES,
             shape => {
                 let output_role = match shape {
                     Some(Kind::Array) => elements(output.unwrap_or("[]")).into_iter().find_map(|item| {
@@ -92,18 +113,80 @@ impl MessageFacts {
                     }),
                     _ => None,
                 };
-                let bad_leaf = output_role.is_some_and(|r| kind(r) == Kind::String && decode_string(r).sanitized() == "assistant")
+                if output_role.is_some_and(|r| kind(r) == Kind::String && decode_string(r).sanitized() == "assistant")
                     && f.parent_id_camel.map_or(true, |p| kind(p) == Kind::Null)
-                    && !f.timestamp.is_some_and(truthy);
-                Ok((f.id.is_some_and(truthy) && f.role.is_some_and(truthy), bad_leaf))
+                    && !f.timestamp.is_some_and(truthy)
+                {
+                    flags |= BAD_LEAF;
+                }
+                if f.id.is_some_and(truthy) && f.role.is_some_and(truthy) {
+                    flags |= USABLE;
+                }
             }
-        };
-        let leaf = f.role.is_some_and(truthy).then(|| {
-            let listed_children = f.children_ids.is_some_and(|c| kind(c) == Kind::Array && truthy(c));
-            (listed_children, f.timestamp.filter(|t| truthy(t)).map_or(Ordered::Number(0.0), Ordered::of))
-        });
-        MessageFacts { key, object: true, parent, current, leaf }
+        }
+        let mut stamp = 0.0;
+        if f.role.is_some_and(truthy) {
+            flags |= LEAF;
+            if f.children_ids.is_some_and(|c| kind(c) == Kind::Array && truthy(c)) {
+                flags |= LISTED_CHILDREN;
+            }
+            match f.timestamp.filter(|t| truthy(t)).map_or(Ordered::Number(0.0), Ordered::of) {
+                Ordered::Number(x) => stamp = x,
+                Ordered::Text(t) => {
+                    flags |= STAMP_TEXT;
+                    self.text_stamps.push((n, t.into_boxed_str()));
+                }
+                Ordered::List => flags |= STAMP_LIST,
+                Ordered::Unordered => flags |= STAMP_UNORDERED,
+            }
+        }
+        (flags, stamp)
     }
+
+    fn len(&self) -> usize {
+        self.flags.len()
+    }
+
+    fn key(&self, n: usize) -> &str {
+        let start = if n == 0 { 0 } else { self.key_ends[n - 1] as usize };
+        &self.keys[start..self.key_ends[n] as usize]
+    }
+
+    fn parent(&self, n: usize) -> Option<&str> {
+        let start = if n == 0 { 0 } else { self.parent_ends[n - 1] as usize };
+        (self.flags[n] & PARENT_TEXT != 0).then(|| &self.parents[start..self.parent_ends[n] as usize])
+    }
+
+    fn stamp(&self, n: usize) -> Ordered {
+        let flags = self.flags[n];
+        if flags & STAMP_TEXT != 0 {
+            let at = self.text_stamps.partition_point(|(m, _)| (*m as usize) < n);
+            return Ordered::Text(self.text_stamps[at].1.to_string());
+        }
+        match flags {
+            f if f & STAMP_LIST != 0 => Ordered::List,
+            f if f & STAMP_UNORDERED != 0 => Ordered::Unordered,
+            _ => Ordered::Number(self.stamps[n]),
+        }
+    }
+
+    /// The message the app's dict holds under `key`, if it is an object: a key's last
+    /// message wins. `by_hash` is (hash of the key, message number), sorted.
+    fn dict_at(&self, by_hash: &[(u64, u32)], key: &str) -> Option<usize> {
+        let h = key_hash(key);
+        let from = by_hash.partition_point(|&(k, _)| k < h);
+        let to = from + by_hash[from..].partition_point(|&(k, _)| k == h);
+        // Equal hashes: the key itself decides.
+        let last = by_hash[from..to].iter().rev().map(|&(_, n)| n as usize).find(|&n| self.key(n) == key)?;
+        (self.flags[last] & OBJECT != 0).then_some(last)
+    }
+}
+
+fn key_hash(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
 }
 
 /// `ChatTable._repair_chat_current_id`, run by the app on every chat it loads, as far as
@@ -114,51 +197,61 @@ impl MessageFacts {
 /// compare). What it changes (`childrenIds`, `currentId`) is never written to a row.
 /// Messages are looked up by sanitized key as the app's dict does: a key's last message
 /// wins, and only an object is a message there.
-pub(super) fn repair(facts: &[MessageFacts], current_id: Option<&str>, poll: &mut dyn FnMut()) -> Result<(), AppSkip> {
-    if facts.iter().any(|f| matches!(f.parent, Parent::Container)) {
+pub(super) fn repair(facts: &Facts, current_id: Option<&str>, poll: &mut dyn FnMut()) -> Result<(), AppSkip> {
+    if facts.flags.iter().any(|f| f & PARENT_CONTAINER != 0) {
         return Err(AppSkip::RepairFails);
     }
-    let last_with = |key: &str| facts.iter().rposition(|f| &*f.key == key).filter(|&n| facts[n].object);
     let current = match current_id {
         Some(id) if matches!(kind(id), Kind::Array | Kind::Object) => return Err(AppSkip::RepairFails),
-        Some(id) if kind(id) == Kind::String => last_with(&decode_string(id).sanitized()),
+        Some(id) if kind(id) == Kind::String => {
+            let decoded = decode_string(id);
+            let id = decoded.sanitized();
+            (0..facts.len()).rev().find(|&n| facts.key(n) == id).filter(|&n| facts.flags[n] & OBJECT != 0)
+        }
         _ => None,
     };
     if let Some(n) = current {
-        let (usable, bad_leaf) = facts[n].current.map_err(|()| AppSkip::RepairFails)?;
-        if usable && !(bad_leaf && facts.len() > 1) {
+        let flags = facts.flags[n];
+        if flags & CURRENT_RAISES != 0 {
+            return Err(AppSkip::RepairFails);
+        }
+        if flags & USABLE != 0 && !(flags & BAD_LEAF != 0 && facts.len() > 1) {
             return Ok(());
         }
     }
-    // The latest leaf: a message no other message names as its parent.
-    let mut by_key = std::collections::HashMap::with_capacity(facts.len());
-    for (n, f) in facts.iter().enumerate() {
+    // The latest leaf: a message no other message names as its parent. 12 bytes a message
+    // while it is searched for.
+    let mut by_hash = Vec::with_capacity(facts.len());
+    for n in 0..facts.len() {
         if n % 1024 == 0 {
             poll();
         }
-        by_key.insert(&*f.key, n);
+        by_hash.push((key_hash(facts.key(n)), n as u32));
     }
+    by_hash.sort_unstable();
     let mut has_child = vec![false; facts.len()];
-    for f in facts {
-        if let Parent::Text(parent) = &f.parent {
-            if let Some(&p) = by_key.get(&**parent).filter(|&&p| facts[p].object) {
-                has_child[p] = true;
-            }
-        }
-    }
-    drop(by_key);
-    let mut latest = Ordered::Number(-1.0);
-    for (n, f) in facts.iter().enumerate() {
+    for n in 0..facts.len() {
         if n % 1024 == 0 {
             poll();
         }
-        let Some((listed_children, timestamp)) = &f.leaf else { continue };
-        if *listed_children || has_child[n] {
+        if let Some(p) = facts.parent(n).and_then(|parent| facts.dict_at(&by_hash, parent)) {
+            has_child[p] = true;
+        }
+    }
+    drop(by_hash);
+    let mut latest = Ordered::Number(-1.0);
+    for n in 0..facts.len() {
+        if n % 1024 == 0 {
+            poll();
+        }
+        let flags = facts.flags[n];
+        if flags & LEAF == 0 || flags & LISTED_CHILDREN != 0 || has_child[n] {
             continue;
         }
+        let timestamp = facts.stamp(n);
         match timestamp.greater(&latest) {
             None => return Err(AppSkip::RepairFails),
-            Some(true) => latest = timestamp.clone(),
+            Some(true) => latest = timestamp,
             Some(false) => {}
         }
     }
