@@ -1,7 +1,7 @@
 """Peak private memory of the backend during a backfill, on the shapes that cost memory.
 
     [PG_MAJOR=16] .venv/bin/python bench/memory.py [--out FILE] [--cases a,b,c,c2] [--seed 7] [--verify]
-                                                   [--rows migration|app]
+                                                   [--rows migration|app] [--stream-chats-over 1GB]
 
 Cases (the target has Open WebUI's DDL, tests/client/load_sample.py TARGET_DDL):
   a   one chat of 1,000,000 tiny messages (~22 MB), batch_size 1000
@@ -19,6 +19,8 @@ few rows are deleted, a re-run (COPY meets existing rows, the INSERT path writes
 missing ones). With --verify, 10 more rows are deleted and chat_backfill.verify() (the
 migration's rows) is measured the same way. With --rows app, every call (verify() too)
 makes the rows Open WebUI's app writes (`rows => 'app'`): a chat is all or nothing there.
+With --stream-chats-over, every call runs with that `chat_backfill.stream_chats_over` (0:
+every chat in a TOAST table streams; 1GB: every chat is held), to compare the two paths.
 
 While the backfill runs, /proc/<backend pid>/status is sampled every 20 ms: peak RssAnon
 (the backend's private memory: what the backfill allocates, not shared buffers) and
@@ -315,6 +317,7 @@ def load(server: Server, db: str, chunks) -> None:
 
 
 ROWS = "migration"  # --rows
+STREAM_CHATS_OVER = None  # --stream-chats-over
 BACKFILL = ("SELECT count(*), coalesce(sum(messages_inserted), 0), coalesce(sum(messages_existing), 0),"
             " coalesce(sum(messages_rejected), 0) FROM backfill_chat_messages(batch_size => %s, now => %s,"
             " rows => %s)")
@@ -326,6 +329,8 @@ def measure(server: Server, db: str, batch_size: int, sql: str = BACKFILL) -> di
     conn = server.connect(db)
     try:
         with conn.cursor() as cur:
+            if STREAM_CHATS_OVER is not None:
+                cur.execute("SET chat_backfill.stream_chats_over = %s", (STREAM_CHATS_OVER,))
             cur.execute("SELECT pg_backend_pid()")
             (pid,) = cur.fetchone()
             idle = Sampler(pid)
@@ -425,9 +430,12 @@ def main() -> None:
     ap.add_argument("--verify", action="store_true", help="also measure chat_backfill.verify() after each case's re-run")
     ap.add_argument("--rows", choices=["migration", "app"], default="migration",
                     help="whose rows every call makes: the migration's (default) or the app's")
+    ap.add_argument("--stream-chats-over", default=None,
+                    help="chat_backfill.stream_chats_over for every call (0: stream every chat; 1GB: hold every one)")
     args = ap.parse_args()
-    global ROWS
+    global ROWS, STREAM_CHATS_OVER
     ROWS = args.rows
+    STREAM_CHATS_OVER = args.stream_chats_over
     keys = [k for k in args.cases.split(",") if k]
     unknown = [k for k in keys if k not in CASES]
     if unknown:
@@ -435,6 +443,8 @@ def main() -> None:
     server = Server(start_cluster())
     try:
         info = build_info(server)
+        if STREAM_CHATS_OVER is not None:
+            info += f"; chat_backfill.stream_chats_over = {STREAM_CHATS_OVER}"
         log(info)
         rows = []
         for key in keys:

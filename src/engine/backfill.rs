@@ -719,7 +719,16 @@ impl Backfill {
         let record = !settings.dry_run && !settings.trial;
         report.chats_read += 1;
         report.last_chat_id = Some(chat_id.clone());
-        if let Err(skip) = repair_check(&mut messages, spans, current_id, &mut poll)? {
+        // The repair check, and whether the app fails on a message, in one pass.
+        let (mut rows_total, mut failed) = (0usize, 0usize);
+        let checked = repair_check(&mut messages, spans, current_id, &mut poll, |text, span| {
+            match app_rows::entry_at(text, span, now, server, codec) {
+                AppEntry::Row(_) => rows_total += 1,
+                AppEntry::Failed { .. } => failed += 1,
+                AppEntry::Skipped { .. } => {}
+            }
+        })?;
+        if let Err(skip) = checked {
             if skip.is_problem() {
                 report.chats_skipped += 1;
                 let rejection = Rejection {
@@ -736,19 +745,6 @@ impl Backfill {
                 }
             }
             return Ok(());
-        }
-        let (mut rows_total, mut failed) = (0usize, 0usize);
-        messages.rewind();
-        for (n, &span) in spans.iter().enumerate() {
-            if n % 1024 == 0 {
-                poll();
-            }
-            let (text, span) = messages.message(span)?;
-            match app_rows::entry_at(text, span, now, server, codec) {
-                AppEntry::Row(_) => rows_total += 1,
-                AppEntry::Failed { .. } => failed += 1,
-                AppEntry::Skipped { .. } => {}
-            }
         }
         let skipped = spans.len() - rows_total - failed;
         if failed > 0 {

@@ -303,12 +303,14 @@ impl Messages<'_> {
 
 /// The app's repair check over a chat's messages read in one pass (held, or streamed from
 /// its start): what it needs of each message, and `currentId`, which lies before or after
-/// the messages in the document.
+/// the messages in the document. `each` sees every message on the way (the text holding
+/// it, and its span there), so that a caller's own look at them costs no pass of its own.
 pub fn repair_check(
     messages: &mut Messages,
     spans: &[Span],
     current_id: Option<std::ops::Range<usize>>,
     poll: &mut dyn FnMut(),
+    mut each: impl FnMut(&str, Span),
 ) -> Result<std::result::Result<(), AppSkip>> {
     let mut repair = app_rows::RepairCheck::default();
     let first = spans.first().map_or(usize::MAX, |s| s.bytes().start);
@@ -322,6 +324,7 @@ pub fn repair_check(
         }
         let (text, span) = messages.message(span)?;
         repair.add(text, span);
+        each(text, span);
     }
     if let (None, Some(r)) = (&current, current_id) {
         current = Some(messages.text(r)?.to_owned());

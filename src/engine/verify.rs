@@ -159,26 +159,20 @@ fn to_check(fetched: Fetched, settings: &Settings) -> Result<ToCheck> {
         Err(_) => return Ok(held(None)),
     };
     // The app's check, and whether it fails on a message (then it writes no row of the
-    // chat): read off the stream first, keeping nothing.
+    // chat): read off the stream first, in one pass.
     stream.restart();
     let mut streamed = Streamed::new(stream);
     let mut messages = Messages::Streamed(&mut streamed);
     let mut poll = || {
         pgrx::check_for_interrupts!();
     };
-    if repair_check(&mut messages, &indexed.spans, indexed.current_id.clone(), &mut poll)?.is_err() {
-        return Ok(held(None));
-    }
     let server = app_rows::Server { major: crate::pg::version::major() };
-    messages.rewind();
-    for (n, &span) in indexed.spans.iter().enumerate() {
-        if n % 1024 == 0 {
-            poll();
-        }
-        let (text, span) = messages.message(span)?;
-        if let AppEntry::Failed { .. } = app_rows::entry_at(text, span, settings.now, server, codec) {
-            return Ok(held(None));
-        }
+    let mut fails = false;
+    let checked = repair_check(&mut messages, &indexed.spans, indexed.current_id.clone(), &mut poll, |text, span| {
+        fails = fails || matches!(app_rows::entry_at(text, span, settings.now, server, codec), AppEntry::Failed { .. });
+    })?;
+    if checked.is_err() || fails {
+        return Ok(held(None));
     }
     streamed.rewind();
     let chat = Fetched { chat_id: chat_id.clone(), user_id: user_id.clone(), chat: None };

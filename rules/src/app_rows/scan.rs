@@ -31,7 +31,7 @@ pub(super) fn elements(array: &str) -> Vec<&str> {
 /// The deepest nesting and the longest integer literal of a JSON text, in one linear
 /// pass (no recursion).
 pub(crate) struct Shape {
-    pub(super) depth: usize,
+    pub(crate) depth: usize,
     pub(super) longest_integer: usize,
     /// A number beyond double range (orjson refuses it).
     pub(super) overflow: bool,
@@ -43,7 +43,7 @@ pub(crate) struct Shape {
     pub(super) wide_integer: bool,
 }
 
-pub(super) fn scan(doc: &str) -> Shape {
+pub(crate) fn scan(doc: &str) -> Shape {
     let (mut longest, mut overflow, mut lone_surrogate, mut rewritten_strings, mut wide_integer) = (0, false, false, false, false);
     let depth = walk_tokens(doc, |token, range| match token {
         Token::String if !lone_surrogate && needs_sanitizing(&doc[range.clone()]) => {

@@ -648,6 +648,25 @@ fn race(name: &str, doc: &str, keys: Keys) {
     println!("{name}: {mb:.1} MB, {n} messages: whole text {:.0} MB/s, streamed in 2 KB slices {:.0} MB/s", mb / whole, mb / streamed);
 }
 
+/// The app rows' document scan (`scan` and the `\u0000` search) on the whole text against
+/// `ShapeStream` in 2 KB slices.
+fn shape_race(name: &str, doc: &str) {
+    use crate::app_rows::scan::{scan, ShapeStream};
+    let mb = doc.len() as f64 / (1 << 20) as f64;
+    let t = std::time::Instant::now();
+    let whole = (scan(doc).depth, doc.contains("\\u0000"));
+    let whole_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let mut stream = ShapeStream::default();
+    for piece in doc.as_bytes().chunks(2048) {
+        stream.feed(piece);
+    }
+    let (shape, nul) = stream.finish().unwrap();
+    let streamed_s = t.elapsed().as_secs_f64();
+    assert_eq!((shape.depth, nul), whole);
+    println!("{name}, the app's shape: whole text {:.0} MB/s, streamed in 2 KB slices {:.0} MB/s", mb / whole_s, mb / streamed_s);
+}
+
 /// 50 MB of realistic messages (and 50 MB of tiny ones) in 2 KB slices against the
 /// whole-text index. Run with
 /// `cargo test --release -p chat_backfill_rules -- --ignored --nocapture throughput`.
@@ -675,6 +694,7 @@ fn throughput() {
     doc.push_str("}}}");
     race("realistic", &doc, Keys::Exact);
     race("realistic, sanitized keys", &doc, Keys::Sanitized);
+    shape_race("realistic", &doc);
 
     let mut doc = String::from(r#"{"history":{"messages":{"#);
     let mut n = 0;
