@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS chat_backfill_portable.runs (
     chats_skipped     pg_catalog.int8 NOT NULL DEFAULT 0,
     batches           pg_catalog.int4 NOT NULL DEFAULT 0,
     active_ms         pg_catalog.float8 NOT NULL DEFAULT 0,
-    batch_size        pg_catalog.int4,
+    batch_size        pg_catalog.int4,              -- messages a batch aims at
+    chats_per_batch   pg_catalog.int4,              -- chats the next batch reads (from messages per chat so far)
     status            pg_catalog.text NOT NULL,     -- running, stopped, finished, failed
     started_at        pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     updated_at        pg_catalog.timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
@@ -655,3 +656,384 @@ RETURNS TABLE (message_key pg_catalog.text, reason pg_catalog.text)
 LANGUAGE sql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
   SELECT * FROM chat_backfill_portable.chat_message_problems($1, $2::pg_catalog.text)
 $$;
+
+-- ---------------------------------------------------------------------------------------
+-- Backfills: batches, checkpoints, the committing procedure, the one-transaction form
+-- ---------------------------------------------------------------------------------------
+
+-- The advisory lock that makes one runner per source and target (a session lock, taken
+-- with pg_try_advisory_lock / pg_advisory_lock on this bigint key).
+CREATE OR REPLACE FUNCTION chat_backfill_portable._lock_key(source_oid pg_catalog.oid, target_oid pg_catalog.oid)
+RETURNS pg_catalog.int8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT hashtextextended('chat_backfill_portable ' || source_oid::text || ' ' || target_oid::text, 0)
+$$;
+
+-- Whether an error is about the data (recorded against the row, the run goes on) rather than
+-- about the run (query cancel, lock timeout, privileges, disk, memory: the run stops).
+CREATE OR REPLACE FUNCTION chat_backfill_portable._data_error(state pg_catalog.text) RETURNS pg_catalog.bool
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT left(state, 2) IN ('22', '23', 'P0', '44', '54')
+$$;
+
+-- One batch of a run, in the caller's transaction: the next chats after the checkpoint (a
+-- keyset page over the id column, up to the high-water mark), their rows inserted
+-- (ON CONFLICT (id) DO NOTHING: rows already there count as existing), rejections and
+-- unusable chats recorded, the checkpoint moved. The batch goes in as one INSERT; if that
+-- fails on the data, chat by chat, and within a failing chat message by message, each in
+-- its own subtransaction, so one bad row is recorded with its SQLSTATE and the others go in.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._batch(p_run pg_catalog.int8)
+RETURNS TABLE (done pg_catalog.bool, chats pg_catalog.int8, inserted pg_catalog.int8, rejected pg_catalog.int8,
+               existing pg_catalog.int8, skipped pg_catalog.int8, last_key pg_catalog.text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+  run chat_backfill_portable.runs;
+  t0 timestamptz := clock_timestamp();
+  src text; cols text := 'id, chat_id, user_id, role, parent_id, content, output, model_id, files, sources, embeds, '
+                         'done, status_history, error, usage, created_at, updated_at';
+  ids text; upto text; expanded text; lim int4; c record; e record; n int8; chats_skipped int8 := 0;
+  produced int8; ins int8; rej int8; skp int8; cskp int8; total_msgs int8;
+BEGIN
+  SELECT * INTO run FROM chat_backfill_portable.runs r WHERE r.run_id = p_run FOR UPDATE;
+  IF NOT FOUND THEN RAISE EXCEPTION 'chat_backfill_portable: run % does not exist', p_run; END IF;
+  lim := greatest(1, coalesce(run.chats_per_batch, 100));
+  -- Which chats: the next lim keys after the checkpoint, up to the high-water mark. The
+  -- batch then reads exactly the chats between the checkpoint and the last of those keys,
+  -- so a chat the application adds meanwhile is never skipped.
+  ids := format('SELECT %1$I::text AS id FROM %2$s WHERE %1$I <= $2 %3$s AND (%4$s) ORDER BY %1$I LIMIT $3',
+                run.id_column, run.source_oid::regclass,
+                CASE WHEN run.last_key IS NULL THEN '' ELSE format('AND %I > $1', run.id_column) END,
+                coalesce(run.source_filter, 'true'));
+  src := format('SELECT %1$I::text AS id, %2$I::text AS user_id, %3$I::text AS chat FROM %4$s
+                 WHERE %1$I <= $2 %5$s AND (%6$s) ORDER BY %1$I',
+                run.id_column, run.user_id_column, run.chat_column, run.source_oid::regclass,
+                CASE WHEN run.last_key IS NULL THEN '' ELSE format('AND %I > $1', run.id_column) END,
+                coalesce(run.source_filter, 'true'));
+  expanded := format('SELECT s.id AS cid, x.* FROM (%s) s, chat_backfill_portable._expand(s.id, s.user_id, s.chat, $4) x', src);
+  done := false; chats := 0; inserted := 0; rejected := 0; existing := 0; skipped := 0; last_key := run.last_key;
+  IF run.high_water IS NULL THEN
+    done := true;
+  ELSE
+    EXECUTE format('SELECT count(*), (array_agg(s.id ORDER BY s.id DESC))[1] FROM (%s) s', ids)
+      INTO chats, upto USING run.last_key, run.high_water, lim;
+    IF chats < lim THEN done := true; END IF;
+    IF chats > 0 THEN last_key := upto; END IF;
+  END IF;
+  IF chats > 0 THEN
+    BEGIN
+      -- The whole batch in one statement.
+      EXECUTE format(
+        'WITH e AS MATERIALIZED (%1$s),
+              ins AS (INSERT INTO %2$s (%3$s) SELECT %3$s FROM e WHERE e.kind = ''row'' ON CONFLICT (id) DO NOTHING RETURNING 1),
+              rej AS (INSERT INTO chat_backfill_portable.rejected_messages
+                        (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, message)
+                      SELECT $5, $6, $7, e.cid, e.message_key,
+                             CASE WHEN e.message_key IS NOT NULL THEN e.cid || ''-'' || e.message_key END,
+                             e.errcode, e.reason, e.message
+                      FROM e WHERE e.kind IN (''reject'', ''chat'') ON CONFLICT DO NOTHING)
+         SELECT (SELECT count(*) FROM e WHERE e.kind = ''row''), (SELECT count(*) FROM ins),
+                (SELECT count(*) FROM e WHERE e.kind = ''reject''), (SELECT count(*) FROM e WHERE e.kind = ''skip''),
+                (SELECT count(*) FROM e WHERE e.kind = ''chat'')',
+        expanded, run.target_oid::regclass, cols)
+        INTO produced, ins, rej, skp, cskp
+        USING run.last_key, upto, lim, run.now, p_run, run.source, run.target;
+      inserted := ins; existing := produced - ins; rejected := rej; skipped := skp; chats_skipped := cskp;
+    EXCEPTION WHEN OTHERS THEN
+      IF NOT chat_backfill_portable._data_error(SQLSTATE) THEN RAISE; END IF;
+      inserted := 0; existing := 0; rejected := 0; skipped := 0; chats_skipped := 0;
+      FOR c IN EXECUTE src USING run.last_key, upto LOOP
+        FOR e IN SELECT * FROM chat_backfill_portable._expand(c.id, c.user_id, c.chat, run.now) x LOOP
+          IF e.kind = 'skip' THEN
+            skipped := skipped + 1;
+          ELSIF e.kind IN ('reject', 'chat') THEN
+            IF e.kind = 'reject' THEN rejected := rejected + 1; ELSE chats_skipped := chats_skipped + 1; END IF;
+            INSERT INTO chat_backfill_portable.rejected_messages
+              (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, message)
+            VALUES (p_run, run.source, run.target, c.id, e.message_key,
+                    CASE WHEN e.message_key IS NOT NULL THEN c.id || '-' || e.message_key END, e.errcode, e.reason, e.message)
+            ON CONFLICT DO NOTHING;
+          ELSE
+            BEGIN
+              EXECUTE format('INSERT INTO %s (%s) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
+                              ON CONFLICT (id) DO NOTHING', run.target_oid::regclass, cols)
+                USING e.id, e.chat_id, e.user_id, e.role, e.parent_id, e.content, e.output, e.model_id, e.files,
+                      e.sources, e.embeds, e.done, e.status_history, e.error, e.usage, e.created_at, e.updated_at;
+              GET DIAGNOSTICS n = ROW_COUNT;
+              inserted := inserted + n; existing := existing + (1 - n);
+            EXCEPTION WHEN OTHERS THEN
+              IF NOT chat_backfill_portable._data_error(SQLSTATE) THEN RAISE; END IF;
+              rejected := rejected + 1;
+              DECLARE d text;
+              BEGIN
+                GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
+                INSERT INTO chat_backfill_portable.rejected_messages
+                  (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, detail)
+                VALUES (p_run, run.source, run.target, c.id, e.message_key, e.id, SQLSTATE, SQLERRM, d)
+                ON CONFLICT DO NOTHING;
+              END;
+            END;
+          END IF;
+        END LOOP;
+      END LOOP;
+    END;
+  END IF;
+  -- Messages per chat seen so far sizes the next batch to about batch_size messages.
+  total_msgs := run.messages_inserted + run.messages_existing + run.messages_rejected + run.messages_skipped
+                + inserted + existing + rejected + skipped;
+  IF run.chats_read + chats > 0 THEN
+    lim := least(100000, greatest(1, (run.batch_size::numeric * (run.chats_read + chats)
+                                       / greatest(1, total_msgs))::int4));
+  END IF;
+  UPDATE chat_backfill_portable.runs r SET
+    last_key = last_key, chats_read = r.chats_read + chats, messages_inserted = r.messages_inserted + inserted,
+    messages_existing = r.messages_existing + existing, messages_rejected = r.messages_rejected + rejected,
+    messages_skipped = r.messages_skipped + skipped, chats_skipped = r.chats_skipped + chats_skipped,
+    batches = r.batches + 1, chats_per_batch = lim,
+    active_ms = r.active_ms + extract(epoch FROM clock_timestamp() - t0) * 1000,
+    status = CASE WHEN done THEN 'finished' ELSE 'running' END,
+    finished_at = CASE WHEN done THEN clock_timestamp() END, updated_at = clock_timestamp(), last_error = NULL
+  WHERE r.run_id = p_run;
+  RETURN NEXT;
+END $$;
+
+-- Finds the run to go on with, or starts one; NULL when there is nothing to do.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._open_run(source pg_catalog.regclass, target pg_catalog.regclass,
+    batch_size pg_catalog.int4, now pg_catalog.int8, source_filter pg_catalog.text, id_column pg_catalog.text,
+    user_id_column pg_catalog.text, chat_column pg_catalog.text, restart pg_catalog.bool, rows pg_catalog.text,
+    committing pg_catalog.bool)
+RETURNS pg_catalog.int8
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE run chat_backfill_portable.runs; hw text; total int8; v_run int8;
+BEGIN
+  IF coalesce(rows, 'migration') <> 'migration' THEN
+    RAISE EXCEPTION 'chat_backfill_portable: rows => % is not available in the portable edition', rows
+      USING ERRCODE = '0A000', HINT = 'Only rows => ''migration'' (Open WebUI''s migration 8452d01d26d7) is.';
+  END IF;
+  IF source IS NULL OR target IS NULL THEN
+    RAISE EXCEPTION 'chat_backfill_portable: no source or target table (tables "chat" and "chat_message" on the search_path by default)'
+      USING ERRCODE = '42P01';
+  END IF;
+  IF batch_size IS NOT NULL AND (batch_size < 1 OR batch_size > 1000000) THEN
+    RAISE EXCEPTION 'batch_size must be between 1 and 1000000' USING ERRCODE = '22023';
+  END IF;
+  IF committing THEN
+    SELECT * INTO run FROM chat_backfill_portable.runs r
+    WHERE r.source_oid = source AND r.target_oid = target ORDER BY r.run_id DESC LIMIT 1;
+    IF FOUND AND run.status <> 'finished' THEN
+      RAISE NOTICE 'chat_backfill_portable: resuming run % after key %', run.run_id, coalesce(run.last_key, '(none)');
+      UPDATE chat_backfill_portable.runs r SET status = 'running', updated_at = clock_timestamp(),
+             batch_size = coalesce(_open_run.batch_size, r.batch_size)
+      WHERE r.run_id = run.run_id;
+      RETURN run.run_id;
+    END IF;
+    IF FOUND AND NOT coalesce(restart, false) THEN
+      RAISE NOTICE 'chat_backfill_portable: the backfill of % into % finished (run %); restart => true runs it again',
+        source, target, run.run_id;
+      RETURN NULL;
+    END IF;
+  END IF;
+  EXECUTE format('SELECT count(*) FROM %s WHERE (%s)', source, coalesce(source_filter, 'true')) INTO total;
+  -- The high-water mark in the id column's own order (the order batches read in).
+  EXECUTE format('SELECT %1$I::text FROM %2$s WHERE (%3$s) ORDER BY %1$I DESC LIMIT 1', id_column, source,
+                 coalesce(source_filter, 'true')) INTO hw;
+  INSERT INTO chat_backfill_portable.runs (source_oid, target_oid, source, target, source_filter, id_column,
+      user_id_column, chat_column, high_water, total_chats, now, batch_size, chats_per_batch, status)
+  VALUES (source, target, source::text, target::text, source_filter, id_column, user_id_column, chat_column, hw, total,
+          coalesce(now, floor(extract(epoch FROM transaction_timestamp()))::int8), coalesce(batch_size, 5000),
+          greatest(1, coalesce(batch_size, 5000) / 10), 'running')
+  RETURNING run_id INTO v_run;
+  RETURN v_run;
+END $$;
+
+-- The runner's lock: true when taken (if_busy says what to do when another session holds it).
+CREATE OR REPLACE FUNCTION chat_backfill_portable._take_lock(source pg_catalog.regclass, target pg_catalog.regclass,
+                                                             if_busy pg_catalog.text)
+RETURNS pg_catalog.bool
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE key int8 := chat_backfill_portable._lock_key(source, target);
+BEGIN
+  IF coalesce(if_busy, 'skip') NOT IN ('skip', 'wait', 'error') THEN
+    RAISE EXCEPTION 'if_busy must be ''skip'', ''wait'' or ''error''' USING ERRCODE = '22023';
+  END IF;
+  IF source IS NULL OR target IS NULL THEN
+    RAISE EXCEPTION 'chat_backfill_portable: no source or target table (tables "chat" and "chat_message" on the search_path by default)'
+      USING ERRCODE = '42P01';
+  END IF;
+  IF pg_try_advisory_lock(key) THEN RETURN true; END IF;
+  IF if_busy = 'wait' THEN
+    PERFORM pg_advisory_lock(key);
+    RETURN true;
+  END IF;
+  IF if_busy = 'error' THEN
+    RAISE EXCEPTION 'chat_backfill_portable: another session is running the backfill of % into %', source, target
+      USING ERRCODE = '55P03', HINT = 'See chat_backfill_portable.status; if_busy => ''wait'' waits for it.';
+  END IF;
+  RAISE NOTICE 'chat_backfill_portable: another session is running the backfill of % into %; skipped', source, target;
+  RETURN false;
+END $$;
+
+-- Releases the runner's lock (every hold this session has on it: a CALL that failed in this
+-- session earlier left one) and says how the run stands.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._close_run(p_run pg_catalog.int8, stopped pg_catalog.bool)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE run chat_backfill_portable.runs;
+BEGIN
+  SELECT * INTO run FROM chat_backfill_portable.runs r WHERE r.run_id = p_run;
+  IF stopped AND run.status <> 'finished' THEN
+    UPDATE chat_backfill_portable.runs r SET status = 'stopped', updated_at = clock_timestamp(),
+           last_error = 'max_runtime reached; CALL again to go on'
+    WHERE r.run_id = p_run;
+  END IF;
+  PERFORM chat_backfill_portable._unlock(run.source_oid::regclass, run.target_oid::regclass);
+  RAISE NOTICE 'chat_backfill_portable: run % %: % of % chats, % rows inserted, % existing, % rejected, % skipped',
+    p_run, CASE WHEN run.status = 'finished' THEN 'finished' ELSE 'stopped' END, run.chats_read, run.total_chats,
+    run.messages_inserted, run.messages_existing, run.messages_rejected, run.messages_skipped;
+END $$;
+
+CREATE OR REPLACE FUNCTION chat_backfill_portable._past(started pg_catalog.timestamptz, max_runtime pg_catalog.interval)
+RETURNS pg_catalog.bool
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT max_runtime IS NOT NULL AND clock_timestamp() - started >= max_runtime
+$$;
+
+-- The committing form: CALL it outside a transaction block (psql's autocommit, Alembic's
+-- autocommit_block). It COMMITs after every batch, so it cannot have a SET clause: this body
+-- qualifies every name it uses (and uses no operator) and does its work through the
+-- functions above, which pin their search_path.
+CREATE OR REPLACE PROCEDURE chat_backfill_portable.backfill_chat_messages_resumable(
+    source pg_catalog.regclass DEFAULT NULL,
+    target pg_catalog.regclass DEFAULT NULL,
+    batch_size pg_catalog.int4 DEFAULT NULL,
+    now pg_catalog.int8 DEFAULT NULL,
+    max_runtime pg_catalog.interval DEFAULT NULL,
+    pause pg_catalog.interval DEFAULT '0',
+    source_filter pg_catalog.text DEFAULT $f$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$f$,
+    id_column pg_catalog.text DEFAULT 'id',
+    user_id_column pg_catalog.text DEFAULT 'user_id',
+    chat_column pg_catalog.text DEFAULT 'chat',
+    lock_timeout pg_catalog.interval DEFAULT NULL,
+    restart pg_catalog.bool DEFAULT false,
+    if_busy pg_catalog.text DEFAULT 'skip',
+    rows pg_catalog.text DEFAULT 'migration')
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_started pg_catalog.timestamptz := pg_catalog.clock_timestamp();
+  v_source pg_catalog.regclass := COALESCE(source, pg_catalog.to_regclass('chat'));
+  v_target pg_catalog.regclass := COALESCE(target, pg_catalog.to_regclass('chat_message'));
+  v_run pg_catalog.int8;
+  v_done pg_catalog.bool := false;
+  v_stopped pg_catalog.bool := false;
+BEGIN
+  IF NOT chat_backfill_portable._take_lock(v_source, v_target, if_busy) THEN RETURN; END IF;
+  v_run := chat_backfill_portable._open_run(v_source, v_target, batch_size, now, source_filter, id_column,
+                                            user_id_column, chat_column, restart, rows, true);
+  IF v_run IS NULL THEN
+    PERFORM chat_backfill_portable._unlock(v_source, v_target);
+    RETURN;
+  END IF;
+  COMMIT;
+  LOOP
+    IF chat_backfill_portable._past(v_started, max_runtime) THEN v_stopped := true; EXIT; END IF;
+    IF lock_timeout IS NOT NULL THEN
+      PERFORM pg_catalog.set_config('lock_timeout', lock_timeout::pg_catalog.text, true);
+    END IF;
+    SELECT b.done INTO v_done FROM chat_backfill_portable._batch(v_run) b;
+    COMMIT;
+    EXIT WHEN v_done;
+    IF pause IS NOT NULL THEN
+      PERFORM pg_catalog.pg_sleep(pg_catalog.date_part('epoch'::pg_catalog.text, pause));
+    END IF;
+  END LOOP;
+  PERFORM chat_backfill_portable._close_run(v_run, v_stopped);
+  COMMIT;
+END $$;
+
+CREATE OR REPLACE FUNCTION chat_backfill_portable._unlock(source pg_catalog.regclass, target pg_catalog.regclass)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp SET client_min_messages = error AS $$
+BEGIN
+  WHILE pg_advisory_unlock(chat_backfill_portable._lock_key(source, target)) LOOP END LOOP;
+END $$;
+
+-- The one-transaction form, for small databases: every batch in the caller's transaction,
+-- one row per batch (sum() gives totals). All or nothing.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._backfill(
+    source pg_catalog.regclass DEFAULT NULL,
+    target pg_catalog.regclass DEFAULT NULL,
+    batch_size pg_catalog.int4 DEFAULT NULL,
+    now pg_catalog.int8 DEFAULT NULL,
+    source_filter pg_catalog.text DEFAULT $f$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$f$,
+    id_column pg_catalog.text DEFAULT 'id',
+    user_id_column pg_catalog.text DEFAULT 'user_id',
+    chat_column pg_catalog.text DEFAULT 'chat',
+    rows pg_catalog.text DEFAULT 'migration')
+RETURNS TABLE (batch pg_catalog.int4, chats_read pg_catalog.int8, messages_inserted pg_catalog.int8,
+               messages_rejected pg_catalog.int8, messages_existing pg_catalog.int8, messages_skipped pg_catalog.int8,
+               last_chat_id pg_catalog.text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE v_run int8; b record;
+BEGIN
+  v_run := chat_backfill_portable._open_run(source, target, batch_size, now, source_filter, id_column,
+                                            user_id_column, chat_column, true, rows, false);
+  batch := 0;
+  LOOP
+    SELECT * INTO b FROM chat_backfill_portable._batch(v_run) x;
+    batch := batch + 1;
+    chats_read := b.chats; messages_inserted := b.inserted; messages_rejected := b.rejected;
+    messages_existing := b.existing; messages_skipped := b.skipped; last_chat_id := b.last_key;
+    RETURN NEXT;
+    EXIT WHEN b.done;
+  END LOOP;
+END $$;
+
+-- The one-transaction form's entry point. No SET clause here, on purpose: the default tables
+-- "chat" and "chat_message" are found on the caller's search_path, as the extension finds
+-- them; nothing else in this body is looked up there (COALESCE is syntax, not a function).
+CREATE OR REPLACE FUNCTION chat_backfill_portable.backfill_chat_messages(
+    source pg_catalog.regclass DEFAULT NULL,
+    target pg_catalog.regclass DEFAULT NULL,
+    batch_size pg_catalog.int4 DEFAULT NULL,
+    now pg_catalog.int8 DEFAULT NULL,
+    source_filter pg_catalog.text DEFAULT $f$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$f$,
+    id_column pg_catalog.text DEFAULT 'id',
+    user_id_column pg_catalog.text DEFAULT 'user_id',
+    chat_column pg_catalog.text DEFAULT 'chat',
+    rows pg_catalog.text DEFAULT 'migration')
+RETURNS TABLE (batch pg_catalog.int4, chats_read pg_catalog.int8, messages_inserted pg_catalog.int8,
+               messages_rejected pg_catalog.int8, messages_existing pg_catalog.int8, messages_skipped pg_catalog.int8,
+               last_chat_id pg_catalog.text)
+LANGUAGE sql VOLATILE AS $$
+  SELECT * FROM chat_backfill_portable._backfill(COALESCE($1, pg_catalog.to_regclass('chat')),
+                                                 COALESCE($2, pg_catalog.to_regclass('chat_message')),
+                                                 $3, $4, $5, $6, $7, $8, $9)
+$$;
+
+-- Progress: one row per run.
+CREATE OR REPLACE VIEW chat_backfill_portable.status AS
+SELECT r.run_id, r.source, r.target,
+       CASE WHEN r.status = 'finished' THEN 'finished'
+            WHEN l.pid IS NOT NULL THEN 'running'
+            WHEN r.status = 'running' THEN 'interrupted'
+            ELSE r.status END AS state,
+       r.chats_read AS chats_done, r.total_chats,
+       CASE WHEN r.total_chats > 0 THEN round(100.0 * r.chats_read / r.total_chats, 1) END AS percent_done,
+       r.messages_inserted, r.messages_rejected, r.messages_existing, r.messages_skipped, r.chats_skipped, r.batches,
+       CASE WHEN r.active_ms > 0 THEN round((r.messages_inserted / (r.active_ms / 1000))::numeric, 1) END
+         AS messages_per_second,
+       CASE WHEN r.status <> 'finished' AND r.chats_read > 0
+            THEN make_interval(secs => (r.total_chats - r.chats_read) * (r.active_ms / 1000) / r.chats_read) END
+         AS estimated_time_left,
+       l.pid AS runner_pid, r.last_key, r.high_water, r.now, r.started_at, r.updated_at, r.finished_at, r.last_error,
+       r.started_by
+FROM chat_backfill_portable.runs r
+LEFT JOIN pg_locks l
+  ON l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+ AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+ AND l.classid = ((chat_backfill_portable._lock_key(r.source_oid, r.target_oid) >> 32) & 4294967295)::text::oid
+ AND l.objid = (chat_backfill_portable._lock_key(r.source_oid, r.target_oid) & 4294967295)::text::oid;
