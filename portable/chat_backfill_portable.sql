@@ -21,7 +21,6 @@
 -- itself (OPERATOR(pg_catalog.=), pg_catalog.*) and does its work through the pinned
 -- functions. No SECURITY DEFINER anywhere: everything runs with the caller's rights.
 
-\set ON_ERROR_STOP 1
 SET search_path = pg_catalog, pg_temp;
 SET client_min_messages = warning;
 
@@ -390,6 +389,20 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
   SELECT regexp_replace(replace(t, U&'\FFFF', '\u0000'), U&'\FFFE([0-9a-fA-F]{4})', '\\u\1', 'g')
 $$;
 
+-- Where history or history.messages is a scalar, the extension's parser reads it as a
+-- value: a number beyond a double's range or a string with an unpaired surrogate makes the
+-- whole document unreadable there ("not a JSON document"), not merely "not an object".
+CREATE OR REPLACE FUNCTION chat_backfill_portable._unreadable_scalar(v pg_catalog.json, marked pg_catalog.bool)
+RETURNS pg_catalog.bool
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  CASE json_typeof(v)
+    WHEN 'number' THEN RETURN chat_backfill_portable._float(v::text) IN ('Infinity'::float8, '-Infinity'::float8);
+    WHEN 'string' THEN RETURN marked AND strpos(v::text, '\uFfFe') > 0;
+    ELSE RETURN false;
+  END CASE;
+END $$;
+
 -- ---------------------------------------------------------------------------------------
 -- One chat expanded: rows, skips and rejections (rules/src/migration_rows.rs)
 -- ---------------------------------------------------------------------------------------
@@ -463,19 +476,32 @@ BEGIN
   BEGIN
     doc := t::json;
   EXCEPTION WHEN OTHERS THEN
-    kind := 'chat'; errcode := '22P02';
-    reason := 'chat skipped: it is a JSON string that does not hold a JSON document'; RETURN NEXT; RETURN;
+    kind := 'chat';
+    IF SQLSTATE = '54001' THEN
+      errcode := SQLSTATE; reason := 'chat skipped: the portable edition cannot read it: ' || SQLERRM;
+    ELSE
+      errcode := '22P02'; reason := 'chat skipped: it is a JSON string that does not hold a JSON document';
+    END IF;
+    RETURN NEXT; RETURN;
   END;
   BEGIN
     hist := doc -> 'history';
     IF hist IS NULL THEN RETURN; END IF;
     IF json_typeof(hist) <> 'object' THEN
-      kind := 'chat'; errcode := '22023'; reason := 'chat skipped: chat.history is not a JSON object'; RETURN NEXT; RETURN;
+      kind := 'chat'; errcode := '22023'; reason := 'chat skipped: chat.history is not a JSON object';
+      IF chat_backfill_portable._unreadable_scalar(hist, marked) THEN
+        errcode := '22P02'; reason := 'chat skipped: it is a JSON string that does not hold a JSON document';
+      END IF;
+      RETURN NEXT; RETURN;
     END IF;
     msgs := hist -> 'messages';
     IF msgs IS NULL THEN RETURN; END IF;
     IF json_typeof(msgs) <> 'object' THEN
-      kind := 'chat'; errcode := '22023'; reason := 'chat skipped: chat.history.messages is not a JSON object'; RETURN NEXT; RETURN;
+      kind := 'chat'; errcode := '22023'; reason := 'chat skipped: chat.history.messages is not a JSON object';
+      IF chat_backfill_portable._unreadable_scalar(msgs, marked) THEN
+        errcode := '22P02'; reason := 'chat skipped: it is a JSON string that does not hold a JSON document';
+      END IF;
+      RETURN NEXT; RETURN;
     END IF;
     SELECT count(*) <> count(DISTINCT e.key) INTO dup FROM json_each(msgs) e;
   EXCEPTION WHEN OTHERS THEN
@@ -962,19 +988,11 @@ END $$;
 
 -- The one-transaction form, for small databases: every batch in the caller's transaction,
 -- one row per batch (sum() gives totals). All or nothing.
-CREATE OR REPLACE FUNCTION chat_backfill_portable._backfill(
-    source pg_catalog.regclass DEFAULT NULL,
-    target pg_catalog.regclass DEFAULT NULL,
-    batch_size pg_catalog.int4 DEFAULT NULL,
-    now pg_catalog.int8 DEFAULT NULL,
-    source_filter pg_catalog.text DEFAULT $f$user_id OPERATOR(pg_catalog.!~~) 'shared-%'::pg_catalog.text$f$,
-    id_column pg_catalog.text DEFAULT 'id',
-    user_id_column pg_catalog.text DEFAULT 'user_id',
-    chat_column pg_catalog.text DEFAULT 'chat',
-    rows pg_catalog.text DEFAULT 'migration')
-RETURNS TABLE (batch pg_catalog.int4, chats_read pg_catalog.int8, messages_inserted pg_catalog.int8,
-               messages_rejected pg_catalog.int8, messages_existing pg_catalog.int8, messages_skipped pg_catalog.int8,
-               last_chat_id pg_catalog.text)
+CREATE OR REPLACE FUNCTION chat_backfill_portable._backfill(source pg_catalog.regclass, target pg_catalog.regclass,
+    batch_size pg_catalog.int4, now pg_catalog.int8, source_filter pg_catalog.text, id_column pg_catalog.text,
+    user_id_column pg_catalog.text, chat_column pg_catalog.text, rows pg_catalog.text)
+RETURNS TABLE (batch pg_catalog.int4, chats_read pg_catalog.int8, messages_inserted pg_catalog.int8, messages_rejected pg_catalog.int8,
+               messages_existing pg_catalog.int8, messages_skipped pg_catalog.int8, last_chat_id pg_catalog.text)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE v_run int8; b record;
