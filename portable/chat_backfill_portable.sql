@@ -438,7 +438,11 @@ BEGIN
       j := t::json;
     EXCEPTION WHEN OTHERS THEN
       kind := 'chat'; errcode := '22P02';
-      reason := 'chat skipped: it is a JSON string that does not hold a JSON document'; RETURN NEXT; RETURN;
+      reason := 'chat skipped: it is a JSON string that does not hold a JSON document';
+      IF SQLSTATE = '54001' THEN
+        errcode := SQLSTATE; reason := 'chat skipped: the portable edition cannot read it: ' || SQLERRM;
+      END IF;
+      RETURN NEXT; RETURN;
     END;
     IF NOT chat_backfill_portable._truthy(t) THEN RETURN; END IF;
     IF json_typeof(j) <> 'string' THEN
@@ -463,6 +467,9 @@ BEGIN
         errcode := '22023'; reason := 'chat skipped: the chat is not a JSON object';
       EXCEPTION WHEN OTHERS THEN
         errcode := '22P02'; reason := 'chat skipped: it is a JSON string that does not hold a JSON document';
+        IF SQLSTATE = '54001' THEN
+          errcode := SQLSTATE; reason := 'chat skipped: the portable edition cannot read it: ' || SQLERRM;
+        END IF;
       END;
       RETURN NEXT; RETURN;
     END IF;
@@ -557,7 +564,8 @@ BEGIN
       status_history := chat_backfill_portable._unmark(status_history::text)::json;
       error := chat_backfill_portable._unmark(error::text)::json; usage := chat_backfill_portable._unmark(usage::text)::json;
     END IF;
-    IF r_role IS NULL OR NOT chat_backfill_portable._truthy(r_role) THEN
+    IF r_role IS NULL OR NOT (CASE WHEN left(r_role, 1) = '"' THEN length(r_role) > 2
+                                   ELSE chat_backfill_portable._truthy(r_role) END) THEN
       kind := 'skip'; reason := 'skipped: the message has no role (missing, null or empty)';
       content := NULL; output := NULL; files := NULL; sources := NULL; embeds := NULL; status_history := NULL;
       error := NULL; usage := NULL;
