@@ -403,6 +403,19 @@ BEGIN
   END CASE;
 END $$;
 
+-- A message key and a message's JSON text as the problems show them.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._shown_key(k pg_catalog.text, marked pg_catalog.bool)
+RETURNS pg_catalog.text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE WHEN marked THEN chat_backfill_portable._unmark_decoded(k) ELSE k END
+$$;
+
+CREATE OR REPLACE FUNCTION chat_backfill_portable._shown(v pg_catalog.json, marked pg_catalog.bool)
+RETURNS pg_catalog.text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT CASE WHEN marked THEN chat_backfill_portable._unmark(v::text) ELSE v::text END
+$$;
+
 -- ---------------------------------------------------------------------------------------
 -- One chat expanded: rows, skips and rejections (rules/src/migration_rows.rs)
 -- ---------------------------------------------------------------------------------------
@@ -421,10 +434,12 @@ RETURNS TABLE (kind pg_catalog.text, message_key pg_catalog.text, reason pg_cata
                created_at pg_catalog.int8, updated_at pg_catalog.int8)
 LANGUAGE plpgsql STABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+  names text[] := ARRAY['role', 'parentId', 'model', 'done', 'timestamp', 'content', 'output', 'files',
+                        'sources', 'embeds', 'statusHistory', 'error', 'usage'];
+  empty json[] := array_fill(NULL::json, ARRAY[13]); vals json[]; i int4;
   t text; doc json; hist json; msgs json; marked bool := false; j json;
   m record; f record;
-  r_role text; r_parent text; r_content text; r_output text; r_model text; r_files text; r_sources text;
-  r_embeds text; r_done text; r_status text; r_error text; r_usage text; r_ts text;
+  r_role text; r_parent text; r_model text; r_done text; r_ts text;
   tc record; dc record; raw text; k text; col text;
   dup bool;
 BEGIN
@@ -517,7 +532,7 @@ BEGIN
     kind := 'chat'; errcode := SQLSTATE;
     reason := 'chat skipped: the portable edition cannot read it: ' || SQLERRM; RETURN NEXT; RETURN;
   END;
-  chat_id := p_chat_id; user_id := p_user_id;
+  chat_id := p_chat_id; user_id := p_user_id; reason := NULL; errcode := NULL; message := NULL;
   -- Python's dict: a repeated key keeps its first place and takes its last value.
   FOR m IN EXECUTE CASE WHEN dup THEN
       'SELECT x.k, x.v FROM (SELECT e.key AS k, e.n, last_value(e.value) OVER w AS v, row_number() OVER w AS rn
@@ -527,50 +542,35 @@ BEGIN
     ELSE 'SELECT e.key AS k, e.value AS v FROM pg_catalog.json_each($1) e' END USING msgs
   LOOP
     k := m.k;
-    message_key := CASE WHEN marked THEN chat_backfill_portable._unmark_decoded(k) ELSE k END;
-    message := CASE WHEN marked THEN chat_backfill_portable._unmark(m.v::text) ELSE m.v::text END;
-    id := NULL; role := NULL; parent_id := NULL; model_id := NULL; done := NULL; created_at := NULL; updated_at := NULL;
-    content := NULL; output := NULL; files := NULL; sources := NULL; embeds := NULL; status_history := NULL;
-    error := NULL; usage := NULL; reason := NULL; errcode := NULL;
     IF json_typeof(m.v) <> 'object' THEN
-      kind := 'skip'; reason := 'skipped: the message is not a JSON object'; RETURN NEXT; CONTINUE;
+      RETURN QUERY SELECT 'skip'::text, chat_backfill_portable._shown_key(k, marked),
+        'skipped: the message is not a JSON object'::text, NULL::text, chat_backfill_portable._shown(m.v, marked),
+        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::json, NULL::json, NULL::text, NULL::json,
+        NULL::json, NULL::json, NULL::bool, NULL::json, NULL::json, NULL::json, NULL::int8, NULL::int8;
+      CONTINUE;
     END IF;
-    r_role := NULL; r_parent := NULL; r_model := NULL; r_done := NULL; r_ts := NULL;
+    -- The fields the rules read (last duplicate wins), by their place in names.
+    vals := empty;
     FOR f IN SELECT e.key AS k, e.value AS v FROM json_each(m.v) e LOOP
-      CASE f.k
-        WHEN 'role' THEN r_role := f.v::text;
-        WHEN 'parentId' THEN r_parent := f.v::text;
-        WHEN 'content' THEN content := f.v;
-        WHEN 'output' THEN output := f.v;
-        WHEN 'model' THEN r_model := f.v::text;
-        WHEN 'files' THEN files := f.v;
-        WHEN 'sources' THEN sources := f.v;
-        WHEN 'embeds' THEN embeds := f.v;
-        WHEN 'done' THEN r_done := f.v::text;
-        WHEN 'statusHistory' THEN status_history := f.v;
-        WHEN 'error' THEN error := f.v;
-        WHEN 'usage' THEN usage := f.v;
-        WHEN 'timestamp' THEN r_ts := f.v::text;
-        ELSE NULL;
-      END CASE;
+      i := array_position(names, f.k);
+      IF i IS NOT NULL THEN vals[i] := f.v; END IF;
     END LOOP;
     IF marked THEN
-      r_role := chat_backfill_portable._unmark(r_role); r_parent := chat_backfill_portable._unmark(r_parent);
-      r_model := chat_backfill_portable._unmark(r_model); r_done := chat_backfill_portable._unmark(r_done);
-      r_ts := chat_backfill_portable._unmark(r_ts);
-      content := chat_backfill_portable._unmark(content::text)::json; output := chat_backfill_portable._unmark(output::text)::json;
-      files := chat_backfill_portable._unmark(files::text)::json; sources := chat_backfill_portable._unmark(sources::text)::json;
-      embeds := chat_backfill_portable._unmark(embeds::text)::json;
-      status_history := chat_backfill_portable._unmark(status_history::text)::json;
-      error := chat_backfill_portable._unmark(error::text)::json; usage := chat_backfill_portable._unmark(usage::text)::json;
+      SELECT array_agg(chat_backfill_portable._unmark(x::text)::json ORDER BY n) INTO vals
+      FROM unnest(vals) WITH ORDINALITY u(x, n);
     END IF;
+    r_role := vals[1]::text;
     IF r_role IS NULL OR NOT (CASE WHEN left(r_role, 1) = '"' THEN length(r_role) > 2
                                    ELSE chat_backfill_portable._truthy(r_role) END) THEN
-      kind := 'skip'; reason := 'skipped: the message has no role (missing, null or empty)';
-      content := NULL; output := NULL; files := NULL; sources := NULL; embeds := NULL; status_history := NULL;
-      error := NULL; usage := NULL;
-      RETURN NEXT; CONTINUE;
+      RETURN QUERY SELECT 'skip'::text, chat_backfill_portable._shown_key(k, marked),
+        'skipped: the message has no role (missing, null or empty)'::text, NULL::text,
+        chat_backfill_portable._shown(m.v, marked),
+        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::json, NULL::json, NULL::text, NULL::json,
+        NULL::json, NULL::json, NULL::bool, NULL::json, NULL::json, NULL::json, NULL::int8, NULL::int8;
+      CONTINUE;
     END IF;
+    r_parent := vals[2]::text; r_model := vals[3]::text; r_done := vals[4]::text; r_ts := vals[5]::text;
+    role := NULL; parent_id := NULL; model_id := NULL;
     -- The columns in the rules' order; the first that cannot be stored rejects the message.
     col := NULL;
     IF marked AND strpos(k, U&'\FFFF') > 0 THEN
@@ -585,14 +585,14 @@ BEGIN
         IF tc.problem IS NOT NULL THEN col := 'role'; raw := tc.problem; ELSE role := tc.val; END IF;
       END IF;
     END IF;
-    IF col IS NULL AND r_parent IS NOT NULL THEN
+    IF col IS NULL AND r_parent IS NOT NULL AND r_parent <> 'null' THEN
       IF left(r_parent, 1) = '"' AND strpos(r_parent, '\') = 0 THEN parent_id := substr(r_parent, 2, length(r_parent) - 2);
       ELSE
         tc := chat_backfill_portable._text_col(r_parent);
         IF tc.problem IS NOT NULL THEN col := 'parentId'; raw := tc.problem; ELSE parent_id := tc.val; END IF;
       END IF;
     END IF;
-    IF col IS NULL AND r_model IS NOT NULL THEN
+    IF col IS NULL AND r_model IS NOT NULL AND r_model <> 'null' THEN
       IF left(r_model, 1) = '"' AND strpos(r_model, '\') = 0 THEN model_id := substr(r_model, 2, length(r_model) - 2);
       ELSE
         tc := chat_backfill_portable._text_col(r_model);
@@ -608,12 +608,12 @@ BEGIN
       END IF;
     END IF;
     IF col IS NOT NULL THEN
-      kind := 'reject'; reason := 'cannot be stored: ' || col || ' ' || chat_backfill_portable._problem(raw);
-      errcode := chat_backfill_portable._problem_sqlstate(raw);
-      role := NULL; parent_id := NULL; model_id := NULL; done := NULL;
-      content := NULL; output := NULL; files := NULL; sources := NULL; embeds := NULL; status_history := NULL;
-      error := NULL; usage := NULL;
-      RETURN NEXT; CONTINUE;
+      RETURN QUERY SELECT 'reject'::text, chat_backfill_portable._shown_key(k, marked),
+        'cannot be stored: ' || col || ' ' || chat_backfill_portable._problem(raw),
+        chat_backfill_portable._problem_sqlstate(raw), chat_backfill_portable._shown(m.v, marked),
+        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::json, NULL::json, NULL::text, NULL::json,
+        NULL::json, NULL::json, NULL::bool, NULL::json, NULL::json, NULL::json, NULL::int8, NULL::int8;
+      CONTINUE;
     END IF;
     IF r_ts ~ '^[0-9]{1,10}$' THEN
       created_at := r_ts::int8;
@@ -623,12 +623,12 @@ BEGIN
     END IF;
     updated_at := created_at;
     kind := 'row';
+    message_key := CASE WHEN marked THEN chat_backfill_portable._unmark_decoded(k) ELSE k END;
     id := p_chat_id || '-' || k;
-    content := coalesce(content, 'null'::json); output := coalesce(output, 'null'::json);
-    files := coalesce(files, 'null'::json); sources := coalesce(sources, 'null'::json);
-    embeds := coalesce(embeds, 'null'::json); status_history := coalesce(status_history, 'null'::json);
-    error := coalesce(error, 'null'::json); usage := coalesce(usage, 'null'::json);
-    message := NULL;
+    content := coalesce(vals[6], 'null'::json); output := coalesce(vals[7], 'null'::json);
+    files := coalesce(vals[8], 'null'::json); sources := coalesce(vals[9], 'null'::json);
+    embeds := coalesce(vals[10], 'null'::json); status_history := coalesce(vals[11], 'null'::json);
+    error := coalesce(vals[12], 'null'::json); usage := coalesce(vals[13], 'null'::json);
     RETURN NEXT;
   END LOOP;
 END $$;
