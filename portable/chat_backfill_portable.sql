@@ -437,7 +437,7 @@ DECLARE
   names text[] := ARRAY['role', 'parentId', 'model', 'done', 'timestamp', 'content', 'output', 'files',
                         'sources', 'embeds', 'statusHistory', 'error', 'usage'];
   empty json[] := array_fill(NULL::json, ARRAY[13]); vals json[]; i int4;
-  t text; doc json; hist json; msgs json; marked bool := false; j json;
+  t text; doc json; hist json; msgs json; marked bool := false; walked bool := false; j json;
   m record; f record;
   r_role text; r_parent text; r_model text; r_done text; r_ts text;
   tc record; dc record; raw text; k text; col text;
@@ -464,12 +464,14 @@ BEGIN
       kind := 'chat'; errcode := '22023'; reason := 'chat skipped: the chat is not a JSON object'; RETURN NEXT; RETURN;
     END IF;
     BEGIN
-      t := chat_backfill_portable._mark(t);
-      IF left(t, 1) = E'\x01' THEN
-        t := chat_backfill_portable._unmark_decoded(substr(t, 2)::json #>> '{}');
-      ELSE
+      BEGIN
         t := j #>> '{}';
-      END IF;
+      EXCEPTION WHEN OTHERS THEN
+        -- \u0000 or an unpaired surrogate in the string: decoded through the markers.
+        t := chat_backfill_portable._mark(t);
+        IF left(t, 1) <> E'\x01' THEN RAISE; END IF;
+        t := chat_backfill_portable._unmark_decoded(substr(t, 2)::json #>> '{}');
+      END;
       t := btrim(t, E' \t\n\r');
     EXCEPTION WHEN OTHERS THEN
       kind := 'chat'; errcode := '22P02';
@@ -489,12 +491,6 @@ BEGIN
       RETURN NEXT; RETURN;
     END IF;
   END IF;
-  -- PostgreSQL's JSON functions refuse a \u0000 escape and an unpaired surrogate escape
-  -- anywhere in what they read, though the rules only look at a few places. _mark turns
-  -- them into markers (see there), and every value handed out is turned back.
-  t := chat_backfill_portable._mark(t);
-  marked := left(t, 1) = E'\x01';
-  IF marked THEN t := substr(t, 2); END IF;
   BEGIN
     doc := t::json;
   EXCEPTION WHEN OTHERS THEN
@@ -506,8 +502,25 @@ BEGIN
     END IF;
     RETURN NEXT; RETURN;
   END;
+  -- PostgreSQL's JSON functions refuse a \u0000 escape and an unpaired surrogate escape
+  -- anywhere in what they read (they de-escape every string they walk), though the rules
+  -- only look at a few places. The first walk tells: if it fails, _mark turns those escapes
+  -- into markers (see there), the chat is walked again, and every value handed out is
+  -- turned back. (The walk reads the whole document: a chat it passes needs no marking.)
   BEGIN
     hist := doc -> 'history';
+    walked := true;
+  EXCEPTION WHEN OTHERS THEN
+    IF SQLSTATE <> '54001' THEN
+      t := chat_backfill_portable._mark(t);
+      marked := left(t, 1) = E'\x01';
+      IF marked THEN doc := substr(t, 2)::json; END IF;
+    END IF;
+  END;
+  t := NULL;
+  BEGIN
+    IF NOT walked THEN hist := doc -> 'history'; END IF;
+    doc := NULL;
     IF hist IS NULL THEN RETURN; END IF;
     IF json_typeof(hist) <> 'object' THEN
       kind := 'chat'; errcode := '22023'; reason := 'chat skipped: chat.history is not a JSON object';
@@ -517,6 +530,7 @@ BEGIN
       RETURN NEXT; RETURN;
     END IF;
     msgs := hist -> 'messages';
+    hist := NULL;
     IF msgs IS NULL THEN RETURN; END IF;
     IF json_typeof(msgs) <> 'object' THEN
       kind := 'chat'; errcode := '22023'; reason := 'chat skipped: chat.history.messages is not a JSON object';
