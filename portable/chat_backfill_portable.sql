@@ -548,12 +548,15 @@ BEGIN
   END;
   chat_id := p_chat_id; user_id := p_user_id; reason := NULL; errcode := NULL; message := NULL;
   -- Python's dict: a repeated key keeps its first place and takes its last value.
-  FOR m IN EXECUTE CASE WHEN dup THEN
-      'SELECT x.k, x.v FROM (SELECT e.key AS k, e.n, last_value(e.value) OVER w AS v, row_number() OVER w AS rn
-         FROM pg_catalog.json_each($1) WITH ORDINALITY e(key, value, n)
-         WINDOW w AS (PARTITION BY e.key ORDER BY e.n ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) x
-       WHERE x.rn OPERATOR(pg_catalog.=) 1 ORDER BY x.n'
-    ELSE 'SELECT e.key AS k, e.value AS v FROM pg_catalog.json_each($1) e' END USING msgs
+  FOR m IN
+    SELECT e.key AS k, e.value AS v FROM json_each(msgs) e WHERE NOT dup
+    UNION ALL
+    SELECT x.k, x.v FROM (
+      SELECT e.key AS k, e.n, last_value(e.value) OVER w AS v, row_number() OVER w AS rn
+      FROM json_each(msgs) WITH ORDINALITY e(key, value, n) WHERE dup
+      WINDOW w AS (PARTITION BY e.key ORDER BY e.n ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+      ORDER BY e.n) x
+    WHERE x.rn = 1
   LOOP
     k := m.k;
     IF json_typeof(m.v) <> 'object' THEN
