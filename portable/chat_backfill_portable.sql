@@ -539,7 +539,7 @@ BEGIN
       END IF;
       RETURN NEXT; RETURN;
     END IF;
-    SELECT count(*) <> count(DISTINCT e.key) INTO dup FROM json_each(msgs) e;
+    SELECT count(*) <> count(DISTINCT e.k) INTO dup FROM json_object_keys(msgs) e(k);
   EXCEPTION WHEN OTHERS THEN
     -- Valid JSON that PostgreSQL's JSON functions cannot walk: an unpaired surrogate
     -- escape, nesting deeper than the server's stack. The extension reads these.
