@@ -946,6 +946,12 @@ BEGIN
     run.messages_inserted, run.messages_existing, run.messages_rejected, run.messages_skipped;
 END $$;
 
+-- lock_timeout for the rest of this transaction (one batch), in milliseconds.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._set_lock_timeout(t pg_catalog.interval) RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  SELECT set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM t) * 1000))::int8::text || 'ms', true)
+$$;
+
 CREATE OR REPLACE FUNCTION chat_backfill_portable._past(started pg_catalog.timestamptz, max_runtime pg_catalog.interval)
 RETURNS pg_catalog.bool
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -991,7 +997,7 @@ BEGIN
   LOOP
     IF chat_backfill_portable._past(v_started, max_runtime) THEN v_stopped := true; EXIT; END IF;
     IF lock_timeout IS NOT NULL THEN
-      PERFORM pg_catalog.set_config('lock_timeout', lock_timeout::pg_catalog.text, true);
+      PERFORM chat_backfill_portable._set_lock_timeout(lock_timeout);
     END IF;
     SELECT b.done INTO v_done FROM chat_backfill_portable._batch(v_run) b;
     COMMIT;

@@ -402,6 +402,60 @@ def test_bad_rows_are_recorded_with_their_sqlstate_and_the_others_written(cluste
     assert len(run(o, f"SELECT 1 FROM {P}.rejected_messages")) == 4
 
 
+def test_call_on_hostile_and_fuzz_documents_writes_the_extensions_rows(cluster):
+    """Every hostile case and the light fuzz corpus (text column: most mutated chats are not
+    JSON) through both editions' committing CALL: the same rows, and the CALL never raises."""
+    docs = [(c.id, c.user_id, c.chat) for c in chatgen.hostile_chats() + chatgen.hostile_message_chats()]
+    docs += [(chat_id, user_id, doc) for _, chat_id, user_id, doc, _ in corpus_cases(["scalars", "random", "mutated"])]
+    ddl = "CREATE TABLE chat (id text PRIMARY KEY, user_id text, title text, chat text)"
+    results = {}
+    for edition in ("extension", "portable"):
+        o = Owner(cluster, f"ptfz_{edition}")
+        conn = o.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(ddl)
+                cur.executemany("INSERT INTO chat VALUES (%s, %s, 't', %s)", [(i, u, d) for i, u, d in docs])
+                cur.execute(TARGET_DDL)
+        finally:
+            conn.close()
+        if edition == "extension":
+            with cluster.connect(o.db) as c, c.cursor() as cur:
+                cur.execute(f"CALL backfill_chat_messages_resumable(now => {NOW}, batch_size => 200)")
+        else:
+            o.install()
+            run(o, CALL.format(extra="batch_size => 200"))
+            s = status(o)
+            assert s["state"] == "finished" and s["chats_done"] == s["total_chats"], s
+        results[edition] = rows_of(o)
+    assert results["portable"] == results["extension"] and len(results["portable"]) > 1000
+
+
+def test_lock_timeout_ends_the_call_and_the_next_call_resumes(cluster, expected):
+    """The application holds a chat row FOR UPDATE; the batch that must reference it (the
+    foreign key takes KEY SHARE) waits past lock_timeout: unlike the extension (which ends
+    normally with the run yielded), the CALL ends with 55P03; the run is interrupted, and the
+    next CALL, once the application is done, gives the extension's rows."""
+    chats, want = expected
+    o = fresh(cluster, chats)
+    victim = next(c.id for c in chats if not c.user_id.startswith("shared-") and c.tag == "realistic")
+    app = o.connect(autocommit=False)
+    try:
+        with app.cursor() as cur:
+            cur.execute("SELECT 1 FROM chat WHERE id = %s FOR UPDATE", (victim,))
+            started = time.monotonic()
+            with pytest.raises(psycopg2.errors.LockNotAvailable):
+                run(o, CALL.format(extra="batch_size => 40, lock_timeout => '200 milliseconds'"))
+            assert time.monotonic() - started < 20
+    finally:
+        app.rollback()
+        app.close()
+    assert status(o)["state"] == "interrupted"
+    run(o, CALL.format(extra="batch_size => 40"))
+    assert rows_of(o) == want
+    assert status(o)["state"] == "finished"
+
+
 def test_one_transaction_form(cluster, expected):
     chats, want = expected
     o = fresh(cluster, chats)
