@@ -13,13 +13,16 @@
 -- it creates lives in that schema: DROP SCHEMA chat_backfill_portable CASCADE removes it.
 -- Re-running the file replaces the functions and keeps the state tables.
 --
--- Search-path safety: this script pins its own search_path while it runs (so views and
--- defaults are bound to pg_catalog at creation); every function has
--- SET search_path = pg_catalog, pg_temp, so the names in its body resolve only there and in
--- this schema (always written qualified). The committing procedure cannot have a SET
--- clause (a procedure with one cannot COMMIT): its body qualifies every name and operator
--- itself (OPERATOR(pg_catalog.=), pg_catalog.*) and does its work through the pinned
--- functions. No SECURITY DEFINER anywhere: everything runs with the caller's rights.
+-- Search-path safety: this script pins its own search_path while it runs (so the view and
+-- defaults are bound to pg_catalog at creation; it is a session SET: psql's session ends
+-- with the file, and examples/alembic/chat_backfill_edition.py restores the caller's).
+-- Every function has SET search_path = pg_catalog, pg_temp, so the names in its body
+-- resolve only there and in this schema (always written qualified), but two entry points:
+-- the committing procedure cannot have a SET clause (a procedure with one cannot COMMIT):
+-- its body qualifies every name, uses no operator and does its work through the pinned
+-- functions; backfill_chat_messages() is a one-line SQL wrapper that finds the default
+-- tables "chat" and "chat_message" on the caller's search_path, as the extension does.
+-- No SECURITY DEFINER anywhere: everything runs with the caller's rights.
 
 SET search_path = pg_catalog, pg_temp;
 SET client_min_messages = warning;
