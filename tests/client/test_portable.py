@@ -456,6 +456,40 @@ def test_lock_timeout_ends_the_call_and_the_next_call_resumes(cluster, expected)
     assert status(o)["state"] == "finished"
 
 
+def test_shadows_on_the_callers_search_path_change_nothing(cluster, expected):
+    """A schema first on the caller's search_path with look-alikes of what the edition calls
+    (json_typeof, btrim, left, an = for text and json_each): both forms still give the
+    extension's rows, because every function pins its search_path and the two entry points
+    without a SET clause qualify what they call."""
+    chats, want = expected
+    o = fresh(cluster, chats)
+    shadows = """
+        CREATE SCHEMA shadow;
+        CREATE FUNCTION shadow.json_typeof(json) RETURNS text LANGUAGE sql AS $$ SELECT 'string' $$;
+        CREATE FUNCTION shadow.btrim(text, text) RETURNS text LANGUAGE sql AS $$ SELECT '' $$;
+        CREATE FUNCTION shadow."left"(text, integer) RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$;
+        CREATE FUNCTION shadow.json_each(json, OUT key text, OUT value json) RETURNS SETOF record
+            LANGUAGE sql AS $$ SELECT 'k', 'null'::json $$;
+        CREATE FUNCTION shadow.texteq_never(text, text) RETURNS boolean LANGUAGE sql AS $$ SELECT false $$;
+        CREATE OPERATOR shadow.= (LEFTARG = text, RIGHTARG = text, FUNCTION = shadow.texteq_never);
+    """
+    with cluster.connect(o.db) as c, c.cursor() as cur:
+        cur.execute(f"GRANT CREATE ON DATABASE \"{o.db}\" TO {o.role}")
+    run(o, shadows)
+    with cluster.connect(o.db) as c, c.cursor() as cur:
+        cur.execute(f"REVOKE CREATE ON DATABASE \"{o.db}\" FROM {o.role}")
+    for form in (CALL.format(extra="batch_size => 100"), f"SELECT * FROM {P}.backfill_chat_messages(now => {NOW})"):
+        conn = o.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("TRUNCATE chat_message")
+                cur.execute("SET search_path = shadow, pg_catalog, public")
+                cur.execute(form)
+        finally:
+            conn.close()
+        assert rows_of(o) == want
+
+
 def test_one_transaction_form(cluster, expected):
     chats, want = expected
     o = fresh(cluster, chats)
