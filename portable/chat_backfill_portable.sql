@@ -756,7 +756,7 @@ DECLARE
   t0 timestamptz := clock_timestamp();
   src text; cols text := 'id, chat_id, user_id, role, parent_id, content, output, model_id, files, sources, embeds, '
                          'done, status_history, error, usage, created_at, updated_at';
-  ids text; upto text; expanded text; lim int4; c record; e record; n int8; chats_skipped int8 := 0;
+  ids text; upto text; expanded text; write text; lim int4; c record; e record; n int8; chats_skipped int8 := 0;
   produced int8; ins int8; rej int8; skp int8; cskp int8; total_msgs int8;
 BEGIN
   SELECT * INTO run FROM chat_backfill_portable.runs r WHERE r.run_id = p_run FOR UPDATE;
@@ -775,6 +775,21 @@ BEGIN
                 CASE WHEN run.last_key IS NULL THEN '' ELSE format('AND %I > $1', run.id_column) END,
                 coalesce(run.source_filter, 'true'));
   expanded := format('SELECT s.id AS cid, x.* FROM (%s) s, chat_backfill_portable._expand(s.id, s.user_id, s.chat, $4) x', src);
+  -- Rows in, rejections recorded, counts out, for what @ROWS@ expands ($4: now, $5: the run,
+  -- $6 and $7: source and target names).
+  write := format(
+    'WITH e AS MATERIALIZED (@ROWS@),
+          ins AS (INSERT INTO %1$s (%2$s) SELECT %2$s FROM e WHERE e.kind = ''row'' ON CONFLICT (id) DO NOTHING RETURNING 1),
+          rej AS (INSERT INTO chat_backfill_portable.rejected_messages
+                    (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, message)
+                  SELECT $5, $6, $7, e.cid, e.message_key,
+                         CASE WHEN e.message_key IS NOT NULL THEN e.cid || ''-'' || e.message_key END,
+                         e.errcode, e.reason, e.message
+                  FROM e WHERE e.kind IN (''reject'', ''chat'') ON CONFLICT DO NOTHING)
+     SELECT (SELECT count(*) FROM e WHERE e.kind = ''row''), (SELECT count(*) FROM ins),
+            (SELECT count(*) FROM e WHERE e.kind = ''reject''), (SELECT count(*) FROM e WHERE e.kind = ''skip''),
+            (SELECT count(*) FROM e WHERE e.kind = ''chat'')',
+    run.target_oid::regclass, cols);
   done := false; chats := 0; inserted := 0; rejected := 0; existing := 0; skipped := 0; last_key := run.last_key;
   IF run.high_water IS NULL THEN
     done := true;
@@ -787,26 +802,23 @@ BEGIN
   IF chats > 0 THEN
     BEGIN
       -- The whole batch in one statement.
-      EXECUTE format(
-        'WITH e AS MATERIALIZED (%1$s),
-              ins AS (INSERT INTO %2$s (%3$s) SELECT %3$s FROM e WHERE e.kind = ''row'' ON CONFLICT (id) DO NOTHING RETURNING 1),
-              rej AS (INSERT INTO chat_backfill_portable.rejected_messages
-                        (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, message)
-                      SELECT $5, $6, $7, e.cid, e.message_key,
-                             CASE WHEN e.message_key IS NOT NULL THEN e.cid || ''-'' || e.message_key END,
-                             e.errcode, e.reason, e.message
-                      FROM e WHERE e.kind IN (''reject'', ''chat'') ON CONFLICT DO NOTHING)
-         SELECT (SELECT count(*) FROM e WHERE e.kind = ''row''), (SELECT count(*) FROM ins),
-                (SELECT count(*) FROM e WHERE e.kind = ''reject''), (SELECT count(*) FROM e WHERE e.kind = ''skip''),
-                (SELECT count(*) FROM e WHERE e.kind = ''chat'')',
-        expanded, run.target_oid::regclass, cols)
-        INTO produced, ins, rej, skp, cskp
+      EXECUTE replace(write, '@ROWS@', expanded) INTO produced, ins, rej, skp, cskp
         USING run.last_key, upto, lim, run.now, p_run, run.source, run.target;
       inserted := ins; existing := produced - ins; rejected := rej; skipped := skp; chats_skipped := cskp;
     EXCEPTION WHEN OTHERS THEN
       IF NOT chat_backfill_portable._data_error(SQLSTATE) THEN RAISE; END IF;
       inserted := 0; existing := 0; rejected := 0; skipped := 0; chats_skipped := 0;
       FOR c IN EXECUTE src USING run.last_key, upto LOOP
+        -- Each chat in one statement; a chat that fails, message by message.
+        BEGIN
+          EXECUTE replace(write, '@ROWS@', 'SELECT $1 AS cid, x.* FROM chat_backfill_portable._expand($1, $2, $3, $4) x')
+            INTO produced, ins, rej, skp, cskp USING c.id, c.user_id, c.chat, run.now, p_run, run.source, run.target;
+          inserted := inserted + ins; existing := existing + produced - ins; rejected := rejected + rej;
+          skipped := skipped + skp; chats_skipped := chats_skipped + cskp;
+          CONTINUE;
+        EXCEPTION WHEN OTHERS THEN
+          IF NOT chat_backfill_portable._data_error(SQLSTATE) THEN RAISE; END IF;
+        END;
         FOR e IN SELECT * FROM chat_backfill_portable._expand(c.id, c.user_id, c.chat, run.now) x LOOP
           IF e.kind = 'skip' THEN
             skipped := skipped + 1;
