@@ -977,6 +977,35 @@ LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
   SELECT set_config('lock_timeout', greatest(1, ceil(extract(epoch FROM t) * 1000))::int8::text || 'ms', true)
 $$;
 
+-- A batch that failed: the run says how (yielded to a lock, or failed) and why.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._note_error(p_run pg_catalog.int8, state pg_catalog.text,
+                                                              message pg_catalog.text)
+RETURNS void
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+  UPDATE chat_backfill_portable.runs r
+  SET status = CASE WHEN state = '55P03' THEN 'yielded' ELSE 'failed' END,
+      last_error = CASE WHEN state = '55P03'
+                        THEN 'lock_timeout: a batch waited too long for a lock and rolled back; CALL again to go on ('
+                             || message || ')'
+                        ELSE state || ': ' || message END,
+      updated_at = clock_timestamp()
+  WHERE r.run_id = p_run
+$$;
+
+-- After a failed batch: a lock timeout ends the CALL normally, with a NOTICE; any other
+-- error is raised again for the caller.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._reraise(state pg_catalog.text, message pg_catalog.text,
+                                                           detail pg_catalog.text, hint pg_catalog.text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  IF state = '55P03' THEN
+    RAISE NOTICE 'chat_backfill_portable: a batch waited past lock_timeout and rolled back; the run yielded (CALL again to go on): %', message;
+    RETURN;
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = state, MESSAGE = message, DETAIL = coalesce(detail, ''), HINT = coalesce(hint, '');
+END $$;
+
 CREATE OR REPLACE FUNCTION chat_backfill_portable._past(started pg_catalog.timestamptz, max_runtime pg_catalog.interval)
 RETURNS pg_catalog.bool
 LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -1010,6 +1039,10 @@ DECLARE
   v_run pg_catalog.int8;
   v_done pg_catalog.bool := false;
   v_stopped pg_catalog.bool := false;
+  v_state pg_catalog.text;
+  v_message pg_catalog.text;
+  v_detail pg_catalog.text;
+  v_hint pg_catalog.text;
 BEGIN
   IF NOT chat_backfill_portable._take_lock(v_source, v_target, if_busy) THEN RETURN; END IF;
   v_run := chat_backfill_portable._open_run(v_source, v_target, batch_size, now, source_filter, id_column,
@@ -1024,7 +1057,22 @@ BEGIN
     IF lock_timeout IS NOT NULL THEN
       PERFORM chat_backfill_portable._set_lock_timeout(lock_timeout);
     END IF;
-    SELECT b.done INTO v_done FROM chat_backfill_portable._batch(v_run) b;
+    BEGIN
+      SELECT b.done INTO v_done FROM chat_backfill_portable._batch(v_run) b;
+    EXCEPTION WHEN OTHERS THEN
+      -- The batch rolled back; the run says why (55P03, lock_timeout: yielded, the CALL
+      -- ends normally; anything else: failed, and the error goes on to the caller).
+      -- A cancel is not caught here: the run is left running, so shown interrupted.
+      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT,
+                              v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+    END;
+    IF v_state IS NOT NULL THEN
+      PERFORM chat_backfill_portable._note_error(v_run, v_state, v_message);
+      COMMIT;
+      PERFORM chat_backfill_portable._unlock(v_source, v_target);
+      PERFORM chat_backfill_portable._reraise(v_state, v_message, v_detail, v_hint);
+      RETURN;
+    END IF;
     COMMIT;
     EXIT WHEN v_done;
     IF pause IS NOT NULL THEN

@@ -431,29 +431,56 @@ def test_call_on_hostile_and_fuzz_documents_writes_the_extensions_rows(cluster):
     assert results["portable"] == results["extension"] and len(results["portable"]) > 1000
 
 
-def test_lock_timeout_ends_the_call_and_the_next_call_resumes(cluster, expected):
+def test_lock_timeout_yields_and_the_next_call_resumes(cluster, expected):
     """The application holds a chat row FOR UPDATE; the batch that must reference it (the
-    foreign key takes KEY SHARE) waits past lock_timeout: unlike the extension (which ends
-    normally with the run yielded), the CALL ends with 55P03; the run is interrupted, and the
-    next CALL, once the application is done, gives the extension's rows."""
+    foreign key takes KEY SHARE) waits past lock_timeout, rolls back, and the CALL ends
+    normally with the run yielded, as the extension's does; the next CALL, once the
+    application is done, gives the extension's rows."""
     chats, want = expected
     o = fresh(cluster, chats)
     victim = next(c.id for c in chats if not c.user_id.startswith("shared-") and c.tag == "realistic")
     app = o.connect(autocommit=False)
+    notices = []
     try:
         with app.cursor() as cur:
             cur.execute("SELECT 1 FROM chat WHERE id = %s FOR UPDATE", (victim,))
             started = time.monotonic()
-            with pytest.raises(psycopg2.errors.LockNotAvailable):
-                run(o, CALL.format(extra="batch_size => 40, lock_timeout => '200 milliseconds'"))
+            run(o, CALL.format(extra="batch_size => 40, lock_timeout => '200 milliseconds'"), notices)
             assert time.monotonic() - started < 20
     finally:
         app.rollback()
         app.close()
-    assert status(o)["state"] == "interrupted"
+    assert any("lock_timeout" in n for n in notices), notices
+    assert status(o)["state"] == "yielded"
+    assert "lock_timeout" in run(o, f"SELECT last_error FROM {P}.status")[0][0]
     run(o, CALL.format(extra="batch_size => 40"))
     assert rows_of(o) == want
     assert status(o)["state"] == "finished"
+
+
+def test_an_error_that_is_not_about_the_data_fails_the_run_and_reaches_the_caller(cluster, expected):
+    """A privilege taken away mid-way (42501) is no bad row: the CALL fails with it, the run
+    says so, and after the grant the next CALL resumes it."""
+    chats, want = expected
+    o = fresh(cluster, chats)
+    with cluster.connect(o.db) as c, c.cursor() as cur:
+        cur.execute("CREATE TABLE public.side (id int)")
+        cur.execute(f"ALTER TABLE public.side OWNER TO {o.role}")
+    # A trigger on the target that reads a table the owner can no longer read.
+    run(o, """CREATE FUNCTION public.peek() RETURNS trigger LANGUAGE plpgsql AS $$
+              BEGIN PERFORM 1 FROM public.side; RETURN NEW; END $$;
+              CREATE TRIGGER peek BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION public.peek()""")
+    with cluster.connect(o.db) as c, c.cursor() as cur:
+        cur.execute("ALTER TABLE public.side OWNER TO postgres")
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        run(o, CALL.format(extra="batch_size => 40"))
+    s = status(o)
+    assert s["state"] == "failed" and rows_of(o) == {}
+    assert run(o, f"SELECT last_error FROM {P}.status")[0][0].startswith("42501")
+    with cluster.connect(o.db) as c, c.cursor() as cur:
+        cur.execute(f"GRANT SELECT ON public.side TO {o.role}")
+    run(o, CALL.format(extra="batch_size => 40"))
+    assert rows_of(o) == want and status(o)["state"] == "finished"
 
 
 def test_shadows_on_the_callers_search_path_change_nothing(cluster, expected):
