@@ -9,7 +9,10 @@ for it (and on public, for the application's own tables).
   remaining difference is one docs/portable.md lists (pinned here);
 - the committing procedure: killed mid-run with pg_terminate_backend, then CALLed again,
   and stopped by max_runtime, then CALLed again: the extension's rows, nothing lost or doubled;
-- a bad message and a bad chat recorded with their SQLSTATE, the others written;
+- a bad message and a bad chat recorded with their SQLSTATE, the others written; a lock
+  timeout (the run yields) and an error that is not about the data (the run fails, the
+  caller gets it), each resumed by the next CALL; both editions' CALL over the hostile and
+  fuzz documents; shadows on the caller's search_path changing nothing;
 - the Alembic examples, which pick the extension where it can be created and the portable
   edition otherwise: both ways, the same rows.
 """
