@@ -4,7 +4,8 @@
     .venv/bin/python bench/run.py --batch-sizes 100,500,1000,2000,5000,10000,50000 --out bench/batch_sizes.md
 
 Methods: backfill_chat_messages() (`ours`); the committing CALL in one session (`call`) and
-on 2 and 4 background workers (`call_w2`, `call_w4`); the equivalent single SQL statement,
+on 2 and 4 background workers (`call_w2`, `call_w4`); the portable SQL edition's committing
+CALL (`portable_call`, portable/chat_backfill_portable.sql, installed before the clock starts); the equivalent single SQL statement,
 json (`single_sql`) and as an expert writes it, jsonb parsed once per chat with jsonb_each
 (`single_jsonb`); Open WebUI's real migration (wheel, Alembic; its Python imports happen
 before the clock starts); and the physical floor, COPY of the already-expanded rows. Two DDL
@@ -40,6 +41,8 @@ import psycopg2  # noqa: E402
 from load_sample import TARGET_DDL, copy_chats  # noqa: E402
 from chatgen import Chat, NOW  # noqa: E402
 from reference import run_reference  # noqa: E402
+
+PORTABLE_SQL = ROOT / "portable/chat_backfill_portable.sql"
 
 PK_ONLY_DDL = TARGET_DDL.split(";")[0].replace(
     "chat_id text NOT NULL REFERENCES chat(id) ON DELETE CASCADE", "chat_id text NOT NULL"
@@ -317,6 +320,10 @@ def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
     cur = conn.cursor()
     if method == "baseline":
         install_baseline(cur, BASELINE)
+    if base == "portable_call":
+        cur.execute("CREATE SCHEMA chat_backfill_portable")
+        cur.execute(PORTABLE_SQL.read_text())
+        cur.execute("RESET search_path; RESET client_min_messages")
     if method != "openwebui":
         cur.execute(TARGET_DDL if mode == "reference" else PK_ONLY_DDL)
     if lz4:
@@ -359,6 +366,8 @@ def run(env, template, method, mode, chats_mb, expanded_file, batch_size=None):
                 # its text format (the output here is ASCII either way).
                 cur.execute("SET client_encoding = 'SQL_ASCII'")
             cur.execute(f"SELECT sum(messages_inserted) FROM backfill_chat_messages(now => %s{size})", (NOW,))
+        elif base == "portable_call":
+            cur.execute(f"CALL chat_backfill_portable.backfill_chat_messages_resumable(now => %s{size})", (NOW,))
         elif base in WORKERS:
             cur.execute(f"CALL backfill_chat_messages_resumable(now => %s, workers => {WORKERS[base]}{size})", (NOW,))
         elif base == "single_sql":
@@ -425,10 +434,12 @@ def main():
     ap.add_argument("--baseline", nargs=3, metavar=("VERSION", "LIBRARY", "SQL"),
                     help="also run a previous release: its version, its chat_backfill.so and its install script")
     ap.add_argument("--methods", default=None,
-                    help="comma-separated subset of ours,ours_copy,ours_text,call,call_w2,call_w4,baseline,single_sql,"
+                    help="comma-separated subset of ours,ours_copy,ours_text,call,call_w2,call_w4,portable_call,baseline,single_sql,"
                          "single_jsonb,openwebui,copy, and copy_lz4,ours_lz4,call_w2_lz4 (target columns lz4)")
     ap.add_argument("--batch-sizes", default=None,
                     help="instead: the batch-size study, backfill_chat_messages() at each of these sizes in both modes")
+    ap.add_argument("--datadir", default="/tmp/chat_backfill_bench",
+                    help="the throwaway cluster's directory (PG_MAJOR picks the server)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run everything N times, this build and the baseline in alternating order; report medians")
     args = ap.parse_args()
@@ -443,7 +454,7 @@ def main():
     import alembic.command  # noqa: F401
     import alembic.config  # noqa: F401
     import sqlalchemy.dialects.postgresql.psycopg2  # noqa: F401
-    out = subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "start", "/tmp/chat_backfill_bench",
+    out = subprocess.run(["bash", str(ROOT / "scripts/cluster.sh"), "start", args.datadir,
                           "shared_buffers = '1GB'", "max_wal_size = '8GB'", "checkpoint_timeout = '30min'",
                           f"fsync = {args.fsync}", f"synchronous_commit = {args.fsync}"],
                          check=True, capture_output=True, text=True).stdout
@@ -481,10 +492,10 @@ def main():
         plan = [("ours", mode, size) for mode in ("reference", "bulk") for size in sizes]
     else:
         plan = [(m, "reference", None) for m in ("ours", "ours_copy", "ours_text", "baseline", "call", "call_w2",
-                                                 "call_w4", "single_sql", "single_jsonb", "openwebui", "copy",
+                                                 "call_w4", "portable_call", "single_sql", "single_jsonb", "openwebui", "copy",
                                                  "copy_lz4", "ours_lz4", "call_w2_lz4")]
         plan += [(m, "bulk", None) for m in ("ours", "ours_copy", "ours_text", "baseline", "call", "call_w2", "call_w4",
-                                             "single_sql", "single_jsonb", "copy", "copy_lz4", "ours_lz4",
+                                             "portable_call", "single_sql", "single_jsonb", "copy", "copy_lz4", "ours_lz4",
                                              "call_w2_lz4")]
         wanted = set(args.methods.split(",")) if args.methods else {m for m, _, _ in plan}
         wanted |= {"ours", "copy"}  # every ratio is against these
@@ -527,7 +538,8 @@ NAMES = {"ours": "backfill_chat_messages()",
          "single_jsonb": "single SQL statement (jsonb once per chat, jsonb_each)",
          "openwebui": "Open WebUI migration (wheel 0.12.4, Alembic, psycopg2)", "copy": "COPY of expanded rows (floor)",
          "copy_lz4": "COPY of expanded rows, target columns lz4", "ours_lz4": "backfill_chat_messages(), target columns lz4",
-         "call_w2_lz4": "CALL ..._resumable(workers => 2), target columns lz4"}
+         "call_w2_lz4": "CALL ..._resumable(workers => 2), target columns lz4",
+         "portable_call": "portable SQL edition: CALL chat_backfill_portable..._resumable()"}
 
 
 def setup_line(facts, args) -> str:
@@ -535,7 +547,7 @@ def setup_line(facts, args) -> str:
                   else "fsync off, synchronous_commit off")
     text = ("realistic compressible chat text (prose with non-ASCII words, markdown, code; stored as Open WebUI "
             "stores it, non-ASCII as \\u escapes)" if args.text == "realistic" else "random base64 text")
-    return (f"A throwaway PostgreSQL 15 cluster on this machine (2 cores): {durability}, shared_buffers "
+    return (f"A throwaway PostgreSQL {os.environ.get('PG_MAJOR', '15')} cluster on this machine (2 cores): {durability}, shared_buffers "
             f"{facts['shared_buffers']}, max_wal_size 8GB; every method starts from a copy of the same loaded `chat` "
             f"table, after a CHECKPOINT. Data: {facts['n_chats']} generated chats, {facts['chats_mb']:.1f} MB of chat JSON "
             f"({facts['stored_mb']:.1f} MB stored, TOAST-compressed; seed {args.seed}): "
@@ -587,6 +599,11 @@ def render(results, facts, args) -> str:
         f"- ours vs the COPY floor: {ratio(('ours', 'reference'), ('copy', 'reference'))} (reference DDL), "
         f"{ratio(('ours', 'bulk'), ('copy', 'bulk'))} (bulk); the committing CALL, one session: "
         f"{ratio(('call', 'reference'), ('copy', 'reference'))}, {ratio(('call', 'bulk'), ('copy', 'bulk'))}",
+        f"- the portable SQL edition's CALL vs the extension's CALL, one session (time ratio): "
+        f"{ratio(('portable_call', 'reference'), ('call', 'reference'))} (reference DDL), "
+        f"{ratio(('portable_call', 'bulk'), ('call', 'bulk'))} (bulk); Open WebUI's migration vs it: "
+        f"{ratio(('openwebui', 'reference'), ('portable_call', 'reference'))}"
+        if ('portable_call', 'reference') in by else "",
     ]
     ratios = [line for line in ratios if line]
     width = max(r["seconds"] for r in results)

@@ -35,6 +35,7 @@ def pg_config(flag: str) -> str:
 PRIMARY_MAJORS = {"15"}
 EVERY_MAJOR = {
     "test_differential.py",
+    "test_portable.py",
     "test_app_rows.py",
     "test_upgrade.py",
     "test_parallel.py",

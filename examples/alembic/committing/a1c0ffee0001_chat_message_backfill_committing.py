@@ -10,7 +10,13 @@ where it stopped.
 Revision ID: a1c0ffee0001
 """
 
+import sys
+from pathlib import Path
+
 from alembic import op
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chat_backfill_edition import choose, last_state, schema  # noqa: E402
 
 revision = "a1c0ffee0001"
 down_revision = None
@@ -29,7 +35,8 @@ INDEXES = [
 
 
 def upgrade() -> None:
-    op.execute("CREATE EXTENSION IF NOT EXISTS chat_backfill")
+    # The extension where it can be created, the portable SQL edition otherwise.
+    edition = choose(op.get_bind())
     op.execute(
         """
         CREATE TABLE IF NOT EXISTS chat_message (
@@ -42,19 +49,15 @@ def upgrade() -> None:
     with op.get_context().autocommit_block():
         # 'wait': if a pg_cron job or another session is running this backfill, wait for
         # it instead of returning at once with nothing done.
-        op.execute("CALL backfill_chat_messages_resumable(if_busy => 'wait')")
+        op.execute(f"CALL {schema(edition)}backfill_chat_messages_resumable(if_busy => 'wait')")
     # Never build indexes and the foreign key over a half-filled table and record the
     # migration as done: the CALL must have finished the backfill.
     # By oid, not by name: only a role that can read chat and write chat_message can add
     # runs of these two tables.
-    state = op.get_bind().exec_driver_sql(
-        "SELECT s.state FROM chat_backfill.status s JOIN chat_backfill.runs r USING (run_id) "
-        "WHERE r.source_oid = 'chat'::regclass AND r.target_oid = 'chat_message'::regclass "
-        "ORDER BY run_id DESC LIMIT 1"
-    ).scalar()
+    state = last_state(op.get_bind(), edition)
     if state not in (None, "finished"):
         raise RuntimeError(
-            f"chat_message backfill is {state}, not finished: see chat_backfill.status and "
+            f"chat_message backfill is {state}, not finished: see the edition's status view and "
             "run the migration again to resume it"
         )
     for name, columns in INDEXES:

@@ -8,7 +8,13 @@ committing style there.
 Revision ID: b2c0ffee0001
 """
 
+import sys
+from pathlib import Path
+
 from alembic import op
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from chat_backfill_edition import choose, schema  # noqa: E402
 
 revision = "b2c0ffee0001"
 down_revision = None
@@ -17,7 +23,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE EXTENSION IF NOT EXISTS chat_backfill")
+    # The extension where it can be created, the portable SQL edition otherwise.
+    edition = choose(op.get_bind())
     op.execute(
         """
         CREATE TABLE chat_message (
@@ -37,7 +44,7 @@ def upgrade() -> None:
         ("chat_message_user_created_idx", "user_id, created_at"),
     ]:
         op.execute(f"CREATE INDEX {name} ON chat_message ({columns})")
-    op.execute("SELECT * FROM backfill_chat_messages()")
+    op.execute(f"SELECT * FROM {schema(edition)}backfill_chat_messages()")
 
 
 def downgrade() -> None:
