@@ -365,8 +365,11 @@ BEGIN
   IF strpos(t, '\u') = 0 THEN RETURN t; END IF;
   nul := strpos(t, '\u0000') > 0;
   sur := t ~ '\\u[dD][89a-fA-F]';
-  IF NOT (nul OR sur) OR strpos(t, '\uFfFf') > 0 OR strpos(t, '\uFfFe') > 0 THEN RETURN t; END IF;
+  IF NOT (nul OR sur) THEN RETURN t; END IF;
   u := replace(t, '\\', E'\x01\x01');
+  -- A document that already holds a marker's spelling as an escape is read as it is (the
+  -- check comes after escaped backslashes are set aside: typed text "\\uFfFf" is no escape).
+  IF strpos(u, '\uFfFf') > 0 OR strpos(u, '\uFfFe') > 0 THEN RETURN t; END IF;
   IF nul THEN u := replace(u, '\u0000', '\uFfFf'); END IF;
   IF sur THEN
     u := regexp_replace(u, '\\u([dD][89abAB][0-9a-fA-F]{2})\\u([dD][c-fC-F][0-9a-fA-F]{2})', E'\x02\\1\x02\\2', 'g');
@@ -381,8 +384,10 @@ END $$;
 -- A marked value's JSON text back to the document's own.
 CREATE OR REPLACE FUNCTION chat_backfill_portable._unmark(t pg_catalog.text) RETURNS pg_catalog.text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
+  -- (Escaped backslashes set aside first, as _mark does: typed text "\\uFfFf" is no marker.)
   SELECT CASE WHEN strpos(t, '\uFfF') = 0 THEN t
-              ELSE regexp_replace(replace(t, '\uFfFf', '\u0000'), '\\uFfFe([0-9a-fA-F]{4})', '\\u\1', 'g') END
+              ELSE replace(regexp_replace(replace(replace(t, '\\', E'\x03\x03'), '\uFfFf', '\u0000'),
+                                          '\\uFfFe([0-9a-fA-F]{4})', '\\u\1', 'g'), E'\x03\x03', '\\') END
 $$;
 
 -- A decoded marked string (a key, a double-encoded chat) with its markers as JSON escapes,
@@ -733,20 +738,28 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
   SELECT hashtextextended('chat_backfill_portable ' || source_oid::text || ' ' || target_oid::text, 0)
 $$;
 
--- Whether an error is about the data (recorded against the row, the run goes on) rather than
--- about the run (query cancel, lock timeout, privileges, disk, memory: the run stops).
-CREATE OR REPLACE FUNCTION chat_backfill_portable._data_error(state pg_catalog.text) RETURNS pg_catalog.bool
+-- Whether an error stops the run (query cancel and shutdown, lock timeout, serialization,
+-- privileges and missing objects, disk and memory, the connection, corrupted data) rather
+-- than being the chat's or the row's own (recorded against it, the run goes on). Anything
+-- else a chat raises, an internal error included (PostgreSQL's regular expressions refuse a
+-- text of more than 256M characters with XX000), is the chat's: a chat never stops a run.
+CREATE OR REPLACE FUNCTION chat_backfill_portable._stops_run(state pg_catalog.text) RETURNS pg_catalog.bool
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $$
-  SELECT left(state, 2) IN ('22', '23', 'P0', '44', '54')
+  SELECT left(state, 2) IN ('08', '25', '40', '42', '53', '55', '57', '58', 'F0') OR state IN ('XX001', 'XX002')
 $$;
 
 -- One batch of a run, in the caller's transaction: the next chats after the checkpoint (a
--- keyset page over the id column, up to the high-water mark), their rows inserted
+-- keyset page over the id column, up to the high-water mark: at most the run's chats per
+-- batch, and about 8 MB of chat as stored, or one chat), their rows inserted
 -- (ON CONFLICT (id) DO NOTHING: rows already there count as existing), rejections and
 -- unusable chats recorded, the checkpoint moved. The batch goes in as one INSERT; if that
 -- fails on the data, chat by chat, and within a failing chat message by message, each in
 -- its own subtransaction, so one bad row is recorded with its SQLSTATE and the others go in.
-CREATE OR REPLACE FUNCTION chat_backfill_portable._batch(p_run pg_catalog.int8)
+DROP FUNCTION IF EXISTS chat_backfill_portable._batch(pg_catalog.int8);
+DROP FUNCTION IF EXISTS chat_backfill_portable._data_error(pg_catalog.text);
+CREATE OR REPLACE FUNCTION chat_backfill_portable._batch(p_run pg_catalog.int8, p_source pg_catalog.regclass,
+    p_target pg_catalog.regclass, p_filter pg_catalog.text, p_id pg_catalog.text, p_user pg_catalog.text,
+    p_chat pg_catalog.text)
 RETURNS TABLE (done pg_catalog.bool, chats pg_catalog.int8, inserted pg_catalog.int8, rejected pg_catalog.int8,
                existing pg_catalog.int8, skipped pg_catalog.int8, last_key pg_catalog.text)
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
@@ -757,23 +770,35 @@ DECLARE
   src text; cols text := 'id, chat_id, user_id, role, parent_id, content, output, model_id, files, sources, embeds, '
                          'done, status_history, error, usage, created_at, updated_at';
   ids text; upto text; expanded text; write text; lim int4; c record; e record; n int8; chats_skipped int8 := 0;
-  produced int8; ins int8; rej int8; skp int8; cskp int8; total_msgs int8;
+  produced int8; ins int8; rej int8; skp int8; cskp int8; fetched int8; id_type text;
+  saved int8[]; budget int8 := 8 * 1024 * 1024;
 BEGIN
   SELECT * INTO run FROM chat_backfill_portable.runs r WHERE r.run_id = p_run FOR UPDATE;
   IF NOT FOUND THEN RAISE EXCEPTION 'chat_backfill_portable: run % does not exist', p_run; END IF;
+  -- The checkpoint is text; compared in the id column's own type and order.
+  SELECT format_type(a.atttypid, a.atttypmod) INTO id_type FROM pg_attribute a
+  WHERE a.attrelid = p_source AND a.attname = p_id AND a.attnum > 0 AND NOT a.attisdropped;
+  IF id_type IS NULL THEN
+    RAISE EXCEPTION 'chat_backfill_portable: % has no column %', p_source, p_id USING ERRCODE = '42703';
+  END IF;
   lim := greatest(1, coalesce(run.chats_per_batch, 100));
-  -- Which chats: the next lim keys after the checkpoint, up to the high-water mark. The
-  -- batch then reads exactly the chats between the checkpoint and the last of those keys,
-  -- so a chat the application adds meanwhile is never skipped.
-  ids := format('SELECT %1$I::text AS id FROM %2$s WHERE %1$I <= $2 %3$s AND (%4$s) ORDER BY %1$I LIMIT $3',
-                run.id_column, run.source_oid::regclass,
-                CASE WHEN run.last_key IS NULL THEN '' ELSE format('AND %I > $1', run.id_column) END,
-                coalesce(run.source_filter, 'true'));
-  src := format('SELECT %1$I::text AS id, %2$I::text AS user_id, %3$I::text AS chat FROM %4$s
-                 WHERE %1$I <= $2 %5$s AND (%6$s) ORDER BY %1$I',
-                run.id_column, run.user_id_column, run.chat_column, run.source_oid::regclass,
-                CASE WHEN run.last_key IS NULL THEN '' ELSE format('AND %I > $1', run.id_column) END,
-                coalesce(run.source_filter, 'true'));
+  -- Which chats: the next lim keys after the checkpoint, up to the high-water mark, cut
+  -- after about `budget` bytes of chat as stored (at least one chat). The batch then reads
+  -- exactly the chats between the checkpoint and the last of those keys, so a chat the
+  -- application adds meanwhile is never skipped.
+  ids := format('SELECT w.id, row_number() OVER (ORDER BY w.k) AS ord,
+                        sum(w.size) OVER (ORDER BY w.k ROWS UNBOUNDED PRECEDING) AS upto
+                 FROM (SELECT t.%1$I AS k, t.%1$I::text AS id, pg_column_size(t.%5$I) AS size FROM %2$s AS t
+                       WHERE %1$I <= $2::%6$s %3$s AND (%4$s) ORDER BY t.%1$I LIMIT $3) w',
+                p_id, p_source,
+                CASE WHEN run.last_key IS NULL THEN '' ELSE format('AND %I > $1::%s', p_id, id_type) END,
+                coalesce(p_filter, 'true'), p_chat, id_type);
+  -- (Ordered by the table's own column: "id" alone would be the text output column.)
+  src := format('SELECT t.%1$I::text AS id, t.%2$I::text AS user_id, t.%3$I::text AS chat FROM %4$s AS t
+                 WHERE %1$I <= $2::%7$s %5$s AND (%6$s) ORDER BY t.%1$I',
+                p_id, p_user, p_chat, p_source,
+                CASE WHEN run.last_key IS NULL THEN '' ELSE format('AND %I > $1::%s', p_id, id_type) END,
+                coalesce(p_filter, 'true'), id_type);
   expanded := format('SELECT s.id AS cid, x.* FROM (%s) s, chat_backfill_portable._expand(s.id, s.user_id, s.chat, $4) x', src);
   -- Rows in, rejections recorded, counts out, for what @ROWS@ expands ($4: now, $5: the run,
   -- $6 and $7: source and target names).
@@ -789,36 +814,43 @@ BEGIN
      SELECT (SELECT count(*) FROM e WHERE e.kind = ''row''), (SELECT count(*) FROM ins),
             (SELECT count(*) FROM e WHERE e.kind = ''reject''), (SELECT count(*) FROM e WHERE e.kind = ''skip''),
             (SELECT count(*) FROM e WHERE e.kind = ''chat'')',
-    run.target_oid::regclass, cols);
+    p_target, cols);
   done := false; chats := 0; inserted := 0; rejected := 0; existing := 0; skipped := 0; last_key := run.last_key;
   IF run.high_water IS NULL THEN
     done := true;
   ELSE
-    EXECUTE format('SELECT count(*), (array_agg(s.id ORDER BY s.id DESC))[1] FROM (%s) s', ids)
-      INTO chats, upto USING run.last_key, run.high_water, lim;
-    IF chats < lim THEN done := true; END IF;
+    EXECUTE format('SELECT count(*) FILTER (WHERE s.ord = 1 OR s.upto <= $4), count(*),
+                           (array_agg(s.id ORDER BY s.ord DESC) FILTER (WHERE s.ord = 1 OR s.upto <= $4))[1]
+                    FROM (%s) s', ids)
+      INTO chats, fetched, upto USING run.last_key, run.high_water, lim, budget;
+    -- The end: fewer keys than asked for, and none of them cut.
+    IF fetched < lim AND chats = fetched THEN done := true; END IF;
     IF chats > 0 THEN last_key := upto; END IF;
   END IF;
   IF chats > 0 THEN
     BEGIN
       -- The whole batch in one statement.
       EXECUTE replace(write, '@ROWS@', expanded) INTO produced, ins, rej, skp, cskp
-        USING run.last_key, upto, lim, run.now, p_run, run.source, run.target;
+        USING run.last_key, upto, lim, run.now, p_run, p_source::text, p_target::text;
       inserted := ins; existing := produced - ins; rejected := rej; skipped := skp; chats_skipped := cskp;
     EXCEPTION WHEN OTHERS THEN
-      IF NOT chat_backfill_portable._data_error(SQLSTATE) THEN RAISE; END IF;
+      IF chat_backfill_portable._stops_run(SQLSTATE) THEN RAISE; END IF;
       inserted := 0; existing := 0; rejected := 0; skipped := 0; chats_skipped := 0;
       FOR c IN EXECUTE src USING run.last_key, upto LOOP
         -- Each chat in one statement; a chat that fails, message by message.
         BEGIN
           EXECUTE replace(write, '@ROWS@', 'SELECT $1 AS cid, x.* FROM chat_backfill_portable._expand($1, $2, $3, $4) x')
-            INTO produced, ins, rej, skp, cskp USING c.id, c.user_id, c.chat, run.now, p_run, run.source, run.target;
+            INTO produced, ins, rej, skp, cskp USING c.id, c.user_id, c.chat, run.now, p_run, p_source::text, p_target::text;
           inserted := inserted + ins; existing := existing + produced - ins; rejected := rejected + rej;
           skipped := skipped + skp; chats_skipped := chats_skipped + cskp;
           CONTINUE;
         EXCEPTION WHEN OTHERS THEN
-          IF NOT chat_backfill_portable._data_error(SQLSTATE) THEN RAISE; END IF;
+          IF chat_backfill_portable._stops_run(SQLSTATE) THEN RAISE; END IF;
         END;
+        -- Message by message; a chat that cannot be expanded at all is recorded whole, and
+        -- none of its rows stay.
+        saved := ARRAY[inserted, existing, rejected, skipped, chats_skipped];
+        BEGIN
         FOR e IN SELECT * FROM chat_backfill_portable._expand(c.id, c.user_id, c.chat, run.now) x LOOP
           IF e.kind = 'skip' THEN
             skipped := skipped + 1;
@@ -826,40 +858,51 @@ BEGIN
             IF e.kind = 'reject' THEN rejected := rejected + 1; ELSE chats_skipped := chats_skipped + 1; END IF;
             INSERT INTO chat_backfill_portable.rejected_messages
               (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, message)
-            VALUES (p_run, run.source, run.target, c.id, e.message_key,
+            VALUES (p_run, p_source::text, p_target::text, c.id, e.message_key,
                     CASE WHEN e.message_key IS NOT NULL THEN c.id || '-' || e.message_key END, e.errcode, e.reason, e.message)
             ON CONFLICT DO NOTHING;
           ELSE
             BEGIN
               EXECUTE format('INSERT INTO %s (%s) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
-                              ON CONFLICT (id) DO NOTHING', run.target_oid::regclass, cols)
+                              ON CONFLICT (id) DO NOTHING', p_target, cols)
                 USING e.id, e.chat_id, e.user_id, e.role, e.parent_id, e.content, e.output, e.model_id, e.files,
                       e.sources, e.embeds, e.done, e.status_history, e.error, e.usage, e.created_at, e.updated_at;
               GET DIAGNOSTICS n = ROW_COUNT;
               inserted := inserted + n; existing := existing + (1 - n);
             EXCEPTION WHEN OTHERS THEN
-              IF NOT chat_backfill_portable._data_error(SQLSTATE) THEN RAISE; END IF;
+              IF chat_backfill_portable._stops_run(SQLSTATE) THEN RAISE; END IF;
               rejected := rejected + 1;
               DECLARE d text;
               BEGIN
                 GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL;
                 INSERT INTO chat_backfill_portable.rejected_messages
                   (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, detail)
-                VALUES (p_run, run.source, run.target, c.id, e.message_key, e.id, SQLSTATE, SQLERRM, d)
+                VALUES (p_run, p_source::text, p_target::text, c.id, e.message_key, e.id, SQLSTATE, SQLERRM, d)
                 ON CONFLICT DO NOTHING;
               END;
             END;
           END IF;
         END LOOP;
+        EXCEPTION WHEN OTHERS THEN
+          IF chat_backfill_portable._stops_run(SQLSTATE) THEN RAISE; END IF;
+          inserted := saved[1]; existing := saved[2]; rejected := saved[3]; skipped := saved[4];
+          chats_skipped := saved[5] + 1;
+          INSERT INTO chat_backfill_portable.rejected_messages
+            (run_id, source, target, chat_id, message_key, message_id, sqlstate, error, detail)
+          VALUES (p_run, p_source::text, p_target::text, c.id, NULL, NULL, SQLSTATE, 'chat not expanded: ' || SQLERRM,
+                  'No row of this chat was written; the run goes on with the next chat.')
+          ON CONFLICT DO NOTHING;
+        END;
       END LOOP;
     END;
   END IF;
-  -- Messages per chat seen so far sizes the next batch to about batch_size messages.
-  total_msgs := run.messages_inserted + run.messages_existing + run.messages_rejected + run.messages_skipped
-                + inserted + existing + rejected + skipped;
-  IF run.chats_read + chats > 0 THEN
-    lim := least(100000, greatest(1, (run.batch_size::numeric * (run.chats_read + chats)
-                                       / greatest(1, total_msgs))::int4));
+  -- This batch's messages per chat size the next one to about batch_size messages: at most
+  -- twice as many chats as this one, and never more than batch_size chats (a chat without
+  -- messages counts as one), so a run of empty chats does not grow a page that then meets
+  -- long ones.
+  IF chats > 0 THEN
+    lim := least(100000, 2 * lim, greatest(1, (run.batch_size::numeric * chats
+                                              / greatest(chats, inserted + existing + rejected + skipped))::int4));
   END IF;
   UPDATE chat_backfill_portable.runs r SET
     last_key = last_key, chats_read = r.chats_read + chats, messages_inserted = r.messages_inserted + inserted,
@@ -895,8 +938,12 @@ BEGIN
     RAISE EXCEPTION 'batch_size must be between 1 and 1000000' USING ERRCODE = '22023';
   END IF;
   IF committing THEN
+    -- A run is the backfill of this source into this target with these columns and this
+    -- filter: another filter or other columns are another run.
     SELECT * INTO run FROM chat_backfill_portable.runs r
-    WHERE r.source_oid = source AND r.target_oid = target ORDER BY r.run_id DESC LIMIT 1;
+    WHERE r.source_oid = source AND r.target_oid = target AND r.source_filter IS NOT DISTINCT FROM source_filter
+      AND r.id_column = id_column AND r.user_id_column = user_id_column AND r.chat_column = chat_column
+    ORDER BY r.run_id DESC LIMIT 1;
     IF FOUND AND run.status <> 'finished' THEN
       RAISE NOTICE 'chat_backfill_portable: resuming run % after key %', run.run_id, coalesce(run.last_key, '(none)');
       UPDATE chat_backfill_portable.runs r SET status = 'running', updated_at = clock_timestamp(),
@@ -912,7 +959,7 @@ BEGIN
   END IF;
   EXECUTE format('SELECT count(*) FROM %s WHERE (%s)', source, coalesce(source_filter, 'true')) INTO total;
   -- The high-water mark in the id column's own order (the order batches read in).
-  EXECUTE format('SELECT %1$I::text FROM %2$s WHERE (%3$s) ORDER BY %1$I DESC LIMIT 1', id_column, source,
+  EXECUTE format('SELECT t.%1$I::text FROM %2$s AS t WHERE (%3$s) ORDER BY t.%1$I DESC LIMIT 1', id_column, source,
                  coalesce(source_filter, 'true')) INTO hw;
   INSERT INTO chat_backfill_portable.runs (source_oid, target_oid, source, target, source_filter, id_column,
       user_id_column, chat_column, high_water, total_chats, now, batch_size, chats_per_batch, status)
@@ -953,7 +1000,9 @@ END $$;
 
 -- Releases the runner's lock (every hold this session has on it: a CALL that failed in this
 -- session earlier left one) and says how the run stands.
-CREATE OR REPLACE FUNCTION chat_backfill_portable._close_run(p_run pg_catalog.int8, stopped pg_catalog.bool)
+DROP FUNCTION IF EXISTS chat_backfill_portable._close_run(pg_catalog.int8, pg_catalog.bool);
+CREATE OR REPLACE FUNCTION chat_backfill_portable._close_run(p_run pg_catalog.int8, stopped pg_catalog.bool,
+                                                             source pg_catalog.regclass, target pg_catalog.regclass)
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
@@ -965,7 +1014,7 @@ BEGIN
            last_error = 'max_runtime reached; CALL again to go on'
     WHERE r.run_id = p_run;
   END IF;
-  PERFORM chat_backfill_portable._unlock(run.source_oid::regclass, run.target_oid::regclass);
+  PERFORM chat_backfill_portable._unlock(source, target);
   RAISE NOTICE 'chat_backfill_portable: run % %: % of % chats, % rows inserted, % existing, % rejected, % skipped',
     p_run, CASE WHEN run.status = 'finished' THEN 'finished' ELSE 'stopped' END, run.chats_read, run.total_chats,
     run.messages_inserted, run.messages_existing, run.messages_rejected, run.messages_skipped;
@@ -1044,9 +1093,18 @@ DECLARE
   v_detail pg_catalog.text;
   v_hint pg_catalog.text;
 BEGIN
+  -- Outside a transaction block, or an error now (invalid transaction termination), before
+  -- the runner's lock is taken: a lock taken in a block that then fails at its first COMMIT
+  -- would stay with the session and make every other CALL skip.
+  COMMIT;
   IF NOT chat_backfill_portable._take_lock(v_source, v_target, if_busy) THEN RETURN; END IF;
-  v_run := chat_backfill_portable._open_run(v_source, v_target, batch_size, now, source_filter, id_column,
-                                            user_id_column, chat_column, restart, rows, true);
+  BEGIN
+    v_run := chat_backfill_portable._open_run(v_source, v_target, batch_size, now, source_filter, id_column,
+                                              user_id_column, chat_column, restart, rows, true);
+  EXCEPTION WHEN OTHERS OR query_canceled THEN
+    PERFORM chat_backfill_portable._unlock(v_source, v_target);
+    RAISE;
+  END;
   IF v_run IS NULL THEN
     PERFORM chat_backfill_portable._unlock(v_source, v_target);
     RETURN;
@@ -1058,13 +1116,20 @@ BEGIN
       PERFORM chat_backfill_portable._set_lock_timeout(lock_timeout);
     END IF;
     BEGIN
-      SELECT b.done INTO v_done FROM chat_backfill_portable._batch(v_run) b;
-    EXCEPTION WHEN OTHERS THEN
-      -- The batch rolled back; the run says why (55P03, lock_timeout: yielded, the CALL
-      -- ends normally; anything else: failed, and the error goes on to the caller).
-      -- A cancel is not caught here: the run is left running, so shown interrupted.
-      GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT,
-                              v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
+      SELECT b.done INTO v_done
+      FROM chat_backfill_portable._batch(v_run, v_source, v_target, source_filter, id_column, user_id_column,
+                                         chat_column) b;
+    EXCEPTION
+      WHEN query_canceled THEN
+        -- A cancel or statement_timeout: the batch rolled back, the lock goes, the run is
+        -- left running, so shown interrupted; the cancel goes on to the caller.
+        PERFORM chat_backfill_portable._unlock(v_source, v_target);
+        RAISE;
+      WHEN OTHERS THEN
+        -- The batch rolled back; the run says why (55P03, lock_timeout: yielded, the CALL
+        -- ends normally; anything else: failed, and the error goes on to the caller).
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT,
+                                v_detail = PG_EXCEPTION_DETAIL, v_hint = PG_EXCEPTION_HINT;
     END;
     IF v_state IS NOT NULL THEN
       PERFORM chat_backfill_portable._note_error(v_run, v_state, v_message);
@@ -1076,10 +1141,15 @@ BEGIN
     COMMIT;
     EXIT WHEN v_done;
     IF pause IS NOT NULL THEN
-      PERFORM pg_catalog.pg_sleep(pg_catalog.date_part('epoch'::pg_catalog.text, pause));
+      BEGIN
+        PERFORM pg_catalog.pg_sleep(pg_catalog.date_part('epoch'::pg_catalog.text, pause));
+      EXCEPTION WHEN query_canceled THEN
+        PERFORM chat_backfill_portable._unlock(v_source, v_target);
+        RAISE;
+      END;
     END IF;
   END LOOP;
-  PERFORM chat_backfill_portable._close_run(v_run, v_stopped);
+  PERFORM chat_backfill_portable._close_run(v_run, v_stopped, v_source, v_target);
   COMMIT;
 END $$;
 
@@ -1101,11 +1171,19 @@ LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE v_run int8; b record;
 BEGIN
+  -- Not beside a committing run of the same tables (its lock is the same key): until this
+  -- transaction ends.
+  IF source IS NOT NULL AND target IS NOT NULL
+     AND NOT pg_try_advisory_xact_lock(chat_backfill_portable._lock_key(source, target)) THEN
+    RAISE EXCEPTION 'chat_backfill_portable: another session is running the backfill of % into %', source, target
+      USING ERRCODE = '55P03', HINT = 'See chat_backfill_portable.status; wait for it, or CALL the committing form.';
+  END IF;
   v_run := chat_backfill_portable._open_run(source, target, batch_size, now, source_filter, id_column,
                                             user_id_column, chat_column, true, rows, false);
   batch := 0;
   LOOP
-    SELECT * INTO b FROM chat_backfill_portable._batch(v_run) x;
+    SELECT * INTO b FROM chat_backfill_portable._batch(v_run, source, target, source_filter, id_column,
+                                                       user_id_column, chat_column) x;
     batch := batch + 1;
     chats_read := b.chats; messages_inserted := b.inserted; messages_rejected := b.rejected;
     messages_existing := b.existing; messages_skipped := b.skipped; last_chat_id := b.last_key;

@@ -579,3 +579,108 @@ def test_alembic_examples_pick_the_edition_and_give_the_same_rows(cluster, style
             conn.close()
         results[case] = rows_of(o)
     assert results["extension"] and results["extension"] == results["portable"]
+
+
+# ---- The review of the portable edition (review 21): each finding pinned ----
+
+def test_a_cancelled_call_or_one_in_a_transaction_block_leaves_no_runner_lock(cluster, expected):
+    """A statement_timeout during a batch or the pause, and a CALL inside a transaction block
+    (which fails at its first COMMIT), used to leave the runner's session lock held: every
+    later CALL then said "skipped" and returned success. Now the lock goes with the error and
+    the next CALL (if_busy => 'error', which would raise 55P03) finishes the run."""
+    chats, want = expected
+    o = fresh(cluster, chats)
+    conn = o.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SET statement_timeout = '700ms'")
+            with pytest.raises(psycopg2.errors.QueryCanceled):
+                cur.execute(CALL.format(extra="batch_size => 20, pause => '200ms'"))
+            assert status(o)["state"] == "interrupted", status(o)
+        conn.autocommit = False
+        with conn.cursor() as cur:
+            with pytest.raises(psycopg2.errors.InvalidTransactionTermination):
+                cur.execute(CALL.format(extra="batch_size => 20"))
+        conn.rollback()
+        # The same session still open: its locks would show.
+        run(o, CALL.format(extra="batch_size => 100, if_busy => 'error'"))
+        assert rows_of(o) == want and status(o)["state"] == "finished"
+    finally:
+        conn.close()
+
+
+def test_the_state_table_never_chooses_the_sql_a_call_runs(cluster, expected):
+    """Whoever can write chat_backfill_portable.runs must not choose what the owner's next
+    CALL executes: the tables, the filter and the columns come from the CALL's arguments, and
+    a run is the backfill with those (another filter is another run, as in the extension).
+    Here the stored filter of a stopped run is made to call a function that records its
+    caller: the next CALL does not run it, starts a run of its own and writes every row."""
+    chats, want = expected
+    o = fresh(cluster, chats)
+    run(o, CALL.format(extra="batch_size => 20, max_runtime => '0'"))
+    assert status(o)["state"] == "stopped"
+    run(o, "CREATE TABLE public.pwned (who text); "
+           "CREATE FUNCTION public.pwn() RETURNS bool LANGUAGE sql AS "
+           "$$ INSERT INTO public.pwned VALUES (current_user) RETURNING true $$")
+    run(o, f"UPDATE {P}.runs SET source_filter = 'public.pwn()', target_oid = 'public.pwned'::regclass")
+    run(o, CALL.format(extra="batch_size => 100"))
+    assert run(o, "SELECT count(*) FROM public.pwned") == [(0,)]
+    assert rows_of(o) == want and status(o)["state"] == "finished"
+    # A narrower filter first, then the default one: two runs, every row written.
+    o = fresh(cluster, chats)
+    first = sorted(c.id for c in chats if c.id and not (c.user_id or "").startswith("shared-"))[0]
+    run(o, f"CALL {P}.backfill_chat_messages_resumable(now => {NOW}, source_filter => $$id = '{first}'$$)")
+    run(o, CALL.format(extra="batch_size => 100"))
+    assert rows_of(o) == want
+
+
+def test_a_batch_holds_at_most_batch_size_chats_whatever_came_before(cluster):
+    """Batches were sized from the run's average of messages per chat: after many empty
+    chats one batch took thousands of long ones (500 times batch_size). Now a batch takes at
+    most batch_size chats and at most twice the chats of the one before."""
+    empty = [chatgen.Chat(f"a{i:05d}", "u", "{}") for i in range(300)]
+    long = [chatgen.Chat(f"b{i:05d}", "u", '{"history":{"messages":{%s}}}' % ",".join(
+        f'"m{j}":{{"role":"user","content":"{j}"}}' for j in range(50))) for i in range(100)]
+    o = fresh(cluster, empty + long)
+    run(o, CALL.format(extra="batch_size => 20"))
+    (batches, inserted), = run(o, f"SELECT batches, messages_inserted FROM {P}.runs")
+    assert inserted == 5000 and batches >= (300 + 100) // 20, batches
+
+
+def test_an_integer_id_column_and_a_chat_that_raises_an_internal_error(cluster):
+    """The checkpoint is compared in the id column's own type (an integer id failed with
+    42883); and an error that is neither a data error nor one that stops runs (here XX000,
+    which PostgreSQL's regular expressions raise on a text of more than 256M characters) is
+    the chat's: recorded with its SQLSTATE, the other chats written (it stopped the run, and
+    every CALL after it)."""
+    o = Owner(cluster, "ptint")
+    o.install()
+    run(o, "CREATE TABLE chat (id int PRIMARY KEY, user_id text, chat json);"
+           "CREATE TABLE chat_message (id text PRIMARY KEY, chat_id text, user_id text, role text, parent_id text,"
+           " content json, output json, model_id text, files json, sources json, embeds json, done boolean,"
+           " status_history json, error json, usage json, created_at bigint, updated_at bigint);"
+           "INSERT INTO chat SELECT i, 'u', json_build_object('history', json_build_object('messages',"
+           " json_build_object('m', json_build_object('role', 'user', 'content', i)))) FROM generate_series(1, 30) i;"
+           "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.chat_id = '7' THEN"
+           " RAISE EXCEPTION 'internal' USING ERRCODE = 'XX000'; END IF; RETURN NEW; END $$;"
+           "CREATE TRIGGER boom BEFORE INSERT ON chat_message FOR EACH ROW EXECUTE FUNCTION boom()")
+    run(o, CALL.format(extra="batch_size => 4"))
+    assert run(o, "SELECT count(*) FROM chat_message") == [(29,)]
+    assert run(o, f"SELECT chat_id, sqlstate FROM {P}.rejected_messages") == [("7", "XX000")]
+    assert status(o)["state"] == "finished"
+
+
+def test_typed_marker_text_does_not_lose_a_chat(owner):
+    """A message whose text holds the characters of the edition's own marker (typed, so an
+    escaped backslash in the JSON) beside an unpaired surrogate elsewhere: the chat's rows,
+    as the extension gives them (it lost the whole chat)."""
+    doc = r'{"history":{"messages":{"a":{"role":"u","content":"typed \\uFfFf"},"b":{"role":"u","content":"\ud83d"}}}}'
+    conn = owner.connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT m::text FROM {P}.chat_messages('c', 'u', %s::json, {NOW}) m ORDER BY 1", (doc,))
+            got = cur.fetchall()
+            cur.execute(f"SELECT m::text FROM public.chat_messages('c', 'u', %s::json, {NOW}) m ORDER BY 1", (doc,))
+            assert got == cur.fetchall() and len(got) == 2
+    finally:
+        conn.close()
