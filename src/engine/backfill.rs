@@ -217,8 +217,7 @@ impl Batch {
         };
         if spans.is_empty() {
             // Counted as read when its last message is in a batch; this one has none.
-            self.report.chats_read += 1;
-            self.report.last_chat_id = Some(chat_id);
+            self.read_to_end(chat_id);
             return Ok(None);
         }
         Ok(Some(OpenChat {
@@ -243,8 +242,7 @@ impl Batch {
     fn reopen_streamed(&mut self, chat: OpenChat, settings: &Settings) -> Result<Option<OpenChat>> {
         let Some(fetched) = read::reread(settings, &chat.chat_id)? else {
             self.gone.push(chat.chat_id.clone());
-            self.report.chats_read += 1;
-            self.report.last_chat_id = Some(chat.chat_id);
+            self.read_to_end(chat.chat_id);
             return Ok(None);
         };
         let unchanged = match (&fetched.chat, &chat.streamed) {
@@ -258,6 +256,12 @@ impl Batch {
         self.open(fetched, settings)
     }
 
+    /// The chat is done with in this batch: counted as read, and the checkpoint moves past it.
+    fn read_to_end(&mut self, chat_id: String) {
+        self.report.chats_read += 1;
+        self.report.last_chat_id = Some(chat_id);
+    }
+
     /// A chat the migration writes nothing of; recorded unless it is simply empty.
     fn skip_chat(&mut self, chat_id: String, skip: migration_rows::ChatSkip) -> Option<OpenChat> {
         if skip.is_problem() {
@@ -268,8 +272,7 @@ impl Batch {
                 "The chat stays in the source table unchanged; no message of it was written.",
             );
         }
-        self.report.chats_read += 1;
-        self.report.last_chat_id = Some(chat_id);
+        self.read_to_end(chat_id);
         None
     }
 
@@ -320,8 +323,7 @@ impl Batch {
             Ok(_) => {}
             Err(skip) => self.skip_app_chat(&chat_id, skip),
         }
-        self.report.chats_read += 1;
-        self.report.last_chat_id = Some(chat_id);
+        self.read_to_end(chat_id);
         Ok(None)
     }
 
@@ -365,8 +367,7 @@ impl Batch {
             Ok(entries) => entries,
             Err(skip) => {
                 self.skip_app_chat(&chat.chat_id, skip);
-                self.report.chats_read += 1;
-                self.report.last_chat_id = Some(chat.chat_id);
+                self.read_to_end(chat.chat_id);
                 return;
             }
         };
@@ -388,8 +389,7 @@ impl Batch {
                 }
             }
         }
-        self.report.chats_read += 1;
-        self.report.last_chat_id = Some(chat.chat_id);
+        self.read_to_end(chat.chat_id);
     }
 
     /// Expands the chat's next messages while the batch has room; `Some` if some are left.
@@ -441,8 +441,7 @@ impl Batch {
                 }
             }
         }
-        self.report.chats_read += 1;
-        self.report.last_chat_id = Some(chat.chat_id);
+        self.read_to_end(chat.chat_id);
         Ok(None)
     }
 
