@@ -31,6 +31,37 @@ def chats():
             + [chatgen.Chat("repeated", "u", repeated), chatgen.Chat("encoded", "u", json.dumps(json.dumps(doc)))])
 
 
+def toasted_chats(cur) -> int:
+    """How many values the chat table's TOAST table holds."""
+    cur.execute("SELECT reltoastrelid::regclass FROM pg_class WHERE oid = 'chat'::regclass")
+    (toast,) = cur.fetchone()
+    cur.execute(f"SELECT count(DISTINCT chunk_id) FROM {toast}")
+    return cur.fetchone()[0]
+
+
+def three_runs(conn, cur, rows):
+    """The same chats backfilled with `rows`: streamed in one transaction (into
+    chat_message), streamed in the committing form in batches of 7 messages, which end inside
+    chats and COMMIT with a chat's stream open (into chat_message_committed), and held (into
+    chat_message_held). Gives the streamed and the held totals (inserted, rejected) and the
+    DEBUG lines of the chats that streamed."""
+    for copy in ("held", "committed"):
+        cur.execute(f"CREATE TABLE chat_message_{copy} (LIKE chat_message INCLUDING ALL)")
+    cur.execute("SET chat_backfill.stream_chats_over = 0; SET client_min_messages = debug1")
+    conn.notices = collections.deque()
+    cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) "
+                "FROM backfill_chat_messages(now => %s, rows => %s, force => true)", (NOW, rows))
+    streamed = cur.fetchone()
+    said = [n for n in conn.notices if "streams from its TOAST table" in n]
+    cur.execute("RESET client_min_messages")
+    cur.execute("CALL backfill_chat_messages_resumable(target => 'chat_message_committed', now => %s, "
+                "rows => %s, batch_size => 7)", (NOW, rows))
+    cur.execute("RESET chat_backfill.stream_chats_over")
+    cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) FROM backfill_chat_messages("
+                "target => 'chat_message_held', now => %s, rows => %s, force => true)", (NOW, rows))
+    return streamed, cur.fetchone(), said
+
+
 def same_rows_as_held(cur, count):
     """Asserts that chat_message (streamed, one transaction) and its committed copy hold
     exactly the rows of chat_message_held, `count` of them; gives the rejections recorded
@@ -58,29 +89,10 @@ def test_streamed_chats_give_the_rows_held_ones_do(cluster, stored):
                     else f"ALTER TABLE chat ALTER COLUMN chat SET COMPRESSION {stored}")
         cur.executemany("INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
                         [(c.id, c.user_id, c.chat) for c in chats()])
-        cur.execute("SELECT reltoastrelid::regclass FROM pg_class WHERE oid = 'chat'::regclass")
-        (toast,) = cur.fetchone()
-        cur.execute(f"SELECT count(DISTINCT chunk_id) FROM {toast}")
-        (toasted,) = cur.fetchone()
-        assert toasted > 100, "too few chats in the TOAST table: this test could not fail"
+        assert toasted_chats(cur) > 100, "too few chats in the TOAST table: this test could not fail"
         cur.execute(TARGET_DDL)
-        for copy in ("held", "committed"):
-            cur.execute(f"CREATE TABLE chat_message_{copy} (LIKE chat_message INCLUDING ALL)")
-        cur.execute("SET chat_backfill.stream_chats_over = 0; SET client_min_messages = debug1")
-        conn.notices = collections.deque()
-        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) "
-                    "FROM backfill_chat_messages(now => %s, force => true)", (NOW,))
-        streamed = cur.fetchone()
-        said = [n for n in conn.notices if "streams from its TOAST table" in n]
+        streamed, held, said = three_runs(conn, cur, "migration")
         assert len(said) > 100 and not any("repeated " in n or "encoded " in n for n in said), len(said)
-        cur.execute("RESET client_min_messages")
-        # Batches of 7 messages end inside chats; each COMMITs with the chat's stream open.
-        cur.execute("CALL backfill_chat_messages_resumable(target => 'chat_message_committed', now => %s, "
-                    "batch_size => 7)", (NOW,))
-        cur.execute("RESET chat_backfill.stream_chats_over")
-        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) "
-                    "FROM backfill_chat_messages(target => 'chat_message_held', now => %s, force => true)", (NOW,))
-        held = cur.fetchone()
         assert streamed == held and held[0] > 1000, (streamed, held)
         rejected = same_rows_as_held(cur, held[0])
         assert len({r[1:] for r in rejected}) == 1 and rejected[0][1] > 0, rejected
@@ -167,28 +179,11 @@ def test_streamed_chats_give_the_app_rows_held_ones_do(cluster):
         pad = lambda n, chat: chat if chat is None else (" \n" * (20000 if n % 7 == 0 else 1100) + chat if n % 2 else chat + "\r\n\t" * 800)  # noqa: E731
         cur.executemany("INSERT INTO chat (id, user_id, title, chat) VALUES (%s, %s, 't', %s::json)",
                         [(i, u, pad(n, c)) for n, (i, u, c) in enumerate(all_chats())])
-        cur.execute("SELECT reltoastrelid::regclass FROM pg_class WHERE oid = 'chat'::regclass")
-        (toast,) = cur.fetchone()
-        cur.execute(f"SELECT count(DISTINCT chunk_id) FROM {toast}")
-        assert cur.fetchone()[0] > 200, "too few chats in the TOAST table: this test could not fail"
+        assert toasted_chats(cur) > 200, "too few chats in the TOAST table: this test could not fail"
         cur.execute(TARGET_DDL)
         cur.execute("ALTER TABLE chat_message ADD COLUMN meta json, ADD COLUMN context_summary text")
-        for copy in ("held", "committed"):
-            cur.execute(f"CREATE TABLE chat_message_{copy} (LIKE chat_message INCLUDING ALL)")
-        cur.execute("SET chat_backfill.stream_chats_over = 0; SET client_min_messages = debug1")
-        conn.notices = collections.deque()
-        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) "
-                    "FROM backfill_chat_messages(now => %s, rows => 'app', force => true)", (NOW,))
-        streamed = cur.fetchone()
-        said = [n for n in conn.notices if "streams from its TOAST table" in n]
+        streamed, held, said = three_runs(conn, cur, "app")
         assert len(said) > 150, len(said)
-        cur.execute("RESET client_min_messages")
-        cur.execute("CALL backfill_chat_messages_resumable(target => 'chat_message_committed', now => %s, "
-                    "rows => 'app', batch_size => 7)", (NOW,))
-        cur.execute("RESET chat_backfill.stream_chats_over")
-        cur.execute("SELECT sum(messages_inserted), sum(messages_rejected) FROM backfill_chat_messages("
-                    "target => 'chat_message_held', now => %s, rows => 'app', force => true)", (NOW,))
-        held = cur.fetchone()
         assert streamed == held and held[0] > 300 and held[1] > 0, (streamed, held)
         rejected = same_rows_as_held(cur, held[0])
         assert len(rejected) == 3 and len({r[1:] for r in rejected}) == 1, rejected
