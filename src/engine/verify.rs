@@ -24,7 +24,6 @@ use pgrx::prelude::*;
 use crate::pg::datums::varlena_array;
 use crate::pg::error::Result;
 use crate::pg::datums::{Chat, ChatText};
-use crate::pg::toast_read::ToastStream;
 use super::read::{Fetched, Reader};
 use super::request::Settings;
 use super::streamed::{index_app_streamed, index_streamed, repair_check, AppIndexed, Indexed, Messages, Streamed};
@@ -138,16 +137,15 @@ fn to_check(fetched: Fetched, settings: &Settings) -> Result<ToCheck> {
         Some(Chat::Toasted(stream)) => stream,
         chat => return Ok(ToCheck::Held(Fetched { chat_id, user_id, chat }.held()?)),
     };
-    let long = |spans, app, stream: ToastStream| {
-        let streamed = Some(Streamed::new(stream));
+    let long = |spans, app, streamed: Streamed| {
         let chat = Fetched { chat_id: chat_id.clone(), user_id: user_id.clone(), chat: None };
-        Ok(ToCheck::Long(Box::new(LongChat::new(chat, Body::Within(0..0), spans, app, streamed))))
+        Ok(ToCheck::Long(Box::new(LongChat::new(chat, Body::Within(0..0), spans, app, Some(streamed)))))
     };
     if !settings.rows.is_app() {
         return match index_streamed(&mut stream, &mut None)? {
             Ok(Indexed::Streamed(spans)) => {
                 stream.restart();
-                long(spans, None, stream)
+                long(spans, None, Streamed::new(stream))
             }
             Ok(Indexed::Whole(text)) => Ok(held(Some(text))),
             Ok(Indexed::Held(..)) | Err(_) => Ok(held(None)),
@@ -175,8 +173,7 @@ fn to_check(fetched: Fetched, settings: &Settings) -> Result<ToCheck> {
         return Ok(held(None));
     }
     streamed.rewind();
-    let chat = Fetched { chat_id: chat_id.clone(), user_id: user_id.clone(), chat: None };
-    Ok(ToCheck::Long(Box::new(LongChat::new(chat, Body::Within(0..0), indexed.spans, Some(codec), Some(streamed)))))
+    long(indexed.spans, Some(codec), streamed)
 }
 
 impl Verifier {
